@@ -1,0 +1,13 @@
+//! claas-core: configuration, domain types, the durable job queue (Postgres and SQLite)
+//! and telemetry setup. Everything else in the workspace builds on this crate; it holds
+//! all of the project's SQL.
+
+pub mod config;
+pub mod error;
+pub mod queue;
+pub mod telemetry;
+pub mod types;
+
+pub use error::{Error, Result};
+#[cfg(feature = "testing")]
+pub mod testing;

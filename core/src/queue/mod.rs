@@ -1,0 +1,369 @@
+//! The durable job queue: one interface, two stores (Postgres for fleets, SQLite for the
+//! embedded default). Every state change is one named method; each documents its failure
+//! policy. Fenced writes take a [`Lease`] and report whether they changed anything: `false`
+//! means the lease was lost and the caller must stop touching the job.
+
+mod postgres;
+mod sqlite;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+use crate::error::Result;
+use crate::types::{
+    Job, JobError, JobEvent, JobPayload, JobStatus, Lora, LoraVersion, NewJob, NewLora,
+    NewVersion, Phase, WorkerInfo, WorkerRow, WorkerState,
+};
+
+/// What a worker asks for when it claims.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    pub worker_id: String,
+    /// Only jobs whose LoRA uses one of these base models are claimed.
+    pub base_models: Vec<String>,
+    /// How long the lease lasts before a heartbeat must renew it.
+    pub lease: Duration,
+    /// Upper bound on samples in one batch (`feedback_max_batch_size`).
+    pub max_batch_samples: i32,
+}
+
+/// The fencing token of a claimed job: every write for the job names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Lease {
+    pub job_id: Uuid,
+    pub attempt: i32,
+    pub worker_id: String,
+}
+
+/// A claimed job with the jobs coalesced into its batch.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub job: Job,
+    pub payload: JobPayload,
+    /// Jobs that joined this batch (status `coalesced`, `trained_by` = `job.id`).
+    pub members: Vec<(Job, JobPayload)>,
+}
+
+impl Claimed {
+    pub fn lease(&self) -> Lease {
+        Lease {
+            job_id: self.job.id,
+            attempt: self.job.attempt,
+            worker_id: self.job.worker_id.clone().unwrap_or_default(),
+        }
+    }
+
+    /// All samples of the batch: the claimed job's first, then each member's.
+    pub fn samples(&self) -> impl Iterator<Item = &crate::types::Sample> {
+        std::iter::once(&self.payload)
+            .chain(self.members.iter().map(|(_, p)| p))
+            .flat_map(|p| p.samples.iter())
+    }
+}
+
+/// The answer to a heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseState {
+    /// The lease was renewed; `cancel_requested` says whether someone asked to stop.
+    Held { cancel_requested: bool },
+    /// The job is no longer ours: stop without writing anything for it.
+    Lost,
+}
+
+/// The result of enqueueing.
+#[derive(Debug, Clone)]
+pub struct Enqueued {
+    pub job: Job,
+    /// `false` when an idempotent replay returned an existing job.
+    pub created: bool,
+}
+
+/// What a cancel did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelOutcome {
+    /// The job was queued (or joined but not yet training) and is now cancelled.
+    Cancelled(Job),
+    /// The job is running; the worker will see the request between phases.
+    Requested(Job),
+}
+
+/// What a failure report did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailOutcome {
+    /// Back to `queued`, to run again after the backoff.
+    Retrying,
+    /// Terminal: `failed` (fatal error or attempts exhausted).
+    Failed,
+    /// The lease was lost; nothing changed.
+    LeaseLost,
+}
+
+/// Filters for listing jobs, newest first; `before` is the cursor (the last id seen).
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub lora_id: Option<String>,
+    /// Only LoRAs whose id starts with one of these (API keys limited to prefixes).
+    pub lora_prefixes: Option<Vec<String>>,
+    pub status: Option<JobStatus>,
+    pub before: Option<Uuid>,
+    pub limit: i64,
+}
+
+/// Counts the reaper produced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reaped {
+    pub requeued: u64,
+    pub failed: u64,
+}
+
+/// Retry delay after attempt `attempt` (1-based): exponential from `base`, capped at
+/// `max`, with full jitter in [50 %, 100 %] so a fleet of retries does not stampede.
+pub fn backoff(attempt: i32, base: Duration, max: Duration) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.clamp(1, 16).saturating_sub(1));
+    let capped = exp.min(max);
+    let jitter: f64 = rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..=1.0);
+    capped.mul_f64(jitter)
+}
+
+/// Retry policy the store applies when it puts a job back.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            base: Duration::from_secs(2),
+            max: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Wake-ups for idle claimers: each clone sees every enqueue that happens after it last
+/// waited. Fed by `LISTEN` on Postgres and by the store itself on SQLite.
+#[derive(Debug, Clone)]
+pub struct Wakeups {
+    rx: watch::Receiver<u64>,
+}
+
+impl Wakeups {
+    pub(crate) fn channel() -> (watch::Sender<u64>, Wakeups) {
+        let (tx, rx) = watch::channel(0);
+        (tx, Wakeups { rx })
+    }
+
+    /// Waits until something was enqueued since the last call, or `max` passes.
+    /// Returns `true` when woken by an enqueue.
+    pub async fn wait(&mut self, max: Duration) -> bool {
+        matches!(tokio::time::timeout(max, self.rx.changed()).await, Ok(Ok(())))
+    }
+}
+
+pub(crate) fn bump(tx: &watch::Sender<u64>) {
+    tx.send_modify(|n| *n = n.wrapping_add(1));
+}
+
+/// The queue store. Implementations: [`PgStore`], [`SqliteStore`].
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `postgres` or `sqlite`.
+    fn backend(&self) -> &'static str;
+
+    /// Runs pending migrations. Fails on a database newer than this binary.
+    async fn migrate(&self) -> Result<()>;
+
+    /// Cheap round trip for health checks; `Unavailable` when the database is down.
+    async fn ping(&self) -> Result<()>;
+
+    /// Wake-ups for idle claimers.
+    async fn wakeups(&self) -> Result<Wakeups>;
+
+    // ---- LoRAs -------------------------------------------------------------------------
+
+    /// Creates a LoRA with version 0. `Conflict` if the id exists (even soft-deleted).
+    async fn create_lora(&self, lora: &NewLora) -> Result<Lora>;
+
+    /// A live (not deleted) LoRA, or `None`.
+    async fn get_lora(&self, lora_id: &str) -> Result<Option<Lora>>;
+
+    /// Versions of a LoRA, oldest first.
+    async fn lora_versions(&self, lora_id: &str) -> Result<Vec<LoraVersion>>;
+
+    // ---- Intake and reads --------------------------------------------------------------
+
+    /// Stores a job and its first event in one transaction and wakes idle workers.
+    /// With an idempotency key: a replay with the same request hash returns the existing
+    /// job (`created = false`); a different hash is `Conflict`. `NotFound` for an unknown
+    /// or deleted LoRA.
+    async fn enqueue(&self, job: &NewJob) -> Result<Enqueued>;
+
+    /// One job, or `None`.
+    async fn get_job(&self, id: Uuid) -> Result<Option<Job>>;
+
+    /// Jobs matching the filter, newest first.
+    async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>>;
+
+    /// A job's timeline, oldest first.
+    async fn job_events(&self, id: Uuid) -> Result<Vec<JobEvent>>;
+
+    /// Cancels a queued job at once (or detaches a joined job before its batch trains);
+    /// flags a running job. `NotFound` if absent; `Conflict` if finished or already training.
+    async fn cancel(&self, id: Uuid) -> Result<CancelOutcome>;
+
+    // ---- Worker path (fenced) ----------------------------------------------------------
+
+    /// Inserts or refreshes the worker's row.
+    async fn register_worker(&self, worker: &WorkerInfo) -> Result<()>;
+
+    /// Records the worker's liveness and state.
+    async fn worker_heartbeat(
+        &self,
+        worker_id: &str,
+        state: WorkerState,
+        current_job: Option<Uuid>,
+    ) -> Result<()>;
+
+    /// Registered workers, most recently seen first.
+    async fn list_workers(&self) -> Result<Vec<WorkerRow>>;
+
+    /// Claims the highest-priority, oldest runnable job whose LoRA has no running job and
+    /// coalesces same-config queued jobs of that LoRA into its batch. `None` when nothing
+    /// is runnable; a lost race on a LoRA is retried, never surfaced.
+    async fn claim(&self, req: &ClaimRequest) -> Result<Option<Claimed>>;
+
+    /// Extends the lease by `extend`. `Lost` if the lease expired or the job was reclaimed.
+    async fn heartbeat(&self, lease: &Lease, extend: Duration) -> Result<LeaseState>;
+
+    /// Enters `phase`, adding the previous phase's duration to `timings_ms` and an event.
+    /// `false` if the lease was lost.
+    async fn enter_phase(
+        &self,
+        lease: &Lease,
+        phase: Phase,
+        finished: Option<(Phase, u64)>,
+    ) -> Result<bool>;
+
+    /// Enters `distill`: from here on the batch's members can no longer be cancelled.
+    /// Returns the ids of members still attached (a member cancelled before this is not
+    /// trained), or `None` if the lease was lost.
+    async fn begin_training(
+        &self,
+        lease: &Lease,
+        finished: Option<(Phase, u64)>,
+    ) -> Result<Option<Vec<Uuid>>>;
+
+    /// Records the new adapter version, moves the LoRA's current version and marks the job
+    /// and its members as trained, in one transaction. `false` if the lease was lost or the
+    /// LoRA's current version is not `version - 1`.
+    async fn publish(&self, lease: &Lease, version: &NewVersion) -> Result<bool>;
+
+    /// Marks the job and its members `succeeded` with `result`. `false` if the lease was lost.
+    async fn complete(
+        &self,
+        lease: &Lease,
+        result: &serde_json::Value,
+        finished: Option<(Phase, u64)>,
+    ) -> Result<bool>;
+
+    /// Reports a failure. Retryable failures go back to `queued` after a backoff while
+    /// attempts remain (members are detached unless already published); fatal ones, and
+    /// the last attempt, end `failed` with the members.
+    async fn fail(
+        &self,
+        lease: &Lease,
+        error: &JobError,
+        retryable: bool,
+        retry: RetryPolicy,
+    ) -> Result<FailOutcome>;
+
+    /// Ends a running job whose cancel was requested as `cancelled`; members are detached
+    /// back to `queued`. `false` if the lease was lost.
+    async fn finish_cancelled(&self, lease: &Lease, message: &str) -> Result<bool>;
+
+    /// Hands a running job back on shutdown: `queued` at once, without spending an attempt.
+    async fn release(&self, lease: &Lease) -> Result<bool>;
+
+    /// Puts jobs whose lease expired back (or fails them after `max_attempts`).
+    async fn reap_expired(&self, retry: RetryPolicy) -> Result<Reaped>;
+
+    /// Deletes up to `batch` finished jobs (and their events) older than `older_than`.
+    async fn prune(&self, older_than: Duration, batch: i64) -> Result<u64>;
+
+    /// Number of jobs per status (dashboard and metrics).
+    async fn status_counts(&self) -> Result<Vec<(JobStatus, i64)>>;
+}
+
+/// A shared store.
+pub type SharedStore = Arc<dyn Store>;
+
+/// Opens the store a database URL names: `postgres://…` or `sqlite:…`.
+pub async fn connect(url: &str, max_connections: u32) -> Result<SharedStore> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PgStore::connect(url, None, max_connections).await?))
+    } else if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::connect(url).await?))
+    } else {
+        Err(crate::error::Error::Config(format!(
+            "database.url: unsupported URL '{}' (accepted: postgres://…, sqlite:…)",
+            redact(url)
+        )))
+    }
+}
+
+/// The URL with any password replaced, for logs and errors.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+pub(crate) fn ms_to_datetime(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let base = Duration::from_secs(2);
+        let max = Duration::from_secs(60);
+        for _ in 0..50 {
+            let first = backoff(1, base, max);
+            assert!(first >= Duration::from_secs(1) && first <= base);
+            let tenth = backoff(10, base, max);
+            assert!(tenth >= max / 2 && tenth <= max);
+        }
+    }
+
+    #[test]
+    fn redact_hides_passwords_only() {
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("sqlite:data/claas.db"), "sqlite:data/claas.db");
+    }
+}

@@ -1,0 +1,126 @@
+//! Test support (feature `testing`): a fresh store per test on the real Postgres
+//! (`DATABASE_URL`, default `postgres://postgres@localhost/test`, one schema per test) or
+//! on a fresh SQLite file, plus small builders.
+
+use std::sync::Arc;
+
+use sqlx::Connection;
+use uuid::Uuid;
+
+use crate::queue::{PgStore, SharedStore, SqliteStore, Store};
+use crate::types::{JobPayload, NewJob, NewLora, Rollout, Sample, TrainingConfig};
+
+/// The Postgres the tests use.
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@localhost/test".into())
+}
+
+/// A store in a schema of its own; dropped by [`TestDb::cleanup`].
+pub struct TestDb {
+    pub store: SharedStore,
+    pub schema: Option<String>,
+    pub url: String,
+    path: Option<std::path::PathBuf>,
+}
+
+impl TestDb {
+    pub async fn postgres() -> TestDb {
+        let url = database_url();
+        let schema = format!("t_{}", Uuid::new_v4().simple());
+        let mut conn = sqlx::PgConnection::connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("tests need Postgres at {url}: {e}"));
+        sqlx::query(&format!("create schema {schema}"))
+            .execute(&mut conn)
+            .await
+            .expect("create test schema");
+        conn.close().await.ok();
+        let store = PgStore::connect(&url, Some(&schema), 20)
+            .await
+            .expect("connect test store");
+        store.migrate().await.expect("migrate");
+        TestDb {
+            store: Arc::new(store),
+            url: with_search_path(&url, &schema),
+            schema: Some(schema),
+            path: None,
+        }
+    }
+
+    pub async fn sqlite() -> TestDb {
+        let path = std::env::temp_dir().join(format!("claas-test-{}.db", Uuid::new_v4().simple()));
+        let url = format!("sqlite:{}", path.display());
+        let store = SqliteStore::connect(&url).await.expect("open sqlite");
+        store.migrate().await.expect("migrate");
+        TestDb {
+            store: Arc::new(store),
+            schema: None,
+            url,
+            path: Some(path),
+        }
+    }
+
+    /// Drops the schema (Postgres) or deletes the file (SQLite).
+    pub async fn cleanup(self) {
+        drop(self.store);
+        if let Some(schema) = &self.schema {
+            if let Ok(mut conn) = sqlx::PgConnection::connect(&database_url()).await {
+                let _ = sqlx::query(&format!("drop schema {schema} cascade"))
+                    .execute(&mut conn)
+                    .await;
+            }
+        }
+        if let Some(path) = &self.path {
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+            }
+        }
+    }
+}
+
+/// The URL with `options=-c search_path=…`, for child processes that must use the schema.
+pub fn with_search_path(url: &str, schema: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}options=-c%20search_path%3D{schema}")
+}
+
+pub const TEST_BASE_MODEL: &str = "test/base";
+
+/// A LoRA on [`TEST_BASE_MODEL`].
+pub fn lora(id: &str) -> NewLora {
+    NewLora {
+        lora_id: id.to_string(),
+        base_model: TEST_BASE_MODEL.to_string(),
+        rank: 8,
+        alpha: 16.0,
+        target_modules: vec!["q_proj".into(), "v_proj".into()],
+        initial_uri: format!("file:///loras/{id}/v0"),
+        initial_sha256: "0".repeat(64),
+    }
+}
+
+/// A small valid sample.
+pub fn sample(feedback: &str) -> Sample {
+    Sample {
+        prompt: "Write a haiku".into(),
+        response: "Leaves fall".into(),
+        feedback: feedback.into(),
+        rollout: Rollout {
+            prompt_token_ids: vec![1, 2, 3],
+            response_token_ids: vec![4, 5],
+            response_logprobs: vec![-0.5, -0.25],
+            system_prompt: "You are helpful.".into(),
+        },
+    }
+}
+
+/// A job with `n` samples for `lora_id` and the default training config.
+pub fn job(lora_id: &str, n: usize) -> NewJob {
+    NewJob::new(
+        lora_id,
+        JobPayload {
+            samples: (0..n).map(|i| sample(&format!("feedback {i}"))).collect(),
+            training: TrainingConfig::default(),
+        },
+    )
+}

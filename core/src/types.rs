@@ -1,0 +1,475 @@
+//! Domain types shared by the API, the worker and the store: jobs, their states and phases,
+//! the feedback payload a job trains on, LoRAs and workers.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+
+/// A job's lifecycle state (DESIGN.md "The queue").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Queued,
+    Running,
+    /// Joined a running job's batch; `trained_by` names that job.
+    Coalesced,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 6] = [
+        JobStatus::Queued,
+        JobStatus::Running,
+        JobStatus::Coalesced,
+        JobStatus::Succeeded,
+        JobStatus::Failed,
+        JobStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Coalesced => "coalesced",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled
+        )
+    }
+}
+
+impl std::str::FromStr for JobStatus {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        JobStatus::ALL
+            .into_iter()
+            .find(|v| v.as_str() == s)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "unknown job status '{s}' (accepted: queued, running, coalesced, succeeded, failed, cancelled)"
+                ))
+            })
+    }
+}
+
+/// Where a job is in the worker's pipeline. `claimed` is the moment between claim and the
+/// first phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Queued,
+    Claimed,
+    Drain,
+    Sleep,
+    Vram,
+    Distill,
+    Publish,
+    Reload,
+    Wake,
+    Done,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 10] = [
+        Phase::Queued,
+        Phase::Claimed,
+        Phase::Drain,
+        Phase::Sleep,
+        Phase::Vram,
+        Phase::Distill,
+        Phase::Publish,
+        Phase::Reload,
+        Phase::Wake,
+        Phase::Done,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Queued => "queued",
+            Phase::Claimed => "claimed",
+            Phase::Drain => "drain",
+            Phase::Sleep => "sleep",
+            Phase::Vram => "vram",
+            Phase::Distill => "distill",
+            Phase::Publish => "publish",
+            Phase::Reload => "reload",
+            Phase::Wake => "wake",
+            Phase::Done => "done",
+        }
+    }
+}
+
+impl std::str::FromStr for Phase {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Phase::ALL
+            .into_iter()
+            .find(|v| v.as_str() == s)
+            .ok_or_else(|| Error::Corrupt(format!("unknown phase '{s}'")))
+    }
+}
+
+/// The SDPO hyperparameters of one feedback batch, with CLaaS's defaults and ranges.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainingConfig {
+    pub learning_rate: f64,
+    pub alpha: f64,
+    pub is_clip: f64,
+    pub max_grad_norm: f64,
+    pub kl_reg_weight: f64,
+    pub teacher_top_k: u32,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        TrainingConfig {
+            learning_rate: 3e-5,
+            alpha: 0.5,
+            is_clip: 5.0,
+            max_grad_norm: 1.0,
+            kl_reg_weight: 0.0,
+            teacher_top_k: 100,
+        }
+    }
+}
+
+impl TrainingConfig {
+    /// Every range violation, in CLaaS's words; empty when the config is valid.
+    pub fn violations(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let finite = |v: f64| v.is_finite();
+        if !(finite(self.learning_rate) && self.learning_rate > 0.0) {
+            out.push("learning_rate must be > 0".to_string());
+        }
+        if !(finite(self.alpha) && (0.0..=1.0).contains(&self.alpha)) {
+            out.push("alpha must be within [0, 1]".to_string());
+        }
+        if !(finite(self.is_clip) && (1.0..=20.0).contains(&self.is_clip)) {
+            out.push("is_clip must be within [1, 20]".to_string());
+        }
+        if !(finite(self.max_grad_norm) && self.max_grad_norm >= 0.0) {
+            out.push("max_grad_norm must be >= 0".to_string());
+        }
+        if !(finite(self.kl_reg_weight) && (0.0..=1.0).contains(&self.kl_reg_weight)) {
+            out.push("kl_reg_weight must be within [0, 1]".to_string());
+        }
+        if !(10..=100).contains(&self.teacher_top_k) {
+            out.push("teacher_top_k must be within [10, 100]".to_string());
+        }
+        out
+    }
+}
+
+/// How the worker treats its vLLM around the training step (CLaaS `FeedbackOrchestration`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Orchestration {
+    pub sleep_before: bool,
+    pub wake_after: bool,
+    pub wake_on_failure: bool,
+    pub sleep_level: u8,
+}
+
+impl Default for Orchestration {
+    fn default() -> Self {
+        Orchestration {
+            sleep_before: true,
+            wake_after: true,
+            wake_on_failure: true,
+            sleep_level: 1,
+        }
+    }
+}
+
+/// What the served model produced for one completion: the tokens the student is trained on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    pub prompt_token_ids: Vec<u32>,
+    pub response_token_ids: Vec<u32>,
+    pub response_logprobs: Vec<f32>,
+    #[serde(default)]
+    pub system_prompt: String,
+}
+
+/// One feedback item, resolved and self-contained.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub prompt: String,
+    pub response: String,
+    pub feedback: String,
+    pub rollout: Rollout,
+}
+
+/// Everything a worker needs to train a job, with no lookups elsewhere.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobPayload {
+    pub samples: Vec<Sample>,
+    pub training: TrainingConfig,
+}
+
+/// Why a job failed, as stored in `jobs.error` and shown by the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobError {
+    /// Machine-readable class: `invalid_input`, `lease_expired`, `phase_failed`, ...
+    pub code: String,
+    pub message: String,
+    /// The phase that failed, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+}
+
+/// A job to enqueue.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: Uuid,
+    pub lora_id: String,
+    pub caller: String,
+    pub payload: JobPayload,
+    pub orchestration: Orchestration,
+    pub priority: i32,
+    pub max_attempts: i32,
+    pub idempotency_key: Option<String>,
+    /// SHA-256 of the request body, compared on idempotent replays.
+    pub request_hash: Option<String>,
+    pub trace_context: Option<serde_json::Value>,
+}
+
+impl NewJob {
+    pub fn new(lora_id: impl Into<String>, payload: JobPayload) -> Self {
+        NewJob {
+            id: Uuid::now_v7(),
+            lora_id: lora_id.into(),
+            caller: String::new(),
+            payload,
+            orchestration: Orchestration::default(),
+            priority: 0,
+            max_attempts: 3,
+            idempotency_key: None,
+            request_hash: None,
+            trace_context: None,
+        }
+    }
+
+    /// Jobs may share a batch only when this key is equal: same training config, same
+    /// orchestration flags, same caller.
+    pub fn coalesce_key(&self) -> String {
+        let canonical = serde_json::json!({
+            "training": self.payload.training,
+            "orchestration": self.orchestration,
+            "caller": self.caller,
+        });
+        hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+    }
+}
+
+/// A job as the API and dashboard see it (the payload stays in the store).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Job {
+    pub id: Uuid,
+    pub lora_id: String,
+    pub base_model: String,
+    pub caller: String,
+    pub status: JobStatus,
+    pub phase: Phase,
+    pub sample_count: i32,
+    pub orchestration: Orchestration,
+    pub priority: i32,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub run_at: DateTime<Utc>,
+    pub worker_id: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub cancel_requested: bool,
+    pub idempotency_key: Option<String>,
+    pub trace_context: Option<serde_json::Value>,
+    pub timings_ms: BTreeMap<String, u64>,
+    pub result: Option<serde_json::Value>,
+    pub error: Option<JobError>,
+    pub trained_by: Option<Uuid>,
+    pub published_version: Option<i32>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// One line of a job's timeline.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobEvent {
+    pub at: DateTime<Utc>,
+    pub phase: String,
+    pub message: String,
+}
+
+/// A LoRA adapter and its current version.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Lora {
+    pub lora_id: String,
+    pub base_model: String,
+    pub rank: i32,
+    pub alpha: f64,
+    pub target_modules: Vec<String>,
+    pub current_version: i32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A LoRA to create, with its initial adapter (version 0).
+#[derive(Debug, Clone)]
+pub struct NewLora {
+    pub lora_id: String,
+    pub base_model: String,
+    pub rank: i32,
+    pub alpha: f64,
+    pub target_modules: Vec<String>,
+    pub initial_uri: String,
+    pub initial_sha256: String,
+}
+
+/// A published adapter version.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoraVersion {
+    pub lora_id: String,
+    pub version: i32,
+    pub storage_uri: String,
+    pub sha256: String,
+    pub job_id: Option<Uuid>,
+    pub metrics: Option<serde_json::Value>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What a worker publishes: the stored adapter of `version` and the step's metrics.
+#[derive(Debug, Clone)]
+pub struct NewVersion {
+    pub version: i32,
+    pub storage_uri: String,
+    pub sha256: String,
+    pub metrics: serde_json::Value,
+}
+
+/// A worker's state as shown in `workers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    Idle,
+    Training,
+    Draining,
+    Sleeping,
+    Stopped,
+}
+
+impl WorkerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Idle => "idle",
+            WorkerState::Training => "training",
+            WorkerState::Draining => "draining",
+            WorkerState::Sleeping => "sleeping",
+            WorkerState::Stopped => "stopped",
+        }
+    }
+}
+
+/// A worker process registering itself.
+#[derive(Debug, Clone)]
+pub struct WorkerInfo {
+    pub id: String,
+    pub hostname: String,
+    pub gpu: Option<String>,
+    pub vllm_url: Option<String>,
+    pub base_models: Vec<String>,
+    pub version: String,
+}
+
+/// A registered worker, as the health route and dashboard see it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WorkerRow {
+    pub id: String,
+    pub hostname: String,
+    pub state: String,
+    pub version: String,
+    pub started_at: DateTime<Utc>,
+    pub heartbeat_at: DateTime<Utc>,
+    pub current_job: Option<Uuid>,
+}
+
+/// A LoRA id as DESIGN.md allows it: path-like segments of `[A-Za-z0-9._-]` each starting
+/// with a letter or digit, at most 128 characters. Returns the reason when it is not.
+pub fn validate_lora_id(id: &str) -> Result<()> {
+    let bad = |why: &str| Err(Error::Invalid(format!("invalid lora_id '{id}': {why}")));
+    if id.is_empty() || id.len() > 128 {
+        return bad("must be 1 to 128 characters");
+    }
+    for segment in id.split('/') {
+        let mut chars = segment.chars();
+        match chars.next() {
+            Some(c) if c.is_ascii_alphanumeric() => {}
+            _ => return bad("each '/'-separated segment must start with a letter or digit"),
+        }
+        if !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
+            return bad("only letters, digits, '.', '_', '-' and '/' are allowed");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lora_ids_follow_the_design_pattern() {
+        for ok in ["a", "user/assistant-1", "A.b_c-d/e9", &"x".repeat(128)] {
+            assert!(validate_lora_id(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "/a", "a/", "a//b", ".a", "a b", "../x", "a/-b", &"x".repeat(129)] {
+            assert!(validate_lora_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn training_config_reports_every_violation_in_claas_words() {
+        let cfg = TrainingConfig {
+            alpha: 1.5,
+            is_clip: -1.0,
+            teacher_top_k: 5,
+            ..TrainingConfig::default()
+        };
+        assert_eq!(
+            cfg.violations(),
+            [
+                "alpha must be within [0, 1]",
+                "is_clip must be within [1, 20]",
+                "teacher_top_k must be within [10, 100]"
+            ]
+        );
+        assert!(TrainingConfig::default().violations().is_empty());
+    }
+
+    #[test]
+    fn coalesce_key_separates_configs_and_callers() {
+        let payload = JobPayload { samples: vec![], training: TrainingConfig::default() };
+        let a = NewJob::new("l", payload.clone());
+        let mut b = NewJob::new("l", payload.clone());
+        assert_eq!(a.coalesce_key(), b.coalesce_key());
+        b.caller = "other".into();
+        assert_ne!(a.coalesce_key(), b.coalesce_key());
+        let mut c = NewJob::new("l", payload);
+        c.payload.training.alpha = 0.9;
+        assert_ne!(a.coalesce_key(), c.coalesce_key());
+    }
+}

@@ -1,0 +1,616 @@
+//! One conformance suite for both queue stores: every test below runs against Postgres
+//! (its own schema) and SQLite (its own file). The rules are DESIGN.md "The queue".
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use claas_core::queue::{
+    CancelOutcome, ClaimRequest, Claimed, FailOutcome, JobFilter, LeaseState, RetryPolicy,
+    SharedStore,
+};
+use claas_core::testing::{job, lora, TestDb, TEST_BASE_MODEL};
+use claas_core::types::{JobError, JobStatus, NewVersion, Phase};
+use claas_core::Error;
+
+fn claim_req(worker: &str) -> ClaimRequest {
+    ClaimRequest {
+        worker_id: worker.into(),
+        base_models: vec![TEST_BASE_MODEL.into()],
+        lease: Duration::from_secs(60),
+        max_batch_samples: 8,
+    }
+}
+
+fn version(v: i32) -> NewVersion {
+    NewVersion {
+        version: v,
+        storage_uri: format!("file:///loras/x/v{v}"),
+        sha256: "ab".repeat(32),
+        metrics: serde_json::json!({"total_loss": 0.5}),
+    }
+}
+
+fn fatal(msg: &str) -> JobError {
+    JobError { code: "invalid_input".into(), message: msg.into(), phase: Some(Phase::Distill) }
+}
+
+const FAST_RETRY: RetryPolicy = RetryPolicy {
+    base: Duration::from_millis(1),
+    max: Duration::from_millis(2),
+};
+
+async fn claim(store: &SharedStore, worker: &str) -> Claimed {
+    store.claim(&claim_req(worker)).await.expect("claim").expect("a job to claim")
+}
+
+/// Claims with a lease that has already run out by the time the call returns.
+async fn claim_expiring(store: &SharedStore, worker: &str) -> Claimed {
+    let mut req = claim_req(worker);
+    req.lease = Duration::from_millis(1);
+    let c = store.claim(&req).await.expect("claim").expect("a job");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    c
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let db = claas_core::testing::TestDb::postgres().await;
+                    super::$name(&db).await;
+                    db.cleanup().await;
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let db = claas_core::testing::TestDb::sqlite().await;
+                    super::$name(&db).await;
+                    db.cleanup().await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    enqueued_job_is_claimed_with_its_payload,
+    enqueue_for_unknown_lora_is_not_found,
+    claims_by_priority_then_age,
+    one_running_job_per_lora,
+    worker_claims_only_its_base_models,
+    coalescing_joins_same_config_jobs_up_to_max_samples,
+    completion_settles_the_whole_batch,
+    stale_worker_cannot_write_after_reclaim,
+    expired_lease_requeues_then_fails_after_max_attempts,
+    members_return_to_queue_when_lead_lease_is_lost,
+    retry_after_publish_resumes_without_training_again,
+    publish_requires_the_previous_version,
+    fatal_failure_fails_at_once_and_retryable_backs_off,
+    cancel_queued_is_immediate_and_running_is_requested,
+    cancel_of_joined_job_detaches_before_training_only,
+    idempotency_key_returns_same_job_or_conflicts,
+    release_hands_back_without_spending_an_attempt,
+    retention_prunes_old_finished_jobs_only,
+    listing_filters_and_paginates_newest_first,
+    enqueue_wakes_a_waiting_claimer,
+    concurrent_claimers_never_run_one_lora_twice,
+);
+
+async fn enqueued_job_is_claimed_with_its_payload(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    let new = job("a", 2);
+    let enq = s.enqueue(&new).await.expect("enqueue");
+    assert!(enq.created);
+    assert_eq!(enq.job.status, JobStatus::Queued);
+    assert_eq!(enq.job.base_model, TEST_BASE_MODEL);
+    let c = claim(s, "w1").await;
+    assert_eq!(c.job.id, new.id);
+    assert_eq!(c.job.status, JobStatus::Running);
+    assert_eq!(c.job.attempt, 1);
+    assert_eq!(c.job.worker_id.as_deref(), Some("w1"));
+    assert!(c.job.lease_expires_at.is_some());
+    assert_eq!(c.payload, new.payload);
+    assert!(s.claim(&claim_req("w2")).await.expect("claim").is_none());
+    let events = s.job_events(new.id).await.expect("events");
+    let phases: Vec<_> = events.iter().map(|e| e.phase.as_str()).collect();
+    assert_eq!(phases, ["queued", "claimed"]);
+}
+
+async fn enqueue_for_unknown_lora_is_not_found(db: &TestDb) {
+    let err = db.store.enqueue(&job("missing", 1)).await.expect_err("no lora");
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+}
+
+async fn claims_by_priority_then_age(db: &TestDb) {
+    let s = &db.store;
+    for id in ["a", "b", "c"] {
+        s.create_lora(&lora(id)).await.expect("lora");
+    }
+    let old = job("a", 1);
+    s.enqueue(&old).await.expect("enqueue");
+    let young = job("b", 1);
+    s.enqueue(&young).await.expect("enqueue");
+    let mut urgent = job("c", 1);
+    urgent.priority = 5;
+    s.enqueue(&urgent).await.expect("enqueue");
+    let order: Vec<_> = [claim(s, "w").await, claim(s, "w").await, claim(s, "w").await]
+        .iter()
+        .map(|c| c.job.id)
+        .collect();
+    assert_eq!(order, [urgent.id, old.id, young.id]);
+}
+
+async fn one_running_job_per_lora(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    s.create_lora(&lora("b")).await.expect("lora");
+    let mut req = claim_req("w1");
+    req.max_batch_samples = 1; // no coalescing: each job is its own batch
+    let a1 = job("a", 1);
+    let a2 = job("a", 1);
+    let b1 = job("b", 1);
+    for j in [&a1, &a2, &b1] {
+        s.enqueue(j).await.expect("enqueue");
+    }
+    let first = s.claim(&req).await.expect("claim").expect("job");
+    assert_eq!(first.job.id, a1.id);
+    // a2 is older than b1 but its LoRA is busy: the claim skips to b1, never blocks.
+    let second = s.claim(&req).await.expect("claim").expect("job");
+    assert_eq!(second.job.id, b1.id);
+    assert!(s.claim(&req).await.expect("claim").is_none());
+    assert!(s.complete(&first.lease(), &serde_json::json!({}), None).await.expect("complete"));
+    let third = s.claim(&req).await.expect("claim").expect("a2 after a1 finished");
+    assert_eq!(third.job.id, a2.id);
+}
+
+async fn worker_claims_only_its_base_models(db: &TestDb) {
+    let s = &db.store;
+    let mut other = lora("other");
+    other.base_model = "other/base".into();
+    s.create_lora(&other).await.expect("lora");
+    s.enqueue(&job("other", 1)).await.expect("enqueue");
+    assert!(s.claim(&claim_req("w")).await.expect("claim").is_none());
+    let mut req = claim_req("w");
+    req.base_models = vec!["other/base".into()];
+    assert!(s.claim(&req).await.expect("claim").is_some());
+}
+
+async fn coalescing_joins_same_config_jobs_up_to_max_samples(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    let lead = job("a", 2);
+    let j2 = job("a", 3);
+    let mut other_config = job("a", 1);
+    other_config.payload.training.learning_rate = 1e-4;
+    let mut other_caller = job("a", 1);
+    other_caller.caller = "key-2".into();
+    let j3 = job("a", 2);
+    let j4 = job("a", 2); // would exceed 8 samples: 2 + 3 + 2 + 2 = 9
+    for j in [&lead, &j2, &other_config, &other_caller, &j3, &j4] {
+        s.enqueue(j).await.expect("enqueue");
+    }
+    let c = claim(s, "w").await;
+    assert_eq!(c.job.id, lead.id);
+    let member_ids: Vec<_> = c.members.iter().map(|(m, _)| m.id).collect();
+    assert_eq!(member_ids, [j2.id, j3.id]);
+    assert_eq!(c.samples().count(), 7);
+    for (m, _) in &c.members {
+        assert_eq!(m.status, JobStatus::Coalesced);
+        assert_eq!(m.trained_by, Some(lead.id));
+    }
+    for id in [other_config.id, other_caller.id, j4.id] {
+        let j = s.get_job(id).await.expect("get").expect("exists");
+        assert_eq!(j.status, JobStatus::Queued, "{id} must not join");
+    }
+}
+
+async fn completion_settles_the_whole_batch(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    let lead = job("a", 1);
+    let member = job("a", 1);
+    s.enqueue(&lead).await.expect("enqueue");
+    s.enqueue(&member).await.expect("enqueue");
+    let c = claim(s, "w").await;
+    assert_eq!(c.members.len(), 1);
+    let lease = c.lease();
+    assert!(s.enter_phase(&lease, Phase::Drain, None).await.expect("phase"));
+    let attached = s
+        .begin_training(&lease, Some((Phase::Drain, 7)))
+        .await
+        .expect("begin")
+        .expect("lease held");
+    assert_eq!(attached, [member.id]);
+    assert!(s.publish(&lease, &version(1)).await.expect("publish"));
+    let result = serde_json::json!({"version": 1});
+    assert!(s.complete(&lease, &result, Some((Phase::Wake, 3))).await.expect("complete"));
+    for id in [lead.id, member.id] {
+        let j = s.get_job(id).await.expect("get").expect("exists");
+        assert_eq!(j.status, JobStatus::Succeeded);
+        assert_eq!(j.phase, Phase::Done);
+        assert_eq!(j.result.as_ref(), Some(&result));
+        assert_eq!(j.published_version, Some(1));
+        assert!(j.finished_at.is_some());
+    }
+    let j = s.get_job(lead.id).await.expect("get").expect("exists");
+    assert_eq!(j.timings_ms.get("drain"), Some(&7));
+    assert_eq!(j.timings_ms.get("wake"), Some(&3));
+    let lora = s.get_lora("a").await.expect("get").expect("exists");
+    assert_eq!(lora.current_version, 1);
+    let versions = s.lora_versions("a").await.expect("versions");
+    assert_eq!(versions.len(), 2);
+    assert_eq!(versions[1].job_id, Some(lead.id));
+}
+
+async fn stale_worker_cannot_write_after_reclaim(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    s.enqueue(&job("a", 1)).await.expect("enqueue");
+    let stale = claim_expiring(s, "old").await.lease();
+    // Expired but not yet reaped: the stale worker is already fenced out.
+    assert_eq!(s.heartbeat(&stale, Duration::from_secs(60)).await.expect("hb"), LeaseState::Lost);
+    let reaped = s.reap_expired(FAST_RETRY).await.expect("reap");
+    assert_eq!(reaped.requeued, 1);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let fresh = claim(s, "new").await;
+    assert_eq!(fresh.job.attempt, 2);
+    // Every write of the stale worker changes nothing.
+    assert_eq!(s.heartbeat(&stale, Duration::from_secs(60)).await.expect("hb"), LeaseState::Lost);
+    assert!(!s.enter_phase(&stale, Phase::Sleep, None).await.expect("phase"));
+    assert!(s.begin_training(&stale, None).await.expect("begin").is_none());
+    assert!(!s.publish(&stale, &version(1)).await.expect("publish"));
+    assert!(!s.complete(&stale, &serde_json::json!({}), None).await.expect("complete"));
+    assert_eq!(s.fail(&stale, &fatal("x"), false, FAST_RETRY).await.expect("fail"), FailOutcome::LeaseLost);
+    assert!(!s.finish_cancelled(&stale, "x").await.expect("cancel"));
+    assert!(!s.release(&stale).await.expect("release"));
+    let j = s.get_job(fresh.job.id).await.expect("get").expect("exists");
+    assert_eq!(j.status, JobStatus::Running);
+    assert_eq!(j.worker_id.as_deref(), Some("new"));
+    assert_eq!(j.phase, Phase::Claimed);
+    assert_eq!(j.published_version, None);
+    assert_eq!(s.get_lora("a").await.expect("get").expect("lora").current_version, 0);
+    // The new owner still can.
+    assert!(s.complete(&fresh.lease(), &serde_json::json!({}), None).await.expect("complete"));
+}
+
+async fn expired_lease_requeues_then_fails_after_max_attempts(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    let mut j = job("a", 1);
+    j.max_attempts = 2;
+    s.enqueue(&j).await.expect("enqueue");
+    claim_expiring(s, "w").await;
+    let r = s.reap_expired(RetryPolicy { base: Duration::from_secs(30), max: Duration::from_secs(60) })
+        .await
+        .expect("reap");
+    assert_eq!(r.requeued, 1);
+    let back = s.get_job(j.id).await.expect("get").expect("exists");
+    assert_eq!(back.status, JobStatus::Queued);
+    assert_eq!(back.error.as_ref().map(|e| e.code.as_str()), Some("lease_expired"));
+    let wait = back.run_at - chrono::Utc::now();
+    assert!(wait > chrono::Duration::seconds(10), "backoff applied: {wait}");
+    assert!(s.claim(&claim_req("w")).await.expect("claim").is_none(), "not before run_at");
+
+    // Second attempt also expires: attempts exhausted, the job fails visibly.
+    let mut k = job("a", 1);
+    k.max_attempts = 1;
+    s.create_lora(&lora("b")).await.expect("lora");
+    k.lora_id = "b".into();
+    s.enqueue(&k).await.expect("enqueue");
+    claim_expiring(s, "w").await;
+    let r = s.reap_expired(FAST_RETRY).await.expect("reap");
+    assert_eq!(r.failed, 1);
+    let dead = s.get_job(k.id).await.expect("get").expect("exists");
+    assert_eq!(dead.status, JobStatus::Failed);
+    assert!(dead.finished_at.is_some());
+}
+
+async fn members_return_to_queue_when_lead_lease_is_lost(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    let lead = job("a", 1);
+    let member = job("a", 1);
+    s.enqueue(&lead).await.expect("enqueue");
+    s.enqueue(&member).await.expect("enqueue");
+    let c = claim_expiring(s, "w").await;
+    assert_eq!(c.members.len(), 1);
+    s.reap_expired(FAST_RETRY).await.expect("reap");
+    let m = s.get_job(member.id).await.expect("get").expect("exists");
+    assert_eq!(m.status, JobStatus::Queued);
+    assert_eq!(m.trained_by, None);
+}
+
+async fn retry_after_publish_resumes_without_training_again(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    let lead = job("a", 1);
+    let member = job("a", 1);
+    s.enqueue(&lead).await.expect("enqueue");
+    s.enqueue(&member).await.expect("enqueue");
+    let mut req = claim_req("w1");
+    req.lease = Duration::from_millis(400);
+    let c = s.claim(&req).await.expect("claim").expect("job");
+    assert!(s.begin_training(&c.lease(), None).await.expect("begin").is_some());
+    assert!(s.publish(&c.lease(), &version(1)).await.expect("publish"));
+    // The worker dies after publish, before completing.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    s.reap_expired(FAST_RETRY).await.expect("reap");
+    let m = s.get_job(member.id).await.expect("get").expect("exists");
+    assert_eq!(m.status, JobStatus::Coalesced, "a published member stays with its batch");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let again = claim(s, "w2").await;
+    assert_eq!(again.job.id, lead.id);
+    assert_eq!(again.job.published_version, Some(1), "the retry knows it is trained");
+    assert!(again.members.is_empty());
+    assert!(s.complete(&again.lease(), &serde_json::json!({"version": 1}), None).await.expect("complete"));
+    assert_eq!(s.lora_versions("a").await.expect("versions").len(), 2, "exactly one new version");
+    let m = s.get_job(member.id).await.expect("get").expect("exists");
+    assert_eq!(m.status, JobStatus::Succeeded);
+}
+
+async fn publish_requires_the_previous_version(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    s.enqueue(&job("a", 1)).await.expect("enqueue");
+    let c = claim(s, "w").await;
+    assert!(!s.publish(&c.lease(), &version(2)).await.expect("publish"), "gap in versions");
+    assert!(s.publish(&c.lease(), &version(1)).await.expect("publish"));
+    assert!(!s.publish(&c.lease(), &version(2)).await.expect("publish"), "one version per job");
+}
+
+async fn fatal_failure_fails_at_once_and_retryable_backs_off(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    s.create_lora(&lora("b")).await.expect("lora");
+    let bad = job("a", 1);
+    s.enqueue(&bad).await.expect("enqueue");
+    let c = claim(s, "w").await;
+    assert_eq!(s.fail(&c.lease(), &fatal("token id 999999 outside the vocabulary"), false, FAST_RETRY)
+        .await.expect("fail"), FailOutcome::Failed);
+    let j = s.get_job(bad.id).await.expect("get").expect("exists");
+    assert_eq!(j.status, JobStatus::Failed);
+    assert_eq!(j.attempt, 1);
+    assert_eq!(j.error.as_ref().map(|e| e.code.as_str()), Some("invalid_input"));
+
+    let flaky = job("b", 1);
+    s.enqueue(&flaky).await.expect("enqueue");
+    let c = claim(s, "w").await;
+    let err = JobError { code: "vllm_unavailable".into(), message: "connection refused".into(), phase: Some(Phase::Sleep) };
+    let slow = RetryPolicy { base: Duration::from_secs(20), max: Duration::from_secs(60) };
+    assert_eq!(s.fail(&c.lease(), &err, true, slow).await.expect("fail"), FailOutcome::Retrying);
+    let j = s.get_job(flaky.id).await.expect("get").expect("exists");
+    assert_eq!(j.status, JobStatus::Queued);
+    assert!(j.run_at > chrono::Utc::now() + chrono::Duration::seconds(5));
+    assert!(j.finished_at.is_none());
+}
+
+async fn cancel_queued_is_immediate_and_running_is_requested(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    s.create_lora(&lora("b")).await.expect("lora");
+    let queued = job("a", 1);
+    s.enqueue(&queued).await.expect("enqueue");
+    match s.cancel(queued.id).await.expect("cancel") {
+        CancelOutcome::Cancelled(j) => assert_eq!(j.status, JobStatus::Cancelled),
+        other => panic!("expected cancelled, got {other:?}"),
+    }
+    assert!(s.claim(&claim_req("w")).await.expect("claim").is_none());
+
+    let running = job("b", 1);
+    s.enqueue(&running).await.expect("enqueue");
+    let c = claim(s, "w").await;
+    assert!(matches!(s.cancel(running.id).await.expect("cancel"), CancelOutcome::Requested(_)));
+    assert_eq!(
+        s.heartbeat(&c.lease(), Duration::from_secs(60)).await.expect("hb"),
+        LeaseState::Held { cancel_requested: true }
+    );
+    assert!(s.finish_cancelled(&c.lease(), "cancelled by request").await.expect("finish"));
+    let j = s.get_job(running.id).await.expect("get").expect("exists");
+    assert_eq!(j.status, JobStatus::Cancelled);
+
+    let err = s.cancel(running.id).await.expect_err("already finished");
+    assert!(matches!(err, Error::Conflict(_)), "{err}");
+    let err = s.cancel(uuid::Uuid::now_v7()).await.expect_err("unknown");
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+}
+
+async fn cancel_of_joined_job_detaches_before_training_only(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    let lead = job("a", 1);
+    let early = job("a", 1);
+    let late = job("a", 1);
+    for j in [&lead, &early, &late] {
+        s.enqueue(j).await.expect("enqueue");
+    }
+    let c = claim(s, "w").await;
+    assert_eq!(c.members.len(), 2);
+    assert!(matches!(s.cancel(early.id).await.expect("cancel"), CancelOutcome::Cancelled(_)));
+    let attached = s.begin_training(&c.lease(), None).await.expect("begin").expect("held");
+    assert_eq!(attached, [late.id], "the cancelled member is not trained");
+    let err = s.cancel(late.id).await.expect_err("too late");
+    assert!(matches!(&err, Error::Conflict(m) if m.contains("being trained")), "{err}");
+    assert!(s.complete(&c.lease(), &serde_json::json!({}), None).await.expect("complete"));
+    let e = s.get_job(early.id).await.expect("get").expect("exists");
+    assert_eq!(e.status, JobStatus::Cancelled);
+    assert_eq!(e.trained_by, None);
+}
+
+async fn idempotency_key_returns_same_job_or_conflicts(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    let mut first = job("a", 1);
+    first.idempotency_key = Some("k1".into());
+    first.request_hash = Some("h1".into());
+    let a = s.enqueue(&first).await.expect("enqueue");
+    let mut replay = job("a", 1);
+    replay.idempotency_key = Some("k1".into());
+    replay.request_hash = Some("h1".into());
+    let b = s.enqueue(&replay).await.expect("replay");
+    assert!(!b.created);
+    assert_eq!(b.job.id, a.job.id);
+    let mut clash = job("a", 1);
+    clash.idempotency_key = Some("k1".into());
+    clash.request_hash = Some("h2".into());
+    assert!(matches!(s.enqueue(&clash).await, Err(Error::Conflict(_))));
+    let mut other_caller = replay.clone();
+    other_caller.id = uuid::Uuid::now_v7();
+    other_caller.caller = "someone-else".into();
+    assert!(s.enqueue(&other_caller).await.expect("enqueue").created);
+}
+
+async fn release_hands_back_without_spending_an_attempt(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    let mut j = job("a", 1);
+    j.max_attempts = 1;
+    s.enqueue(&j).await.expect("enqueue");
+    let c = claim(s, "w").await;
+    assert!(s.release(&c.lease()).await.expect("release"));
+    let again = claim(s, "w2").await;
+    assert_eq!(again.job.attempt, 2);
+    assert_eq!(again.job.max_attempts, 2);
+    assert!(!s.complete(&c.lease(), &serde_json::json!({}), None).await.expect("fenced"));
+}
+
+async fn retention_prunes_old_finished_jobs_only(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    s.create_lora(&lora("b")).await.expect("lora");
+    let done = job("a", 1);
+    s.enqueue(&done).await.expect("enqueue");
+    let c = claim(s, "w").await;
+    s.complete(&c.lease(), &serde_json::json!({}), None).await.expect("complete");
+    let waiting = job("b", 1);
+    s.enqueue(&waiting).await.expect("enqueue");
+    assert_eq!(s.prune(Duration::from_secs(3600), 100).await.expect("prune"), 0, "too young");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(s.prune(Duration::from_millis(5), 100).await.expect("prune"), 1);
+    assert!(s.get_job(done.id).await.expect("get").is_none());
+    assert!(s.job_events(done.id).await.expect("events").is_empty());
+    assert!(s.get_job(waiting.id).await.expect("get").is_some());
+}
+
+async fn listing_filters_and_paginates_newest_first(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("team/a")).await.expect("lora");
+    s.create_lora(&lora("other")).await.expect("lora");
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let j = job("team/a", 1);
+        s.enqueue(&j).await.expect("enqueue");
+        ids.push(j.id);
+    }
+    s.enqueue(&job("other", 1)).await.expect("enqueue");
+    let page1 = s
+        .list_jobs(&JobFilter { lora_id: Some("team/a".into()), limit: 3, ..Default::default() })
+        .await
+        .expect("list");
+    assert_eq!(page1.iter().map(|j| j.id).collect::<Vec<_>>(), [ids[4], ids[3], ids[2]]);
+    let page2 = s
+        .list_jobs(&JobFilter { lora_id: Some("team/a".into()), limit: 3, before: Some(ids[2]), ..Default::default() })
+        .await
+        .expect("list");
+    assert_eq!(page2.iter().map(|j| j.id).collect::<Vec<_>>(), [ids[1], ids[0]]);
+    let scoped = s
+        .list_jobs(&JobFilter { lora_prefixes: Some(vec!["team/".into()]), limit: 100, ..Default::default() })
+        .await
+        .expect("list");
+    assert_eq!(scoped.len(), 5);
+    let running = s
+        .list_jobs(&JobFilter { status: Some(JobStatus::Running), limit: 100, ..Default::default() })
+        .await
+        .expect("list");
+    assert!(running.is_empty());
+}
+
+async fn enqueue_wakes_a_waiting_claimer(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    let mut wake = s.wakeups().await.expect("wakeups");
+    // Absorb the wake-up the listener gives when it (re)connects.
+    wake.wait(Duration::from_millis(500)).await;
+    let store = s.clone();
+    let waiter = tokio::spawn(async move {
+        let start = std::time::Instant::now();
+        let woke = wake.wait(Duration::from_secs(10)).await;
+        (woke, start.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    store.enqueue(&job("a", 1)).await.expect("enqueue");
+    let (woke, took) = waiter.await.expect("join");
+    assert!(woke, "woken by the enqueue, not the timeout");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
+/// The exclusivity proof: 8 claimers race over 1,000 jobs on 40 LoRAs. A LoRA never has two
+/// running jobs, nobody stalls behind a busy LoRA, and many LoRAs run at once.
+async fn concurrent_claimers_never_run_one_lora_twice(db: &TestDb) {
+    const CLAIMERS: usize = 8;
+    const LORAS: usize = 40;
+    const JOBS: usize = 1000;
+    let s = &db.store;
+    for l in 0..LORAS {
+        s.create_lora(&lora(&format!("l{l}"))).await.expect("lora");
+    }
+    // Runs of the same LoRA at the head of the queue: the case that blocks naive claims.
+    for i in 0..JOBS {
+        s.enqueue(&job(&format!("l{}", (i / 5) % LORAS), 1)).await.expect("enqueue");
+    }
+    let running: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let peak = Arc::new(AtomicUsize::new(0));
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..CLAIMERS {
+        let (s, running, done) = (s.clone(), running.clone(), done.clone());
+        let (peak, in_flight) = (peak.clone(), in_flight.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut req = claim_req(&format!("w{w}"));
+            req.max_batch_samples = 1;
+            let mut idle = 0;
+            while idle < 50 {
+                let Some(c) = s.claim(&req).await.expect("claim") else {
+                    idle += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                };
+                idle = 0;
+                assert!(
+                    running.lock().expect("lock").insert(c.job.lora_id.clone()),
+                    "two running jobs for {}",
+                    c.job.lora_id
+                );
+                // Jobs held between claim and completion (an upper bound of what is running).
+                let held = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(held, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                running.lock().expect("lock").remove(&c.job.lora_id);
+                assert!(s.complete(&c.lease(), &serde_json::json!({}), None).await.expect("complete"));
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    let all = futures_join(tasks);
+    tokio::time::timeout(Duration::from_secs(240), all).await.expect("burn-down finished in time");
+    assert_eq!(done.load(Ordering::SeqCst), JOBS);
+    let counts = s.status_counts().await.expect("counts");
+    assert_eq!(counts, vec![(JobStatus::Succeeded, JOBS as i64)]);
+    let peak = peak.load(Ordering::SeqCst);
+    assert!(peak >= CLAIMERS.min(LORAS), "no global lock: peak concurrency {peak}");
+}
+
+async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for t in tasks {
+        t.await.expect("claimer panicked");
+    }
+}
