@@ -1,1 +1,98 @@
-fn main() {}
+//! `claas`: one binary for every role. `claas dev` is the embedded default (API + worker in
+//! one process on SQLite); `claas api` and `claas worker` are the fleet's processes.
+
+mod bench;
+mod serve;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use claas_core::config::{Config, Profile};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "claas",
+    version,
+    about = "Continual learning as a service: feedback becomes LoRA updates"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct ConfigArgs {
+    /// A YAML file merged over the profile (environment variables still win).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The embedded default: API and worker in one process, SQLite and files under ./data.
+    Dev(ConfigArgs),
+    /// The stateless HTTP API (fleet profile).
+    Api {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Do not run database migrations at start-up.
+        #[arg(long)]
+        no_migrate: bool,
+    },
+    /// A worker: claims jobs and runs them next to this node's GPU and vLLM (fleet profile).
+    Worker {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Do not run database migrations at start-up.
+        #[arg(long)]
+        no_migrate: bool,
+    },
+    /// Applies pending database migrations and exits.
+    Migrate {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Use the embedded profile's database (SQLite under ./data).
+        #[arg(long)]
+        local: bool,
+    },
+    /// Benchmarks that print their figures (see BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn load(profile: Profile, args: &ConfigArgs) -> Result<Config> {
+    let cfg = Config::load(profile, args.config.as_deref())?;
+    for (name, why) in Config::ignored_env() {
+        tracing::warn!("{name} is set but ignored: {why}");
+    }
+    Ok(cfg)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    claas_core::telemetry::init();
+    match cli.command {
+        Command::Dev(args) => serve::dev(load(Profile::Local, &args)?).await,
+        Command::Api { cfg, no_migrate } => {
+            serve::api(load(Profile::Fleet, &cfg)?, !no_migrate).await
+        }
+        Command::Worker { cfg, no_migrate } => {
+            serve::worker(load(Profile::Fleet, &cfg)?, !no_migrate).await
+        }
+        Command::Migrate { cfg, local } => {
+            let profile = if local {
+                Profile::Local
+            } else {
+                Profile::Fleet
+            };
+            let cfg = load(profile, &cfg)?;
+            let store = serve::open_store(&cfg).await?;
+            store.migrate().await?;
+            tracing::info!(backend = store.backend(), "migrations applied");
+            Ok(())
+        }
+        Command::Bench(cmd) => bench::run(cmd).await,
+    }
+}

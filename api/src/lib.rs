@@ -1,1 +1,68 @@
-//! placeholder
+//! claas-api: the stateless HTTP service. Any replica can serve any request: all state
+//! lives in the queue store (and, with its issue, the shared completion cache).
+
+pub mod error;
+pub mod routes;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use claas_core::config::Config;
+use claas_core::queue::SharedStore;
+use tower_http::trace::TraceLayer;
+
+/// What handlers need from the configuration.
+#[derive(Debug, Clone)]
+pub struct ApiOptions {
+    pub max_body_bytes: usize,
+    pub feedback_default_wait_s: u64,
+    pub feedback_max_wait_s: u64,
+    pub max_attempts: i32,
+}
+
+impl ApiOptions {
+    pub fn from_config(cfg: &Config) -> Self {
+        ApiOptions {
+            max_body_bytes: cfg.server.max_body_bytes,
+            feedback_default_wait_s: cfg.server.feedback_default_wait_s,
+            feedback_max_wait_s: cfg.server.feedback_max_wait_s,
+            max_attempts: cfg.queue.max_attempts,
+        }
+    }
+}
+
+/// Shared handler state.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: SharedStore,
+    pub options: Arc<ApiOptions>,
+}
+
+/// The whole API.
+pub fn router(state: AppState) -> Router {
+    let limit = state.options.max_body_bytes;
+    Router::new()
+        .route("/v1/feedback", post(routes::feedback::submit))
+        .route("/v1/jobs", get(routes::jobs::list))
+        .route("/v1/jobs/{id}", get(routes::jobs::get))
+        .route("/v1/jobs/{id}/cancel", post(routes::jobs::cancel))
+        .route("/v1/health", get(routes::health::health))
+        .fallback(error::route_not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Serves the router on `listener` until `shutdown` resolves, then drains connections.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

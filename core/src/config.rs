@@ -22,12 +22,18 @@ pub const ENV_NAMES: &[(&str, &str)] = &[
     ("CLAAS_API_HOST", "server.host"),
     ("CLAAS_API_PORT", "server.port"),
     ("CLAAS_MAX_BODY_BYTES", "server.max_body_bytes"),
-    ("CLAAS_FEEDBACK_DEFAULT_WAIT_S", "server.feedback_default_wait_s"),
+    (
+        "CLAAS_FEEDBACK_DEFAULT_WAIT_S",
+        "server.feedback_default_wait_s",
+    ),
     ("CLAAS_FEEDBACK_MAX_WAIT_S", "server.feedback_max_wait_s"),
     ("DATABASE_URL", "database.url"),
     ("CLAAS_DB_MAX_CONNECTIONS", "database.max_connections"),
     ("FEEDBACK_LOCK_TIMEOUT_S", "queue.lock_timeout_s"),
-    ("CLAAS_FEEDBACK_MAX_BATCH_SIZE", "queue.feedback_max_batch_size"),
+    (
+        "CLAAS_FEEDBACK_MAX_BATCH_SIZE",
+        "queue.feedback_max_batch_size",
+    ),
     ("CLAAS_JOB_MAX_ATTEMPTS", "queue.max_attempts"),
     ("CLAAS_JOB_RETENTION_DAYS", "queue.job_retention_days"),
     ("CLAAS_QUEUE_POLL_INTERVAL_MS", "queue.poll_interval_ms"),
@@ -38,14 +44,29 @@ pub const ENV_NAMES: &[(&str, &str)] = &[
     ("CLAAS_WORKER_EXECUTOR", "worker.executor"),
     ("CLAAS_SIMULATED_STEP_MS", "worker.simulated_step_ms"),
     ("CLAAS_WORKER_SHUTDOWN_GRACE_S", "worker.shutdown_grace_s"),
-    ("FEEDBACK_DRAIN_TIMEOUT_S", "worker.feedback_drain_timeout_s"),
-    ("FEEDBACK_MIN_FREE_VRAM_GB", "worker.feedback_min_free_vram_gb"),
-    ("FEEDBACK_SLEEP_VERIFY_TIMEOUT_S", "worker.feedback_sleep_verify_timeout_s"),
-    ("FEEDBACK_WAKE_ON_FAILURE", "worker.feedback_wake_on_failure"),
+    (
+        "FEEDBACK_DRAIN_TIMEOUT_S",
+        "worker.feedback_drain_timeout_s",
+    ),
+    (
+        "FEEDBACK_MIN_FREE_VRAM_GB",
+        "worker.feedback_min_free_vram_gb",
+    ),
+    (
+        "FEEDBACK_SLEEP_VERIFY_TIMEOUT_S",
+        "worker.feedback_sleep_verify_timeout_s",
+    ),
+    (
+        "FEEDBACK_WAKE_ON_FAILURE",
+        "worker.feedback_wake_on_failure",
+    ),
     ("VLLM_BASE_URL", "vllm.base_url"),
     ("VLLM_API_KEY", "vllm.api_key"),
     ("CLAAS_BASE_MODEL_ID", "model.base_model_id"),
-    ("CLAAS_ALLOWED_INIT_BASE_MODELS", "model.allowed_init_base_models"),
+    (
+        "CLAAS_ALLOWED_INIT_BASE_MODELS",
+        "model.allowed_init_base_models",
+    ),
     ("CLAAS_STORAGE_BACKEND", "storage.backend"),
     ("CLAAS_LORA_ROOT", "storage.lora_root"),
     ("CLAAS_STORAGE_URL", "storage.url"),
@@ -63,7 +84,10 @@ pub const IGNORED_ENV_NAMES: &[(&str, &str)] = &[
     ),
     ("CLAAS_TINKER_API_KEY", "claas-rs has no Tinker engine"),
     ("CLAAS_TINKER_STATE_PATH", "claas-rs has no Tinker engine"),
-    ("CLAAS_CONFIG_NAME", "profiles are chosen by the subcommand and --config"),
+    (
+        "CLAAS_CONFIG_NAME",
+        "profiles are chosen by the subcommand and --config",
+    ),
 ];
 
 /// The whole configuration.
@@ -331,7 +355,8 @@ impl Config {
             Profile::Local => LOCAL_PROFILE,
             Profile::Fleet => FLEET_PROFILE,
         };
-        let mut fig = Figment::from(Serialized::defaults(Config::default())).merge(Yaml::string(yaml));
+        let mut fig =
+            Figment::from(Serialized::defaults(Config::default())).merge(Yaml::string(yaml));
         if let Some(path) = file {
             if !path.exists() {
                 return Err(Error::Config(format!(
@@ -380,40 +405,80 @@ impl Config {
             }
         };
         let q = &self.queue;
-        check(q.lock_timeout_s.is_finite() && q.lock_timeout_s >= 1.0,
-            "queue.lock_timeout_s (FEEDBACK_LOCK_TIMEOUT_S) must be a number >= 1");
+        check(
+            q.lock_timeout_s.is_finite() && q.lock_timeout_s >= 1.0,
+            "queue.lock_timeout_s (FEEDBACK_LOCK_TIMEOUT_S) must be a number >= 1",
+        );
         check((1..=1024).contains(&q.feedback_max_batch_size),
             "queue.feedback_max_batch_size (CLAAS_FEEDBACK_MAX_BATCH_SIZE) must be within [1, 1024]");
-        check((1..=100).contains(&q.max_attempts),
-            "queue.max_attempts (CLAAS_JOB_MAX_ATTEMPTS) must be within [1, 100]");
-        check(q.job_retention_days.is_finite() && q.job_retention_days > 0.0,
-            "queue.job_retention_days (CLAAS_JOB_RETENTION_DAYS) must be > 0");
-        check(q.poll_interval_ms >= 10,
-            "queue.poll_interval_ms (CLAAS_QUEUE_POLL_INTERVAL_MS) must be >= 10");
-        check(q.retry_base_s.is_finite() && q.retry_base_s > 0.0 && q.retry_max_s >= q.retry_base_s,
-            "queue.retry_base_s must be > 0 and queue.retry_max_s >= queue.retry_base_s");
+        check(
+            (1..=100).contains(&q.max_attempts),
+            "queue.max_attempts (CLAAS_JOB_MAX_ATTEMPTS) must be within [1, 100]",
+        );
+        check(
+            q.job_retention_days.is_finite() && q.job_retention_days > 0.0,
+            "queue.job_retention_days (CLAAS_JOB_RETENTION_DAYS) must be > 0",
+        );
+        check(
+            q.poll_interval_ms >= 10,
+            "queue.poll_interval_ms (CLAAS_QUEUE_POLL_INTERVAL_MS) must be >= 10",
+        );
+        check(
+            q.retry_base_s.is_finite() && q.retry_base_s > 0.0 && q.retry_max_s >= q.retry_base_s,
+            "queue.retry_base_s must be > 0 and queue.retry_max_s >= queue.retry_base_s",
+        );
         let w = &self.worker;
         for (v, name) in [
-            (w.shutdown_grace_s, "worker.shutdown_grace_s (CLAAS_WORKER_SHUTDOWN_GRACE_S)"),
-            (w.feedback_drain_timeout_s, "worker.feedback_drain_timeout_s (FEEDBACK_DRAIN_TIMEOUT_S)"),
-            (w.feedback_min_free_vram_gb, "worker.feedback_min_free_vram_gb (FEEDBACK_MIN_FREE_VRAM_GB)"),
-            (w.feedback_sleep_verify_timeout_s, "worker.feedback_sleep_verify_timeout_s (FEEDBACK_SLEEP_VERIFY_TIMEOUT_S)"),
+            (
+                w.shutdown_grace_s,
+                "worker.shutdown_grace_s (CLAAS_WORKER_SHUTDOWN_GRACE_S)",
+            ),
+            (
+                w.feedback_drain_timeout_s,
+                "worker.feedback_drain_timeout_s (FEEDBACK_DRAIN_TIMEOUT_S)",
+            ),
+            (
+                w.feedback_min_free_vram_gb,
+                "worker.feedback_min_free_vram_gb (FEEDBACK_MIN_FREE_VRAM_GB)",
+            ),
+            (
+                w.feedback_sleep_verify_timeout_s,
+                "worker.feedback_sleep_verify_timeout_s (FEEDBACK_SLEEP_VERIFY_TIMEOUT_S)",
+            ),
         ] {
-            check(v.is_finite() && v >= 0.0, &format!("{name} must be a number >= 0"));
+            check(
+                v.is_finite() && v >= 0.0,
+                &format!("{name} must be a number >= 0"),
+            );
         }
-        check(!w.base_models.is_empty(), "worker.base_models must name at least one model");
-        check(self.server.max_body_bytes >= 1024,
-            "server.max_body_bytes (CLAAS_MAX_BODY_BYTES) must be >= 1024");
-        check(self.database.max_connections >= 1,
-            "database.max_connections (CLAAS_DB_MAX_CONNECTIONS) must be >= 1");
-        check(self.cache.completion_cache_size >= 1,
-            "cache.completion_cache_size (CLAAS_COMPLETION_CACHE_SIZE) must be >= 1");
+        check(
+            !w.base_models.is_empty(),
+            "worker.base_models must name at least one model",
+        );
+        check(
+            self.server.max_body_bytes >= 1024,
+            "server.max_body_bytes (CLAAS_MAX_BODY_BYTES) must be >= 1024",
+        );
+        check(
+            self.database.max_connections >= 1,
+            "database.max_connections (CLAAS_DB_MAX_CONNECTIONS) must be >= 1",
+        );
+        check(
+            self.cache.completion_cache_size >= 1,
+            "cache.completion_cache_size (CLAAS_COMPLETION_CACHE_SIZE) must be >= 1",
+        );
         let db = &self.database.url;
-        check(db.starts_with("postgres://") || db.starts_with("postgresql://") || db.starts_with("sqlite:"),
-            "database.url (DATABASE_URL) must start with postgres://, postgresql:// or sqlite:");
+        check(
+            db.starts_with("postgres://")
+                || db.starts_with("postgresql://")
+                || db.starts_with("sqlite:"),
+            "database.url (DATABASE_URL) must start with postgres://, postgresql:// or sqlite:",
+        );
         if self.storage.backend == StorageBackend::S3 {
-            check(self.storage.url.is_some(),
-                "storage.url (CLAAS_STORAGE_URL) is required when storage.backend is s3");
+            check(
+                self.storage.url.is_some(),
+                "storage.url (CLAAS_STORAGE_URL) is required when storage.backend is s3",
+            );
         }
         if bad.is_empty() {
             Ok(())
@@ -514,13 +579,20 @@ mod tests {
     fn a_bad_value_names_the_field_and_the_variable() {
         let err = load(Profile::Fleet, &[("CLAAS_API_PORT", "eighty")]).expect_err("rejected");
         let msg = err.to_string();
-        assert!(msg.contains("server.port") && msg.contains("CLAAS_API_PORT"), "{msg}");
+        assert!(
+            msg.contains("server.port") && msg.contains("CLAAS_API_PORT"),
+            "{msg}"
+        );
 
         let err = load(Profile::Fleet, &[("CLAAS_STORAGE_BACKEND", "ftp")]).expect_err("rejected");
         let msg = err.to_string();
-        assert!(msg.contains("storage.backend") && msg.contains("local") && msg.contains("s3"), "{msg}");
+        assert!(
+            msg.contains("storage.backend") && msg.contains("local") && msg.contains("s3"),
+            "{msg}"
+        );
 
-        let err = load(Profile::Fleet, &[("CLAAS_FEEDBACK_MAX_BATCH_SIZE", "0")]).expect_err("rejected");
+        let err =
+            load(Profile::Fleet, &[("CLAAS_FEEDBACK_MAX_BATCH_SIZE", "0")]).expect_err("rejected");
         assert!(err.to_string().contains("feedback_max_batch_size"), "{err}");
     }
 }

@@ -436,7 +436,17 @@ mod tests {
         for ok in ["a", "user/assistant-1", "A.b_c-d/e9", &"x".repeat(128)] {
             assert!(validate_lora_id(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "/a", "a/", "a//b", ".a", "a b", "../x", "a/-b", &"x".repeat(129)] {
+        for bad in [
+            "",
+            "/a",
+            "a/",
+            "a//b",
+            ".a",
+            "a b",
+            "../x",
+            "a/-b",
+            &"x".repeat(129),
+        ] {
             assert!(validate_lora_id(bad).is_err(), "{bad}");
         }
     }
@@ -462,7 +472,10 @@ mod tests {
 
     #[test]
     fn coalesce_key_separates_configs_and_callers() {
-        let payload = JobPayload { samples: vec![], training: TrainingConfig::default() };
+        let payload = JobPayload {
+            samples: vec![],
+            training: TrainingConfig::default(),
+        };
         let a = NewJob::new("l", payload.clone());
         let mut b = NewJob::new("l", payload.clone());
         assert_eq!(a.coalesce_key(), b.coalesce_key());

@@ -33,7 +33,11 @@ fn version(v: i32) -> NewVersion {
 }
 
 fn fatal(msg: &str) -> JobError {
-    JobError { code: "invalid_input".into(), message: msg.into(), phase: Some(Phase::Distill) }
+    JobError {
+        code: "invalid_input".into(),
+        message: msg.into(),
+        phase: Some(Phase::Distill),
+    }
 }
 
 const FAST_RETRY: RetryPolicy = RetryPolicy {
@@ -42,7 +46,11 @@ const FAST_RETRY: RetryPolicy = RetryPolicy {
 };
 
 async fn claim(store: &SharedStore, worker: &str) -> Claimed {
-    store.claim(&claim_req(worker)).await.expect("claim").expect("a job to claim")
+    store
+        .claim(&claim_req(worker))
+        .await
+        .expect("claim")
+        .expect("a job to claim")
 }
 
 /// Claims with a lease that has already run out by the time the call returns.
@@ -125,7 +133,11 @@ async fn enqueued_job_is_claimed_with_its_payload(db: &TestDb) {
 }
 
 async fn enqueue_for_unknown_lora_is_not_found(db: &TestDb) {
-    let err = db.store.enqueue(&job("missing", 1)).await.expect_err("no lora");
+    let err = db
+        .store
+        .enqueue(&job("missing", 1))
+        .await
+        .expect_err("no lora");
     assert!(matches!(err, Error::NotFound(_)), "{err}");
 }
 
@@ -141,10 +153,14 @@ async fn claims_by_priority_then_age(db: &TestDb) {
     let mut urgent = job("c", 1);
     urgent.priority = 5;
     s.enqueue(&urgent).await.expect("enqueue");
-    let order: Vec<_> = [claim(s, "w").await, claim(s, "w").await, claim(s, "w").await]
-        .iter()
-        .map(|c| c.job.id)
-        .collect();
+    let order: Vec<_> = [
+        claim(s, "w").await,
+        claim(s, "w").await,
+        claim(s, "w").await,
+    ]
+    .iter()
+    .map(|c| c.job.id)
+    .collect();
     assert_eq!(order, [urgent.id, old.id, young.id]);
 }
 
@@ -166,8 +182,15 @@ async fn one_running_job_per_lora(db: &TestDb) {
     let second = s.claim(&req).await.expect("claim").expect("job");
     assert_eq!(second.job.id, b1.id);
     assert!(s.claim(&req).await.expect("claim").is_none());
-    assert!(s.complete(&first.lease(), &serde_json::json!({}), None).await.expect("complete"));
-    let third = s.claim(&req).await.expect("claim").expect("a2 after a1 finished");
+    assert!(s
+        .complete(&first.lease(), &serde_json::json!({}), None)
+        .await
+        .expect("complete"));
+    let third = s
+        .claim(&req)
+        .await
+        .expect("claim")
+        .expect("a2 after a1 finished");
     assert_eq!(third.job.id, a2.id);
 }
 
@@ -222,7 +245,10 @@ async fn completion_settles_the_whole_batch(db: &TestDb) {
     let c = claim(s, "w").await;
     assert_eq!(c.members.len(), 1);
     let lease = c.lease();
-    assert!(s.enter_phase(&lease, Phase::Drain, None).await.expect("phase"));
+    assert!(s
+        .enter_phase(&lease, Phase::Drain, None)
+        .await
+        .expect("phase"));
     let attached = s
         .begin_training(&lease, Some((Phase::Drain, 7)))
         .await
@@ -231,7 +257,10 @@ async fn completion_settles_the_whole_batch(db: &TestDb) {
     assert_eq!(attached, [member.id]);
     assert!(s.publish(&lease, &version(1)).await.expect("publish"));
     let result = serde_json::json!({"version": 1});
-    assert!(s.complete(&lease, &result, Some((Phase::Wake, 3))).await.expect("complete"));
+    assert!(s
+        .complete(&lease, &result, Some((Phase::Wake, 3)))
+        .await
+        .expect("complete"));
     for id in [lead.id, member.id] {
         let j = s.get_job(id).await.expect("get").expect("exists");
         assert_eq!(j.status, JobStatus::Succeeded);
@@ -256,19 +285,44 @@ async fn stale_worker_cannot_write_after_reclaim(db: &TestDb) {
     s.enqueue(&job("a", 1)).await.expect("enqueue");
     let stale = claim_expiring(s, "old").await.lease();
     // Expired but not yet reaped: the stale worker is already fenced out.
-    assert_eq!(s.heartbeat(&stale, Duration::from_secs(60)).await.expect("hb"), LeaseState::Lost);
+    assert_eq!(
+        s.heartbeat(&stale, Duration::from_secs(60))
+            .await
+            .expect("hb"),
+        LeaseState::Lost
+    );
     let reaped = s.reap_expired(FAST_RETRY).await.expect("reap");
     assert_eq!(reaped.requeued, 1);
     tokio::time::sleep(Duration::from_millis(10)).await;
     let fresh = claim(s, "new").await;
     assert_eq!(fresh.job.attempt, 2);
     // Every write of the stale worker changes nothing.
-    assert_eq!(s.heartbeat(&stale, Duration::from_secs(60)).await.expect("hb"), LeaseState::Lost);
-    assert!(!s.enter_phase(&stale, Phase::Sleep, None).await.expect("phase"));
-    assert!(s.begin_training(&stale, None).await.expect("begin").is_none());
+    assert_eq!(
+        s.heartbeat(&stale, Duration::from_secs(60))
+            .await
+            .expect("hb"),
+        LeaseState::Lost
+    );
+    assert!(!s
+        .enter_phase(&stale, Phase::Sleep, None)
+        .await
+        .expect("phase"));
+    assert!(s
+        .begin_training(&stale, None)
+        .await
+        .expect("begin")
+        .is_none());
     assert!(!s.publish(&stale, &version(1)).await.expect("publish"));
-    assert!(!s.complete(&stale, &serde_json::json!({}), None).await.expect("complete"));
-    assert_eq!(s.fail(&stale, &fatal("x"), false, FAST_RETRY).await.expect("fail"), FailOutcome::LeaseLost);
+    assert!(!s
+        .complete(&stale, &serde_json::json!({}), None)
+        .await
+        .expect("complete"));
+    assert_eq!(
+        s.fail(&stale, &fatal("x"), false, FAST_RETRY)
+            .await
+            .expect("fail"),
+        FailOutcome::LeaseLost
+    );
     assert!(!s.finish_cancelled(&stale, "x").await.expect("cancel"));
     assert!(!s.release(&stale).await.expect("release"));
     let j = s.get_job(fresh.job.id).await.expect("get").expect("exists");
@@ -276,9 +330,19 @@ async fn stale_worker_cannot_write_after_reclaim(db: &TestDb) {
     assert_eq!(j.worker_id.as_deref(), Some("new"));
     assert_eq!(j.phase, Phase::Claimed);
     assert_eq!(j.published_version, None);
-    assert_eq!(s.get_lora("a").await.expect("get").expect("lora").current_version, 0);
+    assert_eq!(
+        s.get_lora("a")
+            .await
+            .expect("get")
+            .expect("lora")
+            .current_version,
+        0
+    );
     // The new owner still can.
-    assert!(s.complete(&fresh.lease(), &serde_json::json!({}), None).await.expect("complete"));
+    assert!(s
+        .complete(&fresh.lease(), &serde_json::json!({}), None)
+        .await
+        .expect("complete"));
 }
 
 async fn expired_lease_requeues_then_fails_after_max_attempts(db: &TestDb) {
@@ -288,16 +352,29 @@ async fn expired_lease_requeues_then_fails_after_max_attempts(db: &TestDb) {
     j.max_attempts = 2;
     s.enqueue(&j).await.expect("enqueue");
     claim_expiring(s, "w").await;
-    let r = s.reap_expired(RetryPolicy { base: Duration::from_secs(30), max: Duration::from_secs(60) })
+    let r = s
+        .reap_expired(RetryPolicy {
+            base: Duration::from_secs(30),
+            max: Duration::from_secs(60),
+        })
         .await
         .expect("reap");
     assert_eq!(r.requeued, 1);
     let back = s.get_job(j.id).await.expect("get").expect("exists");
     assert_eq!(back.status, JobStatus::Queued);
-    assert_eq!(back.error.as_ref().map(|e| e.code.as_str()), Some("lease_expired"));
+    assert_eq!(
+        back.error.as_ref().map(|e| e.code.as_str()),
+        Some("lease_expired")
+    );
     let wait = back.run_at - chrono::Utc::now();
-    assert!(wait > chrono::Duration::seconds(10), "backoff applied: {wait}");
-    assert!(s.claim(&claim_req("w")).await.expect("claim").is_none(), "not before run_at");
+    assert!(
+        wait > chrono::Duration::seconds(10),
+        "backoff applied: {wait}"
+    );
+    assert!(
+        s.claim(&claim_req("w")).await.expect("claim").is_none(),
+        "not before run_at"
+    );
 
     // Second attempt also expires: attempts exhausted, the job fails visibly.
     let mut k = job("a", 1);
@@ -338,20 +415,39 @@ async fn retry_after_publish_resumes_without_training_again(db: &TestDb) {
     let mut req = claim_req("w1");
     req.lease = Duration::from_millis(400);
     let c = s.claim(&req).await.expect("claim").expect("job");
-    assert!(s.begin_training(&c.lease(), None).await.expect("begin").is_some());
+    assert!(s
+        .begin_training(&c.lease(), None)
+        .await
+        .expect("begin")
+        .is_some());
     assert!(s.publish(&c.lease(), &version(1)).await.expect("publish"));
     // The worker dies after publish, before completing.
     tokio::time::sleep(Duration::from_millis(450)).await;
     s.reap_expired(FAST_RETRY).await.expect("reap");
     let m = s.get_job(member.id).await.expect("get").expect("exists");
-    assert_eq!(m.status, JobStatus::Coalesced, "a published member stays with its batch");
+    assert_eq!(
+        m.status,
+        JobStatus::Coalesced,
+        "a published member stays with its batch"
+    );
     tokio::time::sleep(Duration::from_millis(10)).await;
     let again = claim(s, "w2").await;
     assert_eq!(again.job.id, lead.id);
-    assert_eq!(again.job.published_version, Some(1), "the retry knows it is trained");
+    assert_eq!(
+        again.job.published_version,
+        Some(1),
+        "the retry knows it is trained"
+    );
     assert!(again.members.is_empty());
-    assert!(s.complete(&again.lease(), &serde_json::json!({"version": 1}), None).await.expect("complete"));
-    assert_eq!(s.lora_versions("a").await.expect("versions").len(), 2, "exactly one new version");
+    assert!(s
+        .complete(&again.lease(), &serde_json::json!({"version": 1}), None)
+        .await
+        .expect("complete"));
+    assert_eq!(
+        s.lora_versions("a").await.expect("versions").len(),
+        2,
+        "exactly one new version"
+    );
     let m = s.get_job(member.id).await.expect("get").expect("exists");
     assert_eq!(m.status, JobStatus::Succeeded);
 }
@@ -361,9 +457,15 @@ async fn publish_requires_the_previous_version(db: &TestDb) {
     s.create_lora(&lora("a")).await.expect("lora");
     s.enqueue(&job("a", 1)).await.expect("enqueue");
     let c = claim(s, "w").await;
-    assert!(!s.publish(&c.lease(), &version(2)).await.expect("publish"), "gap in versions");
+    assert!(
+        !s.publish(&c.lease(), &version(2)).await.expect("publish"),
+        "gap in versions"
+    );
     assert!(s.publish(&c.lease(), &version(1)).await.expect("publish"));
-    assert!(!s.publish(&c.lease(), &version(2)).await.expect("publish"), "one version per job");
+    assert!(
+        !s.publish(&c.lease(), &version(2)).await.expect("publish"),
+        "one version per job"
+    );
 }
 
 async fn fatal_failure_fails_at_once_and_retryable_backs_off(db: &TestDb) {
@@ -373,19 +475,41 @@ async fn fatal_failure_fails_at_once_and_retryable_backs_off(db: &TestDb) {
     let bad = job("a", 1);
     s.enqueue(&bad).await.expect("enqueue");
     let c = claim(s, "w").await;
-    assert_eq!(s.fail(&c.lease(), &fatal("token id 999999 outside the vocabulary"), false, FAST_RETRY)
-        .await.expect("fail"), FailOutcome::Failed);
+    assert_eq!(
+        s.fail(
+            &c.lease(),
+            &fatal("token id 999999 outside the vocabulary"),
+            false,
+            FAST_RETRY
+        )
+        .await
+        .expect("fail"),
+        FailOutcome::Failed
+    );
     let j = s.get_job(bad.id).await.expect("get").expect("exists");
     assert_eq!(j.status, JobStatus::Failed);
     assert_eq!(j.attempt, 1);
-    assert_eq!(j.error.as_ref().map(|e| e.code.as_str()), Some("invalid_input"));
+    assert_eq!(
+        j.error.as_ref().map(|e| e.code.as_str()),
+        Some("invalid_input")
+    );
 
     let flaky = job("b", 1);
     s.enqueue(&flaky).await.expect("enqueue");
     let c = claim(s, "w").await;
-    let err = JobError { code: "vllm_unavailable".into(), message: "connection refused".into(), phase: Some(Phase::Sleep) };
-    let slow = RetryPolicy { base: Duration::from_secs(20), max: Duration::from_secs(60) };
-    assert_eq!(s.fail(&c.lease(), &err, true, slow).await.expect("fail"), FailOutcome::Retrying);
+    let err = JobError {
+        code: "vllm_unavailable".into(),
+        message: "connection refused".into(),
+        phase: Some(Phase::Sleep),
+    };
+    let slow = RetryPolicy {
+        base: Duration::from_secs(20),
+        max: Duration::from_secs(60),
+    };
+    assert_eq!(
+        s.fail(&c.lease(), &err, true, slow).await.expect("fail"),
+        FailOutcome::Retrying
+    );
     let j = s.get_job(flaky.id).await.expect("get").expect("exists");
     assert_eq!(j.status, JobStatus::Queued);
     assert!(j.run_at > chrono::Utc::now() + chrono::Duration::seconds(5));
@@ -407,12 +531,22 @@ async fn cancel_queued_is_immediate_and_running_is_requested(db: &TestDb) {
     let running = job("b", 1);
     s.enqueue(&running).await.expect("enqueue");
     let c = claim(s, "w").await;
-    assert!(matches!(s.cancel(running.id).await.expect("cancel"), CancelOutcome::Requested(_)));
+    assert!(matches!(
+        s.cancel(running.id).await.expect("cancel"),
+        CancelOutcome::Requested(_)
+    ));
     assert_eq!(
-        s.heartbeat(&c.lease(), Duration::from_secs(60)).await.expect("hb"),
-        LeaseState::Held { cancel_requested: true }
+        s.heartbeat(&c.lease(), Duration::from_secs(60))
+            .await
+            .expect("hb"),
+        LeaseState::Held {
+            cancel_requested: true
+        }
     );
-    assert!(s.finish_cancelled(&c.lease(), "cancelled by request").await.expect("finish"));
+    assert!(s
+        .finish_cancelled(&c.lease(), "cancelled by request")
+        .await
+        .expect("finish"));
     let j = s.get_job(running.id).await.expect("get").expect("exists");
     assert_eq!(j.status, JobStatus::Cancelled);
 
@@ -433,12 +567,25 @@ async fn cancel_of_joined_job_detaches_before_training_only(db: &TestDb) {
     }
     let c = claim(s, "w").await;
     assert_eq!(c.members.len(), 2);
-    assert!(matches!(s.cancel(early.id).await.expect("cancel"), CancelOutcome::Cancelled(_)));
-    let attached = s.begin_training(&c.lease(), None).await.expect("begin").expect("held");
+    assert!(matches!(
+        s.cancel(early.id).await.expect("cancel"),
+        CancelOutcome::Cancelled(_)
+    ));
+    let attached = s
+        .begin_training(&c.lease(), None)
+        .await
+        .expect("begin")
+        .expect("held");
     assert_eq!(attached, [late.id], "the cancelled member is not trained");
     let err = s.cancel(late.id).await.expect_err("too late");
-    assert!(matches!(&err, Error::Conflict(m) if m.contains("being trained")), "{err}");
-    assert!(s.complete(&c.lease(), &serde_json::json!({}), None).await.expect("complete"));
+    assert!(
+        matches!(&err, Error::Conflict(m) if m.contains("being trained")),
+        "{err}"
+    );
+    assert!(s
+        .complete(&c.lease(), &serde_json::json!({}), None)
+        .await
+        .expect("complete"));
     let e = s.get_job(early.id).await.expect("get").expect("exists");
     assert_eq!(e.status, JobStatus::Cancelled);
     assert_eq!(e.trained_by, None);
@@ -478,7 +625,10 @@ async fn release_hands_back_without_spending_an_attempt(db: &TestDb) {
     let again = claim(s, "w2").await;
     assert_eq!(again.job.attempt, 2);
     assert_eq!(again.job.max_attempts, 2);
-    assert!(!s.complete(&c.lease(), &serde_json::json!({}), None).await.expect("fenced"));
+    assert!(!s
+        .complete(&c.lease(), &serde_json::json!({}), None)
+        .await
+        .expect("fenced"));
 }
 
 async fn retention_prunes_old_finished_jobs_only(db: &TestDb) {
@@ -488,12 +638,23 @@ async fn retention_prunes_old_finished_jobs_only(db: &TestDb) {
     let done = job("a", 1);
     s.enqueue(&done).await.expect("enqueue");
     let c = claim(s, "w").await;
-    s.complete(&c.lease(), &serde_json::json!({}), None).await.expect("complete");
+    s.complete(&c.lease(), &serde_json::json!({}), None)
+        .await
+        .expect("complete");
     let waiting = job("b", 1);
     s.enqueue(&waiting).await.expect("enqueue");
-    assert_eq!(s.prune(Duration::from_secs(3600), 100).await.expect("prune"), 0, "too young");
+    assert_eq!(
+        s.prune(Duration::from_secs(3600), 100)
+            .await
+            .expect("prune"),
+        0,
+        "too young"
+    );
     tokio::time::sleep(Duration::from_millis(20)).await;
-    assert_eq!(s.prune(Duration::from_millis(5), 100).await.expect("prune"), 1);
+    assert_eq!(
+        s.prune(Duration::from_millis(5), 100).await.expect("prune"),
+        1
+    );
     assert!(s.get_job(done.id).await.expect("get").is_none());
     assert!(s.job_events(done.id).await.expect("events").is_empty());
     assert!(s.get_job(waiting.id).await.expect("get").is_some());
@@ -511,22 +672,45 @@ async fn listing_filters_and_paginates_newest_first(db: &TestDb) {
     }
     s.enqueue(&job("other", 1)).await.expect("enqueue");
     let page1 = s
-        .list_jobs(&JobFilter { lora_id: Some("team/a".into()), limit: 3, ..Default::default() })
+        .list_jobs(&JobFilter {
+            lora_id: Some("team/a".into()),
+            limit: 3,
+            ..Default::default()
+        })
         .await
         .expect("list");
-    assert_eq!(page1.iter().map(|j| j.id).collect::<Vec<_>>(), [ids[4], ids[3], ids[2]]);
+    assert_eq!(
+        page1.iter().map(|j| j.id).collect::<Vec<_>>(),
+        [ids[4], ids[3], ids[2]]
+    );
     let page2 = s
-        .list_jobs(&JobFilter { lora_id: Some("team/a".into()), limit: 3, before: Some(ids[2]), ..Default::default() })
+        .list_jobs(&JobFilter {
+            lora_id: Some("team/a".into()),
+            limit: 3,
+            before: Some(ids[2]),
+            ..Default::default()
+        })
         .await
         .expect("list");
-    assert_eq!(page2.iter().map(|j| j.id).collect::<Vec<_>>(), [ids[1], ids[0]]);
+    assert_eq!(
+        page2.iter().map(|j| j.id).collect::<Vec<_>>(),
+        [ids[1], ids[0]]
+    );
     let scoped = s
-        .list_jobs(&JobFilter { lora_prefixes: Some(vec!["team/".into()]), limit: 100, ..Default::default() })
+        .list_jobs(&JobFilter {
+            lora_prefixes: Some(vec!["team/".into()]),
+            limit: 100,
+            ..Default::default()
+        })
         .await
         .expect("list");
     assert_eq!(scoped.len(), 5);
     let running = s
-        .list_jobs(&JobFilter { status: Some(JobStatus::Running), limit: 100, ..Default::default() })
+        .list_jobs(&JobFilter {
+            status: Some(JobStatus::Running),
+            limit: 100,
+            ..Default::default()
+        })
         .await
         .expect("list");
     assert!(running.is_empty());
@@ -563,7 +747,9 @@ async fn concurrent_claimers_never_run_one_lora_twice(db: &TestDb) {
     }
     // Runs of the same LoRA at the head of the queue: the case that blocks naive claims.
     for i in 0..JOBS {
-        s.enqueue(&job(&format!("l{}", (i / 5) % LORAS), 1)).await.expect("enqueue");
+        s.enqueue(&job(&format!("l{}", (i / 5) % LORAS), 1))
+            .await
+            .expect("enqueue");
     }
     let running: Arc<Mutex<HashSet<String>>> = Arc::default();
     let peak = Arc::new(AtomicUsize::new(0));
@@ -594,19 +780,27 @@ async fn concurrent_claimers_never_run_one_lora_twice(db: &TestDb) {
                 peak.fetch_max(held, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 running.lock().expect("lock").remove(&c.job.lora_id);
-                assert!(s.complete(&c.lease(), &serde_json::json!({}), None).await.expect("complete"));
+                assert!(s
+                    .complete(&c.lease(), &serde_json::json!({}), None)
+                    .await
+                    .expect("complete"));
                 in_flight.fetch_sub(1, Ordering::SeqCst);
                 done.fetch_add(1, Ordering::SeqCst);
             }
         }));
     }
     let all = futures_join(tasks);
-    tokio::time::timeout(Duration::from_secs(240), all).await.expect("burn-down finished in time");
+    tokio::time::timeout(Duration::from_secs(240), all)
+        .await
+        .expect("burn-down finished in time");
     assert_eq!(done.load(Ordering::SeqCst), JOBS);
     let counts = s.status_counts().await.expect("counts");
     assert_eq!(counts, vec![(JobStatus::Succeeded, JOBS as i64)]);
     let peak = peak.load(Ordering::SeqCst);
-    assert!(peak >= CLAIMERS.min(LORAS), "no global lock: peak concurrency {peak}");
+    assert!(
+        peak >= CLAIMERS.min(LORAS),
+        "no global lock: peak concurrency {peak}"
+    );
 }
 
 async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {

@@ -72,14 +72,12 @@ create table jobs (
 
 -- Rule 1: at most one running job per LoRA in the whole fleet.
 create unique index jobs_one_running_per_lora on jobs (lora_id) where status = 'running';
--- The claim's scan: queued jobs in claim order, per base model.
-create index jobs_claim_order on jobs (base_model, priority desc, run_at, id) where status = 'queued';
--- Coalescing: queued jobs of one LoRA in claim order.
-create index jobs_queued_by_lora on jobs (lora_id, priority desc, run_at, id) where status = 'queued';
+-- The claim's scan: queued jobs in claim order. Not keyed by base model: a worker may serve
+-- several, and `base_model = any(...)` on a leading column would cost the index its order
+-- (the planner then sorts the whole queue on every claim). Fleets mostly serve one model.
+create index jobs_claim_order on jobs (priority desc, run_at, id) where status = 'queued';
 -- Members of a running batch, found from the job that trains them.
 create index jobs_trained_by on jobs (trained_by) where trained_by is not null;
--- The reaper's scan.
-create index jobs_running_lease on jobs (lease_expires_at) where status = 'running';
 create unique index jobs_idempotency on jobs (caller, idempotency_key) where idempotency_key is not null;
 -- Listing a LoRA's jobs newest first, and retention by age.
 create index jobs_lora_id on jobs (lora_id, id desc);

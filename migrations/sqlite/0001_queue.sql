@@ -59,10 +59,8 @@ create table jobs (
 );
 
 create unique index jobs_one_running_per_lora on jobs (lora_id) where status = 'running';
-create index jobs_claim_order on jobs (base_model, priority desc, run_at, id) where status = 'queued';
-create index jobs_queued_by_lora on jobs (lora_id, priority desc, run_at, id) where status = 'queued';
+create index jobs_claim_order on jobs (priority desc, run_at, id) where status = 'queued';
 create index jobs_trained_by on jobs (trained_by) where trained_by is not null;
-create index jobs_running_lease on jobs (lease_expires_at) where status = 'running';
 create unique index jobs_idempotency on jobs (caller, idempotency_key) where idempotency_key is not null;
 create index jobs_lora_id on jobs (lora_id, id desc);
 create index jobs_finished_at on jobs (finished_at) where finished_at is not null;

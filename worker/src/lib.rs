@@ -1,1 +1,11 @@
-//! placeholder
+//! claas-worker: the process that sits next to one GPU and its vLLM. It registers, claims
+//! one job at a time from the shared queue, keeps the lease alive, walks the job's phases
+//! through an [`Executor`], and publishes the new adapter version exactly once.
+
+pub mod executor;
+pub mod runtime;
+pub mod simulated;
+
+pub use executor::{Distilled, Executor, JobContext, PhaseError, StoredAdapter};
+pub use runtime::{Worker, WorkerOptions};
+pub use simulated::SimulatedExecutor;

@@ -20,8 +20,8 @@ pub use sqlite::SqliteStore;
 
 use crate::error::Result;
 use crate::types::{
-    Job, JobError, JobEvent, JobPayload, JobStatus, Lora, LoraVersion, NewJob, NewLora,
-    NewVersion, Phase, WorkerInfo, WorkerRow, WorkerState,
+    Job, JobError, JobEvent, JobPayload, JobStatus, Lora, LoraVersion, NewJob, NewLora, NewVersion,
+    Phase, WorkerInfo, WorkerRow, WorkerState,
 };
 
 /// What a worker asks for when it claims.
@@ -166,7 +166,10 @@ impl Wakeups {
     /// Waits until something was enqueued since the last call, or `max` passes.
     /// Returns `true` when woken by an enqueue.
     pub async fn wait(&mut self, max: Duration) -> bool {
-        matches!(tokio::time::timeout(max, self.rx.changed()).await, Ok(Ok(())))
+        matches!(
+            tokio::time::timeout(max, self.rx.changed()).await,
+            Ok(Ok(()))
+        )
     }
 }
 
@@ -233,6 +236,9 @@ pub trait Store: Send + Sync + 'static {
         state: WorkerState,
         current_job: Option<Uuid>,
     ) -> Result<()>;
+
+    /// Marks the worker alive without changing its state.
+    async fn touch_worker(&self, worker_id: &str) -> Result<()>;
 
     /// Registered workers, most recently seen first.
     async fn list_workers(&self) -> Result<Vec<WorkerRow>>;
@@ -310,7 +316,9 @@ pub type SharedStore = Arc<dyn Store>;
 /// Opens the store a database URL names: `postgres://…` or `sqlite:…`.
 pub async fn connect(url: &str, max_connections: u32) -> Result<SharedStore> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(PgStore::connect(url, None, max_connections).await?))
+        Ok(Arc::new(
+            PgStore::connect(url, None, max_connections).await?,
+        ))
     } else if url.starts_with("sqlite:") {
         Ok(Arc::new(SqliteStore::connect(url).await?))
     } else {

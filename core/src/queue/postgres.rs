@@ -17,8 +17,8 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::types::{
-    Job, JobError, JobEvent, JobPayload, JobStatus, Lora, LoraVersion, NewJob, NewLora,
-    NewVersion, Phase, WorkerInfo, WorkerRow, WorkerState,
+    Job, JobError, JobEvent, JobPayload, JobStatus, Lora, LoraVersion, NewJob, NewLora, NewVersion,
+    Phase, WorkerInfo, WorkerRow, WorkerState,
 };
 
 /// The notification channel the enqueue trigger signals.
@@ -67,6 +67,9 @@ impl PgStore {
         opts = opts
             .application_name("claas")
             .log_statements(tracing::log::LevelFilter::Trace);
+        // The queue's statements are parameterised CTEs whose best plan does not depend on the
+        // values; re-planning each (custom plans) cost ~0.8 ms of CPU per claim.
+        opts = opts.options([("plan_cache_mode", "force_generic_plan")]);
         if let Some(schema) = schema {
             opts = opts.options([("search_path", schema)]);
         }
@@ -238,7 +241,9 @@ impl Store for PgStore {
     }
 
     async fn migrate(&self) -> Result<()> {
-        sqlx::migrate!("../migrations/postgres").run(&self.pool).await?;
+        sqlx::migrate!("../migrations/postgres")
+            .run(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -503,6 +508,14 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn touch_worker(&self, worker_id: &str) -> Result<()> {
+        sqlx::query("update workers set heartbeat_at = now() where id = $1")
+            .bind(worker_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     async fn list_workers(&self) -> Result<Vec<WorkerRow>> {
         let rows = sqlx::query("select * from workers order by heartbeat_at desc")
             .fetch_all(&self.pool)
@@ -582,7 +595,10 @@ impl Store for PgStore {
             };
             let mut decoded = rows.iter().map(|row| {
                 let payload: serde_json::Value = row.try_get("payload")?;
-                Ok::<_, Error>((job_from_row(row)?, serde_json::from_value::<JobPayload>(payload)?))
+                Ok::<_, Error>((
+                    job_from_row(row)?,
+                    serde_json::from_value::<JobPayload>(payload)?,
+                ))
             });
             let Some(lead) = decoded.next().transpose()? else {
                 return Ok(None);
@@ -717,6 +733,9 @@ impl Store for PgStore {
         result: &serde_json::Value,
         finished: Option<(Phase, u64)>,
     ) -> Result<bool> {
+        // No NOTIFY here: a notifying commit takes a database-wide lock until it is flushed,
+        // which serialised every completion (complete p50 13 ms at 16 workers). The worker
+        // that completes claims again at once, and idle workers poll.
         let (prev, took) = timing(finished);
         let sql = format!(
             "with lead as (
@@ -728,8 +747,8 @@ impl Store for PgStore {
                 insert into job_events (job_id, phase, message)
                 select id, 'done', 'succeeded' from lead
                 union all select id, 'done', 'succeeded in the batch of ' || $1 from members
-            ), n as (select pg_notify('{CHANNEL}', '') from lead)
-            select (select count(*) from lead) as n, (select count(*) from n) as notified",
+            )
+            select (select count(*) from lead) as n",
             timings = add_timing(5, 6)
         );
         let row = sqlx::query(&sql)

@@ -9,20 +9,23 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
 use sqlx::{Row, Sqlite, Transaction};
 use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::postgres::cancel_refusal;
 use super::{
-    bump, ms_to_datetime, CancelOutcome, ClaimRequest, Claimed, Enqueued, FailOutcome,
-    JobFilter, Lease, LeaseState, Reaped, RetryPolicy, Store, Wakeups,
+    bump, ms_to_datetime, CancelOutcome, ClaimRequest, Claimed, Enqueued, FailOutcome, JobFilter,
+    Lease, LeaseState, Reaped, RetryPolicy, Store, Wakeups,
 };
 use crate::error::{Error, Result};
 use crate::types::{
-    Job, JobError, JobEvent, JobPayload, JobStatus, Lora, LoraVersion, NewJob, NewLora,
-    NewVersion, Phase, WorkerInfo, WorkerRow, WorkerState,
+    Job, JobError, JobEvent, JobPayload, JobStatus, Lora, LoraVersion, NewJob, NewLora, NewVersion,
+    Phase, WorkerInfo, WorkerRow, WorkerState,
 };
 
 const JOB_COLUMNS: &str = "id, lora_id, base_model, caller, status, phase, sample_count, \
@@ -236,7 +239,9 @@ impl Store for SqliteStore {
     }
 
     async fn migrate(&self) -> Result<()> {
-        sqlx::migrate!("../migrations/sqlite").run(&self.pool).await?;
+        sqlx::migrate!("../migrations/sqlite")
+            .run(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -460,7 +465,11 @@ impl Store for SqliteStore {
         };
         let job = job_from_row(&row)?;
         let running = job.status == JobStatus::Running;
-        let message = if running { "cancel requested" } else { "cancelled" };
+        let message = if running {
+            "cancel requested"
+        } else {
+            "cancelled"
+        };
         event(&mut tx, &id.to_string(), now, job.phase.as_str(), message).await?;
         tx.commit().await?;
         Ok(if running {
@@ -501,6 +510,15 @@ impl Store for SqliteStore {
             .bind(now_ms())
             .bind(state.as_str())
             .bind(current_job.map(|u| u.to_string()))
+            .bind(worker_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn touch_worker(&self, worker_id: &str) -> Result<()> {
+        sqlx::query("update workers set heartbeat_at = ? where id = ?")
+            .bind(now_ms())
             .bind(worker_id)
             .execute(&self.pool)
             .await?;
@@ -633,7 +651,14 @@ impl Store for SqliteStore {
             return Ok(false);
         };
         let message = format!("entered {}", phase.as_str());
-        event(&mut tx, &lease.job_id.to_string(), now, phase.as_str(), &message).await?;
+        event(
+            &mut tx,
+            &lease.job_id.to_string(),
+            now,
+            phase.as_str(),
+            &message,
+        )
+        .await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -686,11 +711,13 @@ impl Store for SqliteStore {
         };
         let lora_id: String = row.try_get("lora_id")?;
         let lead = lease.job_id.to_string();
-        sqlx::query("update jobs set published_version = ? where trained_by = ? and status = 'coalesced'")
-            .bind(v.version)
-            .bind(&lead)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "update jobs set published_version = ? where trained_by = ? and status = 'coalesced'",
+        )
+        .bind(v.version)
+        .bind(&lead)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "insert into lora_versions (lora_id, version, storage_uri, sha256, job_id, metrics, created_at)
              values (?, ?, ?, ?, ?, ?, ?)",
@@ -800,7 +827,8 @@ impl Store for SqliteStore {
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool> {
-        let set = "status = 'queued', phase = 'queued', worker_id = null, lease_expires_at = null, \
+        let set =
+            "status = 'queued', phase = 'queued', worker_id = null, lease_expires_at = null, \
                    run_at = ?4, max_attempts = max_attempts + 1";
         let Some((mut tx, now)) = self.fenced_update(lease, set, &[]).await? else {
             return Ok(false);
@@ -836,7 +864,11 @@ impl Store for SqliteStore {
                 worker.as_deref().unwrap_or("?")
             );
             let error = serde_json::json!({"code": "lease_expired", "message": message});
-            let status = if again { JobStatus::Queued } else { JobStatus::Failed };
+            let status = if again {
+                JobStatus::Queued
+            } else {
+                JobStatus::Failed
+            };
             sqlx::query(
                 "update jobs set status = ?2, phase = case when ?3 then 'queued' else phase end,
                     run_at = case when ?3 then ?4 else run_at end,

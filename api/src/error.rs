@@ -1,0 +1,146 @@
+//! Every HTTP status the API answers with is decided here, and every error leaves in one
+//! envelope: `{"error": {"code", "message"}}` (plus `job_id`/`phase` where a job failed).
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use claas_core::Error as CoreError;
+
+/// An API error: a status, a stable code and a human message.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub extra: Option<serde_json::Value>,
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            extra: None,
+        }
+    }
+
+    /// Malformed syntax: the body is not JSON, a header cannot be parsed.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    /// Well-formed but invalid: a field out of range, a missing field.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn with_extra(mut self, extra: serde_json::Value) -> Self {
+        self.extra = Some(extra);
+        self
+    }
+}
+
+impl From<CoreError> for ApiError {
+    fn from(e: CoreError) -> Self {
+        match e {
+            CoreError::NotFound(m) => ApiError::not_found(m),
+            CoreError::Conflict(m) if m.starts_with("Idempotency-Key") => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                m,
+            ),
+            CoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            CoreError::Invalid(m) => ApiError::invalid(m),
+            CoreError::Unavailable(m) => {
+                tracing::warn!(error = %m, "database unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_unavailable",
+                    "the queue database is unavailable; retry shortly",
+                )
+            }
+            other => {
+                tracing::error!(error = %other, "internal error");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error; see the server log",
+                )
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut error = serde_json::json!({"code": self.code, "message": self.message});
+        if let (Some(serde_json::Value::Object(extra)), Some(obj)) =
+            (self.extra, error.as_object_mut())
+        {
+            obj.extend(extra);
+        }
+        (self.status, Json(serde_json::json!({ "error": error }))).into_response()
+    }
+}
+
+/// The JSON body of a request, with decoding failures in the error envelope: 413 over the
+/// size limit, 400 for broken JSON, 422 for JSON of the wrong shape.
+pub struct JsonBody<T>(pub T, pub axum::body::Bytes);
+
+impl<S, T> axum::extract::FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "payload_too_large",
+                        "request body exceeds the configured limit (server.max_body_bytes)",
+                    )
+                } else {
+                    ApiError::bad_request(rejection.body_text())
+                }
+            })?;
+        let mut de = serde_json::Deserializer::from_slice(&bytes);
+        let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let inner = e.inner();
+            let path = e.path().to_string();
+            if inner.is_syntax() || inner.is_eof() {
+                ApiError::bad_request(format!("malformed JSON: {inner}"))
+            } else if path == "." {
+                ApiError::invalid(format!("invalid request body: {inner}"))
+            } else {
+                ApiError::invalid(format!("invalid request body at {path}: {inner}"))
+            }
+        })?;
+        Ok(JsonBody(value, bytes))
+    }
+}
+
+/// 404 for unknown routes, in the envelope.
+pub async fn route_not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+/// 405 for a known route with the wrong method, in the envelope.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}

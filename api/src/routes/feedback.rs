@@ -1,0 +1,372 @@
+//! `POST /v1/feedback`: validate a CLaaS feedback batch, resolve each item's rollout,
+//! enqueue one job, and answer 202 at once (or wait, per `Prefer`).
+
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use claas_core::types::{
+    validate_lora_id, Job, JobPayload, JobStatus, NewJob, Orchestration, Rollout, Sample,
+    TrainingConfig,
+};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::error::{ApiError, ApiResult, JsonBody};
+use crate::AppState;
+
+/// Most items one request may carry.
+const MAX_ITEMS: usize = 256;
+/// Longest accepted `Idempotency-Key`.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// CLaaS `FeedbackBatchRequest`.
+#[derive(Debug, Deserialize)]
+pub struct FeedbackBatchRequest {
+    pub requests: Vec<FeedbackItem>,
+    #[serde(default)]
+    pub orchestration: Orchestration,
+}
+
+/// CLaaS `FeedbackItem`, plus the optional inline rollout.
+#[derive(Debug, Deserialize)]
+pub struct FeedbackItem {
+    pub lora_id: String,
+    pub prompt: String,
+    pub response: String,
+    pub feedback: String,
+    #[serde(default)]
+    pub training: TrainingConfig,
+    /// Inline rollout: when all three token fields are present the completion cache is
+    /// not consulted (clients that generate elsewhere, tests, replays).
+    pub prompt_token_ids: Option<Vec<u32>>,
+    pub response_token_ids: Option<Vec<u32>>,
+    pub response_logprobs: Option<Vec<f32>>,
+    pub system_prompt: Option<String>,
+}
+
+/// How long the caller wants to wait for the job (RFC 7240 `Prefer`).
+fn requested_wait(headers: &HeaderMap, default_s: u64, max_s: u64) -> ApiResult<Duration> {
+    let mut wait = None;
+    let mut respond_async = false;
+    for value in headers.get_all("prefer") {
+        let value = value
+            .to_str()
+            .map_err(|_| ApiError::bad_request("Prefer header is not ASCII"))?;
+        for pref in value.split(',').map(str::trim) {
+            let (name, arg) = match pref.split_once('=') {
+                Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
+                None => (pref, None),
+            };
+            if name.eq_ignore_ascii_case("respond-async") {
+                respond_async = true;
+            } else if name.eq_ignore_ascii_case("wait") {
+                let secs: u64 = arg.and_then(|a| a.parse().ok()).ok_or_else(|| {
+                    ApiError::bad_request("Prefer: wait must be a whole number of seconds")
+                })?;
+                wait = Some(secs);
+            }
+        }
+    }
+    let secs = match (wait, respond_async) {
+        (Some(w), _) => w,
+        (None, true) => 0,
+        (None, false) => default_s,
+    };
+    Ok(Duration::from_secs(secs.min(max_s)))
+}
+
+/// SHA-256 of the visible response, the completion cache's key.
+pub fn content_hash(response: &str) -> String {
+    hex::encode(Sha256::digest(response.trim().as_bytes()))
+}
+
+fn resolve_rollout(item: &FeedbackItem, index: usize) -> ApiResult<Rollout> {
+    match (&item.prompt_token_ids, &item.response_token_ids, &item.response_logprobs) {
+        (Some(p), Some(r), Some(l)) => {
+            if r.is_empty() {
+                return Err(ApiError::invalid(format!(
+                    "requests[{index}].response_token_ids must not be empty"
+                )));
+            }
+            if l.len() != r.len() {
+                return Err(ApiError::invalid(format!(
+                    "requests[{index}].response_logprobs has {} entries for {} response tokens",
+                    l.len(),
+                    r.len()
+                )));
+            }
+            if l.iter().any(|v| !v.is_finite() || *v > 0.0) {
+                return Err(ApiError::invalid(format!(
+                    "requests[{index}].response_logprobs must be finite and <= 0"
+                )));
+            }
+            Ok(Rollout {
+                prompt_token_ids: p.clone(),
+                response_token_ids: r.clone(),
+                response_logprobs: l.clone(),
+                system_prompt: item.system_prompt.clone().unwrap_or_default(),
+            })
+        }
+        (None, None, None) => {
+            let hash = content_hash(&item.response);
+            Err(ApiError::not_found(format!(
+                "No cached completion for content_hash={}…",
+                &hash[..16]
+            )))
+        }
+        _ => Err(ApiError::invalid(format!(
+            "requests[{index}]: an inline rollout needs prompt_token_ids, response_token_ids and response_logprobs together"
+        ))),
+    }
+}
+
+/// Checks the batch in CLaaS's order and builds the job's payload.
+fn validate(req: &FeedbackBatchRequest) -> ApiResult<JobPayload> {
+    let Some(first) = req.requests.first() else {
+        return Err(ApiError::invalid("requests must contain at least one item"));
+    };
+    if req.requests.len() > MAX_ITEMS {
+        return Err(ApiError::invalid(format!(
+            "requests has {} items; at most {MAX_ITEMS} are accepted per call",
+            req.requests.len()
+        )));
+    }
+    for (i, item) in req.requests.iter().enumerate() {
+        for (name, v) in [
+            ("prompt", &item.prompt),
+            ("response", &item.response),
+            ("feedback", &item.feedback),
+        ] {
+            if v.is_empty() {
+                return Err(ApiError::invalid(format!(
+                    "requests[{i}].{name} must not be empty"
+                )));
+            }
+        }
+        let problems = item.training.violations();
+        if !problems.is_empty() {
+            return Err(ApiError::invalid(format!(
+                "invalid training config: {}",
+                problems.join("; ")
+            )));
+        }
+    }
+    if !(1..=2).contains(&req.orchestration.sleep_level) {
+        return Err(ApiError::invalid(
+            "orchestration.sleep_level must be 1 or 2",
+        ));
+    }
+    validate_lora_id(&first.lora_id).map_err(|e| ApiError::invalid(e.to_string()))?;
+    if req.requests.iter().any(|i| i.lora_id != first.lora_id) {
+        return Err(ApiError::bad_request(
+            "all requests must use the same lora_id",
+        ));
+    }
+    if req.requests.iter().any(|i| i.training != first.training) {
+        return Err(ApiError::bad_request(
+            "all requests must use the same training config",
+        ));
+    }
+    let samples = req
+        .requests
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            Ok(Sample {
+                prompt: item.prompt.clone(),
+                response: item.response.clone(),
+                feedback: item.feedback.clone(),
+                rollout: resolve_rollout(item, i)?,
+            })
+        })
+        .collect::<ApiResult<Vec<_>>>()?;
+    Ok(JobPayload {
+        samples,
+        training: first.training.clone(),
+    })
+}
+
+pub async fn submit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(req, body): JsonBody<FeedbackBatchRequest>,
+) -> ApiResult<Response> {
+    let wait = requested_wait(
+        &headers,
+        state.options.feedback_default_wait_s,
+        state.options.feedback_max_wait_s,
+    )?;
+    let payload = validate(&req)?;
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let key = v
+                .to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY)
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
+                    ))
+                })?;
+            Some(key.to_string())
+        }
+    };
+    let mut job = NewJob::new(req.requests[0].lora_id.clone(), payload);
+    job.orchestration = req.orchestration;
+    job.max_attempts = state.options.max_attempts;
+    job.request_hash = idempotency_key
+        .as_ref()
+        .map(|_| hex::encode(Sha256::digest(&body)));
+    job.idempotency_key = idempotency_key;
+    let enqueued = state.store.enqueue(&job).await?;
+    let job = if wait.is_zero() {
+        enqueued.job
+    } else {
+        wait_for(&state, enqueued.job, wait).await?
+    };
+    Ok(answer(job))
+}
+
+/// Polls the job until it is terminal or `wait` passes.
+async fn wait_for(state: &AppState, mut job: Job, wait: Duration) -> ApiResult<Job> {
+    let deadline = Instant::now() + wait;
+    let mut every = Duration::from_millis(20);
+    while !job.status.is_terminal() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        tokio::time::sleep(every.min(left)).await;
+        every = (every * 2).min(Duration::from_millis(250));
+        if let Some(j) = state.store.get_job(job.id).await? {
+            job = j;
+        }
+    }
+    Ok(job)
+}
+
+fn status_url(job: &Job) -> String {
+    format!("/v1/jobs/{}", job.id)
+}
+
+/// 202 while the job is not finished; CLaaS's 200 `FeedbackResponse` once it succeeded;
+/// an error with the job's error when it failed or was cancelled.
+fn answer(job: Job) -> Response {
+    match job.status {
+        JobStatus::Succeeded => (StatusCode::OK, Json(feedback_response(&job))).into_response(),
+        JobStatus::Failed | JobStatus::Cancelled => job_error(&job).into_response(),
+        _ => {
+            let url = status_url(&job);
+            (
+                StatusCode::ACCEPTED,
+                [(header::LOCATION, url.clone())],
+                Json(serde_json::json!({
+                    "job_id": job.id,
+                    "status": job.status,
+                    "status_url": url,
+                })),
+            )
+                .into_response()
+        }
+    }
+}
+
+fn job_error(job: &Job) -> ApiError {
+    let (status, code) = match (&job.status, job.error.as_ref().map(|e| e.code.as_str())) {
+        (JobStatus::Cancelled, _) => (StatusCode::CONFLICT, "job_cancelled"),
+        (_, Some("invalid_input")) => (StatusCode::UNPROCESSABLE_ENTITY, "job_failed"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "job_failed"),
+    };
+    let (message, phase) = match &job.error {
+        Some(e) => (
+            match e.phase {
+                Some(p) => format!(
+                    "Feedback update failed in phase '{}': {}",
+                    p.as_str(),
+                    e.message
+                ),
+                None => e.message.clone(),
+            },
+            e.phase,
+        ),
+        None => (
+            format!("job {} ended {}", job.id, job.status.as_str()),
+            None,
+        ),
+    };
+    ApiError::new(status, code, message).with_extra(serde_json::json!({
+        "job_id": job.id,
+        "phase": phase,
+        "status_url": status_url(job),
+    }))
+}
+
+/// CLaaS's `FeedbackResponse` for a succeeded job.
+fn feedback_response(job: &Job) -> serde_json::Value {
+    let result = job.result.clone().unwrap_or_default();
+    let t = |k: &str| job.timings_ms.get(k).copied().unwrap_or(0);
+    let total = job
+        .finished_at
+        .map(|f| (f - job.created_at).num_milliseconds().max(0))
+        .unwrap_or(0);
+    serde_json::json!({
+        "status": "ok",
+        "request_id": job.id.simple().to_string(),
+        "job_id": job.id,
+        "lora_id": job.lora_id,
+        "distill_result": {
+            "lora_id": job.lora_id,
+            "metadata": result.get("metrics").cloned().unwrap_or_default(),
+        },
+        "vllm": result.get("vllm").cloned().unwrap_or(serde_json::json!({"slept": false, "woke": false})),
+        "timing_ms": {
+            "sleep": t("drain") + t("sleep") + t("vram"),
+            "distill": t("distill"),
+            "save": t("publish"),
+            "wake": t("wake"),
+            "logprobs": 0,
+            "total": total,
+        },
+        "batch_size": job.sample_count,
+        "trained_batch_size": result.get("batch_size").cloned().unwrap_or(job.sample_count.into()),
+        "feedback_log_path": "",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn prefer(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("prefer", HeaderValue::from_str(v).expect("header"));
+        h
+    }
+
+    #[test]
+    fn prefer_header_picks_the_wait() {
+        let none = HeaderMap::new();
+        assert_eq!(
+            requested_wait(&none, 7, 600).ok(),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            requested_wait(&prefer("respond-async"), 7, 600).ok(),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            requested_wait(&prefer("wait=3"), 7, 600).ok(),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(
+            requested_wait(&prefer("respond-async, wait=9000"), 0, 600).ok(),
+            Some(Duration::from_secs(600))
+        );
+        assert!(requested_wait(&prefer("wait=soon"), 0, 600).is_err());
+    }
+}

@@ -1,0 +1,441 @@
+//! The HTTP contract, through the real router, on both stores.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use claas_api::{router, ApiOptions, AppState};
+use claas_core::queue::{RetryPolicy, SharedStore};
+use claas_core::testing::{lora, TestDb, TEST_BASE_MODEL};
+use claas_worker::{SimulatedExecutor, Worker, WorkerOptions};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tower::ServiceExt;
+
+fn options() -> ApiOptions {
+    ApiOptions {
+        max_body_bytes: 64 * 1024,
+        feedback_default_wait_s: 0,
+        feedback_max_wait_s: 30,
+        max_attempts: 3,
+    }
+}
+
+fn app(store: &SharedStore, opts: ApiOptions) -> axum::Router {
+    router(AppState {
+        store: store.clone(),
+        options: Arc::new(opts),
+    })
+}
+
+async fn call(app: &axum::Router, req: Request<Body>) -> (StatusCode, Value) {
+    let resp = app.clone().oneshot(req).await.expect("router answers");
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).expect("every answer is JSON")
+    };
+    (status, body)
+}
+
+fn post(uri: &str, body: &Value) -> Request<Body> {
+    post_raw(uri, body.to_string(), &[])
+}
+
+fn post_raw(uri: &str, body: String, headers: &[(&str, &str)]) -> Request<Body> {
+    let mut b = Request::post(uri).header("content-type", "application/json");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Body::from(body)).expect("request")
+}
+
+fn get(uri: &str) -> Request<Body> {
+    Request::get(uri).body(Body::empty()).expect("request")
+}
+
+fn item(lora_id: &str, feedback: &str) -> Value {
+    json!({
+        "lora_id": lora_id,
+        "prompt": "Write a haiku about rust",
+        "response": "Iron turns to red",
+        "feedback": feedback,
+        "prompt_token_ids": [1, 2, 3],
+        "response_token_ids": [4, 5, 6],
+        "response_logprobs": [-0.1, -0.2, -0.3],
+        "system_prompt": "You are a poet."
+    })
+}
+
+fn batch(items: Vec<Value>) -> Value {
+    json!({ "requests": items })
+}
+
+fn without(mut v: Value, keys: &[&str]) -> Value {
+    if let Some(obj) = v.as_object_mut() {
+        for k in keys {
+            obj.remove(*k);
+        }
+    }
+    v
+}
+
+fn with(mut v: Value, key: &str, value: Value) -> Value {
+    v[key] = value;
+    v
+}
+
+fn assert_error(status: StatusCode, body: &Value, want: StatusCode, needle: &str) {
+    assert_eq!(status, want, "{body}");
+    let msg = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        body["error"]["code"].is_string(),
+        "envelope has a code: {body}"
+    );
+    assert!(
+        msg.contains(needle),
+        "message {msg:?} should contain {needle:?}"
+    );
+}
+
+/// Runs an in-process worker with the simulated executor until the returned sender fires.
+fn start_worker(store: &SharedStore) -> watch::Sender<bool> {
+    let (tx, rx) = watch::channel(false);
+    let worker = Worker::new(
+        store.clone(),
+        Arc::new(SimulatedExecutor {
+            step: Duration::from_millis(1),
+            root: std::env::temp_dir().join("claas-api-tests"),
+        }),
+        WorkerOptions {
+            id: format!("test-{}", uuid::Uuid::new_v4().simple()),
+            hostname: "test".into(),
+            gpu: None,
+            vllm_url: None,
+            base_models: vec![TEST_BASE_MODEL.into()],
+            lease: Duration::from_secs(30),
+            max_batch_samples: 8,
+            poll_interval: Duration::from_millis(50),
+            retry: RetryPolicy {
+                base: Duration::from_millis(10),
+                max: Duration::from_millis(20),
+            },
+            shutdown_grace: Duration::from_secs(5),
+            retention: Duration::from_secs(86_400),
+            wake_on_failure: true,
+        },
+    );
+    tokio::spawn(async move { worker.run(rx).await });
+    tx
+}
+
+macro_rules! api_tests {
+    ($($name:ident),* $(,)?) => {
+        mod postgres { $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let db = claas_core::testing::TestDb::postgres().await;
+                super::$name(&db).await;
+                db.cleanup().await;
+            }
+        )* }
+        mod sqlite { $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let db = claas_core::testing::TestDb::sqlite().await;
+                super::$name(&db).await;
+                db.cleanup().await;
+            }
+        )* }
+    };
+}
+
+api_tests!(
+    feedback_is_accepted_with_a_pollable_job,
+    feedback_validation_matches_claas,
+    oversized_and_malformed_bodies_get_the_envelope,
+    idempotency_key_replays_or_rejects,
+    prefer_wait_returns_claas_feedback_response,
+    default_wait_serves_unchanged_claas_clients,
+    failed_job_never_answers_200,
+    cancel_and_list_jobs,
+    health_reports_database_and_workers,
+);
+
+async fn feedback_is_accepted_with_a_pollable_job(db: &TestDb) {
+    db.store.create_lora(&lora("user/a")).await.expect("lora");
+    let app = app(&db.store, options());
+    let req = post("/v1/feedback", &batch(vec![item("user/a", "too long")]));
+    let (status, body) = call(&app, req).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["status"], "queued");
+    let id = body["job_id"].as_str().expect("job id").to_string();
+    assert_eq!(body["status_url"], format!("/v1/jobs/{id}"));
+    let (status, job) = call(&app, get(&format!("/v1/jobs/{id}"))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(job["lora_id"], "user/a");
+    assert_eq!(job["status"], "queued");
+    assert_eq!(job["phase"], "queued");
+    assert_eq!(job["attempt"], 0);
+    assert_eq!(job["sample_count"], 1);
+    assert_eq!(job["events"][0]["phase"], "queued");
+    assert!(job.get("payload").is_none(), "token ids stay in the store");
+}
+
+async fn feedback_validation_matches_claas(db: &TestDb) {
+    db.store.create_lora(&lora("a")).await.expect("lora");
+    db.store.create_lora(&lora("b")).await.expect("lora");
+    let app = app(&db.store, options());
+    let unprocessable = StatusCode::UNPROCESSABLE_ENTITY;
+    let cases: Vec<(Value, StatusCode, &str)> =
+        vec![
+        (
+            batch(vec![with(item("a", "x"), "training", json!({"alpha": 1.5, "is_clip": -1}))]),
+            unprocessable,
+            "invalid training config: alpha must be within [0, 1]; is_clip must be within [1, 20]",
+        ),
+        (
+            batch(vec![with(item("a", "x"), "training", json!({"teacher_top_k": 5}))]),
+            unprocessable,
+            "teacher_top_k must be within [10, 100]",
+        ),
+        (
+            batch(vec![item("a", "x"), item("b", "y")]),
+            StatusCode::BAD_REQUEST,
+            "all requests must use the same lora_id",
+        ),
+        (
+            batch(vec![item("a", "x"), with(item("a", "y"), "training", json!({"is_clip": 7.0}))]),
+            StatusCode::BAD_REQUEST,
+            "all requests must use the same training config",
+        ),
+        (batch(vec![]), unprocessable, "at least one item"),
+        (
+            batch(vec![without(item("a", "x"), &["feedback"])]),
+            unprocessable,
+            "missing field `feedback`",
+        ),
+        (
+            batch(vec![with(item("a", "x"), "feedback", json!(""))]),
+            unprocessable,
+            "feedback must not be empty",
+        ),
+        (batch(vec![item("missing", "x")]), StatusCode::NOT_FOUND, "LoRA not found: missing"),
+        (batch(vec![item("../etc", "x")]), unprocessable, "invalid lora_id"),
+        (
+            batch(vec![without(
+                item("a", "x"),
+                &["prompt_token_ids", "response_token_ids", "response_logprobs"],
+            )]),
+            StatusCode::NOT_FOUND,
+            "No cached completion for content_hash=",
+        ),
+        (
+            batch(vec![with(item("a", "x"), "response_logprobs", json!([-0.1]))]),
+            unprocessable,
+            "1 entries for 3 response tokens",
+        ),
+        (
+            batch(vec![without(item("a", "x"), &["response_logprobs"])]),
+            unprocessable,
+            "together",
+        ),
+        (
+            json!({"requests": [item("a", "x")], "orchestration": {"sleep_level": 3}}),
+            unprocessable,
+            "sleep_level",
+        ),
+    ];
+    for (body, want, needle) in cases {
+        let (status, answer) = call(&app, post("/v1/feedback", &body)).await;
+        assert_error(status, &answer, want, needle);
+    }
+    let counts = db.store.status_counts().await.expect("counts");
+    assert!(
+        counts.is_empty(),
+        "no rejected request enqueued anything: {counts:?}"
+    );
+}
+
+async fn oversized_and_malformed_bodies_get_the_envelope(db: &TestDb) {
+    let app = app(&db.store, options());
+    let huge = "x".repeat(100 * 1024);
+    let (status, body) = call(&app, post_raw("/v1/feedback", huge, &[])).await;
+    assert_error(status, &body, StatusCode::PAYLOAD_TOO_LARGE, "exceeds");
+    let (status, body) = call(&app, post_raw("/v1/feedback", "{not json".into(), &[])).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "malformed JSON");
+    let (status, body) = call(&app, get("/v1/nowhere")).await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "no such route");
+    let (status, body) = call(&app, get("/v1/jobs/not-a-uuid")).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "not a job id");
+    let missing = format!("/v1/jobs/{}", uuid::Uuid::now_v7());
+    let (status, body) = call(&app, get(&missing)).await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "job not found");
+    let empty = batch(vec![]).to_string();
+    let (status, body) = call(
+        &app,
+        post_raw("/v1/feedback", empty, &[("prefer", "wait=soon")]),
+    )
+    .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "Prefer");
+}
+
+async fn idempotency_key_replays_or_rejects(db: &TestDb) {
+    db.store.create_lora(&lora("a")).await.expect("lora");
+    let app = app(&db.store, options());
+    let body = batch(vec![item("a", "no emoji")]).to_string();
+    let key = [("idempotency-key", "k-1")];
+    let (s1, first) = call(&app, post_raw("/v1/feedback", body.clone(), &key)).await;
+    let (s2, again) = call(&app, post_raw("/v1/feedback", body, &key)).await;
+    assert_eq!((s1, s2), (StatusCode::ACCEPTED, StatusCode::ACCEPTED));
+    assert_eq!(first["job_id"], again["job_id"]);
+    let other = batch(vec![item("a", "something else")]).to_string();
+    let (status, body) = call(&app, post_raw("/v1/feedback", other, &key)).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "different request body",
+    );
+    let counts = db.store.status_counts().await.expect("counts");
+    assert_eq!(
+        counts.iter().map(|c| c.1).sum::<i64>(),
+        1,
+        "one job for one key"
+    );
+}
+
+async fn prefer_wait_returns_claas_feedback_response(db: &TestDb) {
+    db.store.create_lora(&lora("a")).await.expect("lora");
+    let stop = start_worker(&db.store);
+    let app = app(&db.store, options());
+    let body = batch(vec![
+        item("a", "good recursive solution"),
+        item("a", "shorter"),
+    ])
+    .to_string();
+    let wait = [("prefer", "wait=20")];
+    let (status, resp) = call(&app, post_raw("/v1/feedback", body.clone(), &wait)).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert_eq!(resp["status"], "ok");
+    assert_eq!(resp["lora_id"], "a");
+    assert_eq!(resp["request_id"].as_str().map(str::len), Some(32));
+    assert_eq!(resp["batch_size"], 2);
+    assert_eq!(resp["distill_result"]["lora_id"], "a");
+    assert!(
+        resp["distill_result"]["metadata"]["total_loss"].is_number(),
+        "{resp}"
+    );
+    assert_eq!(resp["vllm"], json!({"slept": true, "woke": true}));
+    for k in ["sleep", "distill", "save", "wake", "logprobs", "total"] {
+        assert!(resp["timing_ms"][k].is_u64(), "timing_ms.{k} in {resp}");
+    }
+    assert_eq!(resp["feedback_log_path"], "");
+    let asynchronous = [("prefer", "respond-async")];
+    let (status, resp) = call(&app, post_raw("/v1/feedback", body, &asynchronous)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{resp}");
+    let _ = stop.send(true);
+    let versions = db.store.lora_versions("a").await.expect("versions");
+    assert!(versions.len() >= 2, "the first job published a version");
+}
+
+async fn default_wait_serves_unchanged_claas_clients(db: &TestDb) {
+    db.store.create_lora(&lora("a")).await.expect("lora");
+    let stop = start_worker(&db.store);
+    let opts = ApiOptions {
+        feedback_default_wait_s: 20,
+        ..options()
+    };
+    let app = app(&db.store, opts);
+    let (status, resp) = call(
+        &app,
+        post("/v1/feedback", &batch(vec![item("a", "too long")])),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "no Prefer header: the default wait applies: {resp}"
+    );
+    assert_eq!(resp["status"], "ok");
+    let _ = stop.send(true);
+}
+
+async fn failed_job_never_answers_200(db: &TestDb) {
+    db.store.create_lora(&lora("a")).await.expect("lora");
+    let stop = start_worker(&db.store);
+    let app = app(&db.store, options());
+    let body = batch(vec![item("a", "[simulate:fatal]")]).to_string();
+    let (status, resp) = call(
+        &app,
+        post_raw("/v1/feedback", body, &[("prefer", "wait=20")]),
+    )
+    .await;
+    let needle = "Feedback update failed in phase 'distill'";
+    assert_error(status, &resp, StatusCode::UNPROCESSABLE_ENTITY, needle);
+    assert_eq!(resp["error"]["phase"], "distill");
+    let id = resp["error"]["job_id"]
+        .as_str()
+        .expect("job id")
+        .to_string();
+    let (_, job) = call(&app, get(&format!("/v1/jobs/{id}"))).await;
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["error"]["code"], "invalid_input");
+    let _ = stop.send(true);
+}
+
+async fn cancel_and_list_jobs(db: &TestDb) {
+    db.store.create_lora(&lora("a")).await.expect("lora");
+    let app = app(&db.store, options());
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let req = post("/v1/feedback", &batch(vec![item("a", &format!("f{n}"))]));
+        let (_, b) = call(&app, req).await;
+        ids.push(b["job_id"].as_str().expect("id").to_string());
+    }
+    let cancel = format!("/v1/jobs/{}/cancel", ids[0]);
+    let (status, body) = call(&app, post(&cancel, &json!({}))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "cancelled");
+    let (status, body) = call(&app, post(&cancel, &json!({}))).await;
+    assert_error(status, &body, StatusCode::CONFLICT, "already finished");
+    let (status, page) = call(&app, get("/v1/jobs?lora_id=a&limit=2")).await;
+    assert_eq!(status, StatusCode::OK);
+    let got: Vec<_> = page["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .map(|j| j["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(got, [ids[2].clone(), ids[1].clone()]);
+    let cursor = page["next_cursor"].as_str().expect("cursor");
+    let (_, page2) = call(
+        &app,
+        get(&format!("/v1/jobs?lora_id=a&limit=2&cursor={cursor}")),
+    )
+    .await;
+    assert_eq!(page2["jobs"][0]["id"], ids[0].as_str());
+    assert_eq!(page2["next_cursor"], Value::Null);
+    let (_, cancelled) = call(&app, get("/v1/jobs?status=cancelled")).await;
+    assert_eq!(cancelled["jobs"].as_array().map(Vec::len), Some(1));
+    let (status, body) = call(&app, get("/v1/jobs?status=sideways")).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "unknown job status");
+}
+
+async fn health_reports_database_and_workers(db: &TestDb) {
+    let app = app(&db.store, options());
+    let (status, body) = call(&app, get("/v1/health")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["database"]["up"], true);
+    assert_eq!(body["workers"]["alive"], 0);
+    let stop = start_worker(&db.store);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, body) = call(&app, get("/v1/health")).await;
+    assert_eq!(body["workers"]["alive"], 1);
+    let _ = stop.send(true);
+}

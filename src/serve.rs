@@ -1,0 +1,175 @@
+//! Starting the long-running roles: store, API, worker, signals and graceful shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use claas_api::{ApiOptions, AppState};
+use claas_core::config::{Config, ExecutorKind};
+use claas_core::queue::{self, RetryPolicy, SharedStore};
+use claas_worker::{Executor, SimulatedExecutor, Worker, WorkerOptions};
+use tokio::sync::watch;
+
+/// Opens the configured store, creating the SQLite file's directory if needed.
+pub async fn open_store(cfg: &Config) -> Result<SharedStore> {
+    let url = &cfg.database.url;
+    if let Some(path) = url.strip_prefix("sqlite:") {
+        let path = path.trim_start_matches("//");
+        let file = path.split('?').next().unwrap_or(path);
+        if let Some(dir) = std::path::Path::new(file).parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+        }
+    }
+    Ok(queue::connect(url, cfg.database.max_connections).await?)
+}
+
+/// Runs migrations, waiting for the database to come up (it may start after us).
+async fn migrate_when_up(store: &SharedStore) -> Result<()> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match store.migrate().await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "database not reachable yet; retrying migrations");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// A channel that turns true on SIGTERM or Ctrl-C.
+fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        let _ = tx.send(true);
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+async fn until_true(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+fn worker_options(cfg: &Config) -> WorkerOptions {
+    let host = hostname();
+    WorkerOptions {
+        id: cfg
+            .worker
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("{host}-{}", std::process::id())),
+        hostname: host,
+        gpu: None,
+        vllm_url: cfg.vllm.base_url.clone(),
+        base_models: cfg.worker.base_models.clone(),
+        lease: Duration::from_secs_f64(cfg.queue.lock_timeout_s),
+        max_batch_samples: cfg.queue.feedback_max_batch_size,
+        poll_interval: Duration::from_millis(cfg.queue.poll_interval_ms),
+        retry: RetryPolicy {
+            base: Duration::from_secs_f64(cfg.queue.retry_base_s),
+            max: Duration::from_secs_f64(cfg.queue.retry_max_s),
+        },
+        shutdown_grace: Duration::from_secs_f64(cfg.worker.shutdown_grace_s),
+        retention: Duration::from_secs_f64(cfg.queue.job_retention_days * 86_400.0),
+        wake_on_failure: cfg.worker.feedback_wake_on_failure,
+    }
+}
+
+fn executor(cfg: &Config) -> Arc<dyn Executor> {
+    match cfg.worker.executor {
+        ExecutorKind::Simulated => Arc::new(SimulatedExecutor {
+            step: Duration::from_millis(cfg.worker.simulated_step_ms),
+            root: cfg.storage.lora_root.clone(),
+        }),
+    }
+}
+
+async fn listen(cfg: &Config) -> Result<tokio::net::TcpListener> {
+    let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("binding {addr} (server.host/server.port, CLAAS_API_PORT)"))?;
+    tracing::info!("API listening on http://{}", listener.local_addr()?);
+    Ok(listener)
+}
+
+fn app_state(cfg: &Config, store: SharedStore) -> AppState {
+    AppState {
+        store,
+        options: Arc::new(ApiOptions::from_config(cfg)),
+    }
+}
+
+pub async fn api(cfg: Config, migrate: bool) -> Result<()> {
+    let store = open_store(&cfg).await?;
+    if migrate {
+        migrate_when_up(&store).await?;
+    }
+    let listener = listen(&cfg).await?;
+    let shutdown = shutdown_signal();
+    claas_api::serve(listener, app_state(&cfg, store), until_true(shutdown)).await?;
+    Ok(())
+}
+
+pub async fn worker(cfg: Config, migrate: bool) -> Result<()> {
+    let store = open_store(&cfg).await?;
+    if migrate {
+        migrate_when_up(&store).await?;
+    }
+    let worker = Worker::new(store, executor(&cfg), worker_options(&cfg));
+    worker.run(shutdown_signal()).await?;
+    Ok(())
+}
+
+pub async fn dev(cfg: Config) -> Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
+    let store = open_store(&cfg).await?;
+    store.migrate().await?;
+    tracing::info!(
+        database = %queue::redact(&cfg.database.url),
+        adapters = %cfg.storage.lora_root.display(),
+        "embedded default: API and worker in one process"
+    );
+    let shutdown = shutdown_signal();
+    let worker = Worker::new(store.clone(), executor(&cfg), worker_options(&cfg));
+    let worker_shutdown = shutdown.clone();
+    let worker_task = tokio::spawn(async move { worker.run(worker_shutdown).await });
+    let listener = listen(&cfg).await?;
+    claas_api::serve(listener, app_state(&cfg, store), until_true(shutdown)).await?;
+    worker_task.await??;
+    Ok(())
+}

@@ -1,0 +1,95 @@
+//! The seam between the claim loop and what a job's phases actually do (vLLM control, the
+//! trainer, adapter storage). Each method is one phase; errors say where they happened and
+//! whether a retry can help.
+
+use std::any::Any;
+
+use async_trait::async_trait;
+use claas_core::types::{Orchestration, Sample, TrainingConfig};
+use uuid::Uuid;
+
+/// What a phase knows about its job.
+#[derive(Debug, Clone)]
+pub struct JobContext {
+    pub job_id: Uuid,
+    pub lora_id: String,
+    pub base_model: String,
+    pub attempt: i32,
+    pub orchestration: Orchestration,
+}
+
+/// The outcome of the distill phase: metrics for the API and an executor-specific artifact
+/// (the new adapter) that [`Executor::store_adapter`] persists.
+pub struct Distilled {
+    pub metrics: serde_json::Value,
+    pub artifact: Box<dyn Any + Send + Sync>,
+}
+
+/// Where a version was written.
+#[derive(Debug, Clone)]
+pub struct StoredAdapter {
+    pub uri: String,
+    pub sha256: String,
+}
+
+/// A failed phase, classified where it happened.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct PhaseError {
+    /// Stable class for clients and dashboards: `invalid_input`, `vllm_unavailable`, ...
+    pub code: String,
+    pub message: String,
+    /// Retrying may help (timeouts, network, vLLM errors); `false` fails the job at once.
+    pub retryable: bool,
+}
+
+impl PhaseError {
+    /// Bad input: retrying cannot help.
+    pub fn fatal(code: &str, message: impl Into<String>) -> Self {
+        PhaseError {
+            code: code.into(),
+            message: message.into(),
+            retryable: false,
+        }
+    }
+
+    /// A transient failure: the job goes back to the queue with backoff.
+    pub fn retryable(code: &str, message: impl Into<String>) -> Self {
+        PhaseError {
+            code: code.into(),
+            message: message.into(),
+            retryable: true,
+        }
+    }
+}
+
+pub type PhaseResult<T> = Result<T, PhaseError>;
+
+/// The phases of one job, in order: drain → sleep → vram → distill → (store) → reload → wake.
+#[async_trait]
+pub trait Executor: Send + Sync + 'static {
+    /// Waits until the local vLLM has no running or waiting request.
+    async fn drain(&self, job: &JobContext) -> PhaseResult<()>;
+    /// Puts the local vLLM to sleep at `orchestration.sleep_level`.
+    async fn sleep(&self, job: &JobContext) -> PhaseResult<()>;
+    /// Waits until enough GPU memory is free to train.
+    async fn wait_vram(&self, job: &JobContext) -> PhaseResult<()>;
+    /// One SDPO step on the batch, starting from the LoRA's current version.
+    async fn distill(
+        &self,
+        job: &JobContext,
+        samples: &[Sample],
+        training: &TrainingConfig,
+    ) -> PhaseResult<Distilled>;
+    /// Writes the new adapter as `version` to storage (not yet visible to anyone).
+    async fn store_adapter(
+        &self,
+        job: &JobContext,
+        version: i32,
+        distilled: Distilled,
+    ) -> PhaseResult<StoredAdapter>;
+    /// Loads `version` into the local vLLM under the LoRA's stable name.
+    async fn reload(&self, job: &JobContext, version: i32) -> PhaseResult<()>;
+    /// Wakes the local vLLM (also after failures).
+    async fn wake(&self, job: &JobContext) -> PhaseResult<()>;
+}

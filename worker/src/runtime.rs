@@ -1,0 +1,552 @@
+//! The claim loop and one job's run: lease renewal, phases with timings and events, cancel
+//! between phases, wake-on-failure, exactly-once publish, and graceful shutdown.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use claas_core::queue::{
+    ClaimRequest, Claimed, FailOutcome, Lease, LeaseState, RetryPolicy, SharedStore,
+};
+use claas_core::types::{JobError, NewVersion, Phase, WorkerInfo, WorkerState};
+use tokio::sync::watch;
+
+use crate::executor::{Executor, JobContext, PhaseError};
+
+/// How a worker behaves; built from `claas_core::config::Config` by the binary.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub id: String,
+    pub hostname: String,
+    pub gpu: Option<String>,
+    pub vllm_url: Option<String>,
+    pub base_models: Vec<String>,
+    /// Lease per claim; heartbeats renew it every third.
+    pub lease: Duration,
+    pub max_batch_samples: i32,
+    pub poll_interval: Duration,
+    pub retry: RetryPolicy,
+    /// After SIGTERM, how long the running job may take before it is handed back.
+    pub shutdown_grace: Duration,
+    /// Finished jobs older than this are pruned by the maintenance tick.
+    pub retention: Duration,
+    /// `feedback_wake_on_failure`: wake vLLM after a failure even if the request said not to.
+    pub wake_on_failure: bool,
+}
+
+/// A worker bound to a store and an executor.
+pub struct Worker {
+    store: SharedStore,
+    executor: Arc<dyn Executor>,
+    opts: WorkerOptions,
+}
+
+/// How a job's run ended, for logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Succeeded,
+    Failed,
+    Retrying,
+    Cancelled,
+    LeaseLost,
+    HandedBack,
+}
+
+/// Why the phase walk stopped early.
+enum Stop {
+    Failed(Phase, PhaseError),
+    Cancelled,
+    LeaseLost,
+    Store(claas_core::Error),
+}
+
+impl From<claas_core::Error> for Stop {
+    fn from(e: claas_core::Error) -> Self {
+        Stop::Store(e)
+    }
+}
+
+/// Lease state shared between the heartbeat task and the phase walk.
+#[derive(Clone)]
+struct LeaseWatch {
+    rx: watch::Receiver<LeaseState>,
+}
+
+impl LeaseWatch {
+    fn lost(&self) -> bool {
+        *self.rx.borrow() == LeaseState::Lost
+    }
+    fn cancel_requested(&self) -> bool {
+        matches!(
+            *self.rx.borrow(),
+            LeaseState::Held {
+                cancel_requested: true
+            }
+        )
+    }
+    async fn until_lost(mut self) {
+        let _ = self.rx.wait_for(|s| *s == LeaseState::Lost).await;
+    }
+}
+
+impl Worker {
+    pub fn new(store: SharedStore, executor: Arc<dyn Executor>, opts: WorkerOptions) -> Self {
+        Worker {
+            store,
+            executor,
+            opts,
+        }
+    }
+
+    /// Runs until `shutdown` turns true: claims and runs jobs one at a time. Database
+    /// outages are logged and waited out; the process keeps running.
+    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> claas_core::Result<()> {
+        self.register_until_ok(&mut shutdown).await;
+        let mut wake = self.store.wakeups().await?;
+        let alive = tokio::spawn(worker_heartbeat_loop(
+            self.store.clone(),
+            self.opts.id.clone(),
+            self.opts.poll_interval.max(Duration::from_secs(5)),
+        ));
+        let mut last_maintenance = Instant::now() - Duration::from_secs(3600);
+        let mut db_backoff = Duration::from_millis(100);
+        tracing::info!(worker = %self.opts.id, models = ?self.opts.base_models, "worker started");
+        while !*shutdown.borrow() {
+            if last_maintenance.elapsed() >= self.maintenance_interval() {
+                self.maintenance().await;
+                last_maintenance = Instant::now();
+            }
+            match self.store.claim(&self.claim_request()).await {
+                Ok(Some(claimed)) => {
+                    db_backoff = Duration::from_millis(100);
+                    self.run_claimed(claimed, &mut shutdown).await;
+                }
+                Ok(None) => {
+                    db_backoff = Duration::from_millis(100);
+                    tokio::select! {
+                        _ = wake.wait(self.opts.poll_interval) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "claim failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(db_backoff) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    db_backoff = (db_backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        alive.abort();
+        let _ = self
+            .store
+            .worker_heartbeat(&self.opts.id, WorkerState::Stopped, None)
+            .await;
+        tracing::info!(worker = %self.opts.id, "worker stopped");
+        Ok(())
+    }
+
+    fn claim_request(&self) -> ClaimRequest {
+        ClaimRequest {
+            worker_id: self.opts.id.clone(),
+            base_models: self.opts.base_models.clone(),
+            lease: self.opts.lease,
+            max_batch_samples: self.opts.max_batch_samples,
+        }
+    }
+
+    /// Reaping expired leases is cheap and idempotent, so every worker does it; a third of
+    /// the lease keeps a dead worker's job waiting at most ~1.3 leases.
+    fn maintenance_interval(&self) -> Duration {
+        (self.opts.lease / 3).max(Duration::from_millis(200))
+    }
+
+    async fn register_until_ok(&self, shutdown: &mut watch::Receiver<bool>) {
+        let info = WorkerInfo {
+            id: self.opts.id.clone(),
+            hostname: self.opts.hostname.clone(),
+            gpu: self.opts.gpu.clone(),
+            vllm_url: self.opts.vllm_url.clone(),
+            base_models: self.opts.base_models.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let mut delay = Duration::from_millis(200);
+        while let Err(e) = self.store.register_worker(&info).await {
+            tracing::warn!(error = %e, "cannot register worker yet; retrying");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => return,
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn maintenance(&self) {
+        match self.store.reap_expired(self.opts.retry).await {
+            Ok(r) if r.requeued + r.failed > 0 => {
+                tracing::warn!(
+                    requeued = r.requeued,
+                    failed = r.failed,
+                    "reaped expired leases"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "reaper skipped"),
+        }
+        match self.store.prune(self.opts.retention, 1000).await {
+            Ok(n) if n > 0 => tracing::info!(pruned = n, "pruned finished jobs"),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "prune skipped"),
+        }
+    }
+
+    /// Runs one claimed job to an end, or hands it back when shutdown's grace runs out.
+    async fn run_claimed(&self, claimed: Claimed, shutdown: &mut watch::Receiver<bool>) {
+        let lease = claimed.lease();
+        let ctx = JobContext {
+            job_id: claimed.job.id,
+            lora_id: claimed.job.lora_id.clone(),
+            base_model: claimed.job.base_model.clone(),
+            attempt: claimed.job.attempt,
+            orchestration: claimed.job.orchestration.clone(),
+        };
+        let span = tracing::info_span!("job", job_id = %ctx.job_id, lora_id = %ctx.lora_id, attempt = ctx.attempt);
+        let _guard = span.enter();
+        tracing::info!(members = claimed.members.len(), "claimed");
+        let (lease_tx, lease_rx) = watch::channel(LeaseState::Held {
+            cancel_requested: claimed.job.cancel_requested,
+        });
+        let hb = tokio::spawn(lease_heartbeat_loop(
+            self.store.clone(),
+            lease.clone(),
+            self.opts.lease,
+            lease_tx,
+        ));
+        let _ = self
+            .store
+            .worker_heartbeat(&self.opts.id, WorkerState::Training, Some(ctx.job_id))
+            .await;
+        let slept = Arc::new(AtomicBool::new(false));
+        let watch = LeaseWatch { rx: lease_rx };
+        let mut run = Box::pin(self.walk(&claimed, &ctx, &lease, watch.clone(), slept.clone()));
+        let outcome = tokio::select! {
+            o = &mut run => o,
+            _ = shutdown_deadline(shutdown.clone(), self.opts.shutdown_grace) => {
+                tracing::warn!("shutdown grace ran out; handing the job back");
+                match self.store.release(&lease).await {
+                    Ok(true) => Outcome::HandedBack,
+                    _ => Outcome::LeaseLost,
+                }
+            }
+        };
+        // Abandon the walk (if shutdown won) before waking vLLM below.
+        drop(run);
+        if slept.load(Ordering::SeqCst) && outcome != Outcome::Succeeded {
+            // vLLM must not stay asleep because training stopped early.
+            if let Err(e) = self.executor.wake(&ctx).await {
+                tracing::error!(error = %e, "could not wake vLLM after the job stopped");
+            }
+        }
+        hb.abort();
+        let _ = self
+            .store
+            .worker_heartbeat(&self.opts.id, WorkerState::Idle, None)
+            .await;
+        tracing::info!(?outcome, "job finished");
+    }
+
+    /// The phase walk. Returns how the job ended; every store write is fenced by `lease`.
+    async fn walk(
+        &self,
+        claimed: &Claimed,
+        ctx: &JobContext,
+        lease: &Lease,
+        watch: LeaseWatch,
+        slept: Arc<AtomicBool>,
+    ) -> Outcome {
+        let mut clock = PhaseClock::new(Phase::Claimed);
+        let result = self
+            .phases(claimed, ctx, lease, &watch, &slept, &mut clock)
+            .await;
+        let store = &self.store;
+        match result {
+            Ok(result) => match store.complete(lease, &result, clock.finish()).await {
+                Ok(true) => Outcome::Succeeded,
+                Ok(false) => Outcome::LeaseLost,
+                Err(e) => {
+                    tracing::error!(error = %e, "could not record completion; the lease will expire and the job resume after publish");
+                    Outcome::LeaseLost
+                }
+            },
+            Err(Stop::LeaseLost) => Outcome::LeaseLost,
+            Err(Stop::Cancelled) => {
+                self.wake_after_stop(ctx, &slept, true).await;
+                match store.finish_cancelled(lease, "cancelled by request").await {
+                    Ok(true) => Outcome::Cancelled,
+                    _ => Outcome::LeaseLost,
+                }
+            }
+            Err(Stop::Failed(phase, err)) => {
+                tracing::warn!(phase = phase.as_str(), error = %err, "phase failed");
+                let wake = ctx.orchestration.wake_on_failure || self.opts.wake_on_failure;
+                self.wake_after_stop(ctx, &slept, wake).await;
+                let job_err = JobError {
+                    code: err.code.clone(),
+                    message: err.message.clone(),
+                    phase: Some(phase),
+                };
+                match store
+                    .fail(lease, &job_err, err.retryable, self.opts.retry)
+                    .await
+                {
+                    Ok(FailOutcome::Retrying) => Outcome::Retrying,
+                    Ok(FailOutcome::Failed) => Outcome::Failed,
+                    Ok(FailOutcome::LeaseLost) => Outcome::LeaseLost,
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not record failure; the lease will expire");
+                        Outcome::LeaseLost
+                    }
+                }
+            }
+            Err(Stop::Store(e)) => {
+                tracing::error!(error = %e, "store unavailable mid-job; leaving it to the lease");
+                Outcome::LeaseLost
+            }
+        }
+    }
+
+    async fn wake_after_stop(&self, ctx: &JobContext, slept: &AtomicBool, wake: bool) {
+        if wake && slept.swap(false, Ordering::SeqCst) {
+            if let Err(e) = self.executor.wake(ctx).await {
+                tracing::error!(error = %e, "could not wake vLLM after stopping");
+            }
+        }
+    }
+
+    /// Enters `phase` (fenced), then runs `step` unless the lease is lost meanwhile.
+    async fn step<T>(
+        &self,
+        lease: &Lease,
+        watch: &LeaseWatch,
+        clock: &mut PhaseClock,
+        phase: Phase,
+        step: impl std::future::Future<Output = Result<T, PhaseError>>,
+    ) -> Result<T, Stop> {
+        if watch.lost() {
+            return Err(Stop::LeaseLost);
+        }
+        if !self
+            .store
+            .enter_phase(lease, phase, clock.next(phase))
+            .await?
+        {
+            return Err(Stop::LeaseLost);
+        }
+        self.guarded(watch, phase, step).await
+    }
+
+    /// Runs a phase's work, abandoning it as soon as the lease is lost.
+    async fn guarded<T>(
+        &self,
+        watch: &LeaseWatch,
+        phase: Phase,
+        step: impl std::future::Future<Output = Result<T, PhaseError>>,
+    ) -> Result<T, Stop> {
+        tokio::select! {
+            r = step => r.map_err(|e| Stop::Failed(phase, e)),
+            _ = watch.clone().until_lost() => Err(Stop::LeaseLost),
+        }
+    }
+
+    async fn phases(
+        &self,
+        claimed: &Claimed,
+        ctx: &JobContext,
+        lease: &Lease,
+        watch: &LeaseWatch,
+        slept: &AtomicBool,
+        clock: &mut PhaseClock,
+    ) -> Result<serde_json::Value, Stop> {
+        let exec = &self.executor;
+        let orch = &ctx.orchestration;
+        let cancel_point = |w: &LeaseWatch| {
+            if w.lost() {
+                Err(Stop::LeaseLost)
+            } else if w.cancel_requested() {
+                Err(Stop::Cancelled)
+            } else {
+                Ok(())
+            }
+        };
+        let (version, metrics, batch_size) = match claimed.job.published_version {
+            // A retry after publish: the version exists, only reload and wake remain.
+            Some(v) => {
+                tracing::info!(version = v, "resuming after publish");
+                let result = claimed.job.result.clone().unwrap_or_default();
+                (
+                    v,
+                    result.get("metrics").cloned().unwrap_or_default(),
+                    claimed.job.sample_count,
+                )
+            }
+            None => {
+                if orch.sleep_before {
+                    cancel_point(watch)?;
+                    self.step(lease, watch, clock, Phase::Drain, exec.drain(ctx))
+                        .await?;
+                    cancel_point(watch)?;
+                    slept.store(true, Ordering::SeqCst);
+                    self.step(lease, watch, clock, Phase::Sleep, exec.sleep(ctx))
+                        .await?;
+                    cancel_point(watch)?;
+                    self.step(lease, watch, clock, Phase::Vram, exec.wait_vram(ctx))
+                        .await?;
+                }
+                cancel_point(watch)?;
+                let attached = self
+                    .store
+                    .begin_training(lease, clock.next(Phase::Distill))
+                    .await?
+                    .ok_or(Stop::LeaseLost)?;
+                let mut samples = claimed.payload.samples.clone();
+                for (member, payload) in &claimed.members {
+                    if attached.contains(&member.id) {
+                        samples.extend(payload.samples.iter().cloned());
+                    }
+                }
+                let training = &claimed.payload.training;
+                let distilled = self
+                    .guarded(watch, Phase::Distill, exec.distill(ctx, &samples, training))
+                    .await?;
+                cancel_point(watch)?;
+                let metrics = distilled.metrics.clone();
+                let lora = self.store.get_lora(&ctx.lora_id).await?.ok_or_else(|| {
+                    Stop::Failed(
+                        Phase::Publish,
+                        PhaseError::fatal(
+                            "lora_deleted",
+                            format!("LoRA {} was deleted while training", ctx.lora_id),
+                        ),
+                    )
+                })?;
+                let version = lora.current_version + 1;
+                let stored = self
+                    .step(
+                        lease,
+                        watch,
+                        clock,
+                        Phase::Publish,
+                        exec.store_adapter(ctx, version, distilled),
+                    )
+                    .await?;
+                let record = NewVersion {
+                    version,
+                    storage_uri: stored.uri,
+                    sha256: stored.sha256,
+                    metrics: metrics.clone(),
+                };
+                if !self.store.publish(lease, &record).await? {
+                    return Err(Stop::LeaseLost);
+                }
+                let batch = i32::try_from(samples.len()).unwrap_or(i32::MAX);
+                (version, metrics, batch)
+            }
+        };
+        self.step(
+            lease,
+            watch,
+            clock,
+            Phase::Reload,
+            exec.reload(ctx, version),
+        )
+        .await?;
+        let mut woke = false;
+        if slept.load(Ordering::SeqCst) && orch.wake_after {
+            self.step(lease, watch, clock, Phase::Wake, exec.wake(ctx))
+                .await?;
+            slept.store(false, Ordering::SeqCst);
+            woke = true;
+        }
+        Ok(serde_json::json!({
+            "version": version,
+            "metrics": metrics,
+            "batch_size": batch_size,
+            "vllm": {"slept": orch.sleep_before && claimed.job.published_version.is_none(), "woke": woke},
+        }))
+    }
+}
+
+/// Tracks when the current phase started, to record its duration on the next transition.
+struct PhaseClock {
+    phase: Phase,
+    since: Instant,
+}
+
+impl PhaseClock {
+    fn new(phase: Phase) -> Self {
+        PhaseClock {
+            phase,
+            since: Instant::now(),
+        }
+    }
+
+    /// Moves to `phase`; returns the finished phase and its duration in ms.
+    fn next(&mut self, phase: Phase) -> Option<(Phase, u64)> {
+        let done = (self.phase, elapsed_ms(self.since));
+        *self = PhaseClock::new(phase);
+        Some(done)
+    }
+
+    fn finish(&mut self) -> Option<(Phase, u64)> {
+        self.next(Phase::Done)
+    }
+}
+
+fn elapsed_ms(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Resolves `grace` after shutdown is requested (never, if it is not).
+async fn shutdown_deadline(mut shutdown: watch::Receiver<bool>, grace: Duration) {
+    if shutdown.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(grace).await;
+}
+
+/// Renews the lease every third of its length and publishes what the store says. A failed
+/// renewal (database down) is retried; if the lease runs out meanwhile the next renewal
+/// reports `Lost`.
+async fn lease_heartbeat_loop(
+    store: SharedStore,
+    lease: Lease,
+    length: Duration,
+    tx: watch::Sender<LeaseState>,
+) {
+    let every = (length / 3).max(Duration::from_millis(50));
+    loop {
+        tokio::time::sleep(every).await;
+        match store.heartbeat(&lease, length).await {
+            Ok(LeaseState::Lost) => {
+                tracing::warn!(job_id = %lease.job_id, "lease lost");
+                let _ = tx.send(LeaseState::Lost);
+                return;
+            }
+            Ok(state) => {
+                let _ = tx.send(state);
+            }
+            Err(e) => tracing::warn!(error = %e, "heartbeat failed; retrying"),
+        }
+    }
+}
+
+async fn worker_heartbeat_loop(store: SharedStore, id: String, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        // The state itself is written at job boundaries; this only marks liveness.
+        if let Err(e) = store.touch_worker(&id).await {
+            tracing::debug!(error = %e, "worker heartbeat failed");
+        }
+    }
+}
