@@ -227,7 +227,8 @@ const MEMBERS_FOLLOW_LEAD: &str = "
                      when m.published_version is null then 'queued' else m.phase end,
         worker_id = null,
         result = case when lead.status = 'succeeded' then lead.result else m.result end,
-        error = case when lead.status = 'failed' then lead.error else m.error end,
+        error = case when lead.status = 'failed' then lead.error
+                     when lead.status = 'succeeded' then null else m.error end,
         finished_at = case when lead.status in ('succeeded', 'failed') then now()
                            when lead.status = 'cancelled' and m.published_version is not null then now()
                            else null end

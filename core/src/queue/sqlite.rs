@@ -152,7 +152,8 @@ async fn members_follow_lead(
                          when published_version is null then 'queued' else phase end,
             worker_id = null,
             result = case when ?2 = 'succeeded' then (select result from jobs where id = ?1) else result end,
-            error = case when ?2 = 'failed' then (select error from jobs where id = ?1) else error end,
+            error = case when ?2 = 'failed' then (select error from jobs where id = ?1)
+                         when ?2 = 'succeeded' then null else error end,
             finished_at = case when ?2 in ('succeeded', 'failed') then ?3
                                when ?2 = 'cancelled' and published_version is not null then ?3
                                else null end
