@@ -20,6 +20,11 @@ pub struct ApiOptions {
     pub feedback_default_wait_s: u64,
     pub feedback_max_wait_s: u64,
     pub max_attempts: i32,
+    /// Base model of `POST /v1/lora/init` when the request names none.
+    pub default_base_model: String,
+    pub allowed_init_base_models: Vec<String>,
+    /// Where version 0 of a new LoRA is recorded to live.
+    pub lora_root: String,
 }
 
 impl ApiOptions {
@@ -29,6 +34,9 @@ impl ApiOptions {
             feedback_default_wait_s: cfg.server.feedback_default_wait_s,
             feedback_max_wait_s: cfg.server.feedback_max_wait_s,
             max_attempts: cfg.queue.max_attempts,
+            default_base_model: cfg.model.base_model_id.clone(),
+            allowed_init_base_models: cfg.model.allowed_init_base_models.clone(),
+            lora_root: cfg.storage.lora_root.display().to_string(),
         }
     }
 }
@@ -48,6 +56,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs", get(routes::jobs::list))
         .route("/v1/jobs/{id}", get(routes::jobs::get))
         .route("/v1/jobs/{id}/cancel", post(routes::jobs::cancel))
+        .route("/v1/lora/init", post(routes::lora::init))
+        .route("/v1/lora/{*rest}", get(routes::lora::versions))
         .route("/v1/health", get(routes::health::health))
         .fallback(error::route_not_found)
         .method_not_allowed_fallback(error::method_not_allowed)

@@ -20,6 +20,9 @@ fn options() -> ApiOptions {
         feedback_default_wait_s: 0,
         feedback_max_wait_s: 30,
         max_attempts: 3,
+        default_base_model: TEST_BASE_MODEL.into(),
+        allowed_init_base_models: vec![TEST_BASE_MODEL.into()],
+        lora_root: "/tmp/claas-api-tests".into(),
     }
 }
 
@@ -164,7 +167,44 @@ api_tests!(
     failed_job_never_answers_200,
     cancel_and_list_jobs,
     health_reports_database_and_workers,
+    lora_init_registers_and_lists_versions,
 );
+
+async fn lora_init_registers_and_lists_versions(db: &TestDb) {
+    let app = app(&db.store, options());
+    let (status, body) = call(&app, post("/v1/lora/init", &json!({"lora_id": "user/new"}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body, json!({"lora_id": "user/new"}));
+    let (status, body) = call(&app, post("/v1/lora/init", &json!({"lora_id": "user/new"}))).await;
+    assert_error(status, &body, StatusCode::CONFLICT, "already exists");
+    let other = json!({"lora_id": "user/x", "base_model": "Qwen/Qwen3-32B"});
+    let (status, body) = call(&app, post("/v1/lora/init", &other)).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::FORBIDDEN,
+        "Allowed models: test/base",
+    );
+    let bad_r = json!({"lora_id": "user/y", "lora_r": 2});
+    let (status, body) = call(&app, post("/v1/lora/init", &bad_r)).await;
+    assert_error(status, &body, StatusCode::UNPROCESSABLE_ENTITY, "lora_r");
+    let (status, body) = call(&app, get("/v1/lora/user/new/versions")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["current_version"], 0);
+    assert_eq!(body["versions"][0]["version"], 0);
+    let (status, body) = call(&app, get("/v1/lora/user/none/versions")).await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "LoRA not found");
+    let lora = db
+        .store
+        .get_lora("user/new")
+        .await
+        .expect("get")
+        .expect("lora");
+    assert_eq!(
+        (lora.rank, lora.alpha, lora.target_modules.len()),
+        (32, 64.0, 7)
+    );
+}
 
 async fn feedback_is_accepted_with_a_pollable_job(db: &TestDb) {
     db.store.create_lora(&lora("user/a")).await.expect("lora");

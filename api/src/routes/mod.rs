@@ -3,3 +3,4 @@
 pub mod feedback;
 pub mod health;
 pub mod jobs;
+pub mod lora;
