@@ -16,6 +16,8 @@ use sqlx::Connection;
 pub enum BenchCommand {
     /// Queue throughput and claim latency.
     Queue(QueueBench),
+    /// Fixed-rate load on `POST /v1/feedback` of a running API.
+    Api(ApiBench),
 }
 
 #[derive(Args)]
@@ -42,6 +44,7 @@ const BASE_MODEL: &str = "bench/base";
 pub async fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Queue(b) => queue(b).await,
+        BenchCommand::Api(b) => api(b).await,
     }
 }
 
@@ -49,9 +52,12 @@ async fn queue(b: QueueBench) -> Result<()> {
     if b.jobs == 0 || b.loras == 0 || b.workers == 0 {
         bail!("--jobs, --loras and --workers must be > 0");
     }
-    let pool_size = b
-        .connections
-        .unwrap_or_else(|| u32::try_from(b.workers).unwrap_or(u32::MAX));
+    let pool_size = if b.database_url.starts_with("sqlite:") {
+        1 // the SQLite store serialises on one connection
+    } else {
+        b.connections
+            .unwrap_or_else(|| u32::try_from(b.workers).unwrap_or(u32::MAX))
+    };
     let (store, schema): (SharedStore, Option<String>) = if b.database_url.starts_with("sqlite:") {
         let s = SqliteStore::connect(&b.database_url).await?;
         (Arc::new(s), None)
@@ -211,6 +217,104 @@ async fn burn_down(store: &SharedStore, b: &QueueBench, pool_size: u32) -> Resul
         b.jobs as f64 / secs,
         pct(&latencies, 0.50),
         pct(&latencies, 0.99)
+    );
+    Ok(())
+}
+
+/// `claas bench api`: an open-loop load generator for `POST /v1/feedback`. Requests leave
+/// on a fixed schedule whether or not earlier ones have answered, and each latency is
+/// measured from its scheduled start, so a stalled server cannot hide its queueing.
+#[derive(Args)]
+pub struct ApiBench {
+    /// Base URL of a running `claas api`.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Requests per second.
+    #[arg(long, default_value_t = 1000)]
+    rate: u32,
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// Requests rotate over LoRAs `bench/l0` … `bench/l{N-1}` (created first if missing).
+    #[arg(long, default_value_t = 100)]
+    loras: usize,
+}
+
+fn feedback_body(lora: &str, i: u64) -> String {
+    serde_json::json!({"requests": [{
+        "lora_id": lora,
+        "prompt": "Explain recursion in one paragraph.",
+        "response": "Recursion is when a function calls itself on a smaller input until a base case.",
+        "feedback": format!("too long ({i})"),
+        "prompt_token_ids": (0..64).collect::<Vec<u32>>(),
+        "response_token_ids": (100..164).collect::<Vec<u32>>(),
+        "response_logprobs": vec![-0.5f32; 64],
+        "system_prompt": "You are a concise teacher."
+    }]})
+    .to_string()
+}
+
+pub async fn api(b: ApiBench) -> Result<()> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    for l in 0..b.loras {
+        let resp = client
+            .post(format!("{}/v1/lora/init", b.url))
+            .header("content-type", "application/json")
+            .body(serde_json::json!({"lora_id": format!("bench/l{l}")}).to_string())
+            .send()
+            .await?;
+        if !(resp.status().is_success() || resp.status() == 409) {
+            bail!("creating bench/l{l}: {}", resp.status());
+        }
+    }
+    let total = u64::from(b.rate) * b.seconds;
+    let interval = Duration::from_secs_f64(1.0 / f64::from(b.rate.max(1)));
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+    for i in 0..total {
+        let due = start + interval.mul_f64(i as f64);
+        tokio::time::sleep_until(due).await;
+        let client = client.clone();
+        let url = format!("{}/v1/feedback", b.url);
+        let body = feedback_body(&format!("bench/l{}", i % b.loras as u64), i);
+        tasks.push(tokio::spawn(async move {
+            let resp = client
+                .post(url)
+                .header("content-type", "application/json")
+                .header("prefer", "respond-async")
+                .body(body)
+                .send()
+                .await;
+            let ok = matches!(&resp, Ok(r) if r.status() == 202);
+            (ok, due.elapsed().as_secs_f64() * 1000.0)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(tasks.len());
+    let mut failures = 0usize;
+    for t in tasks {
+        let (ok, ms) = t.await?;
+        if !ok {
+            failures += 1;
+        }
+        latencies.push(ms);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
+    println!(
+        "requests={} failures={failures} seconds={secs:.1} achieved_rps={:.0}",
+        latencies.len(),
+        latencies.len() as f64 / secs
+    );
+    println!(
+        "p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} p999_ms={:.2} max_ms={:.2}",
+        pct(0.50),
+        pct(0.90),
+        pct(0.99),
+        pct(0.999),
+        pct(1.0)
     );
     Ok(())
 }

@@ -151,7 +151,8 @@ impl Executor for SimulatedExecutor {
             "metrics": distilled.metrics,
         })
         .to_string();
-        let dir = self.root.join(&job.lora_id);
+        let root = std::path::absolute(&self.root).unwrap_or_else(|_| self.root.clone());
+        let dir = root.join(&job.lora_id);
         let path = dir.join(format!("v{version}.json"));
         let io = |e: std::io::Error| {
             PhaseError::retryable("storage_error", format!("{}: {e}", path.display()))
