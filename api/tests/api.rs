@@ -115,21 +115,16 @@ fn start_worker(store: &SharedStore) -> watch::Sender<bool> {
             root: std::env::temp_dir().join("claas-api-tests"),
         }),
         WorkerOptions {
-            id: format!("test-{}", uuid::Uuid::new_v4().simple()),
-            hostname: "test".into(),
-            gpu: None,
-            vllm_url: None,
-            base_models: vec![TEST_BASE_MODEL.into()],
             lease: Duration::from_secs(30),
-            max_batch_samples: 8,
             poll_interval: Duration::from_millis(50),
             retry: RetryPolicy {
                 base: Duration::from_millis(10),
                 max: Duration::from_millis(20),
             },
-            shutdown_grace: Duration::from_secs(5),
-            retention: Duration::from_secs(86_400),
-            wake_on_failure: true,
+            ..WorkerOptions::new(
+                format!("test-{}", uuid::Uuid::new_v4().simple()),
+                vec![TEST_BASE_MODEL.into()],
+            )
         },
     );
     tokio::spawn(async move { worker.run(rx).await });

@@ -34,6 +34,30 @@ pub struct WorkerOptions {
     pub wake_on_failure: bool,
 }
 
+impl WorkerOptions {
+    /// Options with the fleet profile's defaults (lease 120 s, batches of 8 samples, poll
+    /// 2 s, retries from 5 s to 10 min, 30 s shutdown grace, 30 days retention).
+    pub fn new(id: impl Into<String>, base_models: Vec<String>) -> Self {
+        WorkerOptions {
+            id: id.into(),
+            hostname: "localhost".into(),
+            gpu: None,
+            vllm_url: None,
+            base_models,
+            lease: Duration::from_secs(120),
+            max_batch_samples: 8,
+            poll_interval: Duration::from_secs(2),
+            retry: RetryPolicy {
+                base: Duration::from_secs(5),
+                max: Duration::from_secs(600),
+            },
+            shutdown_grace: Duration::from_secs(30),
+            retention: Duration::from_secs(30 * 86_400),
+            wake_on_failure: true,
+        }
+    }
+}
+
 /// A worker bound to a store and an executor.
 pub struct Worker {
     store: SharedStore,

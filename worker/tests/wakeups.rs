@@ -4,27 +4,19 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use claas_core::queue::RetryPolicy;
 use claas_core::testing::{database_url, job, lora, TestDb, TEST_BASE_MODEL};
 use claas_core::types::JobStatus;
 use claas_worker::{SimulatedExecutor, Worker, WorkerOptions};
 use sqlx::Connection;
 use tokio::sync::watch;
 
+/// Polling slowed to 60 s: only a notification (or the reconnect's re-check) wakes it.
 fn options(id: &str) -> WorkerOptions {
     WorkerOptions {
-        id: id.into(),
-        hostname: "test".into(),
-        gpu: None,
-        vllm_url: None,
-        base_models: vec![TEST_BASE_MODEL.into()],
-        lease: Duration::from_secs(30),
-        max_batch_samples: 8,
         poll_interval: Duration::from_secs(60),
-        retry: RetryPolicy::default(),
+        lease: Duration::from_secs(30),
         shutdown_grace: Duration::from_secs(1),
-        retention: Duration::from_secs(86_400),
-        wake_on_failure: true,
+        ..WorkerOptions::new(id, vec![TEST_BASE_MODEL.into()])
     }
 }
 

@@ -226,13 +226,15 @@ pub async fn submit(
     let job = if wait.is_zero() {
         enqueued.job
     } else {
-        wait_for(&state, enqueued.job, wait).await?
+        wait_for(&state, enqueued.job, wait).await
     };
     Ok(answer(job))
 }
 
-/// Polls the job until it is terminal or `wait` passes.
-async fn wait_for(state: &AppState, mut job: Job, wait: Duration) -> ApiResult<Job> {
+/// Polls the job until it is terminal or `wait` passes. The job is already accepted, so a
+/// database error while polling ends the wait (the caller gets 202 and polls later)
+/// instead of failing a request whose feedback is safely queued.
+async fn wait_for(state: &AppState, mut job: Job, wait: Duration) -> Job {
     let deadline = Instant::now() + wait;
     let mut every = Duration::from_millis(20);
     while !job.status.is_terminal() {
@@ -242,11 +244,16 @@ async fn wait_for(state: &AppState, mut job: Job, wait: Duration) -> ApiResult<J
         }
         tokio::time::sleep(every.min(left)).await;
         every = (every * 2).min(Duration::from_millis(250));
-        if let Some(j) = state.store.get_job(job.id).await? {
-            job = j;
+        match state.store.get_job(job.id).await {
+            Ok(Some(j)) => job = j,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, job_id = %job.id, "stopped waiting for an accepted job");
+                break;
+            }
         }
     }
-    Ok(job)
+    job
 }
 
 fn status_url(job: &Job) -> String {
