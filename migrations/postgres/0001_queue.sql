@@ -76,6 +76,9 @@ create unique index jobs_one_running_per_lora on jobs (lora_id) where status = '
 -- several, and `base_model = any(...)` on a leading column would cost the index its order
 -- (the planner then sorts the whole queue on every claim). Fleets mostly serve one model.
 create index jobs_claim_order on jobs (priority desc, run_at, id) where status = 'queued';
+-- Coalescing: queued jobs of one LoRA in claim order. Without it the generic plan ANDs
+-- the LoRA index with a range over every queued job (a bitmap of the whole queue per claim).
+create index jobs_queued_by_lora on jobs (lora_id, priority desc, run_at, id) where status = 'queued';
 -- Members of a running batch, found from the job that trains them.
 create index jobs_trained_by on jobs (trained_by) where trained_by is not null;
 create unique index jobs_idempotency on jobs (caller, idempotency_key) where idempotency_key is not null;

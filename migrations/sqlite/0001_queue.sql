@@ -60,6 +60,7 @@ create table jobs (
 
 create unique index jobs_one_running_per_lora on jobs (lora_id) where status = 'running';
 create index jobs_claim_order on jobs (priority desc, run_at, id) where status = 'queued';
+create index jobs_queued_by_lora on jobs (lora_id, priority desc, run_at, id) where status = 'queued';
 create index jobs_trained_by on jobs (trained_by) where trained_by is not null;
 create unique index jobs_idempotency on jobs (caller, idempotency_key) where idempotency_key is not null;
 create index jobs_lora_id on jobs (lora_id, id desc);
