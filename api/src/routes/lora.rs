@@ -96,7 +96,7 @@ pub async fn init(
         })
         .await?;
     Ok((
-        StatusCode::CREATED,
+        StatusCode::OK, // as CLaaS answers; its clients check for success, not 201
         Json(serde_json::json!({"lora_id": lora.lora_id})),
     )
         .into_response())
