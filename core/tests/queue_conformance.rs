@@ -109,6 +109,9 @@ conformance!(
     listing_filters_and_paginates_newest_first,
     enqueue_wakes_a_waiting_claimer,
     concurrent_claimers_never_run_one_lora_twice,
+    published_job_never_trains_again_nor_joins_a_batch,
+    requeue_of_a_cancel_requested_job_cancels_it,
+    failure_after_publish_ends_succeeded_with_the_error_kept,
 );
 
 async fn enqueued_job_is_claimed_with_its_payload(db: &TestDb) {
@@ -778,6 +781,14 @@ async fn concurrent_claimers_never_run_one_lora_twice(db: &TestDb) {
                 // Jobs held between claim and completion (an upper bound of what is running).
                 let held = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
                 peak.fetch_max(held, Ordering::SeqCst);
+                // Hold the job until every claimer holds one at once (or 500 ms pass): with
+                // no global lock this happens early; with one it never does.
+                let until = std::time::Instant::now() + Duration::from_millis(500);
+                while peak.load(Ordering::SeqCst) < CLAIMERS.min(LORAS)
+                    && std::time::Instant::now() < until
+                {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 running.lock().expect("lock").remove(&c.job.lora_id);
                 assert!(s
@@ -807,4 +818,152 @@ async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
     for t in tasks {
         t.await.expect("claimer panicked");
     }
+}
+
+async fn published_job_never_trains_again_nor_joins_a_batch(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    let first = job("a", 1);
+    s.enqueue(&first).await.expect("enqueue");
+    let mut req = claim_req("w1");
+    req.lease = Duration::from_millis(400);
+    let c = s.claim(&req).await.expect("claim").expect("job");
+    s.begin_training(&c.lease(), None).await.expect("begin");
+    assert!(s.publish(&c.lease(), &version(1)).await.expect("publish"));
+    let err = s
+        .cancel(first.id)
+        .await
+        .expect_err("published while running");
+    assert!(
+        matches!(&err, Error::Conflict(m) if m.contains("already trained into version 1")),
+        "{err}"
+    );
+    // The worker dies after publish; the reaper puts the job back to finish its reload.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(s.reap_expired(FAST_RETRY).await.expect("reap").requeued, 1);
+    let err = s
+        .cancel(first.id)
+        .await
+        .expect_err("published while queued");
+    assert!(matches!(err, Error::Conflict(_)), "{err}");
+
+    // A later job of the same LoRA and config leads a batch: the published job must not
+    // join it (it would be trained a second time).
+    let mut urgent = job("a", 1);
+    urgent.priority = 10;
+    s.enqueue(&urgent).await.expect("enqueue");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let c2 = claim(s, "w2").await;
+    assert_eq!(c2.job.id, urgent.id);
+    assert!(c2.members.is_empty(), "a published job joined a batch");
+    assert!(s.publish(&c2.lease(), &version(2)).await.expect("publish"));
+    assert!(s
+        .complete(&c2.lease(), &serde_json::json!({"version": 2}), None)
+        .await
+        .expect("complete"));
+
+    let resumed = claim(s, "w3").await;
+    assert_eq!(resumed.job.id, first.id);
+    assert_eq!(resumed.job.published_version, Some(1));
+    assert_eq!(
+        s.lora_versions("a").await.expect("versions").len(),
+        3,
+        "versions 0, 1, 2 and no more"
+    );
+}
+
+async fn requeue_of_a_cancel_requested_job_cancels_it(db: &TestDb) {
+    let s = &db.store;
+    // A retryable failure after a cancel request ends the job instead of retrying it; the
+    // members it carried go back to the queue (nobody cancelled them).
+    s.create_lora(&lora("a")).await.expect("lora");
+    let lead = job("a", 1);
+    let member = job("a", 1);
+    s.enqueue(&lead).await.expect("enqueue");
+    s.enqueue(&member).await.expect("enqueue");
+    let c = claim(s, "w").await;
+    assert_eq!(c.members.len(), 1);
+    assert!(matches!(
+        s.cancel(lead.id).await.expect("cancel"),
+        CancelOutcome::Requested(_)
+    ));
+    let err = JobError {
+        code: "vllm_unavailable".into(),
+        message: "connection refused".into(),
+        phase: Some(Phase::Drain),
+    };
+    assert_eq!(
+        s.fail(&c.lease(), &err, true, FAST_RETRY)
+            .await
+            .expect("fail"),
+        FailOutcome::Cancelled
+    );
+    let l = s.get_job(lead.id).await.expect("get").expect("exists");
+    assert_eq!(l.status, JobStatus::Cancelled);
+    assert!(l.finished_at.is_some());
+    assert_eq!(l.error.as_ref().map(|e| e.code.as_str()), Some("cancelled"));
+    let m = s.get_job(member.id).await.expect("get").expect("exists");
+    assert_eq!(m.status, JobStatus::Queued);
+    assert_eq!(m.trained_by, None);
+
+    // The same when the worker dies (reaper) or hands the job back (release).
+    s.create_lora(&lora("b")).await.expect("lora");
+    let dead = job("b", 1);
+    s.enqueue(&dead).await.expect("enqueue");
+    s.cancel(member.id)
+        .await
+        .expect("cancel the queued member too");
+    let c = claim_expiring(s, "w").await;
+    assert_eq!(c.job.id, dead.id);
+    s.cancel(dead.id).await.expect("cancel");
+    let r = s.reap_expired(FAST_RETRY).await.expect("reap");
+    assert_eq!((r.requeued, r.failed, r.settled), (0, 0, 1));
+    let d = s.get_job(dead.id).await.expect("get").expect("exists");
+    assert_eq!(d.status, JobStatus::Cancelled);
+
+    s.create_lora(&lora("c")).await.expect("lora");
+    let handed = job("c", 1);
+    s.enqueue(&handed).await.expect("enqueue");
+    let c = claim(s, "w").await;
+    s.cancel(handed.id).await.expect("cancel");
+    assert!(s.release(&c.lease()).await.expect("release"));
+    let h = s.get_job(handed.id).await.expect("get").expect("exists");
+    assert_eq!(h.status, JobStatus::Cancelled);
+    assert!(s.claim(&claim_req("w")).await.expect("claim").is_none());
+}
+
+async fn failure_after_publish_ends_succeeded_with_the_error_kept(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    let lead = job("a", 1);
+    let member = job("a", 1);
+    s.enqueue(&lead).await.expect("enqueue");
+    s.enqueue(&member).await.expect("enqueue");
+    let c = claim(s, "w").await;
+    s.begin_training(&c.lease(), None).await.expect("begin");
+    assert!(s.publish(&c.lease(), &version(1)).await.expect("publish"));
+    let err = JobError {
+        code: "reload_failed".into(),
+        message: "vLLM refused the adapter".into(),
+        phase: Some(Phase::Reload),
+    };
+    assert_eq!(
+        s.fail(&c.lease(), &err, false, FAST_RETRY)
+            .await
+            .expect("fail"),
+        FailOutcome::AlreadyPublished
+    );
+    let l = s.get_job(lead.id).await.expect("get").expect("exists");
+    assert_eq!(l.status, JobStatus::Succeeded, "its feedback was trained");
+    assert_eq!(
+        l.error.as_ref().map(|e| e.code.as_str()),
+        Some("reload_failed")
+    );
+    assert_eq!(
+        l.result.as_ref().and_then(|r| r.get("version")),
+        Some(&serde_json::json!(1))
+    );
+    let m = s.get_job(member.id).await.expect("get").expect("exists");
+    assert_eq!(m.status, JobStatus::Succeeded);
+    assert_eq!(s.lora_versions("a").await.expect("versions").len(), 2);
 }

@@ -10,6 +10,7 @@ use claas_core::queue::{
 };
 use claas_core::types::{JobError, NewVersion, Phase, WorkerInfo, WorkerState};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::executor::{Executor, JobContext, PhaseError};
 
@@ -208,10 +209,11 @@ impl Worker {
 
     async fn maintenance(&self) {
         match self.store.reap_expired(self.opts.retry).await {
-            Ok(r) if r.requeued + r.failed > 0 => {
+            Ok(r) if r.requeued + r.failed + r.settled > 0 => {
                 tracing::warn!(
                     requeued = r.requeued,
                     failed = r.failed,
+                    settled = r.settled,
                     "reaped expired leases"
                 )
             }
@@ -227,6 +229,18 @@ impl Worker {
 
     /// Runs one claimed job to an end, or hands it back when shutdown's grace runs out.
     async fn run_claimed(&self, claimed: Claimed, shutdown: &mut watch::Receiver<bool>) {
+        let span = tracing::info_span!(
+            "job",
+            job_id = %claimed.job.id,
+            lora_id = %claimed.job.lora_id,
+            attempt = claimed.job.attempt
+        );
+        self.run_claimed_in_span(claimed, shutdown)
+            .instrument(span)
+            .await
+    }
+
+    async fn run_claimed_in_span(&self, claimed: Claimed, shutdown: &mut watch::Receiver<bool>) {
         let lease = claimed.lease();
         let ctx = JobContext {
             job_id: claimed.job.id,
@@ -235,8 +249,6 @@ impl Worker {
             attempt: claimed.job.attempt,
             orchestration: claimed.job.orchestration.clone(),
         };
-        let span = tracing::info_span!("job", job_id = %ctx.job_id, lora_id = %ctx.lora_id, attempt = ctx.attempt);
-        let _guard = span.enter();
         tracing::info!(members = claimed.members.len(), "claimed");
         let (lease_tx, lease_rx) = watch::channel(LeaseState::Held {
             cancel_requested: claimed.job.cancel_requested,
@@ -315,6 +327,9 @@ impl Worker {
                 tracing::warn!(phase = phase.as_str(), error = %err, "phase failed");
                 let wake = ctx.orchestration.wake_on_failure || self.opts.wake_on_failure;
                 self.wake_after_stop(ctx, &slept, wake).await;
+                // Asked to leave vLLM asleep after a failure (for inspection): the
+                // fallback in run_claimed must not wake it either.
+                slept.store(false, Ordering::SeqCst);
                 let job_err = JobError {
                     code: err.code.clone(),
                     message: err.message.clone(),
@@ -326,6 +341,8 @@ impl Worker {
                 {
                     Ok(FailOutcome::Retrying) => Outcome::Retrying,
                     Ok(FailOutcome::Failed) => Outcome::Failed,
+                    Ok(FailOutcome::Cancelled) => Outcome::Cancelled,
+                    Ok(FailOutcome::AlreadyPublished) => Outcome::Succeeded,
                     Ok(FailOutcome::LeaseLost) => Outcome::LeaseLost,
                     Err(e) => {
                         tracing::error!(error = %e, "could not record failure; the lease will expire");
@@ -337,6 +354,27 @@ impl Worker {
                 tracing::error!(error = %e, "store unavailable mid-job; leaving it to the lease");
                 Outcome::LeaseLost
             }
+        }
+    }
+
+    /// Publish changed nothing: either the lease is gone, or the LoRA moved on while this
+    /// job trained (re-initialised with `overwrite`), so the trained step no longer applies.
+    /// The second is a retryable failure: the next attempt trains on the current version.
+    async fn publish_refused(&self, lease: &Lease, version: i32) -> Stop {
+        match self.store.heartbeat(lease, self.opts.lease).await {
+            Ok(LeaseState::Held { .. }) => Stop::Failed(
+                Phase::Publish,
+                PhaseError::retryable(
+                    "version_conflict",
+                    format!(
+                        "LoRA version {} is no longer current, so version {version} cannot follow it; \
+                         retrying on the current version",
+                        version - 1
+                    ),
+                ),
+            ),
+            Ok(LeaseState::Lost) => Stop::LeaseLost,
+            Err(e) => Stop::Store(e),
         }
     }
 
@@ -403,13 +441,18 @@ impl Worker {
                 Ok(())
             }
         };
-        let (version, metrics, batch_size) = match claimed.job.published_version {
+        // `version` is what this job published; `serve` is what vLLM should load, which
+        // differs only when a later job of the LoRA published while this one waited to resume.
+        let (version, serve, metrics, batch_size) = match claimed.job.published_version {
             // A retry after publish: the version exists, only reload and wake remain.
             Some(v) => {
-                tracing::info!(version = v, "resuming after publish");
+                let current = self.store.get_lora(&ctx.lora_id).await?;
+                let serve = current.map_or(v, |l| l.current_version.max(v));
+                tracing::info!(version = v, serve, "resuming after publish");
                 let result = claimed.job.result.clone().unwrap_or_default();
                 (
                     v,
+                    serve,
                     result.get("metrics").cloned().unwrap_or_default(),
                     claimed.job.sample_count,
                 )
@@ -471,20 +514,14 @@ impl Worker {
                     metrics: metrics.clone(),
                 };
                 if !self.store.publish(lease, &record).await? {
-                    return Err(Stop::LeaseLost);
+                    return Err(self.publish_refused(lease, version).await);
                 }
                 let batch = i32::try_from(samples.len()).unwrap_or(i32::MAX);
-                (version, metrics, batch)
+                (version, version, metrics, batch)
             }
         };
-        self.step(
-            lease,
-            watch,
-            clock,
-            Phase::Reload,
-            exec.reload(ctx, version),
-        )
-        .await?;
+        self.step(lease, watch, clock, Phase::Reload, exec.reload(ctx, serve))
+            .await?;
         let mut woke = false;
         if slept.load(Ordering::SeqCst) && orch.wake_after {
             self.step(lease, watch, clock, Phase::Wake, exec.wake(ctx))

@@ -235,6 +235,37 @@ const MEMBERS_FOLLOW_LEAD: &str = "
     from lead where m.trained_by = lead.id and m.status = 'coalesced'
     returning m.id, m.status";
 
+/// SQL for `super::next_status` on the lead aliased `j`: the status it takes when it stops
+/// without completing, `retry` being the SQL condition for another run.
+fn next_status(retry: &str) -> String {
+    format!(
+        "(case when j.published_version is not null
+              then case when {retry} then 'queued' else 'succeeded' end
+              when {retry} then case when j.cancel_requested then 'cancelled' else 'queued' end
+              else 'failed' end)"
+    )
+}
+
+/// The SET list that moves a running lead to `next` (an SQL expression from [`next_status`])
+/// with the error `error` (jsonb), retrying after `delay` (ms).
+fn settle_lead(next: &str, error: &str, delay: &str) -> String {
+    format!(
+        "status = {next},
+         phase = case {next} when 'queued' then 'queued' when 'succeeded' then 'done' else j.phase end,
+         run_at = case when {next} = 'queued' then now() + {delay} * interval '1 millisecond'
+                  else j.run_at end,
+         finished_at = case when {next} = 'queued' then null else now() end,
+         result = case when {next} = 'succeeded'
+                  then coalesce(j.result, jsonb_build_object('version', j.published_version))
+                  else j.result end,
+         error = case when {next} = 'cancelled'
+                 then jsonb_build_object('code', 'cancelled', 'message',
+                      'cancelled by request (the run had stopped: ' || coalesce(({error})->>'message', 'handed back') || ')')
+                 else coalesce({error}, j.error) end,
+         worker_id = null, lease_expires_at = null"
+    )
+}
+
 #[async_trait]
 impl Store for PgStore {
     fn backend(&self) -> &'static str {
@@ -444,8 +475,8 @@ impl Store for PgStore {
                     finished_at = case when j.status = 'running' then null else now() end,
                     error = case when j.status = 'running' then j.error
                             else jsonb_build_object('code', 'cancelled', 'message', 'cancelled by request') end
-                where id = $1 and (status in ('queued', 'running')
-                                   or (status = 'coalesced' and phase = 'queued'))
+                where id = $1 and published_version is null
+                  and (status in ('queued', 'running') or (status = 'coalesced' and phase = 'queued'))
                 returning {JOB_COLUMNS}
             ), ev as (
                 insert into job_events (job_id, phase, message)
@@ -555,7 +586,8 @@ impl Store for PgStore {
                 select q.id, q.sample_count, q.priority, q.run_at
                 from jobs q join claimed c on q.lora_id = c.lora_id and q.coalesce_key = c.coalesce_key
                 where q.status = 'queued' and q.id <> c.id and q.run_at <= now()
-                  and c.published_version is null
+                  and c.published_version is null and q.published_version is null
+                  and not q.cancel_requested
                 order by q.priority desc, q.run_at, q.id
                 limit $4
                 for update of q skip locked
@@ -772,22 +804,18 @@ impl Store for PgStore {
         retry: RetryPolicy,
     ) -> Result<FailOutcome> {
         let delay = super::backoff(lease.attempt, retry.base, retry.max);
+        let next = next_status("$4 and j.attempt < j.max_attempts");
         let sql = format!(
             "with lead as (
-                update jobs j set
-                    status = case when $4 and j.attempt < j.max_attempts then 'queued' else 'failed' end,
-                    phase = case when $4 and j.attempt < j.max_attempts then 'queued' else j.phase end,
-                    run_at = case when $4 and j.attempt < j.max_attempts
-                                  then now() + $6 * interval '1 millisecond' else j.run_at end,
-                    finished_at = case when $4 and j.attempt < j.max_attempts then null else now() end,
-                    error = $5, worker_id = null, lease_expires_at = null
+                update jobs j set {set}
                 where {FENCE} returning j.id, j.status, j.result, j.error
             ), members as ({MEMBERS_FOLLOW_LEAD}
             ), ev as (
                 insert into job_events (job_id, phase, message)
                 select id, status, ($5::jsonb)->>'message' from lead
             ), n as (select pg_notify('{CHANNEL}', '') from lead)
-            select (select status from lead) as status, (select count(*) from n) as notified"
+            select (select status from lead) as status, (select count(*) from n) as notified",
+            set = settle_lead(&next, "$5::jsonb", "$6::float8"),
         );
         let row = sqlx::query(&sql)
             .bind(lease.job_id)
@@ -801,6 +829,8 @@ impl Store for PgStore {
         let status: Option<String> = row.try_get("status")?;
         Ok(match status.as_deref() {
             Some("queued") => FailOutcome::Retrying,
+            Some("cancelled") => FailOutcome::Cancelled,
+            Some("succeeded") => FailOutcome::AlreadyPublished,
             Some(_) => FailOutcome::Failed,
             None => FailOutcome::LeaseLost,
         })
@@ -833,15 +863,15 @@ impl Store for PgStore {
         // keeps rising and still fences this worker out.
         let sql = format!(
             "with lead as (
-                update jobs set status = 'queued', phase = 'queued', worker_id = null,
-                    lease_expires_at = null, run_at = now(), max_attempts = max_attempts + 1
-                where {FENCE} returning id, status, result, error
+                update jobs j set {set}, max_attempts = j.max_attempts + 1
+                where {FENCE} returning j.id, j.status, j.result, j.error
             ), members as ({MEMBERS_FOLLOW_LEAD}
             ), ev as (
                 insert into job_events (job_id, phase, message)
-                select id, 'queued', 'handed back by ' || $3 || ' on shutdown' from lead
+                select id, status, 'handed back by ' || $3 || ' on shutdown' from lead
             ), n as (select pg_notify('{CHANNEL}', '') from lead)
-            select (select count(*) from lead) as n, (select count(*) from n) as notified"
+            select (select count(*) from lead) as n, (select count(*) from n) as notified",
+            set = settle_lead(&next_status("true"), "null::jsonb", "0"),
         );
         let row = sqlx::query(&sql)
             .bind(lease.job_id)
@@ -858,18 +888,7 @@ impl Store for PgStore {
                 select id from jobs where status = 'running' and lease_expires_at <= now()
                 order by lease_expires_at limit 100 for update skip locked
             ), lead as (
-                update jobs j set
-                    status = case when j.attempt < j.max_attempts then 'queued' else 'failed' end,
-                    phase = case when j.attempt < j.max_attempts then 'queued' else j.phase end,
-                    run_at = case when j.attempt < j.max_attempts
-                        then now() + least($2::float8, $1::float8 * power(2, greatest(j.attempt - 1, 0)))
-                                     * (0.5 + random() / 2) * interval '1 millisecond'
-                        else j.run_at end,
-                    finished_at = case when j.attempt < j.max_attempts then null else now() end,
-                    error = jsonb_build_object('code', 'lease_expired', 'message',
-                        'worker ' || coalesce(j.worker_id, '?') || ' stopped renewing its lease on attempt '
-                        || j.attempt || ' of ' || j.max_attempts),
-                    worker_id = null, lease_expires_at = null
+                update jobs j set {set}
                 from expired where j.id = expired.id
                 returning j.id, j.status, j.result, j.error
             ), members as ({MEMBERS_FOLLOW_LEAD}
@@ -879,7 +898,15 @@ impl Store for PgStore {
             ), n as (select pg_notify('{CHANNEL}', '') from lead limit 1)
             select (select count(*) from lead where status = 'queued') as requeued,
                    (select count(*) from lead where status = 'failed') as failed,
-                   (select count(*) from n) as notified"
+                   (select count(*) from lead where status in ('succeeded', 'cancelled')) as settled,
+                   (select count(*) from n) as notified",
+            set = settle_lead(
+                &next_status("j.attempt < j.max_attempts"),
+                "jsonb_build_object('code', 'lease_expired', 'message',
+                    'worker ' || coalesce(j.worker_id, '?') || ' stopped renewing its lease on attempt '
+                    || j.attempt || ' of ' || j.max_attempts)",
+                "(least($2::float8, $1::float8 * power(2, greatest(j.attempt - 1, 0))) * (0.5 + random() / 2))",
+            ),
         );
         let row = sqlx::query(&sql)
             .bind(ms(retry.base))
@@ -889,6 +916,7 @@ impl Store for PgStore {
         Ok(Reaped {
             requeued: row.try_get::<i64, _>("requeued")?.unsigned_abs(),
             failed: row.try_get::<i64, _>("failed")?.unsigned_abs(),
+            settled: row.try_get::<i64, _>("settled")?.unsigned_abs(),
         })
     }
 
@@ -921,6 +949,12 @@ impl Store for PgStore {
 
 /// Why a job that matched no cancellable state cannot be cancelled.
 pub(crate) fn cancel_refusal(job: &Job) -> Error {
+    if let (Some(v), false) = (job.published_version, job.status.is_terminal()) {
+        return Error::Conflict(format!(
+            "job {} is already trained into version {v} of LoRA {}; it can no longer be cancelled",
+            job.id, job.lora_id
+        ));
+    }
     match (job.status, job.trained_by) {
         (JobStatus::Coalesced, Some(lead)) => Error::Conflict(format!(
             "job {} is already being trained in the batch of job {lead}; it can no longer be cancelled",

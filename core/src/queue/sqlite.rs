@@ -170,6 +170,92 @@ async fn members_follow_lead(
         .collect()
 }
 
+/// The running lead `id` as it stops without completing: what [`super::next_status`] needs.
+struct Stopping {
+    published: bool,
+    cancel_requested: bool,
+    attempt: i32,
+    max_attempts: i32,
+    worker_id: Option<String>,
+}
+
+/// Reads the lead under `FENCE` (binds ?1..?4), or `None` when the lease is lost.
+async fn fenced_lead(
+    tx: &mut Transaction<'_, Sqlite>,
+    lease: &Lease,
+    now: i64,
+) -> Result<Option<Stopping>> {
+    let sql = format!(
+        "select published_version, cancel_requested, attempt, max_attempts, worker_id
+         from jobs where {FENCE}"
+    );
+    let row = sqlx::query(&sql)
+        .bind(lease.job_id.to_string())
+        .bind(lease.attempt)
+        .bind(&lease.worker_id)
+        .bind(now)
+        .fetch_optional(&mut **tx)
+        .await?;
+    row.map(|r| {
+        Ok(Stopping {
+            published: r.try_get::<Option<i32>, _>("published_version")?.is_some(),
+            cancel_requested: r.try_get("cancel_requested")?,
+            attempt: r.try_get("attempt")?,
+            max_attempts: r.try_get("max_attempts")?,
+            worker_id: r.try_get("worker_id")?,
+        })
+    })
+    .transpose()
+}
+
+/// Moves a running lead to `next` (from [`super::next_status`]) with `error`, retrying at
+/// `run_at`; `extra_attempts` raises `max_attempts` (a hand-back costs no attempt). Then
+/// settles its members.
+#[allow(clippy::too_many_arguments)]
+async fn settle_lead(
+    tx: &mut Transaction<'_, Sqlite>,
+    id: &str,
+    next: JobStatus,
+    error: Option<&serde_json::Value>,
+    now: i64,
+    run_at: i64,
+    extra_attempts: i32,
+) -> Result<Vec<String>> {
+    let error = match next {
+        JobStatus::Cancelled => Some(serde_json::json!({
+            "code": "cancelled",
+            "message": format!(
+                "cancelled by request (the run had stopped: {})",
+                error
+                    .and_then(|e| e.get("message"))
+                    .and_then(|m| m.as_str())
+                    .unwrap_or("handed back")
+            ),
+        })),
+        _ => error.cloned(),
+    };
+    sqlx::query(
+        "update jobs set status = ?2,
+            phase = case ?2 when 'queued' then 'queued' when 'succeeded' then 'done' else phase end,
+            run_at = case when ?2 = 'queued' then ?3 else run_at end,
+            finished_at = case when ?2 = 'queued' then null else ?4 end,
+            result = case when ?2 = 'succeeded'
+                     then coalesce(result, json_object('version', published_version)) else result end,
+            error = coalesce(?5, error), worker_id = null, lease_expires_at = null,
+            max_attempts = max_attempts + ?6
+         where id = ?1",
+    )
+    .bind(id)
+    .bind(next.as_str())
+    .bind(run_at)
+    .bind(now)
+    .bind(error.map(|e| e.to_string()))
+    .bind(extra_attempts)
+    .execute(&mut **tx)
+    .await?;
+    members_follow_lead(tx, id, next, now).await
+}
+
 impl SqliteStore {
     /// Opens (creating if missing) the database file the URL names, in WAL mode, with one
     /// connection: SQLite serialises writers anyway, and one connection makes each
@@ -449,7 +535,8 @@ impl Store for SqliteStore {
                 finished_at = case when status = 'running' then null else ?2 end,
                 error = case when status = 'running' then error
                         else json_object('code', 'cancelled', 'message', 'cancelled by request') end
-             where id = ?1 and (status in ('queued', 'running') or (status = 'coalesced' and phase = 'queued'))
+             where id = ?1 and published_version is null
+               and (status in ('queued', 'running') or (status = 'coalesced' and phase = 'queued'))
              returning {JOB_COLUMNS}"
         );
         let row = sqlx::query(&sql)
@@ -583,6 +670,7 @@ impl Store for SqliteStore {
                         select id, sum(sample_count) over (order by priority desc, run_at, id) as total
                         from jobs
                         where status = 'queued' and lora_id = ?4 and coalesce_key = ?5 and run_at <= ?3
+                          and published_version is null and not cancel_requested
                         order by priority desc, run_at, id limit ?6)
                     where total + ?7 <= ?6)
                  returning {JOB_COLUMNS}, payload"
@@ -778,37 +866,26 @@ impl Store for SqliteStore {
         retryable: bool,
         retry: RetryPolicy,
     ) -> Result<FailOutcome> {
-        let delay = ms(super::backoff(lease.attempt, retry.base, retry.max));
-        let retry_now = "cast(?5 as integer) = 1 and attempt < max_attempts";
-        let set = format!(
-            "status = case when {retry_now} then 'queued' else 'failed' end,
-             phase = case when {retry_now} then 'queued' else phase end,
-             run_at = case when {retry_now} then ?4 + cast(?6 as integer) else run_at end,
-             finished_at = case when {retry_now} then null else ?4 end,
-             error = ?7, worker_id = null, lease_expires_at = null"
-        );
-        let binds = [
-            Some(if retryable { "1" } else { "0" }.to_string()),
-            Some(delay.to_string()),
-            Some(serde_json::to_string(error)?),
-        ];
-        let Some((mut tx, now)) = self.fenced_update(lease, &set, &binds).await? else {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let Some(lead) = fenced_lead(&mut tx, lease, now).await? else {
             return Ok(FailOutcome::LeaseLost);
         };
-        let lead = lease.job_id.to_string();
-        let status: String = sqlx::query_scalar("select status from jobs where id = ?")
-            .bind(&lead)
-            .fetch_one(&mut *tx)
-            .await?;
-        let status = JobStatus::from_str(&status)?;
-        members_follow_lead(&mut tx, &lead, status, now).await?;
-        event(&mut tx, &lead, now, status.as_str(), &error.message).await?;
+        let retry_now = retryable && lead.attempt < lead.max_attempts;
+        let next = super::next_status(lead.published, lead.cancel_requested, retry_now);
+        let run_at = now + ms(super::backoff(lease.attempt, retry.base, retry.max));
+        let id = lease.job_id.to_string();
+        let error = serde_json::to_value(error)?;
+        settle_lead(&mut tx, &id, next, Some(&error), now, run_at, 0).await?;
+        let message = error.get("message").and_then(|m| m.as_str()).unwrap_or("");
+        event(&mut tx, &id, now, next.as_str(), message).await?;
         tx.commit().await?;
         bump(&self.wake_tx);
-        Ok(if status == JobStatus::Queued {
-            FailOutcome::Retrying
-        } else {
-            FailOutcome::Failed
+        Ok(match next {
+            JobStatus::Queued => FailOutcome::Retrying,
+            JobStatus::Cancelled => FailOutcome::Cancelled,
+            JobStatus::Succeeded => FailOutcome::AlreadyPublished,
+            _ => FailOutcome::Failed,
         })
     }
 
@@ -828,16 +905,16 @@ impl Store for SqliteStore {
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool> {
-        let set =
-            "status = 'queued', phase = 'queued', worker_id = null, lease_expires_at = null, \
-                   run_at = ?4, max_attempts = max_attempts + 1";
-        let Some((mut tx, now)) = self.fenced_update(lease, set, &[]).await? else {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let Some(lead) = fenced_lead(&mut tx, lease, now).await? else {
             return Ok(false);
         };
-        let lead = lease.job_id.to_string();
-        members_follow_lead(&mut tx, &lead, JobStatus::Queued, now).await?;
+        let next = super::next_status(lead.published, lead.cancel_requested, true);
+        let id = lease.job_id.to_string();
+        settle_lead(&mut tx, &id, next, None, now, now, 1).await?;
         let message = format!("handed back by {} on shutdown", lease.worker_id);
-        event(&mut tx, &lead, now, "queued", &message).await?;
+        event(&mut tx, &id, now, next.as_str(), &message).await?;
         tx.commit().await?;
         bump(&self.wake_tx);
         Ok(true)
@@ -847,8 +924,9 @@ impl Store for SqliteStore {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(
-            "select id, attempt, max_attempts, worker_id from jobs
-             where status = 'running' and lease_expires_at <= ? order by lease_expires_at limit 100",
+            "select id, published_version, cancel_requested, attempt, max_attempts, worker_id
+             from jobs where status = 'running' and lease_expires_at <= ?
+             order by lease_expires_at limit 100",
         )
         .bind(now)
         .fetch_all(&mut *tx)
@@ -856,41 +934,32 @@ impl Store for SqliteStore {
         let mut reaped = Reaped::default();
         for r in &rows {
             let id: String = r.try_get("id")?;
-            let attempt: i32 = r.try_get("attempt")?;
-            let max_attempts: i32 = r.try_get("max_attempts")?;
-            let worker: Option<String> = r.try_get("worker_id")?;
-            let again = attempt < max_attempts;
+            let lead = Stopping {
+                published: r.try_get::<Option<i32>, _>("published_version")?.is_some(),
+                cancel_requested: r.try_get("cancel_requested")?,
+                attempt: r.try_get("attempt")?,
+                max_attempts: r.try_get("max_attempts")?,
+                worker_id: r.try_get("worker_id")?,
+            };
             let message = format!(
-                "worker {} stopped renewing its lease on attempt {attempt} of {max_attempts}",
-                worker.as_deref().unwrap_or("?")
+                "worker {} stopped renewing its lease on attempt {} of {}",
+                lead.worker_id.as_deref().unwrap_or("?"),
+                lead.attempt,
+                lead.max_attempts
             );
             let error = serde_json::json!({"code": "lease_expired", "message": message});
-            let status = if again {
-                JobStatus::Queued
-            } else {
-                JobStatus::Failed
-            };
-            sqlx::query(
-                "update jobs set status = ?2, phase = case when ?3 then 'queued' else phase end,
-                    run_at = case when ?3 then ?4 else run_at end,
-                    finished_at = case when ?3 then null else ?5 end,
-                    error = ?6, worker_id = null, lease_expires_at = null
-                 where id = ?1",
-            )
-            .bind(&id)
-            .bind(status.as_str())
-            .bind(again)
-            .bind(now + ms(super::backoff(attempt, retry.base, retry.max)))
-            .bind(now)
-            .bind(error.to_string())
-            .execute(&mut *tx)
-            .await?;
-            members_follow_lead(&mut tx, &id, status, now).await?;
-            event(&mut tx, &id, now, status.as_str(), &message).await?;
-            if again {
-                reaped.requeued += 1;
-            } else {
-                reaped.failed += 1;
+            let next = super::next_status(
+                lead.published,
+                lead.cancel_requested,
+                lead.attempt < lead.max_attempts,
+            );
+            let run_at = now + ms(super::backoff(lead.attempt, retry.base, retry.max));
+            settle_lead(&mut tx, &id, next, Some(&error), now, run_at, 0).await?;
+            event(&mut tx, &id, now, next.as_str(), &message).await?;
+            match next {
+                JobStatus::Queued => reaped.requeued += 1,
+                JobStatus::Failed => reaped.failed += 1,
+                _ => reaped.settled += 1,
             }
         }
         tx.commit().await?;
