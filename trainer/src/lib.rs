@@ -1,3 +1,19 @@
-//! The SDPO trainer: a differentiable Qwen3 with LoRA, the SDPO loss and AdamW.
-//!
-//! Empty until the trainer issue lands; the worker's distill phase is pluggable meanwhile.
+//! The SDPO trainer: a differentiable Qwen3 with LoRA, the SDPO loss, AdamW with persisted
+//! state, PEFT adapters and the Qwen3 chat template. No database and no HTTP: the worker's
+//! distill phase calls [`step::sdpo_step`].
+
+pub mod adamw;
+pub mod config;
+pub mod error;
+pub mod frozen;
+pub mod lora;
+pub mod loss;
+pub mod model;
+pub mod step;
+
+pub use adamw::AdamW;
+pub use config::{Module, Qwen3Config};
+pub use error::{Error, Result};
+pub use lora::{AdapterConfig, LoraAdapter};
+pub use model::Qwen3;
+pub use step::{sdpo_step, StepConfig, StepMetrics, StepSample};

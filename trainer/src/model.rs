@@ -1,0 +1,301 @@
+//! A differentiable Qwen3 forward with LoRA on any of its seven projections.
+//!
+//! candle-transformers' Qwen3 cannot train: its projections are private and its fused
+//! RMSNorm, RoPE, softmax and KV cache cut the gradient without an error. This forward uses
+//! only ops with a backward, and computes the base model (adapter off) with exactly the same
+//! ops as the student, so a zero adapter reproduces the base log-probs bit for bit.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::config::{Module, Qwen3Config};
+use crate::error::{checkpoint, invalid, Result};
+use crate::frozen;
+use crate::lora::LoraAdapter;
+
+struct Layer {
+    /// Indexed by [`Module::index`].
+    proj: [Tensor; 7],
+    q_norm: Tensor,
+    k_norm: Tensor,
+    input_norm: Tensor,
+    post_attention_norm: Tensor,
+}
+
+/// A Qwen3 base model held in memory (read from disk once per process).
+pub struct Qwen3 {
+    pub config: Qwen3Config,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    device: Device,
+    dtype: DType,
+}
+
+impl Qwen3 {
+    /// Loads `config.json` and the weights (`model.safetensors`, or the shards listed in
+    /// `model.safetensors.index.json`) from a checkpoint directory, in `dtype` on `device`.
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let config = Qwen3Config::from_dir(dir)?;
+        let mut tensors = HashMap::new();
+        for file in weight_files(dir)? {
+            let loaded = candle_core::safetensors::load(&file, &Device::Cpu)
+                .map_err(|e| checkpoint(format!("cannot read {}: {e}", file.display())))?;
+            tensors.extend(loaded);
+        }
+        Self::from_tensors(config, tensors, device, dtype)
+    }
+
+    /// Builds the model from named tensors (Hugging Face names).
+    pub fn from_tensors(
+        config: Qwen3Config,
+        mut tensors: HashMap<String, Tensor>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = tensors
+                .remove(name)
+                .ok_or_else(|| checkpoint(format!("checkpoint has no tensor {name}")))?;
+            if t.dims() != shape {
+                return Err(checkpoint(format!(
+                    "{name} has shape {:?}, the config implies {shape:?}",
+                    t.dims()
+                )));
+            }
+            Ok(t.to_dtype(dtype)?.to_device(device)?)
+        };
+        let c = &config;
+        let embed = take("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut proj = Vec::with_capacity(7);
+            for m in Module::ALL {
+                let (inp, out) = c.shape_of(m);
+                proj.push(take(
+                    &format!("{p}.{}.{}.weight", m.block(), m.name()),
+                    &[out, inp],
+                )?);
+            }
+            let proj: [Tensor; 7] = proj
+                .try_into()
+                .map_err(|_| checkpoint("seven projections per layer"))?;
+            layers.push(Layer {
+                proj,
+                q_norm: take(&format!("{p}.self_attn.q_norm.weight"), &[c.head_dim])?,
+                k_norm: take(&format!("{p}.self_attn.k_norm.weight"), &[c.head_dim])?,
+                input_norm: take(&format!("{p}.input_layernorm.weight"), &[c.hidden_size])?,
+                post_attention_norm: take(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &[c.hidden_size],
+                )?,
+            });
+        }
+        let norm = take("model.norm.weight", &[c.hidden_size])?;
+        let lm_head = if c.tie_word_embeddings {
+            embed.clone()
+        } else {
+            take("lm_head.weight", &[c.vocab_size, c.hidden_size])?
+        };
+        Ok(Qwen3 {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Checks token ids against the vocabulary.
+    pub fn check_ids(&self, what: &str, ids: &[u32]) -> Result<()> {
+        let v = self.config.vocab_size;
+        match ids.iter().find(|&&id| id as usize >= v) {
+            Some(id) => Err(invalid(format!(
+                "{what}: token id {id} is outside the vocabulary (size {v})"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Logits `(1, count, V)` in f32 predicting tokens `from + 1 ..= from + count` of `ids`,
+    /// i.e. the hidden states at positions `from .. from + count`. With `lora`, the adapter
+    /// is applied and the result is differentiable with respect to its tensors; without, the
+    /// base model runs outside any graph.
+    pub fn logits(
+        &self,
+        ids: &[u32],
+        from: usize,
+        count: usize,
+        lora: Option<&LoraAdapter>,
+    ) -> Result<Tensor> {
+        if ids.is_empty() || from + count > ids.len() {
+            return Err(invalid(format!(
+                "positions {from}..{} outside a sequence of {}",
+                from + count,
+                ids.len()
+            )));
+        }
+        let track = lora.is_some();
+        let c = &self.config;
+        let seq = ids.len();
+        let input = Tensor::new(ids, &self.device)?;
+        let mut x = self.embed.index_select(&input, 0)?.unsqueeze(0)?;
+        let (cos, sin) = self.rope(seq)?;
+        let mask = causal_mask(seq, &self.device, self.dtype)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let lin = |h: &Tensor, m: Module| -> Result<Tensor> {
+                let base = frozen::linear(h, &layer.proj[m.index()], track)?;
+                match lora.and_then(|a| a.pair(li, m)) {
+                    Some((a, b, scale)) => {
+                        let delta = h.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+                        Ok((base + (delta * scale)?)?)
+                    }
+                    None => Ok(base),
+                }
+            };
+            let h = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
+            let heads = |t: Tensor, n: usize| t.reshape((1, seq, n, c.head_dim));
+            let q = heads(lin(&h, Module::Q)?, c.num_attention_heads)?;
+            let k = heads(lin(&h, Module::K)?, c.num_key_value_heads)?;
+            let v = heads(lin(&h, Module::V)?, c.num_key_value_heads)?;
+            let q = rms_norm(&q, &layer.q_norm, c.rms_norm_eps)?.transpose(1, 2)?;
+            let k = rms_norm(&k, &layer.k_norm, c.rms_norm_eps)?.transpose(1, 2)?;
+            let v = v.transpose(1, 2)?.contiguous()?;
+            let q = rotate(&q, &cos, &sin)?;
+            let k = rotate(&k, &cos, &sin)?;
+            let attn = self.attention(&q, &k, &v, &mask, seq)?;
+            let attn =
+                attn.transpose(1, 2)?
+                    .reshape((1, seq, c.num_attention_heads * c.head_dim))?;
+            x = (x + lin(&attn, Module::O)?)?;
+            let h = rms_norm(&x, &layer.post_attention_norm, c.rms_norm_eps)?;
+            let mlp = (lin(&h, Module::Gate)?.silu()? * lin(&h, Module::Up)?)?;
+            x = (x + lin(&mlp, Module::Down)?)?;
+        }
+        let x = x.narrow(1, from, count)?;
+        let x = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
+        let logits = frozen::linear(&x, &self.lm_head, track)?;
+        Ok(logits.to_dtype(DType::F32)?)
+    }
+
+    /// Grouped-query attention without repeating K and V: the query heads that share a KV
+    /// head are stacked along the sequence axis.
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        seq: usize,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (kv, group) = (
+            c.num_key_value_heads,
+            c.num_attention_heads / c.num_key_value_heads,
+        );
+        let q = q.contiguous()?.reshape((1, kv, group * seq, c.head_dim))?;
+        let scores = q.matmul(&k.t()?)?;
+        let scores = (scores * (c.head_dim as f64).powf(-0.5))?
+            .reshape((1, c.num_attention_heads, seq, seq))?
+            .broadcast_add(mask)?;
+        let probs = softmax(&scores.to_dtype(DType::F32)?)?.to_dtype(self.dtype)?;
+        let probs = probs.reshape((1, kv, group * seq, seq))?;
+        Ok(probs
+            .matmul(v)?
+            .reshape((1, c.num_attention_heads, seq, c.head_dim))?)
+    }
+
+    /// `(cos, sin)` of shape `(seq, head_dim)`, Hugging Face's non-interleaved layout.
+    fn rope(&self, seq: usize) -> Result<(Tensor, Tensor)> {
+        let d = self.config.head_dim;
+        let theta = self.config.rope_theta as f32;
+        let inv: Vec<f32> = (0..d)
+            .step_by(2)
+            .map(|i| 1.0 / theta.powf(i as f32 / d as f32))
+            .collect();
+        let inv = Tensor::from_vec(inv, (1, d / 2), &self.device)?;
+        let pos: Vec<f32> = (0..seq).map(|p| p as f32).collect();
+        let pos = Tensor::from_vec(pos, (seq, 1), &self.device)?;
+        let freqs = pos.broadcast_mul(&inv)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], 1)?;
+        Ok((
+            emb.cos()?.to_dtype(self.dtype)?,
+            emb.sin()?.to_dtype(self.dtype)?,
+        ))
+    }
+}
+
+/// Hugging Face's RMSNorm: in f32, `x / sqrt(mean(x²) + eps)`, then times the weight.
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(DType::F32)?;
+    let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x32.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?;
+    Ok(normed.broadcast_mul(weight)?)
+}
+
+/// `x·cos + rotate_half(x)·sin` for `x` of shape `(1, heads, seq, d)`.
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+}
+
+/// Softmax over the last dimension with a detached max shift.
+fn softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+fn causal_mask(seq: usize, device: &Device, dtype: DType) -> Result<Tensor> {
+    let data: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(data, (seq, seq), device)?.to_dtype(dtype)?)
+}
+
+/// The safetensors files of a checkpoint: the index's shards, or `model.safetensors`.
+fn weight_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index)?;
+        let doc: serde_json::Value = serde_json::from_str(&text)?;
+        let map = doc
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| checkpoint(format!("{} has no weight_map", index.display())))?;
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        Ok(vec![single])
+    } else {
+        Err(checkpoint(format!(
+            "{} has neither model.safetensors nor model.safetensors.index.json",
+            dir.display()
+        )))
+    }
+}
