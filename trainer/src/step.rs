@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::adamw::AdamW;
 use crate::error::{invalid, Result};
 use crate::lora::LoraAdapter;
-use crate::loss::{log_softmax, sdpo_loss, LossConfig, LossInputs};
+use crate::loss::{log_softmax, sdpo_loss, LossConfig, LossInputs, LossOutput};
 use crate::model::Qwen3;
 
 /// One feedback sample, tokenized.
@@ -111,47 +111,14 @@ pub fn sdpo_step(
     for (i, s) in samples.iter().enumerate() {
         s.check(i, model, cfg.max_seq_len)?;
     }
-    let device = model.device();
+
     let n = samples.len() as f64;
-    let loss_cfg = LossConfig {
-        alpha: cfg.alpha,
-        is_clip: cfg.is_clip,
-        kl_reg_weight: cfg.kl_reg_weight,
-    };
-    let k = cfg.teacher_top_k.clamp(1, model.config.vocab_size);
     let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
     let mut sums = [0.0f64; 5];
     let mut tokens = 0;
     for s in samples {
-        let (p, t) = (s.prompt_token_ids.len(), s.response_token_ids.len());
-        tokens += t;
-        let full: Vec<u32> = [&s.prompt_token_ids[..], &s.response_token_ids[..]].concat();
-        let response = Tensor::new(&s.response_token_ids[..], device)?.unsqueeze(0)?;
-
-        let base = log_softmax(&model.logits(&full, p - 1, t, None)?)?
-            .gather(&response.unsqueeze(D::Minus1)?, D::Minus1)?
-            .squeeze(D::Minus1)?;
-        let teacher_full: Vec<u32> =
-            [&s.teacher_prompt_token_ids[..], &s.response_token_ids[..]].concat();
-        let pt = s.teacher_prompt_token_ids.len();
-        let teacher = log_softmax(&model.logits(&teacher_full, pt - 1, t, None)?)?;
-        let (teacher_lp, teacher_ix) = top_k(&teacher, k, device)?;
-
-        let student = model.logits(&full, p - 1, t, Some(adapter))?;
-        let old = Tensor::new(&s.response_logprobs[..], device)?.unsqueeze(0)?;
-        let mask = Tensor::ones((1, t), DType::F32, device)?;
-        let out = sdpo_loss(
-            &LossInputs {
-                student_logits: &student,
-                teacher_logprobs: &teacher_lp,
-                teacher_indices: &teacher_ix,
-                base_logprobs: &base,
-                old_logprobs: &old,
-                response_ids: &response,
-                response_mask: &mask,
-            },
-            &loss_cfg,
-        )?;
+        tokens += s.response_token_ids.len();
+        let out = sample_loss(model, adapter, s, cfg)?;
         sums[0] += out.loss.to_scalar::<f32>()? as f64;
         sums[1] += out.distill_loss;
         sums[2] += out.kl_reg;
@@ -189,6 +156,56 @@ pub fn sdpo_step(
         tokens_processed: tokens,
         batch_size: samples.len(),
     })
+}
+
+/// One sample's SDPO loss (with the student's graph): base log-probs with the adapter
+/// off, teacher top-K from the base model on the hindsight prompt, student logits with the
+/// adapter on. The sample must have passed the batch's input checks.
+pub fn sample_loss(
+    model: &Qwen3,
+    adapter: &LoraAdapter,
+    s: &StepSample,
+    cfg: &StepConfig,
+) -> Result<LossOutput> {
+    let device = model.device();
+    let k = cfg.teacher_top_k.clamp(1, model.config.vocab_size);
+    let (p, t) = (s.prompt_token_ids.len(), s.response_token_ids.len());
+    if p == 0 || t == 0 || s.teacher_prompt_token_ids.is_empty() {
+        return Err(invalid(
+            "a sample needs a prompt, a teacher prompt and a response",
+        ));
+    }
+    let full: Vec<u32> = [&s.prompt_token_ids[..], &s.response_token_ids[..]].concat();
+    let response = Tensor::new(&s.response_token_ids[..], device)?.unsqueeze(0)?;
+
+    let base = log_softmax(&model.logits(&full, p - 1, t, None)?)?
+        .gather(&response.unsqueeze(D::Minus1)?, D::Minus1)?
+        .squeeze(D::Minus1)?;
+    let teacher_full: Vec<u32> =
+        [&s.teacher_prompt_token_ids[..], &s.response_token_ids[..]].concat();
+    let pt = s.teacher_prompt_token_ids.len();
+    let teacher = log_softmax(&model.logits(&teacher_full, pt - 1, t, None)?)?;
+    let (teacher_lp, teacher_ix) = top_k(&teacher, k, device)?;
+
+    let student = model.logits(&full, p - 1, t, Some(adapter))?;
+    let old = Tensor::new(&s.response_logprobs[..], device)?.unsqueeze(0)?;
+    let mask = Tensor::ones((1, t), DType::F32, device)?;
+    sdpo_loss(
+        &LossInputs {
+            student_logits: &student,
+            teacher_logprobs: &teacher_lp,
+            teacher_indices: &teacher_ix,
+            base_logprobs: &base,
+            old_logprobs: &old,
+            response_ids: &response,
+            response_mask: &mask,
+        },
+        &LossConfig {
+            alpha: cfg.alpha,
+            is_clip: cfg.is_clip,
+            kl_reg_weight: cfg.kl_reg_weight,
+        },
+    )
 }
 
 /// The top `k` log-probs and their token ids along the last axis, both `(1, T, k)`.
