@@ -10,6 +10,7 @@ pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod step;
+pub mod template;
 
 pub use adamw::AdamW;
 pub use config::{Module, Qwen3Config};
@@ -17,3 +18,4 @@ pub use error::{Error, Result};
 pub use lora::{AdapterConfig, LoraAdapter};
 pub use model::Qwen3;
 pub use step::{sdpo_step, StepConfig, StepMetrics, StepSample};
+pub use template::{ChatTokenizer, Message};
