@@ -9,6 +9,7 @@ pub mod frozen;
 pub mod lora;
 pub mod loss;
 pub mod model;
+pub mod random;
 pub mod step;
 pub mod template;
 
