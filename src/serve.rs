@@ -7,7 +7,9 @@ use anyhow::{Context, Result};
 use claas_api::{ApiOptions, AppState};
 use claas_core::config::{Config, ExecutorKind};
 use claas_core::queue::{self, RetryPolicy, SharedStore};
-use claas_worker::{Executor, SimulatedExecutor, Worker, WorkerOptions};
+use claas_worker::{
+    CandleExecutor, CandleOptions, Executor, SimulatedExecutor, Worker, WorkerOptions,
+};
 use tokio::sync::watch;
 
 /// Opens the configured store, creating the SQLite file's directory if needed.
@@ -108,13 +110,41 @@ fn worker_options(cfg: &Config) -> WorkerOptions {
     }
 }
 
-fn executor(cfg: &Config) -> Arc<dyn Executor> {
-    match cfg.worker.executor {
+/// The configured executor. The candle one resolves the base model (creating the tiny
+/// random preset under the data directory on first use) and loads it once, here.
+async fn executor(cfg: &Config) -> Result<Arc<dyn Executor>> {
+    Ok(match cfg.worker.executor {
         ExecutorKind::Simulated => Arc::new(SimulatedExecutor {
             step: Duration::from_millis(cfg.worker.simulated_step_ms),
             root: cfg.storage.lora_root.clone(),
         }),
-    }
+        ExecutorKind::Candle => {
+            let model_id = cfg.model.base_model_id.clone();
+            if cfg.worker.base_models != [model_id.clone()] {
+                anyhow::bail!(
+                    "worker.base_models ({}) must be exactly model.base_model_id ({model_id}) \
+                     with the candle executor: it trains that one model",
+                    cfg.worker.base_models.join(", ")
+                );
+            }
+            let data_dir = cfg.data_dir.clone();
+            let opts = cfg.clone();
+            let exec = tokio::task::spawn_blocking(move || {
+                let model_dir = claas_trainer::resolve::model_dir(&model_id, &data_dir)?;
+                CandleExecutor::new(CandleOptions {
+                    base_model_id: model_id,
+                    model_dir,
+                    lora_root: opts.storage.lora_root.clone(),
+                    device: opts.trainer.device,
+                    residency: opts.trainer.residency,
+                    max_seq_len: opts.trainer.max_seq_len,
+                    vllm_url: opts.vllm.base_url.clone(),
+                })
+            })
+            .await??;
+            Arc::new(exec)
+        }
+    })
 }
 
 async fn listen(cfg: &Config) -> Result<tokio::net::TcpListener> {
@@ -149,7 +179,7 @@ pub async fn worker(cfg: Config, migrate: bool) -> Result<()> {
     if migrate {
         migrate_when_up(&store).await?;
     }
-    let worker = Worker::new(store, executor(&cfg), worker_options(&cfg));
+    let worker = Worker::new(store, executor(&cfg).await?, worker_options(&cfg));
     worker.run(shutdown_signal()).await?;
     Ok(())
 }
@@ -165,7 +195,7 @@ pub async fn dev(cfg: Config) -> Result<()> {
         "embedded default: API and worker in one process"
     );
     let shutdown = shutdown_signal();
-    let worker = Worker::new(store.clone(), executor(&cfg), worker_options(&cfg));
+    let worker = Worker::new(store.clone(), executor(&cfg).await?, worker_options(&cfg));
     let worker_shutdown = shutdown.clone();
     let worker_task = tokio::spawn(async move { worker.run(worker_shutdown).await });
     let listener = listen(&cfg).await?;

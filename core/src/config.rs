@@ -43,6 +43,9 @@ pub const ENV_NAMES: &[(&str, &str)] = &[
     ("CLAAS_WORKER_BASE_MODELS", "worker.base_models"),
     ("CLAAS_WORKER_EXECUTOR", "worker.executor"),
     ("CLAAS_SIMULATED_STEP_MS", "worker.simulated_step_ms"),
+    ("CLAAS_TRAINER_DEVICE", "trainer.device"),
+    ("CLAAS_TRAINER_RESIDENCY", "trainer.residency"),
+    ("CLAAS_TRAINER_MAX_SEQ_LEN", "trainer.max_seq_len"),
     ("CLAAS_WORKER_SHUTDOWN_GRACE_S", "worker.shutdown_grace_s"),
     (
         "FEEDBACK_DRAIN_TIMEOUT_S",
@@ -100,6 +103,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub queue: QueueConfig,
     pub worker: WorkerConfig,
+    pub trainer: TrainerConfig,
     pub vllm: VllmConfig,
     pub model: ModelConfig,
     pub storage: StorageConfig,
@@ -161,9 +165,45 @@ pub struct QueueConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ExecutorKind {
+    /// Trains with the candle SDPO trainer on the base model (`model.base_model_id`).
+    Candle,
     /// Walks every phase and publishes a version record without touching a GPU, vLLM or a
-    /// model: for queue tests, benchmarks and until the trainer lands.
+    /// model: for queue tests and the queue benchmark.
     Simulated,
+}
+
+/// Where the trainer runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainerDevice {
+    /// CUDA device 0 when the binary was built with CUDA and a GPU is present, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// Where the base model waits between jobs (it is read from disk once per process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Residency {
+    /// Stays on the GPU (vLLM must be configured with less memory).
+    Gpu,
+    /// Kept in host RAM and copied to the GPU when a job starts.
+    Host,
+    /// Read from disk for every job (the reference CLaaS's behaviour).
+    Disk,
+}
+
+/// The candle trainer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainerConfig {
+    /// `auto`, `cpu` or `cuda`. Default `auto`. Env `CLAAS_TRAINER_DEVICE`.
+    pub device: TrainerDevice,
+    /// `gpu`, `host` or `disk`. Default `host`. Env `CLAAS_TRAINER_RESIDENCY`.
+    pub residency: Residency,
+    /// Longest prompt + response a sample may have. Default 8192. Env `CLAAS_TRAINER_MAX_SEQ_LEN`.
+    pub max_seq_len: usize,
 }
 
 /// The worker process.
@@ -176,7 +216,7 @@ pub struct WorkerConfig {
     /// Env `CLAAS_WORKER_BASE_MODELS` (comma-separated).
     #[serde(deserialize_with = "string_or_list")]
     pub base_models: Vec<String>,
-    /// Env `CLAAS_WORKER_EXECUTOR`. Default `simulated`.
+    /// `candle` (train) or `simulated`. Default `candle`. Env `CLAAS_WORKER_EXECUTOR`.
     pub executor: ExecutorKind,
     /// How long the simulated executor spends in each phase. Default 50. Env `CLAAS_SIMULATED_STEP_MS`.
     pub simulated_step_ms: u64,
@@ -282,13 +322,18 @@ impl Default for Config {
             worker: WorkerConfig {
                 id: None,
                 base_models: vec![],
-                executor: ExecutorKind::Simulated,
+                executor: ExecutorKind::Candle,
                 simulated_step_ms: 50,
                 shutdown_grace_s: 30.0,
                 feedback_drain_timeout_s: 30.0,
                 feedback_min_free_vram_gb: 20.0,
                 feedback_sleep_verify_timeout_s: 30.0,
                 feedback_wake_on_failure: true,
+            },
+            trainer: TrainerConfig {
+                device: TrainerDevice::Auto,
+                residency: Residency::Host,
+                max_seq_len: 8192,
             },
             vllm: VllmConfig {
                 base_url: Some("http://127.0.0.1:8000".into()),
@@ -454,6 +499,10 @@ impl Config {
         check(
             !w.base_models.is_empty(),
             "worker.base_models must name at least one model",
+        );
+        check(
+            (16..=1_048_576).contains(&self.trainer.max_seq_len),
+            "trainer.max_seq_len (CLAAS_TRAINER_MAX_SEQ_LEN) must be within [16, 1048576]",
         );
         check(
             self.server.max_body_bytes >= 1024,

@@ -71,6 +71,9 @@ pub fn spawn(name: &str, args: &[&str], env: &[(String, String)]) -> Proc {
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("RUST_LOG", "info,claas_worker=debug")
+        // These tests are about the queue and processes, not training: they use the
+        // simulated executor unless a test says otherwise.
+        .env("CLAAS_WORKER_EXECUTOR", "simulated")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(file);

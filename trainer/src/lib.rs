@@ -10,6 +10,7 @@ pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod random;
+pub mod resolve;
 pub mod step;
 pub mod template;
 

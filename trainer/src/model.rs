@@ -112,6 +112,67 @@ impl Qwen3 {
         })
     }
 
+    /// A copy of the weights on `device` (the `host` residency copies a host-resident
+    /// model to the GPU when a job starts).
+    pub fn to_device(&self, device: &Device) -> Result<Qwen3> {
+        let mv = |t: &Tensor| t.to_device(device);
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let proj: Vec<Tensor> =
+                    l.proj.iter().map(mv).collect::<candle_core::Result<_>>()?;
+                let proj: [Tensor; 7] = proj
+                    .try_into()
+                    .map_err(|_| checkpoint("seven projections per layer"))?;
+                Ok(Layer {
+                    proj,
+                    q_norm: mv(&l.q_norm)?,
+                    k_norm: mv(&l.k_norm)?,
+                    input_norm: mv(&l.input_norm)?,
+                    post_attention_norm: mv(&l.post_attention_norm)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let embed = mv(&self.embed)?;
+        let lm_head = if self.config.tie_word_embeddings {
+            embed.clone()
+        } else {
+            mv(&self.lm_head)?
+        };
+        Ok(Qwen3 {
+            config: self.config.clone(),
+            embed,
+            layers,
+            norm: mv(&self.norm)?,
+            lm_head,
+            device: device.clone(),
+            dtype: self.dtype,
+        })
+    }
+
+    /// Bytes of weights held.
+    pub fn weight_bytes(&self) -> usize {
+        let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.proj.iter().map(size).sum::<usize>()
+                    + size(&l.q_norm)
+                    + size(&l.k_norm)
+                    + size(&l.input_norm)
+                    + size(&l.post_attention_norm)
+            })
+            .sum();
+        let head = if self.config.tie_word_embeddings {
+            0
+        } else {
+            size(&self.lm_head)
+        };
+        size(&self.embed) + layers + size(&self.norm) + head
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }

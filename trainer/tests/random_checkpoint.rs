@@ -98,10 +98,24 @@ fn a_random_tiny_checkpoint_loads_and_trains() {
         max_seq_len: 4096,
     };
     let mut opt = AdamW::default();
-    let first = sdpo_step(&model, &adapter, &mut opt, &[sample.clone()], &step).expect("step");
+    let first = sdpo_step(
+        &model,
+        &adapter,
+        &mut opt,
+        std::slice::from_ref(&sample),
+        &step,
+    )
+    .expect("step");
     let mut last = first.clone();
     for _ in 0..5 {
-        last = sdpo_step(&model, &adapter, &mut opt, &[sample.clone()], &step).expect("step");
+        last = sdpo_step(
+            &model,
+            &adapter,
+            &mut opt,
+            std::slice::from_ref(&sample),
+            &step,
+        )
+        .expect("step");
     }
     assert!(
         last.total_loss < first.total_loss,

@@ -18,6 +18,18 @@ pub struct JobContext {
     pub orchestration: Orchestration,
 }
 
+/// The adapter version a job trains from: the LoRA's current version when training starts.
+#[derive(Debug, Clone)]
+pub struct AdapterSource {
+    pub version: i32,
+    /// Where that version is stored (`file://` URI or a path).
+    pub uri: String,
+    pub base_model: String,
+    pub rank: i32,
+    pub alpha: f64,
+    pub target_modules: Vec<String>,
+}
+
 /// The outcome of the distill phase: metrics for the API and an executor-specific artifact
 /// (the new adapter) that [`Executor::store_adapter`] persists.
 pub struct Distilled {
@@ -74,10 +86,11 @@ pub trait Executor: Send + Sync + 'static {
     async fn sleep(&self, job: &JobContext) -> PhaseResult<()>;
     /// Waits until enough GPU memory is free to train.
     async fn wait_vram(&self, job: &JobContext) -> PhaseResult<()>;
-    /// One SDPO step on the batch, starting from the LoRA's current version.
+    /// One SDPO step on the batch, starting from the LoRA's current version `from`.
     async fn distill(
         &self,
         job: &JobContext,
+        from: &AdapterSource,
         samples: &[Sample],
         training: &TrainingConfig,
     ) -> PhaseResult<Distilled>;

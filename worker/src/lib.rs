@@ -2,10 +2,12 @@
 //! one job at a time from the shared queue, keeps the lease alive, walks the job's phases
 //! through an [`Executor`], and publishes the new adapter version exactly once.
 
+pub mod candle;
 pub mod executor;
 pub mod runtime;
 pub mod simulated;
 
-pub use executor::{Distilled, Executor, JobContext, PhaseError, StoredAdapter};
+pub use candle::{CandleExecutor, CandleOptions};
+pub use executor::{AdapterSource, Distilled, Executor, JobContext, PhaseError, StoredAdapter};
 pub use runtime::{Worker, WorkerOptions};
 pub use simulated::SimulatedExecutor;

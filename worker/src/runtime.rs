@@ -12,7 +12,7 @@ use claas_core::types::{JobError, NewVersion, Phase, WorkerInfo, WorkerState};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::executor::{Executor, JobContext, PhaseError};
+use crate::executor::{AdapterSource, Executor, JobContext, PhaseError};
 
 /// How a worker behaves; built from `claas_core::config::Config` by the binary.
 #[derive(Debug, Clone)]
@@ -357,6 +357,33 @@ impl Worker {
         }
     }
 
+    /// The LoRA's current version, which this job trains from.
+    async fn adapter_source(&self, ctx: &JobContext) -> Result<AdapterSource, Stop> {
+        let lora = self.store.get_lora(&ctx.lora_id).await?.ok_or_else(|| {
+            Stop::Failed(
+                Phase::Distill,
+                PhaseError::fatal(
+                    "lora_not_found",
+                    format!("LoRA {} no longer exists", ctx.lora_id),
+                ),
+            )
+        })?;
+        let versions = self.store.lora_versions(&ctx.lora_id).await?;
+        let uri = versions
+            .iter()
+            .find(|v| v.version == lora.current_version)
+            .map(|v| v.storage_uri.clone())
+            .unwrap_or_default();
+        Ok(AdapterSource {
+            version: lora.current_version,
+            uri,
+            base_model: lora.base_model,
+            rank: lora.rank,
+            alpha: lora.alpha,
+            target_modules: lora.target_modules,
+        })
+    }
+
     /// Publish changed nothing: either the lease is gone, or the LoRA moved on while this
     /// job trained (re-initialised with `overwrite`), so the trained step no longer applies.
     /// The second is a retryable failure: the next attempt trains on the current version.
@@ -483,21 +510,18 @@ impl Worker {
                     }
                 }
                 let training = &claimed.payload.training;
+                let from = self.adapter_source(ctx).await?;
                 let distilled = self
-                    .guarded(watch, Phase::Distill, exec.distill(ctx, &samples, training))
+                    .guarded(
+                        watch,
+                        Phase::Distill,
+                        exec.distill(ctx, &from, &samples, training),
+                    )
                     .await?;
                 cancel_point(watch)?;
                 let metrics = distilled.metrics.clone();
-                let lora = self.store.get_lora(&ctx.lora_id).await?.ok_or_else(|| {
-                    Stop::Failed(
-                        Phase::Publish,
-                        PhaseError::fatal(
-                            "lora_deleted",
-                            format!("LoRA {} was deleted while training", ctx.lora_id),
-                        ),
-                    )
-                })?;
-                let version = lora.current_version + 1;
+                // Publishing checks that `from` is still current (else: version conflict).
+                let version = from.version + 1;
                 let stored = self
                     .step(
                         lease,

@@ -13,7 +13,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use claas_core::types::{Sample, TrainingConfig};
 
-use crate::executor::{Distilled, Executor, JobContext, PhaseError, PhaseResult, StoredAdapter};
+use crate::executor::{
+    AdapterSource, Distilled, Executor, JobContext, PhaseError, PhaseResult, StoredAdapter,
+};
 
 pub struct SimulatedExecutor {
     /// Time spent in each phase.
@@ -89,6 +91,7 @@ impl Executor for SimulatedExecutor {
     async fn distill(
         &self,
         _job: &JobContext,
+        _from: &AdapterSource,
         samples: &[Sample],
         training: &TrainingConfig,
     ) -> PhaseResult<Distilled> {

@@ -9,7 +9,8 @@ use claas_core::testing::{job, lora, TestDb, TEST_BASE_MODEL};
 use claas_core::types::{Job, JobStatus, Sample, TrainingConfig};
 use claas_worker::executor::PhaseResult;
 use claas_worker::{
-    Distilled, Executor, JobContext, PhaseError, StoredAdapter, Worker, WorkerOptions,
+    AdapterSource, Distilled, Executor, JobContext, PhaseError, StoredAdapter, Worker,
+    WorkerOptions,
 };
 use tokio::sync::watch;
 
@@ -56,6 +57,7 @@ impl Executor for Scripted {
     async fn distill(
         &self,
         _: &JobContext,
+        _: &AdapterSource,
         _: &[Sample],
         _: &TrainingConfig,
     ) -> PhaseResult<Distilled> {

@@ -1,0 +1,180 @@
+//! The unchanged CLaaS client contract over a real training step: a feedback request with
+//! no `Prefer` header, on a server whose default wait is set, answers 200 with
+//! `distill_result.metadata.total_loss` from the candle SDPO step, and the published
+//! version holds a changed adapter.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use candle_core::Device;
+use claas_api::{router, ApiOptions, AppState};
+use claas_core::config::{Residency, TrainerDevice};
+use claas_core::queue::SharedStore;
+use claas_core::testing::{TestDb, TEST_BASE_MODEL};
+use claas_trainer::random::{write_checkpoint, Preset};
+use claas_trainer::template::{ChatTokenizer, Message};
+use claas_trainer::LoraAdapter;
+use claas_worker::{CandleExecutor, CandleOptions, Worker, WorkerOptions};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tower::ServiceExt;
+
+fn tempdir(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("claas-trained-{name}-{}", uuid::Uuid::now_v7()))
+}
+
+async fn call(app: &axum::Router, req: Request<Body>) -> (StatusCode, Value) {
+    let resp = app.clone().oneshot(req).await.expect("router answers");
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn post(uri: &str, body: &Value) -> Request<Body> {
+    Request::post(uri)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .expect("request")
+}
+
+async fn contract(db: &TestDb) {
+    let model_dir = tempdir("model");
+    let lora_root = tempdir("loras");
+    tokio::task::spawn_blocking({
+        let d = model_dir.clone();
+        move || write_checkpoint(Preset::Tiny, &d, 5)
+    })
+    .await
+    .expect("join")
+    .expect("checkpoint");
+    let exec = CandleExecutor::new(CandleOptions {
+        base_model_id: TEST_BASE_MODEL.into(),
+        model_dir: model_dir.clone(),
+        lora_root: lora_root.clone(),
+        device: TrainerDevice::Cpu,
+        residency: Residency::Host,
+        max_seq_len: 4096,
+        vllm_url: None,
+    })
+    .expect("executor");
+    let store: SharedStore = db.store.clone();
+    let (stop, rx) = watch::channel(false);
+    let worker = Worker::new(
+        store.clone(),
+        Arc::new(exec),
+        WorkerOptions {
+            poll_interval: Duration::from_millis(50),
+            ..WorkerOptions::new("trained-test", vec![TEST_BASE_MODEL.into()])
+        },
+    );
+    let handle = tokio::spawn(async move { worker.run(rx).await });
+    let app = router(AppState {
+        store,
+        options: Arc::new(ApiOptions {
+            max_body_bytes: 1 << 20,
+            feedback_default_wait_s: 60,
+            feedback_max_wait_s: 60,
+            max_attempts: 3,
+            default_base_model: TEST_BASE_MODEL.into(),
+            allowed_init_base_models: vec![TEST_BASE_MODEL.into()],
+            lora_root: lora_root.display().to_string(),
+        }),
+    });
+
+    let (status, body) = call(
+        &app,
+        post(
+            "/v1/lora/init",
+            &json!({"lora_id": "u/a", "lora_r": 8, "lora_alpha": 16}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let tok = ChatTokenizer::from_dir(&model_dir).expect("tokenizer");
+    let system = "You are a helpful assistant.";
+    let prompt_text = tok
+        .render(
+            &[
+                Message::new("system", system),
+                Message::new("user", "Say hi"),
+            ],
+            true,
+            &Default::default(),
+        )
+        .expect("render");
+    let prompt_ids = tok.encode(&prompt_text).expect("ids");
+    let response_ids = tok.encode("Hello! 😀 Great to see you!").expect("ids");
+    let request = json!({"requests": [{
+        "lora_id": "u/a",
+        "prompt": "Say hi",
+        "response": "Hello! 😀 Great to see you!",
+        "feedback": "no emoji",
+        "prompt_token_ids": prompt_ids,
+        "response_token_ids": response_ids,
+        "response_logprobs": vec![-5.0; response_ids.len()],
+        "system_prompt": system,
+        "training": {"learning_rate": 1e-3},
+    }]});
+    // No Prefer header: the server's default wait applies and the answer is CLaaS's 200.
+    let (status, body) = call(&app, post("/v1/feedback", &request)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let meta = &body["distill_result"]["metadata"];
+    let loss = meta["total_loss"].as_f64().expect("total_loss");
+    assert!(loss.is_finite() && loss > 0.0, "a real SDPO loss: {meta}");
+    assert_eq!(meta["tokens_processed"], json!(response_ids.len()));
+    assert!(meta["grad_norm"].as_f64().expect("grad_norm") > 0.0);
+
+    let (_, versions) = call(
+        &app,
+        Request::get("/v1/lora/u/a/versions")
+            .body(Body::empty())
+            .expect("req"),
+    )
+    .await;
+    assert_eq!(versions["current_version"], 1);
+    assert_eq!(
+        versions["versions"][1]["metrics"]["total_loss"].as_f64(),
+        Some(loss)
+    );
+    let cfg = claas_trainer::Qwen3Config::from_dir(&model_dir).expect("config");
+    let v0 = LoraAdapter::load(&lora_root.join("u/a/v0"), &cfg, &Device::Cpu).expect("v0");
+    let v1 = LoraAdapter::load(&lora_root.join("u/a/v1"), &cfg, &Device::Cpu).expect("v1");
+    assert!(lora_root
+        .join("u/a/v1/optimizer_state.safetensors")
+        .is_file());
+    let moved = v0.params().iter().any(|(k, a)| {
+        let b = &v1.params()[k];
+        (a.as_tensor() - b.as_tensor())
+            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+            .map(|d| d > 0.0)
+            .unwrap_or(false)
+    });
+    assert!(moved, "version 1 differs from version 0");
+
+    stop.send(true).expect("stop");
+    handle.await.expect("join").expect("worker");
+    let _ = std::fs::remove_dir_all(&model_dir);
+    let _ = std::fs::remove_dir_all(&lora_root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claas_client_contract_with_a_real_step_sqlite() {
+    let db = TestDb::sqlite().await;
+    contract(&db).await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claas_client_contract_with_a_real_step_postgres() {
+    let db = TestDb::postgres().await;
+    contract(&db).await;
+    db.cleanup().await;
+}

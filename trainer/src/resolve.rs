@@ -1,0 +1,72 @@
+//! Finding a base model's checkpoint directory from its id: a directory path, a random
+//! preset the embedded default creates on first use, or a Hub id in the local Hugging Face
+//! cache (no download).
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{checkpoint, Result};
+use crate::random::{write_checkpoint, Preset};
+
+/// Where `base_model_id` lives on this machine; `data_dir` holds generated presets
+/// (`<data_dir>/models/<preset>`), created here when missing.
+pub fn model_dir(base_model_id: &str, data_dir: &Path) -> Result<PathBuf> {
+    let as_path = Path::new(base_model_id);
+    if as_path.join("config.json").is_file() {
+        return Ok(as_path.to_path_buf());
+    }
+    if let Ok(preset) = base_model_id.parse::<Preset>() {
+        let dir = data_dir.join("models").join(base_model_id);
+        if !dir.join("config.json").is_file() {
+            // Write beside, then rename: a crash never leaves a half-written model.
+            let tmp = data_dir
+                .join("models")
+                .join(format!(".{base_model_id}.{}.tmp", std::process::id()));
+            let _ = std::fs::remove_dir_all(&tmp);
+            write_checkpoint(preset, &tmp, 0)?;
+            std::fs::rename(&tmp, &dir)?;
+            tracing::info!(
+                "created the random-weight {base_model_id} model in {}",
+                dir.display()
+            );
+        }
+        return Ok(dir);
+    }
+    if let Some(dir) = hf_cache_snapshot(base_model_id) {
+        return Ok(dir);
+    }
+    Err(checkpoint(format!(
+        "base model {base_model_id:?} not found: not a checkpoint directory (with config.json), \
+         not a preset (tiny, qwen3-0.6b, qwen3-8b), and not in the Hugging Face cache \
+         ($HF_HOME/hub or ~/.cache/huggingface/hub); download it first or give its directory"
+    )))
+}
+
+/// `<hub>/models--<org>--<name>/snapshots/<rev>` for the revision `refs/main` names, or the
+/// only snapshot there is.
+fn hf_cache_snapshot(id: &str) -> Option<PathBuf> {
+    if !id.contains('/') || id.contains("..") {
+        return None;
+    }
+    let hub = match std::env::var_os("HF_HUB_CACHE") {
+        Some(h) => PathBuf::from(h),
+        None => match std::env::var_os("HF_HOME") {
+            Some(h) => PathBuf::from(h).join("hub"),
+            None => PathBuf::from(std::env::var_os("HOME")?).join(".cache/huggingface/hub"),
+        },
+    };
+    let repo = hub.join(format!("models--{}", id.replace('/', "--")));
+    let snapshots = repo.join("snapshots");
+    if let Ok(rev) = std::fs::read_to_string(repo.join("refs/main")) {
+        let dir = snapshots.join(rev.trim());
+        if dir.join("config.json").is_file() {
+            return Some(dir);
+        }
+    }
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&snapshots)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("config.json").is_file())
+        .collect();
+    dirs.sort();
+    dirs.pop()
+}

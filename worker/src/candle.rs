@@ -1,0 +1,334 @@
+//! The executor that trains: the candle SDPO trainer on the worker's base model, adapters
+//! versioned on local storage (`<lora_root>/<lora_id>/v<N>/`, PEFT files plus the AdamW
+//! state). The base model is read from disk once per process and waits between jobs where
+//! `trainer.residency` says.
+//!
+//! vLLM orchestration (drain, sleep, VRAM, reload, wake) is not implemented here yet: with no
+//! vLLM configured those phases have nothing to do; with one configured they fail the job
+//! with a message saying so rather than train beside a vLLM that holds the GPU.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use candle_core::{DType, Device};
+use claas_core::config::{Residency, TrainerDevice};
+use claas_core::types::{Sample, TrainingConfig};
+use claas_trainer::adamw::STATE_FILE;
+use claas_trainer::template::ChatTokenizer;
+use claas_trainer::{sdpo_step, AdamW, AdapterConfig, LoraAdapter, Qwen3, StepConfig, StepSample};
+use sha2::{Digest, Sha256};
+
+use crate::executor::{
+    AdapterSource, Distilled, Executor, JobContext, PhaseError, PhaseResult, StoredAdapter,
+};
+
+/// How the executor is set up (from `model`, `storage`, `trainer` and `vllm` config).
+#[derive(Debug, Clone)]
+pub struct CandleOptions {
+    /// The id LoRAs name as their base model (`model.base_model_id`).
+    pub base_model_id: String,
+    /// The checkpoint directory it resolves to.
+    pub model_dir: PathBuf,
+    pub lora_root: PathBuf,
+    pub device: TrainerDevice,
+    pub residency: Residency,
+    pub max_seq_len: usize,
+    pub vllm_url: Option<String>,
+}
+
+pub struct CandleExecutor {
+    opts: CandleOptions,
+    device: Device,
+    dtype: DType,
+    tokenizer: Arc<ChatTokenizer>,
+    /// The resident copy: on the training device (`gpu`), in host RAM (`host`), or none
+    /// (`disk`: read per job).
+    resident: Option<Arc<Qwen3>>,
+}
+
+/// What distill hands to store_adapter.
+struct Trained {
+    adapter: LoraAdapter,
+    optimizer: AdamW,
+}
+
+fn trainer_error(e: claas_trainer::Error) -> PhaseError {
+    match e {
+        claas_trainer::Error::InvalidInput(m) => PhaseError::fatal("invalid_input", m),
+        claas_trainer::Error::Checkpoint(m) => PhaseError::fatal("adapter_unreadable", m),
+        claas_trainer::Error::Io(e) => PhaseError::retryable("storage_error", e.to_string()),
+        other => PhaseError::retryable("trainer_error", other.to_string()),
+    }
+}
+
+fn pick_device(kind: TrainerDevice) -> claas_trainer::Result<Device> {
+    Ok(match kind {
+        TrainerDevice::Cpu => Device::Cpu,
+        TrainerDevice::Cuda => Device::new_cuda(0)?,
+        TrainerDevice::Auto if cfg!(feature = "cuda") => {
+            Device::cuda_if_available(0).unwrap_or(Device::Cpu)
+        }
+        TrainerDevice::Auto => Device::Cpu,
+    })
+}
+
+/// A `file://` URI or a plain path.
+fn uri_path(uri: &str) -> PathBuf {
+    PathBuf::from(uri.strip_prefix("file://").unwrap_or(uri))
+}
+
+impl CandleExecutor {
+    /// Loads the tokenizer and (unless `disk`) the base model. Blocking: call it from a
+    /// blocking context or at start-up.
+    pub fn new(opts: CandleOptions) -> claas_trainer::Result<Self> {
+        let device = pick_device(opts.device)?;
+        let dtype = if device.is_cuda() {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        let tokenizer = Arc::new(ChatTokenizer::from_dir(&opts.model_dir)?);
+        let started = Instant::now();
+        let resident = match opts.residency {
+            Residency::Disk => None,
+            Residency::Gpu => Some(Arc::new(Qwen3::load(&opts.model_dir, &device, dtype)?)),
+            Residency::Host => Some(Arc::new(Qwen3::load(&opts.model_dir, &Device::Cpu, dtype)?)),
+        };
+        tracing::info!(
+            model = %opts.model_dir.display(),
+            device = ?device,
+            residency = ?opts.residency,
+            load_ms = started.elapsed().as_millis() as u64,
+            "trainer ready"
+        );
+        Ok(CandleExecutor {
+            opts,
+            device,
+            dtype,
+            tokenizer,
+            resident,
+        })
+    }
+
+    /// The model on the training device, and how long getting it there took (ms) when it
+    /// had to be copied or read.
+    fn model(&self) -> claas_trainer::Result<(Arc<Qwen3>, Option<u64>)> {
+        let started = Instant::now();
+        let ms = || Some(started.elapsed().as_millis() as u64);
+        match &self.resident {
+            Some(m) if m.device().same_device(&self.device) => Ok((m.clone(), None)),
+            Some(m) => Ok((Arc::new(m.to_device(&self.device)?), ms())),
+            None => Ok((
+                Arc::new(Qwen3::load(&self.opts.model_dir, &self.device, self.dtype)?),
+                ms(),
+            )),
+        }
+    }
+
+    fn no_vllm(&self, phase: &str) -> PhaseResult<()> {
+        match &self.opts.vllm_url {
+            None => Ok(()),
+            Some(url) => Err(PhaseError::fatal(
+                "vllm_orchestration_unavailable",
+                format!(
+                    "{phase}: orchestrating the vLLM at {url} is not implemented yet; \
+                     unset VLLM_BASE_URL to train without vLLM"
+                ),
+            )),
+        }
+    }
+
+    fn step_samples(&self, samples: &[Sample]) -> PhaseResult<Vec<StepSample>> {
+        samples
+            .iter()
+            .map(|s| {
+                let r = &s.rollout;
+                let teacher = self
+                    .tokenizer
+                    .teacher_prompt_ids(&r.system_prompt, &s.prompt, &s.feedback)
+                    .map_err(trainer_error)?;
+                Ok(StepSample {
+                    prompt_token_ids: r.prompt_token_ids.clone(),
+                    response_token_ids: r.response_token_ids.clone(),
+                    response_logprobs: r.response_logprobs.clone(),
+                    teacher_prompt_token_ids: teacher,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Reads the adapter of `from` (creating version 0 on first use when init wrote no files)
+/// and its optimizer state.
+fn load_adapter(
+    model: &Qwen3,
+    from: &AdapterSource,
+    lora_id: &str,
+) -> claas_trainer::Result<(LoraAdapter, AdamW)> {
+    let dir = uri_path(&from.uri);
+    if !dir.join("adapter_model.safetensors").is_file() {
+        if from.version != 0 {
+            return Err(claas_trainer::Error::Checkpoint(format!(
+                "version {} of {lora_id} has no adapter at {}",
+                from.version,
+                dir.display()
+            )));
+        }
+        let config = AdapterConfig {
+            r: usize::try_from(from.rank).unwrap_or(0),
+            lora_alpha: from.alpha,
+            target_modules: from.target_modules.clone(),
+            use_rslora: false,
+            base_model_name_or_path: Some(from.base_model.clone()),
+        };
+        let seed = u64::from_le_bytes(
+            Sha256::digest(lora_id.as_bytes())[..8]
+                .try_into()
+                .unwrap_or([0; 8]),
+        );
+        let adapter = LoraAdapter::init(&model.config, config, seed)?;
+        write_atomically(&dir, |tmp| adapter.save(tmp))?;
+    }
+    let adapter = LoraAdapter::load(&dir, &model.config, model.device())?;
+    let state = dir.join(STATE_FILE);
+    let optimizer = if state.is_file() {
+        AdamW::load(&state, adapter.params(), model.device())?
+    } else {
+        AdamW::default()
+    };
+    Ok((adapter, optimizer))
+}
+
+/// Writes a directory through `write` into a temporary sibling, then renames it into place
+/// (replacing what a crashed, unrecorded attempt may have left).
+fn write_atomically(
+    dir: &Path,
+    write: impl FnOnce(&Path) -> claas_trainer::Result<()>,
+) -> claas_trainer::Result<()> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = parent.join(format!(".{name}.{}.tmp", uuid::Uuid::now_v7()));
+    write(&tmp)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::rename(&tmp, dir)?;
+    Ok(())
+}
+
+fn sha256_file(path: &Path) -> std::io::Result<String> {
+    Ok(hex::encode(Sha256::digest(std::fs::read(path)?)))
+}
+
+#[async_trait]
+impl Executor for CandleExecutor {
+    async fn drain(&self, _job: &JobContext) -> PhaseResult<()> {
+        self.no_vllm("drain")
+    }
+
+    async fn sleep(&self, _job: &JobContext) -> PhaseResult<()> {
+        self.no_vllm("sleep")
+    }
+
+    async fn wait_vram(&self, _job: &JobContext) -> PhaseResult<()> {
+        self.no_vllm("vram")
+    }
+
+    async fn distill(
+        &self,
+        job: &JobContext,
+        from: &AdapterSource,
+        samples: &[Sample],
+        training: &TrainingConfig,
+    ) -> PhaseResult<Distilled> {
+        if from.base_model != self.opts.base_model_id {
+            return Err(PhaseError::fatal(
+                "wrong_base_model",
+                format!(
+                    "LoRA {} uses base model {}, this worker trains {}",
+                    job.lora_id, from.base_model, self.opts.base_model_id
+                ),
+            ));
+        }
+        let batch = self.step_samples(samples)?;
+        let cfg = StepConfig {
+            learning_rate: training.learning_rate,
+            alpha: training.alpha,
+            is_clip: training.is_clip,
+            max_grad_norm: training.max_grad_norm,
+            kl_reg_weight: training.kl_reg_weight,
+            teacher_top_k: training.teacher_top_k as usize,
+            max_seq_len: self.opts.max_seq_len,
+        };
+        let (model, copy_in_ms) = self.model().map_err(trainer_error)?;
+        let from = from.clone();
+        let lora_id = job.lora_id.clone();
+        let started = Instant::now();
+        let (trained, metrics) = tokio::task::spawn_blocking(move || {
+            let (adapter, mut optimizer) = load_adapter(&model, &from, &lora_id)?;
+            let metrics = sdpo_step(&model, &adapter, &mut optimizer, &batch, &cfg)?;
+            Ok::<_, claas_trainer::Error>((Trained { adapter, optimizer }, metrics))
+        })
+        .await
+        .map_err(|e| PhaseError::retryable("trainer_crashed", e.to_string()))?
+        .map_err(trainer_error)?;
+        let mut metrics = serde_json::to_value(&metrics)
+            .map_err(|e| PhaseError::fatal("trainer_error", e.to_string()))?;
+        if let Some(m) = metrics.as_object_mut() {
+            m.insert(
+                "step_ms".into(),
+                (started.elapsed().as_millis() as u64).into(),
+            );
+            if let Some(ms) = copy_in_ms {
+                m.insert("model_load_ms".into(), ms.into());
+            }
+        }
+        Ok(Distilled {
+            metrics,
+            artifact: Box::new(trained),
+        })
+    }
+
+    async fn store_adapter(
+        &self,
+        job: &JobContext,
+        version: i32,
+        distilled: Distilled,
+    ) -> PhaseResult<StoredAdapter> {
+        let trained = distilled.artifact.downcast::<Trained>().map_err(|_| {
+            PhaseError::fatal("trainer_error", "distill produced no candle adapter")
+        })?;
+        let root = std::path::absolute(&self.opts.lora_root)
+            .unwrap_or_else(|_| self.opts.lora_root.clone());
+        let dir = root.join(&job.lora_id).join(format!("v{version}"));
+        let target = dir.clone();
+        let sha = tokio::task::spawn_blocking(move || {
+            write_atomically(&target, |tmp| {
+                trained.adapter.save(tmp)?;
+                trained.optimizer.save(&tmp.join(STATE_FILE))
+            })?;
+            Ok::<_, claas_trainer::Error>(sha256_file(&target.join("adapter_model.safetensors"))?)
+        })
+        .await
+        .map_err(|e| PhaseError::retryable("storage_error", e.to_string()))?
+        .map_err(|e| PhaseError::retryable("storage_error", e.to_string()))?;
+        Ok(StoredAdapter {
+            uri: format!("file://{}", dir.display()),
+            sha256: sha,
+        })
+    }
+
+    async fn reload(&self, _job: &JobContext, _version: i32) -> PhaseResult<()> {
+        self.no_vllm("reload")
+    }
+
+    async fn wake(&self, _job: &JobContext) -> PhaseResult<()> {
+        self.no_vllm("wake")
+    }
+}
