@@ -18,6 +18,8 @@ pub enum BenchCommand {
     Queue(QueueBench),
     /// Fixed-rate load on `POST /v1/feedback` of a running API.
     Api(ApiBench),
+    /// One SDPO step's time, tokens/s and peak memory on a checkpoint.
+    Step(crate::train::StepBench),
 }
 
 #[derive(Args)]
@@ -45,6 +47,9 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Queue(b) => queue(b).await,
         BenchCommand::Api(b) => api(b).await,
+        BenchCommand::Step(b) => {
+            tokio::task::spawn_blocking(move || crate::train::bench_step(b)).await?
+        }
     }
 }
 

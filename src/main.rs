@@ -3,6 +3,7 @@
 
 mod bench;
 mod serve;
+mod train;
 
 use std::path::PathBuf;
 
@@ -59,6 +60,11 @@ enum Command {
     /// Benchmarks that print their figures (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Model checkpoints: `claas model random --preset tiny --out DIR`.
+    #[command(subcommand)]
+    Model(train::ModelCommand),
+    /// Replays one SDPO step offline from a samples file; prints the metrics as JSON.
+    Distill(train::DistillArgs),
 }
 
 fn load(profile: Profile, args: &ConfigArgs) -> Result<Config> {
@@ -94,5 +100,7 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Bench(cmd) => bench::run(cmd).await,
+        Command::Model(cmd) => tokio::task::spawn_blocking(move || train::model(cmd)).await?,
+        Command::Distill(a) => tokio::task::spawn_blocking(move || train::distill(a)).await?,
     }
 }
