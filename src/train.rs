@@ -260,7 +260,12 @@ pub fn bench_step(b: StepBench) -> Result<()> {
     }
     let mut timed = times[1..].to_vec();
     timed.sort_by(f64::total_cmp);
-    let median = timed[timed.len() / 2];
+    let mid = timed.len() / 2;
+    let median = if timed.len() % 2 == 0 {
+        (timed[mid - 1] + timed[mid]) / 2.0
+    } else {
+        timed[mid]
+    };
     let tokens = b.batch * b.response;
     let out = serde_json::json!({
         "bench": "sdpo_step",
