@@ -25,6 +25,8 @@ pub struct ApiOptions {
     pub allowed_init_base_models: Vec<String>,
     /// Where version 0 of a new LoRA is recorded to live.
     pub lora_root: String,
+    /// Where random preset models live (`<data_dir>/models/<preset>`).
+    pub data_dir: std::path::PathBuf,
 }
 
 impl ApiOptions {
@@ -37,6 +39,7 @@ impl ApiOptions {
             default_base_model: cfg.model.base_model_id.clone(),
             allowed_init_base_models: cfg.model.allowed_init_base_models.clone(),
             lora_root: cfg.storage.lora_root.display().to_string(),
+            data_dir: cfg.data_dir.clone(),
         }
     }
 }
@@ -56,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs", get(routes::jobs::list))
         .route("/v1/jobs/{id}", get(routes::jobs::get))
         .route("/v1/jobs/{id}/cancel", post(routes::jobs::cancel))
+        .route("/v1/lora", get(routes::lora::list))
         .route("/v1/lora/init", post(routes::lora::init))
         .route("/v1/lora/{*rest}", get(routes::lora::versions))
         .route("/v1/health", get(routes::health::health))

@@ -23,6 +23,7 @@ fn options() -> ApiOptions {
         default_base_model: TEST_BASE_MODEL.into(),
         allowed_init_base_models: vec![TEST_BASE_MODEL.into()],
         lora_root: "/tmp/claas-api-tests".into(),
+        data_dir: std::env::temp_dir().join("claas-api-tests-data"),
     }
 }
 
@@ -163,15 +164,31 @@ api_tests!(
     cancel_and_list_jobs,
     health_reports_database_and_workers,
     lora_init_registers_and_lists_versions,
+    hostile_lora_ids_are_rejected_before_touching_storage,
+    loras_are_listed_by_literal_prefix,
 );
 
 async fn lora_init_registers_and_lists_versions(db: &TestDb) {
     let app = app(&db.store, options());
     let (status, body) = call(&app, post("/v1/lora/init", &json!({"lora_id": "user/new"}))).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body, json!({"lora_id": "user/new"}));
+    assert_eq!(body["lora_id"], "user/new");
+    assert_eq!(body["created"], true);
+    // CLaaS clients init blindly on every start: the same parameters answer 200.
     let (status, body) = call(&app, post("/v1/lora/init", &json!({"lora_id": "user/new"}))).await;
-    assert_error(status, &body, StatusCode::CONFLICT, "already exists");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["lora_id"].clone(), body["created"].clone()),
+        (json!("user/new"), json!(false))
+    );
+    let changed = json!({"lora_id": "user/new", "lora_r": 16});
+    let (status, body) = call(&app, post("/v1/lora/init", &changed)).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::CONFLICT,
+        "lora_r 32 (requested 16)",
+    );
     let other = json!({"lora_id": "user/x", "base_model": "Qwen/Qwen3-32B"});
     let (status, body) = call(&app, post("/v1/lora/init", &other)).await;
     assert_error(
@@ -199,6 +216,61 @@ async fn lora_init_registers_and_lists_versions(db: &TestDb) {
         (lora.rank, lora.alpha, lora.target_modules.len()),
         (32, 64.0, 7)
     );
+}
+
+async fn hostile_lora_ids_are_rejected_before_touching_storage(db: &TestDb) {
+    let app = app(&db.store, options());
+    let long = "x".repeat(129);
+    let hostile: [&str; 15] = [
+        "..",
+        "../etc",
+        "a/../../b",
+        "/etc/passwd",
+        "a\\b",
+        "a\u{0}b",
+        "%2e%2e/x",
+        "a/%2F/b",
+        "C:\\x",
+        "a/./b",
+        " a",
+        "a/",
+        "",
+        "ü",
+        &long,
+    ];
+    for id in hostile {
+        let (status, resp) = call(&app, post("/v1/lora/init", &json!({ "lora_id": id }))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{id:?}: {resp}");
+        assert!(
+            resp["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("lora_id"),
+            "{id:?}: {resp}"
+        );
+    }
+    let all = db.store.list_loras("").await.expect("list");
+    assert!(all.is_empty(), "nothing was recorded: {all:?}");
+}
+
+async fn loras_are_listed_by_literal_prefix(db: &TestDb) {
+    let app = app(&db.store, options());
+    for id in ["alice/a", "alice/b", "alice2/x", "bob/a", "a_b/x", "aXb/y"] {
+        let (status, body) = call(&app, post("/v1/lora/init", &json!({"lora_id": id}))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let (status, body) = call(&app, get("/v1/lora?prefix=alice/")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["loras"], json!(["alice/a", "alice/b"]));
+    assert_eq!(body["items"][0]["current_version"], 0);
+    assert_eq!(body["items"][0]["base_model"], TEST_BASE_MODEL);
+    let (_, body) = call(&app, get("/v1/lora?prefix=alice")).await;
+    assert_eq!(body["loras"], json!(["alice/a", "alice/b", "alice2/x"]));
+    // `_` is not a wildcard.
+    let (_, body) = call(&app, get("/v1/lora?prefix=a_")).await;
+    assert_eq!(body["loras"], json!(["a_b/x"]));
+    let (_, body) = call(&app, get("/v1/lora")).await;
+    assert_eq!(body["loras"].as_array().map(Vec::len), Some(6));
 }
 
 async fn feedback_is_accepted_with_a_pollable_job(db: &TestDb) {

@@ -13,7 +13,7 @@ use candle_core::Device;
 use claas_api::{router, ApiOptions, AppState};
 use claas_core::config::{Residency, TrainerDevice};
 use claas_core::queue::SharedStore;
-use claas_core::testing::{TestDb, TEST_BASE_MODEL};
+use claas_core::testing::TestDb;
 use claas_trainer::random::{write_checkpoint, Preset};
 use claas_trainer::template::{ChatTokenizer, Message};
 use claas_trainer::LoraAdapter;
@@ -54,8 +54,10 @@ async fn contract(db: &TestDb) {
     .await
     .expect("join")
     .expect("checkpoint");
+    // The base model is named by its checkpoint directory, so init writes version 0 itself.
+    let base_model = model_dir.display().to_string();
     let exec = CandleExecutor::new(CandleOptions {
-        base_model_id: TEST_BASE_MODEL.into(),
+        base_model_id: base_model.clone(),
         model_dir: model_dir.clone(),
         lora_root: lora_root.clone(),
         device: TrainerDevice::Cpu,
@@ -71,7 +73,7 @@ async fn contract(db: &TestDb) {
         Arc::new(exec),
         WorkerOptions {
             poll_interval: Duration::from_millis(50),
-            ..WorkerOptions::new("trained-test", vec![TEST_BASE_MODEL.into()])
+            ..WorkerOptions::new("trained-test", vec![base_model.clone()])
         },
     );
     let handle = tokio::spawn(async move { worker.run(rx).await });
@@ -82,9 +84,10 @@ async fn contract(db: &TestDb) {
             feedback_default_wait_s: 60,
             feedback_max_wait_s: 60,
             max_attempts: 3,
-            default_base_model: TEST_BASE_MODEL.into(),
-            allowed_init_base_models: vec![TEST_BASE_MODEL.into()],
+            default_base_model: base_model.clone(),
+            allowed_init_base_models: vec![base_model.clone()],
             lora_root: lora_root.display().to_string(),
+            data_dir: tempdir("data"),
         }),
     });
 
@@ -97,6 +100,9 @@ async fn contract(db: &TestDb) {
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    let v0_file = lora_root.join("u/a/v0/adapter_model.safetensors");
+    assert!(v0_file.is_file(), "init wrote version 0");
+    let v0_sha = claas_trainer::storage::sha256_file(&v0_file).expect("sha");
 
     let tok = ChatTokenizer::from_dir(&model_dir).expect("tokenizer");
     let system = "You are a helpful assistant.";
@@ -140,6 +146,7 @@ async fn contract(db: &TestDb) {
     )
     .await;
     assert_eq!(versions["current_version"], 1);
+    assert_eq!(versions["versions"][0]["sha256"], json!(v0_sha));
     assert_eq!(
         versions["versions"][1]["metrics"]["total_loss"].as_f64(),
         Some(loss)

@@ -12,6 +12,7 @@ pub mod model;
 pub mod random;
 pub mod resolve;
 pub mod step;
+pub mod storage;
 pub mod template;
 
 pub use adamw::AdamW;

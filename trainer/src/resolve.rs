@@ -41,6 +41,20 @@ pub fn model_dir(base_model_id: &str, data_dir: &Path) -> Result<PathBuf> {
     )))
 }
 
+/// Like [`model_dir`] but never creates anything: for the API, which records LoRAs but must
+/// not write a multi-gigabyte random checkpoint because a request named a preset.
+pub fn existing_model_dir(base_model_id: &str, data_dir: &Path) -> Option<PathBuf> {
+    let as_path = Path::new(base_model_id);
+    if as_path.join("config.json").is_file() {
+        return Some(as_path.to_path_buf());
+    }
+    if base_model_id.parse::<Preset>().is_ok() {
+        let dir = data_dir.join("models").join(base_model_id);
+        return dir.join("config.json").is_file().then_some(dir);
+    }
+    hf_cache_snapshot(base_model_id)
+}
+
 /// `<hub>/models--<org>--<name>/snapshots/<rev>` for the revision `refs/main` names, or the
 /// only snapshot there is.
 fn hf_cache_snapshot(id: &str) -> Option<PathBuf> {

@@ -7,7 +7,7 @@
 //! vLLM configured those phases have nothing to do; with one configured they fail the job
 //! with a message saying so rather than train beside a vLLM that holds the GPU.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,9 +16,9 @@ use candle_core::{DType, Device};
 use claas_core::config::{Residency, TrainerDevice};
 use claas_core::types::{Sample, TrainingConfig};
 use claas_trainer::adamw::STATE_FILE;
+use claas_trainer::storage;
 use claas_trainer::template::ChatTokenizer;
 use claas_trainer::{sdpo_step, AdamW, AdapterConfig, LoraAdapter, Qwen3, StepConfig, StepSample};
-use sha2::{Digest, Sha256};
 
 use crate::executor::{
     AdapterSource, Distilled, Executor, JobContext, PhaseError, PhaseResult, StoredAdapter,
@@ -183,13 +183,7 @@ fn load_adapter(
             use_rslora: false,
             base_model_name_or_path: Some(from.base_model.clone()),
         };
-        let seed = u64::from_le_bytes(
-            Sha256::digest(lora_id.as_bytes())[..8]
-                .try_into()
-                .unwrap_or([0; 8]),
-        );
-        let adapter = LoraAdapter::init(&model.config, config, seed)?;
-        write_atomically(&dir, |tmp| adapter.save(tmp))?;
+        storage::write_initial_adapter(&dir, lora_id, &model.config, config)?;
     }
     let adapter = LoraAdapter::load(&dir, &model.config, model.device())?;
     let state = dir.join(STATE_FILE);
@@ -199,31 +193,6 @@ fn load_adapter(
         AdamW::default()
     };
     Ok((adapter, optimizer))
-}
-
-/// Writes a directory through `write` into a temporary sibling, then renames it into place
-/// (replacing what a crashed, unrecorded attempt may have left).
-fn write_atomically(
-    dir: &Path,
-    write: impl FnOnce(&Path) -> claas_trainer::Result<()>,
-) -> claas_trainer::Result<()> {
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)?;
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.{}.tmp", uuid::Uuid::now_v7()));
-    write(&tmp)?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)?;
-    }
-    std::fs::rename(&tmp, dir)?;
-    Ok(())
-}
-
-fn sha256_file(path: &Path) -> std::io::Result<String> {
-    Ok(hex::encode(Sha256::digest(std::fs::read(path)?)))
 }
 
 #[async_trait]
@@ -309,11 +278,11 @@ impl Executor for CandleExecutor {
         let dir = root.join(&job.lora_id).join(format!("v{version}"));
         let target = dir.clone();
         let sha = tokio::task::spawn_blocking(move || {
-            write_atomically(&target, |tmp| {
+            storage::write_dir_atomically(&target, |tmp| {
                 trained.adapter.save(tmp)?;
                 trained.optimizer.save(&tmp.join(STATE_FILE))
             })?;
-            Ok::<_, claas_trainer::Error>(sha256_file(&target.join("adapter_model.safetensors"))?)
+            storage::adapter_sha256(&target)
         })
         .await
         .map_err(|e| PhaseError::retryable("storage_error", e.to_string()))?

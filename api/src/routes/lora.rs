@@ -1,12 +1,13 @@
-//! LoRA registration and versions. `POST /v1/lora/init` records a LoRA (version 0) so
-//! feedback can target it; writing the initial adapter files arrives with the adapter
-//! issue, which extends this handler. `GET /v1/lora/{lora_id}/versions` lists versions.
+//! LoRA registration, listing and versions. `POST /v1/lora/init` records a LoRA and, when
+//! the base checkpoint is on this machine, writes version 0 as a PEFT adapter (shapes from
+//! its `config.json`); otherwise the first worker to train it creates the same file. Init
+//! is idempotent: the same parameters answer 200 with the existing LoRA, different ones 409.
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use claas_core::types::{validate_lora_id, NewLora};
+use claas_core::types::{validate_lora_id, Lora, NewLora};
 use serde::Deserialize;
 
 use crate::error::{ApiError, ApiResult, JsonBody};
@@ -47,7 +48,8 @@ pub async fn init(
     State(state): State<AppState>,
     JsonBody(req, _): JsonBody<LoraInitRequest>,
 ) -> ApiResult<Response> {
-    validate_lora_id(&req.lora_id).map_err(|e| ApiError::invalid(e.to_string()))?;
+    // 400: an id that could name a path outside the adapter root is not a range error.
+    validate_lora_id(&req.lora_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
     if !(4..=128).contains(&req.lora_r) {
         return Err(ApiError::invalid("lora_r must be within [4, 128]"));
     }
@@ -83,23 +85,171 @@ pub async fn init(
             DEFAULT_TARGETS.join(", ")
         )));
     }
-    let lora = state
+    let wanted = NewLora {
+        lora_id: req.lora_id.clone(),
+        base_model: base,
+        rank: req.lora_r,
+        alpha: f64::from(req.lora_alpha),
+        target_modules: targets,
+        initial_uri: String::new(),
+        initial_sha256: String::new(),
+    };
+    if let Some(existing) = state.store.get_lora(&req.lora_id).await? {
+        return same_or_conflict(&existing, &wanted);
+    }
+    let (uri, sha) = write_version_zero(&state, &wanted).await?;
+    let created = state
         .store
         .create_lora(&NewLora {
-            lora_id: req.lora_id.clone(),
-            base_model: base,
-            rank: req.lora_r,
-            alpha: f64::from(req.lora_alpha),
-            target_modules: targets,
-            initial_uri: format!("{}/{}/v0", state.options.lora_root, req.lora_id),
-            initial_sha256: String::new(),
+            initial_uri: uri,
+            initial_sha256: sha,
+            ..wanted.clone()
         })
-        .await?;
-    Ok((
-        StatusCode::OK, // as CLaaS answers; its clients check for success, not 201
-        Json(serde_json::json!({"lora_id": lora.lora_id})),
+        .await;
+    match created {
+        Ok(lora) => Ok(init_answer(&lora, true)),
+        // Another request created it meanwhile: the same rule as above.
+        Err(claas_core::Error::Conflict(_)) => match state.store.get_lora(&req.lora_id).await? {
+            Some(existing) => same_or_conflict(&existing, &wanted),
+            None => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!(
+                    "LoRA {} was created and deleted concurrently; retry",
+                    req.lora_id
+                ),
+            )),
+        },
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// CLaaS answers init with `{"lora_id"}` and 200 (its clients check for success, not 201).
+fn init_answer(lora: &Lora, created: bool) -> Response {
+    (
+        StatusCode::OK,
+        Json(serde_json::json!({
+            "lora_id": lora.lora_id,
+            "created": created,
+            "current_version": lora.current_version,
+            "base_model": lora.base_model,
+        })),
     )
-        .into_response())
+        .into_response()
+}
+
+/// An init for an existing id: 200 when it asks for what exists (CLaaS clients init
+/// blindly on every start), 409 naming what differs.
+fn same_or_conflict(existing: &Lora, wanted: &NewLora) -> ApiResult<Response> {
+    let mut diffs = Vec::new();
+    if existing.base_model != wanted.base_model {
+        diffs.push(format!(
+            "base_model {} (requested {})",
+            existing.base_model, wanted.base_model
+        ));
+    }
+    if existing.rank != wanted.rank {
+        diffs.push(format!(
+            "lora_r {} (requested {})",
+            existing.rank, wanted.rank
+        ));
+    }
+    if existing.alpha != wanted.alpha {
+        diffs.push(format!(
+            "lora_alpha {} (requested {})",
+            existing.alpha, wanted.alpha
+        ));
+    }
+    let sorted = |v: &[String]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v
+    };
+    if sorted(&existing.target_modules) != sorted(&wanted.target_modules) {
+        diffs.push(format!(
+            "target_modules [{}] (requested [{}])",
+            existing.target_modules.join(", "),
+            wanted.target_modules.join(", ")
+        ));
+    }
+    if diffs.is_empty() {
+        return Ok(init_answer(existing, false));
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "lora_exists",
+        format!(
+            "LoRA {} already exists with different parameters: {}",
+            existing.lora_id,
+            diffs.join("; ")
+        ),
+    ))
+}
+
+/// Writes version 0 when the base checkpoint is on this machine; returns its URI and the
+/// sha256 of its weights, or the path a worker will create it at (and no sha256).
+async fn write_version_zero(state: &AppState, lora: &NewLora) -> ApiResult<(String, String)> {
+    let root = std::path::PathBuf::from(&state.options.lora_root);
+    let root = std::path::absolute(&root).unwrap_or(root);
+    let dir = root.join(&lora.lora_id).join("v0");
+    let Some(model_dir) =
+        claas_trainer::resolve::existing_model_dir(&lora.base_model, &state.options.data_dir)
+    else {
+        return Ok((dir.display().to_string(), String::new()));
+    };
+    let (lora_id, base, rank, alpha, targets) = (
+        lora.lora_id.clone(),
+        lora.base_model.clone(),
+        usize::try_from(lora.rank).unwrap_or(0),
+        lora.alpha,
+        lora.target_modules.clone(),
+    );
+    let target = dir.clone();
+    let sha = tokio::task::spawn_blocking(move || {
+        let model = claas_trainer::Qwen3Config::from_dir(&model_dir)?;
+        let config = claas_trainer::AdapterConfig {
+            r: rank,
+            lora_alpha: alpha,
+            target_modules: targets,
+            use_rslora: false,
+            base_model_name_or_path: Some(base),
+        };
+        claas_trainer::storage::write_initial_adapter(&target, &lora_id, &model, config)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("writing version 0: {e}")))?
+    .map_err(|e| ApiError::internal(format!("writing version 0: {e}")))?;
+    Ok((format!("file://{}", dir.display()), sha))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    #[serde(default)]
+    pub prefix: String,
+}
+
+/// `GET /v1/lora?prefix=`: CLaaS's `{"loras": [ids]}` plus `items` with each LoRA's current
+/// version, base model and last update.
+pub async fn list(
+    State(state): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let loras = state.store.list_loras(&q.prefix).await?;
+    let ids: Vec<&str> = loras.iter().map(|l| l.lora_id.as_str()).collect();
+    let items: Vec<serde_json::Value> = loras
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "lora_id": l.lora_id,
+                "current_version": l.current_version,
+                "base_model": l.base_model,
+                "rank": l.rank,
+                "alpha": l.alpha,
+                "updated_at": l.updated_at,
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({"loras": ids, "items": items})))
 }
 
 /// `GET /v1/lora/{lora_id}/versions` (lora ids contain '/', so the route is a wildcard).

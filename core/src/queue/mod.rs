@@ -224,6 +224,10 @@ pub trait Store: Send + Sync + 'static {
     /// A live (not deleted) LoRA, or `None`.
     async fn get_lora(&self, lora_id: &str) -> Result<Option<Lora>>;
 
+    /// Live LoRAs whose id starts with `prefix` (literally: `%` and `_` are not wildcards),
+    /// by id.
+    async fn list_loras(&self, prefix: &str) -> Result<Vec<Lora>>;
+
     /// Versions of a LoRA, oldest first.
     async fn lora_versions(&self, lora_id: &str) -> Result<Vec<LoraVersion>>;
 

@@ -333,6 +333,17 @@ impl Store for PgStore {
         row.as_ref().map(lora_from_row).transpose()
     }
 
+    async fn list_loras(&self, prefix: &str) -> Result<Vec<Lora>> {
+        let rows = sqlx::query(
+            "select * from loras where deleted_at is null and starts_with(lora_id, $1)
+             order by lora_id",
+        )
+        .bind(prefix)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(lora_from_row).collect()
+    }
+
     async fn lora_versions(&self, lora_id: &str) -> Result<Vec<LoraVersion>> {
         let rows = sqlx::query("select * from lora_versions where lora_id = $1 order by version")
             .bind(lora_id)

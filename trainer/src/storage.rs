@@ -1,0 +1,68 @@
+//! Adapter directories on local storage: written whole or not at all, identified by the
+//! sha256 of their weights, and version 0 created the same way wherever it is created.
+
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+use crate::config::Qwen3Config;
+use crate::error::Result;
+use crate::lora::{AdapterConfig, LoraAdapter};
+
+/// Writes a directory through `write` into a temporary sibling, then renames it into place,
+/// replacing whatever a crashed, unrecorded attempt left there.
+pub fn write_dir_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let nonce: u64 = rand::random();
+    let tmp = parent.join(format!(".{name}.{nonce:016x}.tmp"));
+    if let Err(e) = write(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::rename(&tmp, dir)?;
+    Ok(())
+}
+
+/// Hex sha256 of a file.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    Ok(hex::encode(Sha256::digest(std::fs::read(path)?)))
+}
+
+/// Hex sha256 of an adapter directory's weights (`adapter_model.safetensors`).
+pub fn adapter_sha256(dir: &Path) -> Result<String> {
+    sha256_file(&dir.join("adapter_model.safetensors"))
+}
+
+/// Version 0 of a LoRA: PEFT's initialisation (A Kaiming-uniform, B zero) with shapes from
+/// the base model's config, seeded by the LoRA id so the API and a worker that create it
+/// produce the same file.
+pub fn initial_adapter(
+    lora_id: &str,
+    model: &Qwen3Config,
+    config: AdapterConfig,
+) -> Result<LoraAdapter> {
+    let digest = Sha256::digest(lora_id.as_bytes());
+    let mut seed = [0u8; 8];
+    seed.copy_from_slice(&digest[..8]);
+    LoraAdapter::init(model, config, u64::from_le_bytes(seed))
+}
+
+/// Creates version 0 in `dir` (atomically) and returns the sha256 of its weights.
+pub fn write_initial_adapter(
+    dir: &Path,
+    lora_id: &str,
+    model: &Qwen3Config,
+    config: AdapterConfig,
+) -> Result<String> {
+    let adapter = initial_adapter(lora_id, model, config)?;
+    write_dir_atomically(dir, |tmp| adapter.save(tmp))?;
+    adapter_sha256(dir)
+}
