@@ -65,6 +65,9 @@ pub struct DistillArgs {
     device: DeviceArg,
     #[arg(long, default_value_t = 8192)]
     max_seq_len: usize,
+    /// Per-layer activation checkpointing (less memory, ~1/3 more compute).
+    #[arg(long)]
+    checkpoint: bool,
 }
 
 #[derive(Deserialize)]
@@ -150,6 +153,7 @@ pub fn distill(a: DistillArgs) -> Result<()> {
         kl_reg_weight: t.kl_reg_weight,
         teacher_top_k: t.teacher_top_k,
         max_seq_len: a.max_seq_len,
+        checkpoint: a.checkpoint,
     };
     let adapter = LoraAdapter::load(&a.adapter, &model.config, &dev)?;
     let state = a.adapter.join(STATE_FILE);
@@ -189,6 +193,9 @@ pub struct StepBench {
     steps: usize,
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
+    /// Per-layer activation checkpointing (less memory, ~1/3 more compute).
+    #[arg(long)]
+    checkpoint: bool,
 }
 
 /// Peak resident set size of this process, from /proc (Linux).
@@ -248,6 +255,7 @@ pub fn bench_step(b: StepBench) -> Result<()> {
         kl_reg_weight: 0.1,
         teacher_top_k: b.top_k,
         max_seq_len: 1 << 20,
+        checkpoint: b.checkpoint,
     };
     let mut opt = AdamW::default();
     let mut times = Vec::with_capacity(b.steps);
@@ -275,6 +283,7 @@ pub fn bench_step(b: StepBench) -> Result<()> {
         "threads": candle_core::utils::get_num_threads(),
         "batch": b.batch, "prompt": b.prompt, "response": b.response,
         "teacher_prompt": b.teacher_prompt, "rank": b.rank, "top_k": b.top_k,
+        "checkpoint": b.checkpoint,
         "load_s": load_s,
         "warmup_step_s": times[0],
         "median_step_s": median,

@@ -9,14 +9,15 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
-use crate::error::Result;
-
 struct FrozenLinear {
     /// `(out, in)`, as stored in the checkpoint.
     weight: Tensor,
 }
 
-fn pass_through<S: BackendStorage>(y: &S, layout: &Layout) -> candle_core::Result<(S, Shape)> {
+pub(crate) fn pass_through<S: BackendStorage>(
+    y: &S,
+    layout: &Layout,
+) -> candle_core::Result<(S, Shape)> {
     match layout.contiguous_offsets() {
         Some((0, end)) if end == layout.shape().elem_count() => {
             Ok((y.try_clone(layout)?, layout.shape().clone()))
@@ -65,17 +66,17 @@ impl CustomOp2 for FrozenLinear {
 
 /// `x · Wᵀ` for `x` of shape `(.., in)` and `W` of shape `(out, in)`. When `x` is part of a
 /// graph the result carries only the gradient with respect to `x`.
-pub fn linear(x: &Tensor, weight: &Tensor, track: bool) -> Result<Tensor> {
+pub fn linear(x: &Tensor, weight: &Tensor, track: bool) -> candle_core::Result<Tensor> {
     let y = matmul_2d(&x.detach(), &weight.t()?)?;
     if !track {
         return Ok(y);
     }
-    Ok(x.apply_op2(
+    x.apply_op2(
         &y,
         FrozenLinear {
             weight: weight.clone(),
         },
-    )?)
+    )
 }
 
 /// `x · m` for `x` of shape `(.., k)` and a 2-D `m` of shape `(k, n)`, computed as one 2-D

@@ -5,16 +5,18 @@
 //! only ops with a backward, and computes the base model (adapter off) with exactly the same
 //! ops as the student, so a zero adapter reproduces the base log-probs bit for bit.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor, Var, D};
 
 use crate::config::{Module, Qwen3Config};
 use crate::error::{checkpoint, invalid, Result};
 use crate::frozen;
-use crate::lora::LoraAdapter;
+use crate::lora::{peft_key, LoraAdapter};
 
+#[derive(Clone)]
 struct Layer {
     /// Indexed by [`Module::index`].
     proj: [Tensor; 7],
@@ -203,6 +205,20 @@ impl Qwen3 {
         count: usize,
         lora: Option<&LoraAdapter>,
     ) -> Result<Tensor> {
+        self.logits_with(ids, from, count, lora, None)
+    }
+
+    /// [`Qwen3::logits`] with per-layer activation checkpointing when `sink` is given: each
+    /// decoder layer keeps only its input, re-runs itself during backward, and adds its
+    /// adapter gradients to `sink` (they do not appear in the outer gradient store).
+    pub fn logits_with(
+        &self,
+        ids: &[u32],
+        from: usize,
+        count: usize,
+        lora: Option<&LoraAdapter>,
+        sink: Option<&GradSink>,
+    ) -> Result<Tensor> {
         if ids.is_empty() || from + count > ids.len() {
             return Err(invalid(format!(
                 "positions {from}..{} outside a sequence of {}",
@@ -215,69 +231,29 @@ impl Qwen3 {
         let seq = ids.len();
         let input = Tensor::new(ids, &self.device)?;
         let mut x = self.embed.index_select(&input, 0)?.unsqueeze(0)?;
-        let (cos, sin) = self.rope(seq)?;
-        let mask = causal_mask(seq, &self.device, self.dtype)?;
+        let ctx = Context {
+            config: c.clone(),
+            dtype: self.dtype,
+            rope: self.rope(seq)?,
+            mask: causal_mask(seq, &self.device, self.dtype)?,
+        };
         for (li, layer) in self.layers.iter().enumerate() {
-            let lin = |h: &Tensor, m: Module| -> Result<Tensor> {
-                let base = frozen::linear(h, &layer.proj[m.index()], track)?;
-                match lora.and_then(|a| a.pair(li, m)) {
-                    Some((a, b, scale)) => {
-                        let delta = h.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
-                        Ok((base + (delta * scale)?)?)
-                    }
-                    None => Ok(base),
-                }
+            let run = LayerRun {
+                layer: layer.clone(),
+                lora: Module::ALL.map(|m| {
+                    lora.and_then(|a| a.pair(li, m))
+                        .map(|(a, b, s)| (a.clone(), b.clone(), s))
+                }),
             };
-            let h = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
-            let heads = |t: Tensor, n: usize| t.reshape((1, seq, n, c.head_dim));
-            let q = heads(lin(&h, Module::Q)?, c.num_attention_heads)?;
-            let k = heads(lin(&h, Module::K)?, c.num_key_value_heads)?;
-            let v = heads(lin(&h, Module::V)?, c.num_key_value_heads)?;
-            let q = rms_norm(&q, &layer.q_norm, c.rms_norm_eps)?.transpose(1, 2)?;
-            let k = rms_norm(&k, &layer.k_norm, c.rms_norm_eps)?.transpose(1, 2)?;
-            let v = v.transpose(1, 2)?.contiguous()?;
-            let q = rotate(&q, &cos, &sin)?;
-            let k = rotate(&k, &cos, &sin)?;
-            let attn = self.attention(&q, &k, &v, &mask, seq)?;
-            let attn =
-                attn.transpose(1, 2)?
-                    .reshape((1, seq, c.num_attention_heads * c.head_dim))?;
-            x = (x + lin(&attn, Module::O)?)?;
-            let h = rms_norm(&x, &layer.post_attention_norm, c.rms_norm_eps)?;
-            let mlp = (lin(&h, Module::Gate)?.silu()? * lin(&h, Module::Up)?)?;
-            x = (x + lin(&mlp, Module::Down)?)?;
+            x = match (sink, lora) {
+                (Some(sink), Some(adapter)) => checkpointed(&run, &ctx, &x, adapter, li, sink)?,
+                _ => run.forward(&ctx, &x, track)?,
+            };
         }
         let x = x.narrow(1, from, count)?;
         let x = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
         let logits = frozen::linear(&x, &self.lm_head, track)?;
         Ok(logits.to_dtype(DType::F32)?)
-    }
-
-    /// Grouped-query attention without repeating K and V: the query heads that share a KV
-    /// head are stacked along the sequence axis.
-    fn attention(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: &Tensor,
-        seq: usize,
-    ) -> Result<Tensor> {
-        let c = &self.config;
-        let (kv, group) = (
-            c.num_key_value_heads,
-            c.num_attention_heads / c.num_key_value_heads,
-        );
-        let q = q.contiguous()?.reshape((1, kv, group * seq, c.head_dim))?;
-        let scores = q.matmul(&k.t()?)?;
-        let scores = (scores * (c.head_dim as f64).powf(-0.5))?
-            .reshape((1, c.num_attention_heads, seq, seq))?
-            .broadcast_add(mask)?;
-        let probs = softmax(&scores.to_dtype(DType::F32)?)?.to_dtype(self.dtype)?;
-        let probs = probs.reshape((1, kv, group * seq, seq))?;
-        Ok(probs
-            .matmul(v)?
-            .reshape((1, c.num_attention_heads, seq, c.head_dim))?)
     }
 
     /// `(cos, sin)` of shape `(seq, head_dim)`, Hugging Face's non-interleaved layout.
@@ -301,28 +277,28 @@ impl Qwen3 {
 }
 
 /// Hugging Face's RMSNorm: in f32, `x / sqrt(mean(x²) + eps)`, then times the weight.
-fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let dtype = x.dtype();
     let x32 = x.to_dtype(DType::F32)?;
     let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = x32.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?;
-    Ok(normed.broadcast_mul(weight)?)
+    normed.broadcast_mul(weight)
 }
 
 /// `x·cos + rotate_half(x)·sin` for `x` of shape `(1, heads, seq, d)`.
-fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     let half = x.dim(D::Minus1)? / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
 /// Softmax over the last dimension with a detached max shift.
-fn softmax(x: &Tensor) -> Result<Tensor> {
+fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
 fn causal_mask(seq: usize, device: &Device, dtype: DType) -> Result<Tensor> {
@@ -359,4 +335,226 @@ fn weight_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
             dir.display()
         )))
     }
+}
+
+/// What every layer of one forward shares.
+#[derive(Clone)]
+struct Context {
+    config: Qwen3Config,
+    dtype: DType,
+    /// `(cos, sin)`, each `(seq, head_dim)`.
+    rope: (Tensor, Tensor),
+    mask: Tensor,
+}
+
+/// One decoder layer with its adapter (A, B, scaling per projection), as owned handles, so
+/// the checkpointing op can re-run it during backward.
+#[derive(Clone)]
+struct LayerRun {
+    layer: Layer,
+    lora: [Option<(Tensor, Tensor, f64)>; 7],
+}
+
+impl LayerRun {
+    fn linear(&self, h: &Tensor, m: Module, track: bool) -> candle_core::Result<Tensor> {
+        let base = frozen::linear(h, &self.layer.proj[m.index()], track)?;
+        match &self.lora[m.index()] {
+            Some((a, b, scale)) => {
+                // The adapter stays in f32 (its master copy); a bf16 base gets its
+                // contribution cast back after the scaling, as PEFT does.
+                let h32 = h.to_dtype(a.dtype())?;
+                let delta = frozen::matmul_2d(&frozen::matmul_2d(&h32, &a.t()?)?, &b.t()?)?;
+                let delta = (delta * *scale)?.to_dtype(base.dtype())?;
+                base + delta
+            }
+            None => Ok(base),
+        }
+    }
+
+    /// The layer without adapter gradients: the adapter's tensors detached.
+    fn detached(&self) -> LayerRun {
+        LayerRun {
+            layer: self.layer.clone(),
+            lora: self
+                .lora
+                .clone()
+                .map(|p| p.map(|(a, b, s)| (a.detach(), b.detach(), s))),
+        }
+    }
+
+    fn forward(&self, ctx: &Context, x: &Tensor, track: bool) -> candle_core::Result<Tensor> {
+        let c = &ctx.config;
+        let l = &self.layer;
+        let seq = x.dim(1)?;
+        let h = rms_norm(x, &l.input_norm, c.rms_norm_eps)?;
+        let heads = |t: Tensor, n: usize| t.reshape((1, seq, n, c.head_dim));
+        let q = heads(self.linear(&h, Module::Q, track)?, c.num_attention_heads)?;
+        let k = heads(self.linear(&h, Module::K, track)?, c.num_key_value_heads)?;
+        let v = heads(self.linear(&h, Module::V, track)?, c.num_key_value_heads)?;
+        let q = rms_norm(&q, &l.q_norm, c.rms_norm_eps)?.transpose(1, 2)?;
+        let k = rms_norm(&k, &l.k_norm, c.rms_norm_eps)?.transpose(1, 2)?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let (cos, sin) = &ctx.rope;
+        let q = rotate(&q, cos, sin)?;
+        let k = rotate(&k, cos, sin)?;
+        let attn = attention(ctx, &q, &k, &v, seq)?.transpose(1, 2)?.reshape((
+            1,
+            seq,
+            c.num_attention_heads * c.head_dim,
+        ))?;
+        let x = (x + self.linear(&attn, Module::O, track)?)?;
+        let h = rms_norm(&x, &l.post_attention_norm, c.rms_norm_eps)?;
+        let gate = self.linear(&h, Module::Gate, track)?.silu()?;
+        let mlp = (gate * self.linear(&h, Module::Up, track)?)?;
+        x + self.linear(&mlp, Module::Down, track)?
+    }
+}
+
+/// Grouped-query attention without repeating K and V: the query heads that share a KV
+/// head are stacked along the sequence axis.
+fn attention(
+    ctx: &Context,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seq: usize,
+) -> candle_core::Result<Tensor> {
+    let c = &ctx.config;
+    let (kv, group) = (
+        c.num_key_value_heads,
+        c.num_attention_heads / c.num_key_value_heads,
+    );
+    let q = q.contiguous()?.reshape((1, kv, group * seq, c.head_dim))?;
+    let scores = q.matmul(&k.t()?)?;
+    let scores = (scores * (c.head_dim as f64).powf(-0.5))?
+        .reshape((1, c.num_attention_heads, seq, seq))?
+        .broadcast_add(&ctx.mask)?;
+    let probs = softmax(&scores.to_dtype(DType::F32)?)?.to_dtype(ctx.dtype)?;
+    let probs = probs.reshape((1, kv, group * seq, seq))?;
+    probs
+        .matmul(v)?
+        .reshape((1, c.num_attention_heads, seq, c.head_dim))
+}
+
+/// Adapter gradients collected by checkpointed layers during backward, by PEFT key.
+#[derive(Clone, Default)]
+pub struct GradSink(Arc<Mutex<BTreeMap<String, Tensor>>>);
+
+impl GradSink {
+    fn add(&self, key: &str, grad: &Tensor) -> candle_core::Result<()> {
+        let mut map = self
+            .0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("gradient sink poisoned".into()))?;
+        let sum = match map.remove(key) {
+            Some(prev) => (prev + grad)?,
+            None => grad.clone(),
+        };
+        map.insert(key.to_string(), sum);
+        Ok(())
+    }
+
+    /// Takes the collected gradients, leaving the sink empty.
+    pub fn take(&self) -> BTreeMap<String, Tensor> {
+        self.0
+            .lock()
+            .map(|mut m| std::mem::take(&mut *m))
+            .unwrap_or_default()
+    }
+}
+
+/// The checkpointing op: forward passes the layer's output (computed outside the graph)
+/// through; backward re-runs the layer from its input with the graph on, back-propagates
+/// the incoming gradient through it, returns the input's gradient and hands the adapter's
+/// to the sink.
+struct Checkpoint {
+    run: LayerRun,
+    ctx: Context,
+    /// `(PEFT key, tensor)` of this layer's adapter matrices.
+    params: Vec<(String, Tensor)>,
+    sink: GradSink,
+}
+
+impl CustomOp3 for Checkpoint {
+    fn name(&self) -> &'static str {
+        "checkpointed-layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &CpuStorage,
+        _xl: &Layout,
+        y: &CpuStorage,
+        yl: &Layout,
+        _a: &CpuStorage,
+        _al: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        frozen::pass_through(y, yl)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _x: &candle_core::CudaStorage,
+        _xl: &Layout,
+        y: &candle_core::CudaStorage,
+        yl: &Layout,
+        _a: &candle_core::CudaStorage,
+        _al: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        frozen::pass_through(y, yl)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _y: &Tensor,
+        _anchor: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let input = Var::from_tensor(&x.detach())?;
+        let out = self.run.forward(&self.ctx, input.as_tensor(), true)?;
+        let grads = (out * grad.detach())?.sum_all()?.backward()?;
+        for (key, t) in &self.params {
+            if let Some(g) = grads.get(t) {
+                self.sink.add(key, g)?;
+            }
+        }
+        Ok((grads.get(input.as_tensor()).cloned(), None, None))
+    }
+}
+
+/// Runs layer `li` without keeping its activations; see [`Checkpoint`].
+fn checkpointed(
+    run: &LayerRun,
+    ctx: &Context,
+    x: &Tensor,
+    adapter: &LoraAdapter,
+    li: usize,
+    sink: &GradSink,
+) -> Result<Tensor> {
+    let y = run.detached().forward(ctx, &x.detach(), false)?;
+    let params: Vec<(String, Tensor)> = Module::ALL
+        .iter()
+        .filter_map(|&m| adapter.pair(li, m).map(|(a, b, _)| (m, a, b)))
+        .flat_map(|(m, a, b)| {
+            [
+                (peft_key(li, m, 'A'), a.clone()),
+                (peft_key(li, m, 'B'), b.clone()),
+            ]
+        })
+        .collect();
+    // A tracked third operand makes the op part of the graph even for the first layer,
+    // whose input (the embedding) is not tracked.
+    let Some((_, anchor)) = params.first().cloned() else {
+        return Ok(run.forward(ctx, x, true)?);
+    };
+    let op = Checkpoint {
+        run: run.clone(),
+        ctx: ctx.clone(),
+        params,
+        sink: sink.clone(),
+    };
+    Ok(x.apply_op3(&y, &anchor, op)?)
 }

@@ -32,6 +32,7 @@ fn input(step: &str) -> (Vec<StepSample>, StepConfig) {
         kl_reg_weight: f("kl_reg_weight"),
         teacher_top_k: tr["teacher_top_k"].as_u64().expect("k") as usize,
         max_seq_len: 8192,
+        checkpoint: false,
     };
     (samples, cfg)
 }

@@ -96,6 +96,7 @@ fn a_random_tiny_checkpoint_loads_and_trains() {
         kl_reg_weight: 0.0,
         teacher_top_k: 20,
         max_seq_len: 4096,
+        checkpoint: false,
     };
     let mut opt = AdamW::default();
     let first = sdpo_step(

@@ -235,3 +235,34 @@ fn a_new_adapter_has_the_checkpoints_shapes_and_starts_at_the_base() {
     assert_eq!(back.params().len(), 2 * 2 * c.num_hidden_layers);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn activation_checkpointing_changes_nothing_but_memory() {
+    let model = model();
+    let mut results = Vec::new();
+    for checkpoint in [false, true] {
+        let adapter =
+            LoraAdapter::load(&fixture("adapter_init"), &model.config, &Device::Cpu).expect("init");
+        // Non-zero B, so every LoRA matrix has a gradient to compare.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for var in adapter.params().values() {
+            let data: Vec<f32> = (0..var.elem_count())
+                .map(|_| rng.gen_range(-0.05..0.05))
+                .collect();
+            var.set(&Tensor::from_vec(data, var.dims(), &Device::Cpu).expect("t"))
+                .expect("set");
+        }
+        let mut opt = AdamW::default();
+        let (samples, cfg) = input("step1");
+        let cfg = StepConfig { checkpoint, ..cfg };
+        let m = sdpo_step(&model, &adapter, &mut opt, &samples, &cfg).expect("step");
+        results.push((m, snapshot(&adapter)));
+    }
+    let (plain, ckpt) = (&results[0], &results[1]);
+    assert_eq!(plain.0.grad_norm, ckpt.0.grad_norm, "same gradients");
+    assert_eq!(plain.0.total_loss, ckpt.0.total_loss);
+    for (key, t) in &plain.1 {
+        let d = max_abs(&(t - &ckpt.1[key]).expect("diff"));
+        assert_eq!(d, 0.0, "{key} differs by {d}");
+    }
+}

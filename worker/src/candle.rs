@@ -234,6 +234,8 @@ impl Executor for CandleExecutor {
             kl_reg_weight: training.kl_reg_weight,
             teacher_top_k: training.teacher_top_k as usize,
             max_seq_len: self.opts.max_seq_len,
+            // On a GPU memory is what runs out; on the CPU, time.
+            checkpoint: self.device.is_cuda(),
         };
         let (model, copy_in_ms) = self.model().map_err(trainer_error)?;
         let from = from.clone();
