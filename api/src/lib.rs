@@ -61,6 +61,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/cancel", post(routes::jobs::cancel))
         .route("/v1/lora", get(routes::lora::list))
         .route("/v1/lora/init", post(routes::lora::init))
+        .route("/v1/lora/export", get(routes::lora::export))
         .route("/v1/lora/{*rest}", get(routes::lora::versions))
         .route("/v1/health", get(routes::health::health))
         .fallback(error::route_not_found)

@@ -166,6 +166,66 @@ async fn contract(db: &TestDb) {
     });
     assert!(moved, "version 1 differs from version 0");
 
+    // Export: a zip of version 1's PEFT files, checked against the recorded sha256.
+    let resp = app
+        .clone()
+        .oneshot(
+            Request::get("/v1/lora/export?lora_id=u/a&version=1")
+                .body(Body::empty())
+                .expect("req"),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers()["content-disposition"],
+        "attachment; filename=\"u__a-v1.zip\""
+    );
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes.to_vec())).expect("zip");
+    let mut names: Vec<String> = archive
+        .file_names()
+        .map(|n| n.map(|n| n.to_string()).expect("entry name"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["adapter_config.json", "adapter_model.safetensors"]);
+    let mut weights = Vec::new();
+    std::io::Read::read_to_end(
+        &mut archive.by_name("adapter_model.safetensors").expect("entry"),
+        &mut weights,
+    )
+    .expect("read");
+    assert_eq!(
+        versions["versions"][1]["sha256"],
+        json!(hex_sha256(&weights)),
+        "the exported weights are the published ones"
+    );
+    let (status, body) = call(
+        &app,
+        Request::get("/v1/lora/export?lora_id=u/a&version=7")
+            .body(Body::empty())
+            .expect("req"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    // Corrupted storage is refused, not exported.
+    std::fs::write(&v0_file, b"not the weights").expect("tamper");
+    let (status, body) = call(
+        &app,
+        Request::get("/v1/lora/export?lora_id=u/a&version=0")
+            .body(Body::empty())
+            .expect("req"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("does not match its recorded sha256"),
+        "{body}"
+    );
+
     stop.send(true).expect("stop");
     handle.await.expect("join").expect("worker");
     let _ = std::fs::remove_dir_all(&model_dir);
@@ -184,4 +244,9 @@ async fn claas_client_contract_with_a_real_step_postgres() {
     let db = TestDb::postgres().await;
     contract(&db).await;
     db.cleanup().await;
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
 }

@@ -272,3 +272,124 @@ pub async fn versions(
         "versions": versions,
     })))
 }
+
+#[derive(Debug, Deserialize)]
+pub struct ExportQuery {
+    pub lora_id: String,
+    /// Default: the current version.
+    pub version: Option<i32>,
+}
+
+/// The files of a version that make a PEFT adapter (the optimizer state stays behind).
+const PEFT_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
+
+/// `GET /v1/lora/export?lora_id=&version=`: a zip of the version's PEFT files, streamed,
+/// after checking the weights against the sha256 recorded at publish.
+pub async fn export(
+    State(state): State<AppState>,
+    Query(q): Query<ExportQuery>,
+) -> ApiResult<Response> {
+    validate_lora_id(&q.lora_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let lora = state
+        .store
+        .get_lora(&q.lora_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("LoRA not found: {}", q.lora_id)))?;
+    let version = q.version.unwrap_or(lora.current_version);
+    let record = state
+        .store
+        .lora_versions(&q.lora_id)
+        .await?
+        .into_iter()
+        .find(|v| v.version == version)
+        .ok_or_else(|| {
+            ApiError::not_found(format!("LoRA {} has no version {version}", q.lora_id))
+        })?;
+    let dir = std::path::PathBuf::from(
+        record
+            .storage_uri
+            .strip_prefix("file://")
+            .unwrap_or(&record.storage_uri),
+    );
+    if !dir.join("adapter_model.safetensors").is_file() {
+        return Err(ApiError::not_found(format!(
+            "version {version} of {} has no files yet (version 0 is written by the first \
+             training job when init could not read the base model)",
+            q.lora_id
+        )));
+    }
+    let expected = record.sha256.clone();
+    let file = tokio::task::spawn_blocking(move || write_zip(&dir, &expected))
+        .await
+        .map_err(|e| ApiError::internal(format!("export: {e}")))??;
+    let name = format!("{}-v{version}.zip", q.lora_id.replace('/', "__"));
+    let stream = futures::stream::unfold(tokio::fs::File::from_std(file), |mut f| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 1 << 20];
+        match f.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(axum::body::Bytes::from(buf)), f))
+            }
+            Err(e) => Some((Err(e), f)),
+        }
+    });
+    Ok((
+        StatusCode::OK,
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "application/zip".to_string(),
+            ),
+            (
+                axum::http::header::CONTENT_DISPOSITION,
+                // The id is validated to [A-Za-z0-9._-/]; '/' becomes "__": nothing to escape.
+                format!("attachment; filename=\"{name}\""),
+            ),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// Zips the PEFT files of `dir` into an anonymous temporary file (unlinked at once) after
+/// checking the weights' sha256 against `expected` (when one was recorded).
+fn write_zip(dir: &std::path::Path, expected: &str) -> ApiResult<std::fs::File> {
+    use std::io::{Seek, Write};
+    let io = |e: std::io::Error| ApiError::internal(format!("export: {e}"));
+    if !expected.is_empty() {
+        let actual = claas_trainer::storage::adapter_sha256(dir)
+            .map_err(|e| ApiError::internal(format!("export: {e}")))?;
+        if actual != expected {
+            return Err(ApiError::internal(format!(
+                "stored adapter {} does not match its recorded sha256 ({actual} != {expected}); \
+                 refusing to export corrupted weights",
+                dir.display()
+            )));
+        }
+    }
+    let path = std::env::temp_dir().join(format!("claas-export-{}.zip", uuid::Uuid::now_v7()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(io)?;
+    let _ = std::fs::remove_file(&path);
+    let mut zip = zip::ZipWriter::new(file);
+    let opts = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .large_file(true);
+    for name in PEFT_FILES {
+        let bytes = std::fs::read(dir.join(name)).map_err(io)?;
+        zip.start_file(name, opts)
+            .map_err(|e| ApiError::internal(format!("export: {e}")))?;
+        zip.write_all(&bytes).map_err(io)?;
+    }
+    let mut file = zip
+        .finish()
+        .map_err(|e| ApiError::internal(format!("export: {e}")))?;
+    file.rewind().map_err(io)?;
+    Ok(file)
+}
