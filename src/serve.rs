@@ -8,7 +8,7 @@ use claas_api::{ApiOptions, AppState};
 use claas_core::config::{Config, ExecutorKind};
 use claas_core::queue::{self, RetryPolicy, SharedStore};
 use claas_worker::{
-    CandleExecutor, CandleOptions, Executor, SimulatedExecutor, Worker, WorkerOptions,
+    CandleExecutor, CandleOptions, Executor, SimulatedExecutor, VllmOptions, Worker, WorkerOptions,
 };
 use tokio::sync::watch;
 
@@ -138,7 +138,14 @@ async fn executor(cfg: &Config) -> Result<Arc<dyn Executor>> {
                     device: opts.trainer.device,
                     residency: opts.trainer.residency,
                     max_seq_len: opts.trainer.max_seq_len,
-                    vllm_url: opts.vllm.base_url.clone(),
+                    vllm: opts.vllm.base_url.clone().map(|url| VllmOptions {
+                        url,
+                        api_key: opts.vllm.api_key.clone(),
+                        drain_timeout: Duration::from_secs_f64(
+                            opts.worker.feedback_drain_timeout_s,
+                        ),
+                        drain_poll: Duration::from_millis(250),
+                    }),
                 })
             })
             .await??;

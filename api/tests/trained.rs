@@ -63,7 +63,7 @@ async fn contract(db: &TestDb) {
         device: TrainerDevice::Cpu,
         residency: Residency::Host,
         max_seq_len: 4096,
-        vllm_url: None,
+        vllm: None,
     })
     .expect("executor");
     let store: SharedStore = db.store.clone();

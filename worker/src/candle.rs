@@ -3,9 +3,10 @@
 //! state). The base model is read from disk once per process and waits between jobs where
 //! `trainer.residency` says.
 //!
-//! vLLM orchestration (drain, sleep, VRAM, reload, wake) is not implemented here yet: with no
-//! vLLM configured those phases have nothing to do; with one configured they fail the job
-//! with a message saying so rather than train beside a vLLM that holds the GPU.
+//! With a vLLM configured, the phases around training drive it: drain (poll `/metrics`),
+//! sleep at the request's level, train, wake the weights, reload the adapter under the
+//! LoRA's stable name from the new version's own directory, wake the KV cache. Without one,
+//! those phases have nothing to do.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use claas_trainer::{sdpo_step, AdamW, AdapterConfig, LoraAdapter, Qwen3, StepCon
 use crate::executor::{
     AdapterSource, Distilled, Executor, JobContext, PhaseError, PhaseResult, StoredAdapter,
 };
+use crate::vllm::VllmClient;
 
 /// How the executor is set up (from `model`, `storage`, `trainer` and `vllm` config).
 #[derive(Debug, Clone)]
@@ -35,7 +37,18 @@ pub struct CandleOptions {
     pub device: TrainerDevice,
     pub residency: Residency,
     pub max_seq_len: usize,
-    pub vllm_url: Option<String>,
+    pub vllm: Option<VllmOptions>,
+}
+
+/// The local vLLM the executor drives.
+#[derive(Debug, Clone)]
+pub struct VllmOptions {
+    pub url: String,
+    pub api_key: Option<String>,
+    /// `feedback_drain_timeout_s`.
+    pub drain_timeout: std::time::Duration,
+    /// How often `/metrics` is polled while draining.
+    pub drain_poll: std::time::Duration,
 }
 
 pub struct CandleExecutor {
@@ -46,6 +59,7 @@ pub struct CandleExecutor {
     /// The resident copy: on the training device (`gpu`), in host RAM (`host`), or none
     /// (`disk`: read per job).
     resident: Option<Arc<Qwen3>>,
+    vllm: Option<VllmClient>,
 }
 
 /// What distill hands to store_adapter.
@@ -103,7 +117,12 @@ impl CandleExecutor {
             load_ms = started.elapsed().as_millis() as u64,
             "trainer ready"
         );
+        let vllm = opts
+            .vllm
+            .as_ref()
+            .map(|v| VllmClient::new(&v.url, v.api_key.clone()));
         Ok(CandleExecutor {
+            vllm,
             opts,
             device,
             dtype,
@@ -127,17 +146,11 @@ impl CandleExecutor {
         }
     }
 
-    fn no_vllm(&self, phase: &str) -> PhaseResult<()> {
-        match &self.opts.vllm_url {
-            None => Ok(()),
-            Some(url) => Err(PhaseError::fatal(
-                "vllm_orchestration_unavailable",
-                format!(
-                    "{phase}: orchestrating the vLLM at {url} is not implemented yet; \
-                     unset VLLM_BASE_URL to train without vLLM"
-                ),
-            )),
-        }
+    /// The directory a published version lives in (as `store_adapter` writes it).
+    fn version_dir(&self, lora_id: &str, version: i32) -> PathBuf {
+        let root = std::path::absolute(&self.opts.lora_root)
+            .unwrap_or_else(|_| self.opts.lora_root.clone());
+        root.join(lora_id).join(format!("v{version}"))
     }
 
     fn step_samples(&self, samples: &[Sample]) -> PhaseResult<Vec<StepSample>> {
@@ -198,15 +211,26 @@ fn load_adapter(
 #[async_trait]
 impl Executor for CandleExecutor {
     async fn drain(&self, _job: &JobContext) -> PhaseResult<()> {
-        self.no_vllm("drain")
+        match (&self.vllm, &self.opts.vllm) {
+            (Some(v), Some(o)) => v.drain(o.drain_timeout, o.drain_poll).await,
+            _ => Ok(()),
+        }
     }
 
-    async fn sleep(&self, _job: &JobContext) -> PhaseResult<()> {
-        self.no_vllm("sleep")
+    async fn sleep(&self, job: &JobContext) -> PhaseResult<()> {
+        match &self.vllm {
+            Some(v) => v.sleep(job.orchestration.sleep_level).await,
+            None => Ok(()),
+        }
     }
 
     async fn wait_vram(&self, _job: &JobContext) -> PhaseResult<()> {
-        self.no_vllm("vram")
+        if self.device.is_cuda() && self.vllm.is_some() {
+            // Reading free memory through the CUDA driver arrives with the rest of the
+            // vLLM issue; until then the step runs and an out-of-memory fails it (retryable).
+            tracing::warn!("free-VRAM check not implemented; training without it");
+        }
+        Ok(())
     }
 
     async fn distill(
@@ -275,9 +299,7 @@ impl Executor for CandleExecutor {
         let trained = distilled.artifact.downcast::<Trained>().map_err(|_| {
             PhaseError::fatal("trainer_error", "distill produced no candle adapter")
         })?;
-        let root = std::path::absolute(&self.opts.lora_root)
-            .unwrap_or_else(|_| self.opts.lora_root.clone());
-        let dir = root.join(&job.lora_id).join(format!("v{version}"));
+        let dir = self.version_dir(&job.lora_id, version);
         let target = dir.clone();
         let sha = tokio::task::spawn_blocking(move || {
             storage::write_dir_atomically(&target, |tmp| {
@@ -295,11 +317,32 @@ impl Executor for CandleExecutor {
         })
     }
 
-    async fn reload(&self, _job: &JobContext, _version: i32) -> PhaseResult<()> {
-        self.no_vllm("reload")
+    /// Loads the version's own directory under the LoRA's stable name. After a sleep: wake
+    /// the weights first (a LoRA loaded into a sleeping weights pool is lost on wake), then
+    /// unload and load; the KV cache (and scheduling) wakes only in `wake`, so no request
+    /// meets the old adapter. Without a sleep: an in-place swap, so no request for the LoRA
+    /// meets a 404 between an unload and a load.
+    async fn reload(&self, job: &JobContext, version: i32) -> PhaseResult<()> {
+        let Some(v) = &self.vllm else {
+            return Ok(());
+        };
+        let path = self
+            .version_dir(&job.lora_id, version)
+            .display()
+            .to_string();
+        if job.orchestration.sleep_before {
+            v.wake(&["weights"]).await?;
+            v.unload_adapter(&job.lora_id).await?;
+            v.load_adapter(&job.lora_id, &path, false).await
+        } else {
+            v.load_adapter(&job.lora_id, &path, true).await
+        }
     }
 
     async fn wake(&self, _job: &JobContext) -> PhaseResult<()> {
-        self.no_vllm("wake")
+        match &self.vllm {
+            Some(v) => v.wake(&[]).await,
+            None => Ok(()),
+        }
     }
 }

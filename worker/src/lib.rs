@@ -6,8 +6,9 @@ pub mod candle;
 pub mod executor;
 pub mod runtime;
 pub mod simulated;
+pub mod vllm;
 
-pub use candle::{CandleExecutor, CandleOptions};
+pub use candle::{CandleExecutor, CandleOptions, VllmOptions};
 pub use executor::{AdapterSource, Distilled, Executor, JobContext, PhaseError, StoredAdapter};
 pub use runtime::{Worker, WorkerOptions};
 pub use simulated::SimulatedExecutor;

@@ -1,0 +1,253 @@
+//! The candle executor driving a fake vLLM (the wire formats of research/vllm-api.md): the
+//! order of calls around a real training step, the reload from the new version's own
+//! directory between a weights-only and a full wake, a drain that times out without
+//! sleeping vLLM, and a reload failure that still wakes it.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use claas_core::config::{Residency, TrainerDevice};
+use claas_core::testing::{job, TestDb, TEST_BASE_MODEL};
+use claas_core::types::{Job, NewLora};
+use claas_trainer::random::{write_checkpoint, Preset};
+use claas_worker::{CandleExecutor, CandleOptions, VllmOptions, Worker, WorkerOptions};
+use tokio::sync::watch;
+
+#[derive(Default)]
+struct Fake {
+    calls: Mutex<Vec<String>>,
+    /// `/metrics` reports one running request this many more times.
+    busy_polls: AtomicUsize,
+    fail_load: bool,
+}
+
+impl Fake {
+    fn record(&self, call: String) {
+        self.calls.lock().expect("lock").push(call);
+    }
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().expect("lock").clone()
+    }
+}
+
+async fn metrics(State(f): State<Arc<Fake>>) -> String {
+    let busy = f
+        .busy_polls
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    f.record("metrics".into());
+    let running = if busy { 1 } else { 0 };
+    format!(
+        "# TYPE vllm:num_requests_running gauge\n\
+         vllm:num_requests_running{{engine=\"0\",model_name=\"m\"}} {running}.0\n\
+         vllm:num_requests_waiting{{engine=\"0\",model_name=\"m\"}} 0.0\n\
+         vllm:num_requests_waiting_by_reason{{engine=\"0\",model_name=\"m\",reason=\"capacity\"}} 3.0\n"
+    )
+}
+
+async fn sleep(State(f): State<Arc<Fake>>, RawQuery(q): RawQuery) -> Json<serde_json::Value> {
+    f.record(format!("sleep {}", q.unwrap_or_default()));
+    // vLLM >= 0.32 answers JSON.
+    Json(serde_json::json!({"status": "sleeping", "level": 1}))
+}
+
+async fn wake(State(f): State<Arc<Fake>>, RawQuery(q): RawQuery) -> StatusCode {
+    f.record(format!("wake_up {}", q.unwrap_or_default()));
+    // vLLM <= 0.31 answers an empty 200.
+    StatusCode::OK
+}
+
+async fn unload(State(f): State<Arc<Fake>>, Json(b): Json<serde_json::Value>) -> Response {
+    f.record(format!(
+        "unload {}",
+        b["lora_name"].as_str().unwrap_or_default()
+    ));
+    (
+        StatusCode::NOT_FOUND,
+        Json(
+            serde_json::json!({"error": {"message": "The lora adapter cannot be found.",
+            "type": "NotFoundError", "param": null, "code": 404}}),
+        ),
+    )
+        .into_response()
+}
+
+async fn load(State(f): State<Arc<Fake>>, Json(b): Json<serde_json::Value>) -> Response {
+    f.record(format!(
+        "load {} {} inplace={}",
+        b["lora_name"].as_str().unwrap_or_default(),
+        b["lora_path"].as_str().unwrap_or_default(),
+        b["load_inplace"].as_bool().unwrap_or(false)
+    ));
+    if f.fail_load {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "LoRA rank 64 is greater than max_lora_rank 32.",
+        )
+            .into_response();
+    }
+    (StatusCode::OK, "Success: LoRA adapter added successfully.").into_response()
+}
+
+async fn start_fake(fake: Arc<Fake>) -> String {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/sleep", post(sleep))
+        .route("/wake_up", post(wake))
+        .route("/v1/unload_lora_adapter", post(unload))
+        .route("/v1/load_lora_adapter", post(load))
+        .with_state(fake);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("claas-vllm-{name}-{}", uuid::Uuid::now_v7()))
+}
+
+/// Runs one job for LoRA `a` through a worker whose executor drives `fake`; returns the
+/// finished job and the LoRA root.
+async fn run_job(fake: Arc<Fake>, drain_timeout: Duration) -> (Job, PathBuf) {
+    let db = TestDb::sqlite().await;
+    let model_dir = tempdir("model");
+    let lora_root = tempdir("loras");
+    let d = model_dir.clone();
+    tokio::task::spawn_blocking(move || write_checkpoint(Preset::Tiny, &d, 3))
+        .await
+        .expect("join")
+        .expect("checkpoint");
+    let url = start_fake(fake).await;
+    let exec = CandleExecutor::new(CandleOptions {
+        base_model_id: TEST_BASE_MODEL.into(),
+        model_dir,
+        lora_root: lora_root.clone(),
+        device: TrainerDevice::Cpu,
+        residency: Residency::Host,
+        max_seq_len: 4096,
+        vllm: Some(VllmOptions {
+            url,
+            api_key: None,
+            drain_timeout,
+            drain_poll: Duration::from_millis(20),
+        }),
+    })
+    .expect("executor");
+    db.store
+        .create_lora(&NewLora {
+            lora_id: "a".into(),
+            base_model: TEST_BASE_MODEL.into(),
+            rank: 4,
+            alpha: 8.0,
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+            initial_uri: lora_root.join("a/v0").display().to_string(),
+            initial_sha256: String::new(),
+        })
+        .await
+        .expect("lora");
+    let mut j = job("a", 1);
+    j.max_attempts = 1;
+    db.store.enqueue(&j).await.expect("enqueue");
+    let (stop, rx) = watch::channel(false);
+    let worker = Worker::new(
+        db.store.clone(),
+        Arc::new(exec),
+        WorkerOptions {
+            poll_interval: Duration::from_millis(50),
+            ..WorkerOptions::new("vllm-test", vec![TEST_BASE_MODEL.into()])
+        },
+    );
+    let handle = tokio::spawn(async move { worker.run(rx).await });
+    let started = Instant::now();
+    let done = loop {
+        let cur = db.store.get_job(j.id).await.expect("get").expect("job");
+        if cur.status.is_terminal() {
+            break cur;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "job never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    stop.send(true).expect("stop");
+    handle.await.expect("join").expect("worker");
+    db.cleanup().await;
+    (done, lora_root)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_sleep_train_then_reload_between_a_weights_and_a_full_wake() {
+    let fake = Arc::new(Fake {
+        busy_polls: AtomicUsize::new(2),
+        ..Fake::default()
+    });
+    let (j, root) = run_job(fake.clone(), Duration::from_secs(10)).await;
+    assert_eq!(
+        j.status,
+        claas_core::types::JobStatus::Succeeded,
+        "{:?}",
+        j.error
+    );
+    let v1 = root.join("a/v1");
+    assert!(v1.join("adapter_model.safetensors").is_file());
+    assert_eq!(
+        fake.calls(),
+        [
+            "metrics".to_string(),
+            "metrics".into(),
+            "metrics".into(),
+            "sleep level=1".into(),
+            "wake_up tags=weights".into(),
+            "unload a".into(),
+            format!("load a {} inplace=false", v1.display()),
+            "wake_up ".into(),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_that_times_out_fails_without_sleeping_vllm() {
+    let fake = Arc::new(Fake {
+        busy_polls: AtomicUsize::new(usize::MAX),
+        ..Fake::default()
+    });
+    let (j, _) = run_job(fake.clone(), Duration::from_millis(200)).await;
+    assert_eq!(j.status, claas_core::types::JobStatus::Failed);
+    assert_eq!(
+        j.error.as_ref().map(|e| e.code.as_str()),
+        Some("drain_timeout")
+    );
+    assert!(
+        fake.calls().iter().all(|c| c == "metrics"),
+        "only polled: {:?}",
+        fake.calls()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_failure_keeps_the_version_and_still_wakes_vllm() {
+    let fake = Arc::new(Fake {
+        fail_load: true,
+        ..Fake::default()
+    });
+    let (j, _) = run_job(fake.clone(), Duration::from_secs(10)).await;
+    // The feedback was trained into version 1; only serving it failed.
+    assert_eq!(j.status, claas_core::types::JobStatus::Succeeded);
+    assert_eq!(j.published_version, Some(1));
+    assert_eq!(
+        j.error.as_ref().map(|e| e.code.as_str()),
+        Some("vllm_error")
+    );
+    assert_eq!(fake.calls().last().map(String::as_str), Some("wake_up "));
+}
