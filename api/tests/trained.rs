@@ -132,6 +132,11 @@ async fn contract(db: &TestDb) {
     // No Prefer header: the server's default wait applies and the answer is CLaaS's 200.
     let (status, body) = call(&app, post("/v1/feedback", &request)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["vllm"],
+        json!({"slept": false, "woke": false}),
+        "no vLLM is configured, so none was slept or woken"
+    );
     let meta = &body["distill_result"]["metadata"];
     let loss = meta["total_loss"].as_f64().expect("total_loss");
     assert!(loss.is_finite() && loss > 0.0, "a real SDPO loss: {meta}");

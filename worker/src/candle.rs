@@ -345,4 +345,16 @@ impl Executor for CandleExecutor {
             None => Ok(()),
         }
     }
+
+    fn controls_vllm(&self) -> bool {
+        self.vllm.is_some()
+    }
+
+    async fn on_start(&self) -> PhaseResult<()> {
+        match &self.vllm {
+            // A no-op when vLLM is awake.
+            Some(v) => v.wake(&[]).await,
+            None => Ok(()),
+        }
+    }
 }

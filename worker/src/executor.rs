@@ -105,4 +105,15 @@ pub trait Executor: Send + Sync + 'static {
     async fn reload(&self, job: &JobContext, version: i32) -> PhaseResult<()>;
     /// Wakes the local vLLM (also after failures).
     async fn wake(&self, job: &JobContext) -> PhaseResult<()>;
+
+    /// Whether `sleep` and `wake` reach a vLLM (what a job's result reports as `vllm`).
+    fn controls_vllm(&self) -> bool {
+        true
+    }
+
+    /// Called once when the worker starts: a vLLM left asleep by a worker that died
+    /// mid-job must not stay asleep.
+    async fn on_start(&self) -> PhaseResult<()> {
+        Ok(())
+    }
 }

@@ -127,6 +127,9 @@ impl Worker {
     /// outages are logged and waited out; the process keeps running.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> claas_core::Result<()> {
         self.register_until_ok(&mut shutdown).await;
+        if let Err(e) = self.executor.on_start().await {
+            tracing::warn!(error = %e, "could not wake vLLM at start-up; the first job will");
+        }
         let mut wake = self.store.wakeups().await?;
         let alive = tokio::spawn(worker_heartbeat_loop(
             self.store.clone(),
@@ -557,7 +560,12 @@ impl Worker {
             "version": version,
             "metrics": metrics,
             "batch_size": batch_size,
-            "vllm": {"slept": orch.sleep_before && claimed.job.published_version.is_none(), "woke": woke},
+            "vllm": {
+                "slept": self.executor.controls_vllm()
+                    && orch.sleep_before
+                    && claimed.job.published_version.is_none(),
+                "woke": self.executor.controls_vllm() && woke,
+            },
         }))
     }
 }
