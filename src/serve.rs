@@ -145,6 +145,10 @@ async fn executor(cfg: &Config) -> Result<Arc<dyn Executor>> {
                             opts.worker.feedback_drain_timeout_s,
                         ),
                         drain_poll: Duration::from_millis(250),
+                        min_free_vram_gb: opts.worker.feedback_min_free_vram_gb,
+                        vram_timeout: Duration::from_secs_f64(
+                            opts.worker.feedback_sleep_verify_timeout_s,
+                        ),
                     }),
                 })
             })

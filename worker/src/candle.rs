@@ -25,6 +25,7 @@ use crate::executor::{
     AdapterSource, Distilled, Executor, JobContext, PhaseError, PhaseResult, StoredAdapter,
 };
 use crate::vllm::VllmClient;
+use crate::vram::{wait_for_free, Nvml, VramProbe};
 
 /// How the executor is set up (from `model`, `storage`, `trainer` and `vllm` config).
 #[derive(Debug, Clone)]
@@ -49,6 +50,10 @@ pub struct VllmOptions {
     pub drain_timeout: std::time::Duration,
     /// How often `/metrics` is polled while draining.
     pub drain_poll: std::time::Duration,
+    /// `feedback_min_free_vram_gb`: GPU memory that must be free before training.
+    pub min_free_vram_gb: f64,
+    /// `feedback_sleep_verify_timeout_s`: how long to wait for it.
+    pub vram_timeout: std::time::Duration,
 }
 
 pub struct CandleExecutor {
@@ -60,6 +65,8 @@ pub struct CandleExecutor {
     /// (`disk`: read per job).
     resident: Option<Arc<Qwen3>>,
     vllm: Option<VllmClient>,
+    /// Free GPU memory (training on CUDA only); why it is unreadable otherwise.
+    vram: Result<Box<dyn VramProbe>, String>,
 }
 
 /// What distill hands to store_adapter.
@@ -121,7 +128,13 @@ impl CandleExecutor {
             .vllm
             .as_ref()
             .map(|v| VllmClient::new(&v.url, v.api_key.clone()));
+        let vram = if device.is_cuda() {
+            Nvml::init().map(|p| Box::new(p) as Box<dyn VramProbe>)
+        } else {
+            Err("no GPU: the trainer runs on the CPU".to_string())
+        };
         Ok(CandleExecutor {
+            vram,
             vllm,
             opts,
             device,
@@ -224,13 +237,25 @@ impl Executor for CandleExecutor {
         }
     }
 
+    /// Waits for `min_free_vram_gb` on the training GPU; on the CPU there is nothing to
+    /// wait for.
     async fn wait_vram(&self, _job: &JobContext) -> PhaseResult<()> {
-        if self.device.is_cuda() && self.vllm.is_some() {
-            // Reading free memory through the CUDA driver arrives with the rest of the
-            // vLLM issue; until then the step runs and an out-of-memory fails it (retryable).
-            tracing::warn!("free-VRAM check not implemented; training without it");
+        let (Some(o), true) = (&self.opts.vllm, self.device.is_cuda()) else {
+            tracing::info!("vram: no GPU to wait for (trainer on the CPU or no vLLM)");
+            return Ok(());
+        };
+        match &self.vram {
+            Ok(probe) => {
+                wait_for_free(
+                    probe.as_ref(),
+                    o.min_free_vram_gb,
+                    o.vram_timeout,
+                    std::time::Duration::from_millis(250),
+                )
+                .await
+            }
+            Err(why) => Err(PhaseError::retryable("vram_unreadable", why.clone())),
         }
-        Ok(())
     }
 
     async fn distill(

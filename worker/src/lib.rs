@@ -7,6 +7,7 @@ pub mod executor;
 pub mod runtime;
 pub mod simulated;
 pub mod vllm;
+pub mod vram;
 
 pub use candle::{CandleExecutor, CandleOptions, VllmOptions};
 pub use executor::{AdapterSource, Distilled, Executor, JobContext, PhaseError, StoredAdapter};

@@ -140,6 +140,8 @@ async fn run_job(fake: Arc<Fake>, drain_timeout: Duration) -> (Job, PathBuf) {
             api_key: None,
             drain_timeout,
             drain_poll: Duration::from_millis(20),
+            min_free_vram_gb: 20.0,
+            vram_timeout: Duration::from_secs(1),
         }),
     })
     .expect("executor");
