@@ -2,40 +2,14 @@
 //! under `rope_parameters`), against the reference trainer: metrics and every adapter
 //! tensor after each step, step 2 resuming step 1's saved AdamW state.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use candle_core::{DType, Device};
-use claas_trainer::{sdpo_step, AdamW, LoraAdapter, Qwen3, StepConfig, StepMetrics, StepSample};
+use candle_core::Device;
+use claas_trainer::{sdpo_step, AdamW, LoraAdapter, StepMetrics};
+use common::{fixture, input, model};
+
+mod common;
 use serde_json::Value;
-
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/fixtures/distill_step")
-        .join(rel)
-}
-
-fn model() -> Qwen3 {
-    Qwen3::load(&fixture("base_model"), &Device::Cpu, DType::F32).expect("base model")
-}
-
-fn input(step: &str) -> (Vec<StepSample>, StepConfig) {
-    let text = std::fs::read_to_string(fixture(&format!("{step}/input.json"))).expect("input");
-    let doc: Value = serde_json::from_str(&text).expect("json");
-    let samples = serde_json::from_value(doc["samples"].clone()).expect("samples");
-    let tr = &doc["training"];
-    let f = |k: &str| tr[k].as_f64().expect(k);
-    let cfg = StepConfig {
-        learning_rate: f("learning_rate"),
-        alpha: f("alpha"),
-        is_clip: f("is_clip"),
-        max_grad_norm: f("max_grad_norm"),
-        kl_reg_weight: f("kl_reg_weight"),
-        teacher_top_k: tr["teacher_top_k"].as_u64().expect("k") as usize,
-        max_seq_len: 8192,
-        checkpoint: false,
-    };
-    (samples, cfg)
-}
 
 fn assert_metrics(step: &str, got: &StepMetrics) {
     let text =

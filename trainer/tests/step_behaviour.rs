@@ -3,30 +3,14 @@
 //! base weight gets a gradient, and bad input is a clear error, never a panic.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use claas_trainer::step::sample_loss;
 use claas_trainer::{sdpo_step, AdamW, Error, LoraAdapter, Module, Qwen3, StepConfig, StepSample};
+use common::{fixture, input, model};
+
+mod common;
 use rand::{Rng, SeedableRng};
-
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/fixtures/distill_step")
-        .join(rel)
-}
-
-fn model() -> Qwen3 {
-    Qwen3::load(&fixture("base_model"), &Device::Cpu, DType::F32).expect("base model")
-}
-
-fn input(step: &str) -> (Vec<StepSample>, StepConfig) {
-    let text = std::fs::read_to_string(fixture(&format!("{step}/input.json"))).expect("input");
-    let doc: serde_json::Value = serde_json::from_str(&text).expect("json");
-    let samples = serde_json::from_value(doc["samples"].clone()).expect("samples");
-    let cfg = serde_json::from_value(doc["training"].clone()).expect("training");
-    (samples, cfg)
-}
 
 fn snapshot(adapter: &LoraAdapter) -> BTreeMap<String, Tensor> {
     adapter
