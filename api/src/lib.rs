@@ -27,6 +27,8 @@ pub struct ApiOptions {
     pub lora_root: String,
     /// Where random preset models live (`<data_dir>/models/<preset>`).
     pub data_dir: std::path::PathBuf,
+    /// The vLLM's `--max-lora-rank` when a vLLM serves the adapters.
+    pub max_lora_rank: Option<i32>,
 }
 
 impl ApiOptions {
@@ -40,6 +42,7 @@ impl ApiOptions {
             allowed_init_base_models: cfg.model.allowed_init_base_models.clone(),
             lora_root: cfg.storage.lora_root.display().to_string(),
             data_dir: cfg.data_dir.clone(),
+            max_lora_rank: cfg.vllm.base_url.as_ref().map(|_| cfg.vllm.max_lora_rank),
         }
     }
 }

@@ -24,6 +24,7 @@ fn options() -> ApiOptions {
         allowed_init_base_models: vec![TEST_BASE_MODEL.into()],
         lora_root: "/tmp/claas-api-tests".into(),
         data_dir: std::env::temp_dir().join("claas-api-tests-data"),
+        max_lora_rank: None,
     }
 }
 
@@ -196,6 +197,22 @@ async fn lora_init_registers_and_lists_versions(db: &TestDb) {
         &body,
         StatusCode::FORBIDDEN,
         "Allowed models: test/base",
+    );
+    // With a vLLM that serves ranks up to 32, a rank it would refuse is a 422 naming both.
+    let vllm_app = self::app(
+        &db.store,
+        ApiOptions {
+            max_lora_rank: Some(32),
+            ..options()
+        },
+    );
+    let big = json!({"lora_id": "user/big", "lora_r": 64});
+    let (status, body) = call(&vllm_app, post("/v1/lora/init", &big)).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "lora_r 64 is above the vLLM's --max-lora-rank 32",
     );
     let bad_r = json!({"lora_id": "user/y", "lora_r": 2});
     let (status, body) = call(&app, post("/v1/lora/init", &bad_r)).await;

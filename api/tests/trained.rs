@@ -88,6 +88,7 @@ async fn contract(db: &TestDb) {
             allowed_init_base_models: vec![base_model.clone()],
             lora_root: lora_root.display().to_string(),
             data_dir: tempdir("data"),
+            max_lora_rank: None,
         }),
     });
 

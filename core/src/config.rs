@@ -65,6 +65,7 @@ pub const ENV_NAMES: &[(&str, &str)] = &[
     ),
     ("VLLM_BASE_URL", "vllm.base_url"),
     ("VLLM_API_KEY", "vllm.api_key"),
+    ("VLLM_MAX_LORA_RANK", "vllm.max_lora_rank"),
     ("CLAAS_BASE_MODEL_ID", "model.base_model_id"),
     (
         "CLAAS_ALLOWED_INIT_BASE_MODELS",
@@ -242,6 +243,9 @@ pub struct VllmConfig {
     pub base_url: Option<String>,
     /// Env `VLLM_API_KEY`.
     pub api_key: Option<String>,
+    /// The vLLM's `--max-lora-rank`: init refuses a larger `lora_r` when a vLLM is
+    /// configured. Default 32 (CLaaS's launch script). Env `VLLM_MAX_LORA_RANK`.
+    pub max_lora_rank: i32,
 }
 
 /// The base model.
@@ -338,6 +342,7 @@ impl Default for Config {
             vllm: VllmConfig {
                 base_url: Some("http://127.0.0.1:8000".into()),
                 api_key: None,
+                max_lora_rank: 32,
             },
             model: ModelConfig {
                 base_model_id: base_model,
@@ -501,6 +506,10 @@ impl Config {
             "worker.base_models must name at least one model",
         );
         check(
+            [1, 8, 16, 32, 64, 128, 256, 320, 512].contains(&self.vllm.max_lora_rank),
+            "vllm.max_lora_rank (VLLM_MAX_LORA_RANK) must be one of vLLM's ranks: 1, 8, 16, 32, 64, 128, 256, 320, 512",
+        );
+        check(
             (16..=1_048_576).contains(&self.trainer.max_seq_len),
             "trainer.max_seq_len (CLAAS_TRAINER_MAX_SEQ_LEN) must be within [16, 1048576]",
         );
@@ -643,5 +652,14 @@ mod tests {
         let err =
             load(Profile::Fleet, &[("CLAAS_FEEDBACK_MAX_BATCH_SIZE", "0")]).expect_err("rejected");
         assert!(err.to_string().contains("feedback_max_batch_size"), "{err}");
+
+        let err = load(Profile::Fleet, &[("VLLM_MAX_LORA_RANK", "48")]).expect_err("rejected");
+        assert!(
+            err.to_string().contains("VLLM_MAX_LORA_RANK") && err.to_string().contains("320"),
+            "{err}"
+        );
+        let err =
+            load(Profile::Fleet, &[("CLAAS_TRAINER_RESIDENCY", "attic")]).expect_err("rejected");
+        assert!(err.to_string().contains("trainer.residency"), "{err}");
     }
 }

@@ -56,6 +56,15 @@ pub async fn init(
     if !(8..=256).contains(&req.lora_alpha) {
         return Err(ApiError::invalid("lora_alpha must be within [8, 256]"));
     }
+    if let Some(max) = state.options.max_lora_rank {
+        if req.lora_r > max {
+            return Err(ApiError::invalid(format!(
+                "lora_r {} is above the vLLM's --max-lora-rank {max} (VLLM_MAX_LORA_RANK): \
+                 vLLM would refuse to load the adapter",
+                req.lora_r
+            )));
+        }
+    }
     let base = req
         .base_model
         .clone()
