@@ -31,6 +31,36 @@ pub fn write_dir_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>)
     Ok(())
 }
 
+/// Removes what crashed writes left in `parent`: `.<name>.<nonce>.tmp` directories older
+/// than `older_than` (a live write is never that old: one job per LoRA writes at a time).
+/// Returns how many were removed.
+pub fn remove_stale_temp_dirs(parent: &Path, older_than: std::time::Duration) -> Result<usize> {
+    let entries = match std::fs::read_dir(parent) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with('.') && name.ends_with(".tmp")) {
+            continue;
+        }
+        let meta = entry.metadata()?;
+        let age = meta
+            .modified()
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .unwrap_or_default();
+        if meta.is_dir() && age >= older_than {
+            std::fs::remove_dir_all(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// Hex sha256 of a file.
 pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex::encode(Sha256::digest(std::fs::read(path)?)))

@@ -327,6 +327,14 @@ impl Executor for CandleExecutor {
         let dir = self.version_dir(&job.lora_id, version);
         let target = dir.clone();
         let sha = tokio::task::spawn_blocking(move || {
+            if let Some(parent) = target.parent() {
+                let stale = std::time::Duration::from_secs(600);
+                match storage::remove_stale_temp_dirs(parent, stale) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(removed = n, "removed files of crashed publishes"),
+                    Err(e) => tracing::warn!(error = %e, "could not clean up crashed publishes"),
+                }
+            }
             storage::write_dir_atomically(&target, |tmp| {
                 trained.adapter.save(tmp)?;
                 trained.optimizer.save(&tmp.join(STATE_FILE))
