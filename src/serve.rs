@@ -149,6 +149,8 @@ async fn executor(cfg: &Config) -> Result<Arc<dyn Executor>> {
                         vram_timeout: Duration::from_secs_f64(
                             opts.worker.feedback_sleep_verify_timeout_s,
                         ),
+                        pause_instead_of_sleep: opts.vllm.sleep_mode
+                            == claas_core::config::VllmSleepMode::Pause,
                     }),
                 })
             })

@@ -66,6 +66,7 @@ pub const ENV_NAMES: &[(&str, &str)] = &[
     ("VLLM_BASE_URL", "vllm.base_url"),
     ("VLLM_API_KEY", "vllm.api_key"),
     ("VLLM_MAX_LORA_RANK", "vllm.max_lora_rank"),
+    ("CLAAS_VLLM_SLEEP_MODE", "vllm.sleep_mode"),
     ("CLAAS_BASE_MODEL_ID", "model.base_model_id"),
     (
         "CLAAS_ALLOWED_INIT_BASE_MODELS",
@@ -246,6 +247,18 @@ pub struct VllmConfig {
     /// The vLLM's `--max-lora-rank`: init refuses a larger `lora_r` when a vLLM is
     /// configured. Default 32 (CLaaS's launch script). Env `VLLM_MAX_LORA_RANK`.
     pub max_lora_rank: i32,
+    /// How the worker quiets vLLM for training: `sleep` (`POST /sleep?level=N`, frees GPU
+    /// memory) or `pause` (`POST /pause` + `/resume`, what CLaaS calls: stops generation but
+    /// frees nothing). Default `sleep`. Env `CLAAS_VLLM_SLEEP_MODE`.
+    pub sleep_mode: VllmSleepMode,
+}
+
+/// See [`VllmConfig::sleep_mode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VllmSleepMode {
+    Sleep,
+    Pause,
 }
 
 /// The base model.
@@ -343,6 +356,7 @@ impl Default for Config {
                 base_url: Some("http://127.0.0.1:8000".into()),
                 api_key: None,
                 max_lora_rank: 32,
+                sleep_mode: VllmSleepMode::Sleep,
             },
             model: ModelConfig {
                 base_model_id: base_model,

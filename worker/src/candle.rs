@@ -54,6 +54,8 @@ pub struct VllmOptions {
     pub min_free_vram_gb: f64,
     /// `feedback_sleep_verify_timeout_s`: how long to wait for it.
     pub vram_timeout: std::time::Duration,
+    /// `/pause` + `/resume` instead of sleep and wake (`vllm.sleep_mode: pause`).
+    pub pause_instead_of_sleep: bool,
 }
 
 pub struct CandleExecutor {
@@ -159,6 +161,22 @@ impl CandleExecutor {
         }
     }
 
+    fn pauses(&self) -> bool {
+        self.opts
+            .vllm
+            .as_ref()
+            .is_some_and(|o| o.pause_instead_of_sleep)
+    }
+
+    /// Wakes (or resumes) everything.
+    async fn wake_all(&self) -> PhaseResult<()> {
+        match &self.vllm {
+            Some(v) if self.pauses() => v.resume().await,
+            Some(v) => v.wake(&[]).await,
+            None => Ok(()),
+        }
+    }
+
     /// The directory a published version lives in (as `store_adapter` writes it).
     fn version_dir(&self, lora_id: &str, version: i32) -> PathBuf {
         let root = std::path::absolute(&self.opts.lora_root)
@@ -232,6 +250,7 @@ impl Executor for CandleExecutor {
 
     async fn sleep(&self, job: &JobContext) -> PhaseResult<()> {
         match &self.vllm {
+            Some(v) if self.pauses() => v.pause().await,
             Some(v) => v.sleep(job.orchestration.sleep_level).await,
             None => Ok(()),
         }
@@ -364,7 +383,9 @@ impl Executor for CandleExecutor {
             .display()
             .to_string();
         if job.orchestration.sleep_before {
-            v.wake(&["weights"]).await?;
+            if !self.pauses() {
+                v.wake(&["weights"]).await?;
+            }
             v.unload_adapter(&job.lora_id).await?;
             v.load_adapter(&job.lora_id, &path, false).await
         } else {
@@ -373,10 +394,7 @@ impl Executor for CandleExecutor {
     }
 
     async fn wake(&self, _job: &JobContext) -> PhaseResult<()> {
-        match &self.vllm {
-            Some(v) => v.wake(&[]).await,
-            None => Ok(()),
-        }
+        self.wake_all().await
     }
 
     fn controls_vllm(&self) -> bool {
@@ -384,10 +402,7 @@ impl Executor for CandleExecutor {
     }
 
     async fn on_start(&self) -> PhaseResult<()> {
-        match &self.vllm {
-            // A no-op when vLLM is awake.
-            Some(v) => v.wake(&[]).await,
-            None => Ok(()),
-        }
+        // A vLLM left asleep (or paused) by a worker that died mid-job; a no-op otherwise.
+        self.wake_all().await
     }
 }

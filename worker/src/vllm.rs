@@ -139,6 +139,26 @@ impl VllmClient {
         Self::check(&what, resp).await.map(|_| ())
     }
 
+    /// `POST /pause`: stops generation (frees no GPU memory).
+    pub async fn pause(&self) -> PhaseResult<()> {
+        let resp = self
+            .post("/pause")
+            .send()
+            .await
+            .map_err(|e| unavailable("POST /pause", e))?;
+        Self::check("POST /pause", resp).await.map(|_| ())
+    }
+
+    /// `POST /resume`.
+    pub async fn resume(&self) -> PhaseResult<()> {
+        let resp = self
+            .post("/resume")
+            .send()
+            .await
+            .map_err(|e| unavailable("POST /resume", e))?;
+        Self::check("POST /resume", resp).await.map(|_| ())
+    }
+
     /// Removes the adapter name from vLLM; an adapter that is not loaded is fine.
     pub async fn unload_adapter(&self, name: &str) -> PhaseResult<()> {
         let what = "POST /v1/unload_lora_adapter";

@@ -64,6 +64,16 @@ async fn wake(State(f): State<Arc<Fake>>, RawQuery(q): RawQuery) -> StatusCode {
     StatusCode::OK
 }
 
+async fn pause(State(f): State<Arc<Fake>>) -> StatusCode {
+    f.record("pause".into());
+    StatusCode::OK
+}
+
+async fn resume(State(f): State<Arc<Fake>>) -> StatusCode {
+    f.record("resume".into());
+    StatusCode::OK
+}
+
 async fn unload(State(f): State<Arc<Fake>>, Json(b): Json<serde_json::Value>) -> Response {
     f.record(format!(
         "unload {}",
@@ -101,6 +111,8 @@ async fn start_fake(fake: Arc<Fake>) -> String {
         .route("/metrics", get(metrics))
         .route("/sleep", post(sleep))
         .route("/wake_up", post(wake))
+        .route("/pause", post(pause))
+        .route("/resume", post(resume))
         .route("/v1/unload_lora_adapter", post(unload))
         .route("/v1/load_lora_adapter", post(load))
         .with_state(fake);
@@ -118,7 +130,7 @@ fn tempdir(name: &str) -> PathBuf {
 
 /// Runs one job for LoRA `a` through a worker whose executor drives `fake`; returns the
 /// finished job and the LoRA root.
-async fn run_job(fake: Arc<Fake>, drain_timeout: Duration) -> (Job, PathBuf) {
+async fn run_job(fake: Arc<Fake>, drain_timeout: Duration, pause: bool) -> (Job, PathBuf) {
     let db = TestDb::sqlite().await;
     let model_dir = tempdir("model");
     let lora_root = tempdir("loras");
@@ -142,6 +154,7 @@ async fn run_job(fake: Arc<Fake>, drain_timeout: Duration) -> (Job, PathBuf) {
             drain_poll: Duration::from_millis(20),
             min_free_vram_gb: 20.0,
             vram_timeout: Duration::from_secs(1),
+            pause_instead_of_sleep: pause,
         }),
     })
     .expect("executor");
@@ -194,7 +207,7 @@ async fn drain_sleep_train_then_reload_between_a_weights_and_a_full_wake() {
         busy_polls: AtomicUsize::new(2),
         ..Fake::default()
     });
-    let (j, root) = run_job(fake.clone(), Duration::from_secs(10)).await;
+    let (j, root) = run_job(fake.clone(), Duration::from_secs(10), false).await;
     assert_eq!(
         j.status,
         claas_core::types::JobStatus::Succeeded,
@@ -226,7 +239,7 @@ async fn a_drain_that_times_out_fails_without_sleeping_vllm() {
         busy_polls: AtomicUsize::new(usize::MAX),
         ..Fake::default()
     });
-    let (j, _) = run_job(fake.clone(), Duration::from_millis(200)).await;
+    let (j, _) = run_job(fake.clone(), Duration::from_millis(200), false).await;
     assert_eq!(j.status, claas_core::types::JobStatus::Failed);
     assert_eq!(
         j.error.as_ref().map(|e| e.code.as_str()),
@@ -245,7 +258,7 @@ async fn a_reload_failure_keeps_the_version_and_still_wakes_vllm() {
         fail_load: true,
         ..Fake::default()
     });
-    let (j, _) = run_job(fake.clone(), Duration::from_secs(10)).await;
+    let (j, _) = run_job(fake.clone(), Duration::from_secs(10), false).await;
     // The feedback was trained into version 1; only serving it failed.
     assert_eq!(j.status, claas_core::types::JobStatus::Succeeded);
     assert_eq!(j.published_version, Some(1));
@@ -254,4 +267,27 @@ async fn a_reload_failure_keeps_the_version_and_still_wakes_vllm() {
         Some("vllm_error")
     );
     assert_eq!(fake.calls().last().map(String::as_str), Some("wake_up "));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_mode_pauses_and_resumes_instead_of_sleeping() {
+    let fake = Arc::new(Fake::default());
+    let (j, root) = run_job(fake.clone(), Duration::from_secs(10), true).await;
+    assert_eq!(
+        j.status,
+        claas_core::types::JobStatus::Succeeded,
+        "{:?}",
+        j.error
+    );
+    assert_eq!(
+        fake.calls(),
+        [
+            "resume".to_string(),
+            "metrics".into(),
+            "pause".into(),
+            "unload a".into(),
+            format!("load a {} inplace=false", root.join("a/v1").display()),
+            "resume".into(),
+        ]
+    );
 }
