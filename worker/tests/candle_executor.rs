@@ -1,0 +1,92 @@
+//! The candle executor's own promises, called phase by phase: where the base model waits
+//! between jobs (`trainer.residency`), version 0 created on first use, versions written
+//! where their URI says.
+
+use std::path::PathBuf;
+
+use claas_core::config::{Residency, TrainerDevice};
+use claas_core::testing::{sample, TEST_BASE_MODEL};
+use claas_core::types::{Orchestration, TrainingConfig};
+use claas_trainer::random::{write_checkpoint, Preset};
+use claas_worker::{AdapterSource, CandleExecutor, CandleOptions, Executor, JobContext};
+
+fn tempdir(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("claas-exec-{name}-{}", uuid::Uuid::now_v7()))
+}
+
+async fn one_step(residency: Residency) -> serde_json::Value {
+    let model_dir = tempdir("model");
+    let lora_root = tempdir("loras");
+    let d = model_dir.clone();
+    tokio::task::spawn_blocking(move || write_checkpoint(Preset::Tiny, &d, 9))
+        .await
+        .expect("join")
+        .expect("checkpoint");
+    let exec = CandleExecutor::new(CandleOptions {
+        base_model_id: TEST_BASE_MODEL.into(),
+        model_dir: model_dir.clone(),
+        lora_root: lora_root.clone(),
+        device: TrainerDevice::Cpu,
+        residency,
+        max_seq_len: 4096,
+        vllm: None,
+    })
+    .expect("executor");
+    let ctx = JobContext {
+        job_id: uuid::Uuid::now_v7(),
+        lora_id: "u/a".into(),
+        base_model: TEST_BASE_MODEL.into(),
+        attempt: 1,
+        orchestration: Orchestration::default(),
+    };
+    let from = AdapterSource {
+        version: 0,
+        uri: lora_root.join("u/a/v0").display().to_string(),
+        base_model: TEST_BASE_MODEL.into(),
+        rank: 4,
+        alpha: 8.0,
+        target_modules: vec!["q_proj".into(), "down_proj".into()],
+    };
+    let distilled = exec
+        .distill(
+            &ctx,
+            &from,
+            &[sample("shorter")],
+            &TrainingConfig::default(),
+        )
+        .await
+        .expect("distill");
+    let metrics = distilled.metrics.clone();
+    assert!(
+        lora_root.join("u/a/v0/adapter_model.safetensors").is_file(),
+        "version 0 created on first use"
+    );
+    let stored = exec.store_adapter(&ctx, 1, distilled).await.expect("store");
+    let dir = PathBuf::from(stored.uri.strip_prefix("file://").expect("file uri"));
+    assert_eq!(
+        dir,
+        std::path::absolute(lora_root.join("u/a/v1")).expect("abs")
+    );
+    assert_eq!(
+        claas_trainer::storage::adapter_sha256(&dir).expect("sha"),
+        stored.sha256
+    );
+    assert!(dir.join("optimizer_state.safetensors").is_file());
+    let _ = std::fs::remove_dir_all(&model_dir);
+    let _ = std::fs::remove_dir_all(&lora_root);
+    metrics
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_resident_model_is_not_read_again_per_job() {
+    let m = one_step(Residency::Host).await;
+    assert!(m["total_loss"].as_f64().is_some_and(f64::is_finite), "{m}");
+    assert!(m.get("model_load_ms").is_none(), "read once at start: {m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_resident_model_is_read_for_each_job() {
+    let m = one_step(Residency::Disk).await;
+    assert!(m["total_loss"].as_f64().is_some_and(f64::is_finite), "{m}");
+    assert!(m["model_load_ms"].is_u64(), "read per job and timed: {m}");
+}
