@@ -113,14 +113,19 @@ impl VllmClient {
         }
     }
 
-    pub async fn sleep(&self, level: u8) -> PhaseResult<()> {
-        let what = format!("POST /sleep?level={level}");
+    /// A `POST` with no body whose answer only has to succeed (sleep, wake, pause, resume).
+    async fn post_empty(&self, path_and_query: &str) -> PhaseResult<()> {
+        let what = format!("POST {path_and_query}");
         let resp = self
-            .post(&format!("/sleep?level={level}"))
+            .post(path_and_query)
             .send()
             .await
             .map_err(|e| unavailable(&what, e))?;
         Self::check(&what, resp).await.map(|_| ())
+    }
+
+    pub async fn sleep(&self, level: u8) -> PhaseResult<()> {
+        self.post_empty(&format!("/sleep?level={level}")).await
     }
 
     /// `POST /wake_up`, for the given tags only (`weights`, `kv_cache`) or everything.
@@ -130,33 +135,17 @@ impl VllmClient {
             .enumerate()
             .map(|(i, t)| format!("{}tags={t}", if i == 0 { "?" } else { "&" }))
             .collect();
-        let what = format!("POST /wake_up{query}");
-        let resp = self
-            .post(&format!("/wake_up{query}"))
-            .send()
-            .await
-            .map_err(|e| unavailable(&what, e))?;
-        Self::check(&what, resp).await.map(|_| ())
+        self.post_empty(&format!("/wake_up{query}")).await
     }
 
     /// `POST /pause`: stops generation (frees no GPU memory).
     pub async fn pause(&self) -> PhaseResult<()> {
-        let resp = self
-            .post("/pause")
-            .send()
-            .await
-            .map_err(|e| unavailable("POST /pause", e))?;
-        Self::check("POST /pause", resp).await.map(|_| ())
+        self.post_empty("/pause").await
     }
 
     /// `POST /resume`.
     pub async fn resume(&self) -> PhaseResult<()> {
-        let resp = self
-            .post("/resume")
-            .send()
-            .await
-            .map_err(|e| unavailable("POST /resume", e))?;
-        Self::check("POST /resume", resp).await.map(|_| ())
+        self.post_empty("/resume").await
     }
 
     /// Removes the adapter name from vLLM; an adapter that is not loaded is fine.
