@@ -4,125 +4,17 @@
 //! sleeping vLLM, and a reload failure that still wakes it.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{RawQuery, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use claas_core::config::{Residency, TrainerDevice};
 use claas_core::testing::{job, TestDb, TEST_BASE_MODEL};
 use claas_core::types::{Job, NewLora};
+use claas_fake_vllm::{FakeVllm, Options};
 use claas_trainer::random::{write_checkpoint, Preset};
 use claas_worker::{CandleExecutor, CandleOptions, VllmOptions, Worker, WorkerOptions};
 use tokio::sync::watch;
-
-#[derive(Default)]
-struct Fake {
-    calls: Mutex<Vec<String>>,
-    /// `/metrics` reports one running request this many more times.
-    busy_polls: AtomicUsize,
-    fail_load: bool,
-}
-
-impl Fake {
-    fn record(&self, call: String) {
-        self.calls.lock().expect("lock").push(call);
-    }
-    fn calls(&self) -> Vec<String> {
-        self.calls.lock().expect("lock").clone()
-    }
-}
-
-async fn metrics(State(f): State<Arc<Fake>>) -> String {
-    let busy = f
-        .busy_polls
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-        .is_ok();
-    f.record("metrics".into());
-    let running = if busy { 1 } else { 0 };
-    format!(
-        "# TYPE vllm:num_requests_running gauge\n\
-         vllm:num_requests_running{{engine=\"0\",model_name=\"m\"}} {running}.0\n\
-         vllm:num_requests_waiting{{engine=\"0\",model_name=\"m\"}} 0.0\n\
-         vllm:num_requests_waiting_by_reason{{engine=\"0\",model_name=\"m\",reason=\"capacity\"}} 3.0\n"
-    )
-}
-
-async fn sleep(State(f): State<Arc<Fake>>, RawQuery(q): RawQuery) -> Json<serde_json::Value> {
-    f.record(format!("sleep {}", q.unwrap_or_default()));
-    // vLLM >= 0.32 answers JSON.
-    Json(serde_json::json!({"status": "sleeping", "level": 1}))
-}
-
-async fn wake(State(f): State<Arc<Fake>>, RawQuery(q): RawQuery) -> StatusCode {
-    f.record(format!("wake_up {}", q.unwrap_or_default()));
-    // vLLM <= 0.31 answers an empty 200.
-    StatusCode::OK
-}
-
-async fn pause(State(f): State<Arc<Fake>>) -> StatusCode {
-    f.record("pause".into());
-    StatusCode::OK
-}
-
-async fn resume(State(f): State<Arc<Fake>>) -> StatusCode {
-    f.record("resume".into());
-    StatusCode::OK
-}
-
-async fn unload(State(f): State<Arc<Fake>>, Json(b): Json<serde_json::Value>) -> Response {
-    f.record(format!(
-        "unload {}",
-        b["lora_name"].as_str().unwrap_or_default()
-    ));
-    (
-        StatusCode::NOT_FOUND,
-        Json(
-            serde_json::json!({"error": {"message": "The lora adapter cannot be found.",
-            "type": "NotFoundError", "param": null, "code": 404}}),
-        ),
-    )
-        .into_response()
-}
-
-async fn load(State(f): State<Arc<Fake>>, Json(b): Json<serde_json::Value>) -> Response {
-    f.record(format!(
-        "load {} {} inplace={}",
-        b["lora_name"].as_str().unwrap_or_default(),
-        b["lora_path"].as_str().unwrap_or_default(),
-        b["load_inplace"].as_bool().unwrap_or(false)
-    ));
-    if f.fail_load {
-        return (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "LoRA rank 64 is greater than max_lora_rank 32.",
-        )
-            .into_response();
-    }
-    (StatusCode::OK, "Success: LoRA adapter added successfully.").into_response()
-}
-
-async fn start_fake(fake: Arc<Fake>) -> String {
-    let app = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/sleep", post(sleep))
-        .route("/wake_up", post(wake))
-        .route("/pause", post(pause))
-        .route("/resume", post(resume))
-        .route("/v1/unload_lora_adapter", post(unload))
-        .route("/v1/load_lora_adapter", post(load))
-        .with_state(fake);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{addr}")
-}
 
 fn tempdir(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("claas-vllm-{name}-{}", uuid::Uuid::now_v7()))
@@ -130,7 +22,7 @@ fn tempdir(name: &str) -> PathBuf {
 
 /// Runs one job for LoRA `a` through a worker whose executor drives `fake`; returns the
 /// finished job and the LoRA root.
-async fn run_job(fake: Arc<Fake>, drain_timeout: Duration, pause: bool) -> (Job, PathBuf) {
+async fn run_job(fake: &FakeVllm, drain_timeout: Duration, pause: bool) -> (Job, PathBuf) {
     let db = TestDb::sqlite().await;
     let model_dir = tempdir("model");
     let lora_root = tempdir("loras");
@@ -139,7 +31,7 @@ async fn run_job(fake: Arc<Fake>, drain_timeout: Duration, pause: bool) -> (Job,
         .await
         .expect("join")
         .expect("checkpoint");
-    let url = start_fake(fake).await;
+    let url = fake.url.clone();
     let exec = CandleExecutor::new(CandleOptions {
         base_model_id: TEST_BASE_MODEL.into(),
         model_dir,
@@ -203,11 +95,9 @@ async fn run_job(fake: Arc<Fake>, drain_timeout: Duration, pause: bool) -> (Job,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_sleep_train_then_reload_between_a_weights_and_a_full_wake() {
-    let fake = Arc::new(Fake {
-        busy_polls: AtomicUsize::new(2),
-        ..Fake::default()
-    });
-    let (j, root) = run_job(fake.clone(), Duration::from_secs(10), false).await;
+    let fake = FakeVllm::start(Options::default()).await;
+    fake.knobs().busy_polls.store(2, Ordering::SeqCst);
+    let (j, root) = run_job(&fake, Duration::from_secs(10), false).await;
     assert_eq!(
         j.status,
         claas_core::types::JobStatus::Succeeded,
@@ -235,11 +125,9 @@ async fn drain_sleep_train_then_reload_between_a_weights_and_a_full_wake() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_that_times_out_fails_without_sleeping_vllm() {
-    let fake = Arc::new(Fake {
-        busy_polls: AtomicUsize::new(usize::MAX),
-        ..Fake::default()
-    });
-    let (j, _) = run_job(fake.clone(), Duration::from_millis(200), false).await;
+    let fake = FakeVllm::start(Options::default()).await;
+    fake.knobs().busy_polls.store(usize::MAX, Ordering::SeqCst);
+    let (j, _) = run_job(&fake, Duration::from_millis(200), false).await;
     assert_eq!(j.status, claas_core::types::JobStatus::Failed);
     assert_eq!(
         j.error.as_ref().map(|e| e.code.as_str()),
@@ -254,11 +142,9 @@ async fn a_drain_that_times_out_fails_without_sleeping_vllm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_failure_keeps_the_version_and_still_wakes_vllm() {
-    let fake = Arc::new(Fake {
-        fail_load: true,
-        ..Fake::default()
-    });
-    let (j, _) = run_job(fake.clone(), Duration::from_secs(10), false).await;
+    let fake = FakeVllm::start(Options::default()).await;
+    fake.knobs().fail_load.store(true, Ordering::SeqCst);
+    let (j, _) = run_job(&fake, Duration::from_secs(10), false).await;
     // The feedback was trained into version 1; only serving it failed.
     assert_eq!(j.status, claas_core::types::JobStatus::Succeeded);
     assert_eq!(j.published_version, Some(1));
@@ -271,8 +157,8 @@ async fn a_reload_failure_keeps_the_version_and_still_wakes_vllm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_mode_pauses_and_resumes_instead_of_sleeping() {
-    let fake = Arc::new(Fake::default());
-    let (j, root) = run_job(fake.clone(), Duration::from_secs(10), true).await;
+    let fake = FakeVllm::start(Options::default()).await;
+    let (j, root) = run_job(&fake, Duration::from_secs(10), true).await;
     assert_eq!(
         j.status,
         claas_core::types::JobStatus::Succeeded,
