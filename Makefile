@@ -5,9 +5,11 @@
 dev:
 	cargo run --release -- dev
 
-# The whole test suite (needs Postgres at $$DATABASE_URL, default postgres://postgres@localhost/test).
+# The whole test suite (needs Postgres at $$DATABASE_URL, default postgres://postgres@localhost/test,
+# and Redis at $$REDIS_URL, default redis://127.0.0.1:6379; installs the python `openai` client
+# into target/py for the proxy's client test).
 test:
-	cargo test --workspace --all-targets
+	CLAAS_TEST_PYTHON="$$(scripts/test-python.sh)" cargo test --workspace --all-targets
 
 lint:
 	cargo fmt --all -- --check

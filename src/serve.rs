@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use claas_api::{ApiOptions, AppState};
+use claas_api::AppState;
 use claas_core::config::{Config, ExecutorKind};
 use claas_core::queue::{self, RetryPolicy, SharedStore};
 use claas_worker::{
@@ -169,11 +169,10 @@ async fn listen(cfg: &Config) -> Result<tokio::net::TcpListener> {
     Ok(listener)
 }
 
-fn app_state(cfg: &Config, store: SharedStore) -> AppState {
-    AppState {
-        store,
-        options: Arc::new(ApiOptions::from_config(cfg)),
-    }
+async fn app_state(cfg: &Config, store: SharedStore) -> Result<AppState> {
+    AppState::from_config(cfg, store)
+        .await
+        .context("connecting the completion cache (cache.redis_url, REDIS_URL)")
 }
 
 pub async fn api(cfg: Config, migrate: bool) -> Result<()> {
@@ -183,7 +182,12 @@ pub async fn api(cfg: Config, migrate: bool) -> Result<()> {
     }
     let listener = listen(&cfg).await?;
     let shutdown = shutdown_signal();
-    claas_api::serve(listener, app_state(&cfg, store), until_true(shutdown)).await?;
+    claas_api::serve(
+        listener,
+        app_state(&cfg, store).await?,
+        until_true(shutdown),
+    )
+    .await?;
     Ok(())
 }
 
@@ -212,7 +216,12 @@ pub async fn dev(cfg: Config) -> Result<()> {
     let worker_shutdown = shutdown.clone();
     let worker_task = tokio::spawn(async move { worker.run(worker_shutdown).await });
     let listener = listen(&cfg).await?;
-    claas_api::serve(listener, app_state(&cfg, store), until_true(shutdown)).await?;
+    claas_api::serve(
+        listener,
+        app_state(&cfg, store).await?,
+        until_true(shutdown),
+    )
+    .await?;
     worker_task.await??;
     Ok(())
 }

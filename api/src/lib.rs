@@ -1,10 +1,14 @@
 //! claas-api: the stateless HTTP service. Any replica can serve any request: all state
 //! lives in the queue store (and, with its issue, the shared completion cache).
 
+pub mod cache;
 pub mod error;
 pub mod routes;
+pub mod thinking;
+pub mod upstream;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -12,6 +16,9 @@ use axum::Router;
 use claas_core::config::Config;
 use claas_core::queue::SharedStore;
 use tower_http::trace::TraceLayer;
+
+use crate::cache::{CacheError, CompletionCache, MemoryCache, RedisCache};
+use crate::upstream::Upstream;
 
 /// What handlers need from the configuration.
 #[derive(Debug, Clone)]
@@ -52,6 +59,51 @@ impl ApiOptions {
 pub struct AppState {
     pub store: SharedStore,
     pub options: Arc<ApiOptions>,
+    /// Rollouts of served answers, for feedback.
+    pub cache: Arc<dyn CompletionCache>,
+    /// The vLLM inference is proxied to; none in the embedded default.
+    pub upstream: Option<Arc<Upstream>>,
+}
+
+impl AppState {
+    /// State with an in-process completion cache and no inference server.
+    pub fn new(store: SharedStore, options: ApiOptions) -> AppState {
+        AppState {
+            store,
+            options: Arc::new(options),
+            cache: Arc::new(MemoryCache::new(100, Duration::from_secs(3600))),
+            upstream: None,
+        }
+    }
+
+    pub fn with_cache(mut self, cache: Arc<dyn CompletionCache>) -> AppState {
+        self.cache = cache;
+        self
+    }
+
+    pub fn with_upstream(mut self, upstream: Option<Upstream>) -> AppState {
+        self.upstream = upstream.map(Arc::new);
+        self
+    }
+
+    /// State as configured: Redis when `cache.redis_url` is set, the vLLM at
+    /// `vllm.base_url` when set.
+    pub async fn from_config(cfg: &Config, store: SharedStore) -> Result<AppState, CacheError> {
+        let size = cfg.cache.completion_cache_size;
+        let ttl = Duration::from_secs(cfg.cache.completion_cache_ttl_s);
+        let cache: Arc<dyn CompletionCache> = match &cfg.cache.redis_url {
+            Some(url) => Arc::new(RedisCache::connect(url, "claas:completions", size, ttl).await?),
+            None => Arc::new(MemoryCache::new(size, ttl)),
+        };
+        let upstream = cfg
+            .vllm
+            .base_url
+            .as_deref()
+            .map(|url| Upstream::new(url, cfg.vllm.api_key.clone(), Duration::from_secs(600)));
+        Ok(AppState::new(store, ApiOptions::from_config(cfg))
+            .with_cache(cache)
+            .with_upstream(upstream))
+    }
 }
 
 /// The whole API.
@@ -67,6 +119,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/lora/export", get(routes::lora::export))
         .route("/v1/lora/{*rest}", get(routes::lora::versions))
         .route("/v1/health", get(routes::health::health))
+        .route(
+            "/v1/chat/completions",
+            post(routes::inference::chat_completions),
+        )
+        .route("/v1/completions", post(routes::inference::completions))
+        .route("/v1/models", get(routes::inference::models))
+        .route("/v1/score", post(routes::inference::score))
         .fallback(error::route_not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

@@ -29,10 +29,7 @@ fn options() -> ApiOptions {
 }
 
 fn app(store: &SharedStore, opts: ApiOptions) -> axum::Router {
-    router(AppState {
-        store: store.clone(),
-        options: Arc::new(opts),
-    })
+    router(AppState::new(store.clone(), opts))
 }
 
 async fn call(app: &axum::Router, req: Request<Body>) -> (StatusCode, Value) {

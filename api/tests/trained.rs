@@ -77,9 +77,9 @@ async fn contract(db: &TestDb) {
         },
     );
     let handle = tokio::spawn(async move { worker.run(rx).await });
-    let app = router(AppState {
+    let app = router(AppState::new(
         store,
-        options: Arc::new(ApiOptions {
+        ApiOptions {
             max_body_bytes: 1 << 20,
             feedback_default_wait_s: 60,
             feedback_max_wait_s: 60,
@@ -89,8 +89,8 @@ async fn contract(db: &TestDb) {
             lora_root: lora_root.display().to_string(),
             data_dir: tempdir("data"),
             max_lora_rank: None,
-        }),
-    });
+        },
+    ));
 
     let (status, body) = call(
         &app,

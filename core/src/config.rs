@@ -76,6 +76,10 @@ pub const ENV_NAMES: &[(&str, &str)] = &[
     ("CLAAS_LORA_ROOT", "storage.lora_root"),
     ("CLAAS_STORAGE_URL", "storage.url"),
     ("CLAAS_COMPLETION_CACHE_SIZE", "cache.completion_cache_size"),
+    (
+        "CLAAS_COMPLETION_CACHE_TTL_S",
+        "cache.completion_cache_ttl_s",
+    ),
     ("REDIS_URL", "cache.redis_url"),
     ("FEEDBACK_LOG_DIR", "telemetry.feedback_log_dir"),
     ("OTEL_EXPORTER_OTLP_ENDPOINT", "telemetry.otlp_endpoint"),
@@ -297,6 +301,9 @@ pub struct StorageConfig {
 pub struct CacheConfig {
     /// Completions kept for feedback. Default 100. Env `CLAAS_COMPLETION_CACHE_SIZE`.
     pub completion_cache_size: usize,
+    /// How long a completion stays available for feedback. Default 3600 (CLaaS's fixed
+    /// TTL). Env `CLAAS_COMPLETION_CACHE_TTL_S`.
+    pub completion_cache_ttl_s: u64,
     /// Redis for the shared completion cache; none = in process. Env `REDIS_URL`.
     pub redis_url: Option<String>,
 }
@@ -369,6 +376,7 @@ impl Default for Config {
             },
             cache: CacheConfig {
                 completion_cache_size: 100,
+                completion_cache_ttl_s: 3600,
                 redis_url: None,
             },
             telemetry: TelemetryConfig {
@@ -538,6 +546,10 @@ impl Config {
         check(
             self.cache.completion_cache_size >= 1,
             "cache.completion_cache_size (CLAAS_COMPLETION_CACHE_SIZE) must be >= 1",
+        );
+        check(
+            self.cache.completion_cache_ttl_s >= 1,
+            "cache.completion_cache_ttl_s (CLAAS_COMPLETION_CACHE_TTL_S) must be >= 1",
         );
         let db = &self.database.url;
         check(

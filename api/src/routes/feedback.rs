@@ -14,6 +14,8 @@ use claas_core::types::{
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::thinking::content_hash;
+
 use crate::error::{ApiError, ApiResult, JsonBody};
 use crate::AppState;
 
@@ -78,12 +80,7 @@ fn requested_wait(headers: &HeaderMap, default_s: u64, max_s: u64) -> ApiResult<
     Ok(Duration::from_secs(secs.min(max_s)))
 }
 
-/// SHA-256 of the visible response, the completion cache's key.
-pub fn content_hash(response: &str) -> String {
-    hex::encode(Sha256::digest(response.trim().as_bytes()))
-}
-
-fn resolve_rollout(item: &FeedbackItem, index: usize) -> ApiResult<Rollout> {
+fn inline_rollout(item: &FeedbackItem, index: usize) -> ApiResult<Option<Rollout>> {
     match (&item.prompt_token_ids, &item.response_token_ids, &item.response_logprobs) {
         (Some(p), Some(r), Some(l)) => {
             if r.is_empty() {
@@ -103,28 +100,87 @@ fn resolve_rollout(item: &FeedbackItem, index: usize) -> ApiResult<Rollout> {
                     "requests[{index}].response_logprobs must be finite and <= 0"
                 )));
             }
-            Ok(Rollout {
+            Ok(Some(Rollout {
                 prompt_token_ids: p.clone(),
                 response_token_ids: r.clone(),
                 response_logprobs: l.clone(),
                 system_prompt: item.system_prompt.clone().unwrap_or_default(),
-            })
+            }))
         }
-        (None, None, None) => {
-            let hash = content_hash(&item.response);
-            Err(ApiError::not_found(format!(
-                "No cached completion for content_hash={}…",
-                &hash[..16]
-            )))
-        }
+        (None, None, None) => Ok(None),
         _ => Err(ApiError::invalid(format!(
             "requests[{index}]: an inline rollout needs prompt_token_ids, response_token_ids and response_logprobs together"
         ))),
     }
 }
 
-/// Checks the batch in CLaaS's order and builds the job's payload.
-fn validate(req: &FeedbackBatchRequest) -> ApiResult<JobPayload> {
+/// The models whose answers feedback for `lora_id` may be about, in lookup order: the
+/// LoRA itself, then its base model (an answer given before the LoRA served anything).
+async fn lookup_scopes(state: &AppState, lora_id: &str) -> ApiResult<Vec<String>> {
+    let mut scopes = vec![lora_id.to_owned()];
+    if let Some(l) = state.store.get_lora(lora_id).await? {
+        scopes.push(l.base_model);
+    }
+    scopes.push(state.options.default_base_model.clone());
+    scopes.dedup();
+    Ok(scopes)
+}
+
+/// The rollout of one item: inline, or the cached completion its response names.
+async fn resolve_rollout(
+    state: &AppState,
+    scopes: &[String],
+    item: &FeedbackItem,
+    index: usize,
+) -> ApiResult<(Rollout, Option<String>)> {
+    if let Some(r) = inline_rollout(item, index)? {
+        return Ok((r, None));
+    }
+    let hash = content_hash(&item.response);
+    let short = &hash[..16];
+    let mut found = None;
+    for scope in scopes {
+        let entry = state.cache.get(scope, &hash).await.map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cache_unavailable",
+                format!("{e}; the feedback was not accepted, retry"),
+            )
+        })?;
+        if entry.is_some() {
+            found = entry;
+            break;
+        }
+    }
+    let Some(entry) = found else {
+        return Err(ApiError::not_found(format!(
+            "No cached completion for content_hash={short}… (requests[{index}].response must be the text of an answer served through /v1/chat/completions within cache.completion_cache_ttl_s)"
+        )));
+    };
+    let Some(logprobs) = entry.response_logprobs else {
+        return Err(ApiError::invalid(format!(
+            "Cached completion has no logprobs (content_hash={short}…)"
+        )));
+    };
+    if entry.system_prompt.is_empty() {
+        return Err(ApiError::invalid(format!(
+            "Cached completion has no system prompt (content_hash={short}…). The chat completion request must include a system message so the teacher can score under the same context as the student."
+        )));
+    }
+    Ok((
+        Rollout {
+            prompt_token_ids: entry.prompt_token_ids,
+            response_token_ids: entry.response_token_ids,
+            response_logprobs: logprobs,
+            system_prompt: entry.system_prompt,
+        },
+        Some(entry.response),
+    ))
+}
+
+/// Checks the batch in CLaaS's order, resolves each item's rollout, and builds the job's
+/// payload.
+async fn validate(state: &AppState, req: &FeedbackBatchRequest) -> ApiResult<JobPayload> {
     let Some(first) = req.requests.first() else {
         return Err(ApiError::invalid("requests must contain at least one item"));
     };
@@ -170,19 +226,18 @@ fn validate(req: &FeedbackBatchRequest) -> ApiResult<JobPayload> {
             "all requests must use the same training config",
         ));
     }
-    let samples = req
-        .requests
-        .iter()
-        .enumerate()
-        .map(|(i, item)| {
-            Ok(Sample {
-                prompt: item.prompt.clone(),
-                response: item.response.clone(),
-                feedback: item.feedback.clone(),
-                rollout: resolve_rollout(item, i)?,
-            })
-        })
-        .collect::<ApiResult<Vec<_>>>()?;
+    let scopes = lookup_scopes(state, &first.lora_id).await?;
+    let mut samples = Vec::with_capacity(req.requests.len());
+    for (i, item) in req.requests.iter().enumerate() {
+        let (rollout, raw_response) = resolve_rollout(state, &scopes, item, i).await?;
+        samples.push(Sample {
+            prompt: item.prompt.clone(),
+            // The answer as generated (thinking included) when it came from the cache.
+            response: raw_response.unwrap_or_else(|| item.response.clone()),
+            feedback: item.feedback.clone(),
+            rollout,
+        });
+    }
     Ok(JobPayload {
         samples,
         training: first.training.clone(),
@@ -199,7 +254,7 @@ pub async fn submit(
         state.options.feedback_default_wait_s,
         state.options.feedback_max_wait_s,
     )?;
-    let payload = validate(&req)?;
+    let payload = validate(&state, &req).await?;
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => {

@@ -1,10 +1,13 @@
-//! `GET /v1/health`: open to everyone, says whether the database answers and which workers
-//! were seen recently. 200 when the database is up, 503 when it is not.
+//! `GET /v1/health`: open to everyone, says whether the database, the completion cache and
+//! the vLLM answer and which workers were seen recently. 200 when the database is up (the
+//! body says `degraded` when the cache or vLLM is not), 503 when it is not.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use std::time::Duration;
+
 use chrono::Utc;
 
 use crate::AppState;
@@ -26,9 +29,26 @@ pub async fn health(State(state): State<AppState>) -> Response {
             .count()
     });
     let up = database.is_ok();
+    let cache = state.cache.ping().await;
+    let vllm = match state.upstream.as_deref() {
+        Some(u) => {
+            let ok = tokio::time::timeout(Duration::from_secs(2), u.get("/health"))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            serde_json::json!({"url": u.base_url(), "up": ok})
+        }
+        None => serde_json::Value::Null,
+    };
+    let degraded = cache.is_err() || vllm["up"] == false;
     let body = serde_json::json!({
-        "status": if up { "ok" } else { "unavailable" },
+        "status": match (up, degraded) {
+            (false, _) => "unavailable",
+            (true, true) => "degraded",
+            (true, false) => "ok",
+        },
         "database": {"backend": state.store.backend(), "up": up},
+        "cache": {"backend": state.cache.backend(), "up": cache.is_ok()},
+        "vllm": vllm,
         "workers": {"alive": alive},
     });
     let status = if up {

@@ -2,5 +2,6 @@
 
 pub mod feedback;
 pub mod health;
+pub mod inference;
 pub mod jobs;
 pub mod lora;

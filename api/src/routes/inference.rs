@@ -1,0 +1,670 @@
+//! The inference proxy: `POST /v1/chat/completions`, `POST /v1/completions`,
+//! `GET /v1/models` and `POST /v1/score`, forwarded to vLLM.
+//!
+//! Chat completions always ask vLLM for the sampled token ids (`return_token_ids`) and
+//! their log-probs, cache that rollout for feedback, and give the client the answer with
+//! thinking stripped and only the fields it asked for. Everything else in the client's
+//! request (tools, seed, response_format, …) is passed through untouched.
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
+
+use crate::cache::CachedCompletion;
+use crate::error::{ApiError, ApiResult, JsonBody};
+use crate::thinking::{content_hash, strip_thinking, ThinkFilter};
+use crate::upstream::{Upstream, UpstreamError};
+use crate::AppState;
+
+fn upstream(state: &AppState) -> ApiResult<&Upstream> {
+    state.upstream.as_deref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_inference_backend",
+            "no inference server is configured: set VLLM_BASE_URL (vllm.base_url)",
+        )
+    })
+}
+
+/// The scope an answer is cached under: the model that produced it.
+fn scope_of(state: &AppState, body: &Value) -> String {
+    match body["model"].as_str() {
+        Some(m) if !m.is_empty() => m.to_owned(),
+        _ => state.options.default_base_model.clone(),
+    }
+}
+
+fn require_object(body: Value) -> ApiResult<Map<String, Value>> {
+    match body {
+        Value::Object(m) => Ok(m),
+        _ => Err(ApiError::invalid("the request body must be a JSON object")),
+    }
+}
+
+/// OpenAI message content as text: a string, or the text parts of a list.
+fn content_text(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| match p {
+                Value::String(s) => Some(s.clone()),
+                Value::Object(o) => o
+                    .get("text")
+                    .or_else(|| o.get("content"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Value::Object(o) => o
+            .get("text")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+fn validate_messages(body: &Map<String, Value>) -> ApiResult<&Vec<Value>> {
+    let messages = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or_else(|| ApiError::invalid("messages is required and must be an array"))?;
+    if messages.is_empty() {
+        return Err(ApiError::invalid("messages must not be empty"));
+    }
+    for (i, m) in messages.iter().enumerate() {
+        if !m.get("role").is_some_and(Value::is_string) {
+            return Err(ApiError::invalid(format!(
+                "messages[{i}].role is required and must be a string"
+            )));
+        }
+    }
+    Ok(messages)
+}
+
+fn system_prompt(messages: &[Value]) -> String {
+    messages
+        .iter()
+        .filter(|m| m["role"] == "system")
+        .map(|m| content_text(&m["content"]))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Sends a generation request; when vLLM does not know the adapter named as `model` but
+/// this service does, loads its current version and tries once more.
+async fn send_generation(
+    state: &AppState,
+    up: &Upstream,
+    path: &str,
+    body: &Value,
+) -> ApiResult<reqwest::Response> {
+    match up.post(path, body).await {
+        Ok(r) => Ok(r),
+        Err(UpstreamError::Status(s)) if s.is_unknown_model() => {
+            let model = body["model"].as_str().unwrap_or_default();
+            if reconcile_adapter(state, up, model).await {
+                Ok(up.post(path, body).await?)
+            } else {
+                Err(UpstreamError::Status(s).into())
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Loads LoRA `lora_id`'s current version into vLLM. False when it is not ours to load.
+async fn reconcile_adapter(state: &AppState, up: &Upstream, lora_id: &str) -> bool {
+    let Ok(Some(lora)) = state.store.get_lora(lora_id).await else {
+        return false;
+    };
+    let Ok(versions) = state.store.lora_versions(lora_id).await else {
+        return false;
+    };
+    let Some(current) = versions.iter().find(|v| v.version == lora.current_version) else {
+        return false;
+    };
+    match up.load_lora(lora_id, &current.storage_uri).await {
+        Ok(()) => {
+            tracing::info!(
+                lora_id,
+                version = current.version,
+                "loaded an adapter vLLM did not know"
+            );
+            true
+        }
+        Err(e) => {
+            let e: ApiError = e.into();
+            tracing::warn!(lora_id, error = %e.message, "could not load the adapter into vLLM");
+            false
+        }
+    }
+}
+
+/// What the client asked to see of the answer.
+struct ClientWants {
+    logprobs: bool,
+    token_ids: bool,
+}
+
+/// The upstream request: the client's, plus what the cache needs.
+fn upstream_chat_body(mut body: Map<String, Value>) -> (Value, ClientWants) {
+    let wants = ClientWants {
+        logprobs: body
+            .get("logprobs")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        token_ids: body
+            .get("return_token_ids")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+    };
+    body.insert("logprobs".into(), json!(true));
+    if !wants.logprobs || !body.contains_key("top_logprobs") {
+        body.insert("top_logprobs".into(), json!(0));
+    }
+    body.insert("return_token_ids".into(), json!(true));
+    (Value::Object(body), wants)
+}
+
+fn ids_of(v: &Value) -> Option<Vec<u32>> {
+    v.as_array().map(|a| {
+        a.iter()
+            .filter_map(Value::as_u64)
+            .map(|i| i as u32)
+            .collect()
+    })
+}
+
+fn logprobs_of(content: &Value) -> Option<Vec<f32>> {
+    let entries = content.as_array()?;
+    entries
+        .iter()
+        .map(|e| e["logprob"].as_f64().map(|l| l as f32))
+        .collect()
+}
+
+/// One choice's rollout as it arrives.
+#[derive(Default)]
+struct ChoiceRollout {
+    content: String,
+    reasoning: String,
+    token_ids: Option<Vec<u32>>,
+    logprobs: Option<Vec<f32>>,
+    /// The `token` string of each log-prob entry (for re-tokenising the stop token).
+    last_token: Option<String>,
+}
+
+impl ChoiceRollout {
+    fn raw_response(&self) -> String {
+        if self.reasoning.is_empty() {
+            self.content.clone()
+        } else {
+            format!("<think>{}</think>{}", self.reasoning, self.content)
+        }
+    }
+}
+
+/// Builds the cache entry; asks vLLM's `/tokenize` for ids it did not return (vLLM
+/// before 0.10.2), keeping the log-probs only when they align with those ids.
+async fn rollout_entry(
+    up: &Upstream,
+    request: &Value,
+    scope: &str,
+    prompt_ids: Option<Vec<u32>>,
+    choice: ChoiceRollout,
+    system_prompt: &str,
+) -> CachedCompletion {
+    let raw = choice.raw_response();
+    let mut token_source = "server";
+    let mut logprobs = choice.logprobs.clone();
+    let prompt_ids = match prompt_ids {
+        Some(ids) => ids,
+        None => {
+            token_source = "retokenized";
+            let mut t = json!({"model": request["model"], "messages": request["messages"],
+                "add_generation_prompt": true});
+            if let Some(k) = request.get("chat_template_kwargs") {
+                t["chat_template_kwargs"] = k.clone();
+            }
+            up.tokenize(&t).await.unwrap_or_default()
+        }
+    };
+    let response_ids = match choice.token_ids {
+        Some(ids) => ids,
+        None => {
+            token_source = "retokenized";
+            let t = json!({"model": request["model"], "prompt": raw, "add_special_tokens": false});
+            let mut ids = up.tokenize(&t).await.unwrap_or_default();
+            // vLLM's log-probs include the stop token, which the text does not.
+            if let (Some(lp), Some(tok)) = (&logprobs, &choice.last_token) {
+                if lp.len() == ids.len() + 1 {
+                    let t = json!({"model": request["model"], "prompt": tok, "add_special_tokens": false});
+                    if let Ok(stop) = up.tokenize(&t).await {
+                        if stop.len() == 1 {
+                            ids.extend(stop);
+                        }
+                    }
+                }
+            }
+            ids
+        }
+    };
+    if logprobs
+        .as_ref()
+        .is_some_and(|l| l.len() != response_ids.len())
+    {
+        logprobs = None;
+    }
+    CachedCompletion {
+        model: scope.to_owned(),
+        response: raw,
+        prompt_token_ids: prompt_ids,
+        response_token_ids: response_ids,
+        response_logprobs: logprobs,
+        system_prompt: system_prompt.to_owned(),
+        token_source: token_source.to_owned(),
+        created_at: chrono::Utc::now().timestamp(),
+    }
+}
+
+async fn cache_put(state: &AppState, scope: &str, visible: &str, entry: &CachedCompletion) {
+    let hash = content_hash(visible);
+    if let Err(e) = state.cache.put(scope, &hash, entry).await {
+        // The answer is still worth giving; feedback on it will be a clear 404.
+        tracing::error!(error = %e, scope, "could not cache a completion");
+    }
+}
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    JsonBody(body, _): JsonBody<Value>,
+) -> ApiResult<Response> {
+    let body = require_object(body)?;
+    let messages = validate_messages(&body)?.clone();
+    let up = upstream(&state)?.clone();
+    let scope = scope_of(&state, &Value::Object(body.clone()));
+    let system = system_prompt(&messages);
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let (request, wants) = upstream_chat_body(body);
+    let resp = send_generation(&state, &up, "/v1/chat/completions", &request).await?;
+    if stream {
+        return Ok(stream_chat(state, up, request, resp, wants, scope, system));
+    }
+    let mut answer: Value = resp.json().await.map_err(|e| {
+        ApiError::from(UpstreamError::Unreachable(format!(
+            "unreadable chat completion: {e}"
+        )))
+    })?;
+    let prompt_ids = ids_of(&answer["prompt_token_ids"]);
+    let choices = answer["choices"]
+        .as_array_mut()
+        .map(std::mem::take)
+        .unwrap_or_default();
+    let mut shown = Vec::with_capacity(choices.len());
+    for mut choice in choices {
+        let message = &choice["message"];
+        let content = message["content"].as_str().unwrap_or_default().to_owned();
+        let reasoning = message["reasoning"]
+            .as_str()
+            .or(message["reasoning_content"].as_str())
+            .unwrap_or_default()
+            .to_owned();
+        let lp_content = &choice["logprobs"]["content"];
+        let rollout = ChoiceRollout {
+            content: content.clone(),
+            reasoning,
+            token_ids: ids_of(&choice["token_ids"]),
+            logprobs: logprobs_of(lp_content),
+            last_token: lp_content
+                .as_array()
+                .and_then(|a| a.last())
+                .and_then(|e| e["token"].as_str())
+                .map(str::to_owned),
+        };
+        let visible = strip_thinking(&content);
+        let entry =
+            rollout_entry(&up, &request, &scope, prompt_ids.clone(), rollout, &system).await;
+        cache_put(&state, &scope, &visible, &entry).await;
+        choice["message"]["content"] = json!(visible);
+        for k in ["reasoning", "reasoning_content"] {
+            if let Some(m) = choice["message"].as_object_mut() {
+                if m.contains_key(k) {
+                    m.insert(k.into(), Value::Null);
+                }
+            }
+        }
+        if !wants.logprobs {
+            choice["logprobs"] = Value::Null;
+        }
+        if !wants.token_ids {
+            choice["token_ids"] = Value::Null;
+        }
+        shown.push(choice);
+    }
+    answer["choices"] = Value::Array(shown);
+    if !wants.token_ids {
+        answer["prompt_token_ids"] = Value::Null;
+    }
+    Ok(Json(answer).into_response())
+}
+
+/// Relays vLLM's SSE stream chunk by chunk, stripping thinking from the deltas and
+/// collecting the rollout; caches it when the stream completes.
+fn stream_chat(
+    state: AppState,
+    up: Upstream,
+    request: Value,
+    resp: reqwest::Response,
+    wants: ClientWants,
+    scope: String,
+    system: String,
+) -> Response {
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(32);
+    tokio::spawn(async move {
+        let mut upstream = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut prompt_ids: Option<Vec<u32>> = None;
+        let mut choices: Vec<(ChoiceRollout, ThinkFilter, String)> = Vec::new();
+        let mut done = false;
+        'read: while let Some(chunk) = upstream.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    let err = json!({"error": {"code": "upstream_error",
+                        "message": format!("the inference server broke off the stream: {e}")}});
+                    let _ = tx.send(Ok(Bytes::from(format!("data: {err}\n\n")))).await;
+                    return;
+                }
+            };
+            buf.extend_from_slice(&chunk);
+            while let Some(end) = find_event_end(&buf) {
+                let event: Vec<u8> = buf.drain(..end.0 + end.1).collect();
+                let text = String::from_utf8_lossy(&event[..end.0]).into_owned();
+                let Some(data) = sse_data(&text) else {
+                    continue;
+                };
+                if data.trim() == "[DONE]" {
+                    done = true;
+                    break 'read;
+                }
+                let Ok(mut v) = serde_json::from_str::<Value>(&data) else {
+                    // Not ours to judge: relay what vLLM sent.
+                    if tx
+                        .send(Ok(Bytes::from(format!("data: {data}\n\n"))))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                };
+                relay_chunk(&mut v, &mut prompt_ids, &mut choices, &wants);
+                if tx
+                    .send(Ok(Bytes::from(format!("data: {v}\n\n"))))
+                    .await
+                    .is_err()
+                {
+                    return; // The client went away; an unfinished answer is not cached.
+                }
+            }
+        }
+        if !done {
+            let err = json!({"error": {"code": "upstream_error",
+                "message": "the inference server ended the stream early"}});
+            let _ = tx.send(Ok(Bytes::from(format!("data: {err}\n\n")))).await;
+            return;
+        }
+        for (rollout, _, visible) in choices {
+            let visible = visible.trim().to_owned();
+            let entry =
+                rollout_entry(&up, &request, &scope, prompt_ids.clone(), rollout, &system).await;
+            cache_put(&state, &scope, &visible, &entry).await;
+        }
+        let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+    });
+    let body =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response()
+}
+
+/// Rewrites one chunk for the client and records its tokens.
+fn relay_chunk(
+    v: &mut Value,
+    prompt_ids: &mut Option<Vec<u32>>,
+    choices: &mut Vec<(ChoiceRollout, ThinkFilter, String)>,
+    wants: &ClientWants,
+) {
+    if let Some(ids) = ids_of(&v["prompt_token_ids"]) {
+        *prompt_ids = Some(ids);
+        if !wants.token_ids {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("prompt_token_ids");
+            }
+        }
+    }
+    let Some(cs) = v["choices"].as_array_mut() else {
+        return;
+    };
+    for c in cs {
+        let i = c["index"].as_u64().unwrap_or(0) as usize;
+        while choices.len() <= i {
+            choices.push((ChoiceRollout::default(), ThinkFilter::new(), String::new()));
+        }
+        let (rollout, filter, visible) = &mut choices[i];
+        let delta = &mut c["delta"];
+        for k in ["reasoning", "reasoning_content"] {
+            if let Some(r) = delta.get(k).and_then(Value::as_str) {
+                rollout.reasoning.push_str(r);
+            }
+            if let Some(d) = delta.as_object_mut() {
+                d.remove(k);
+            }
+        }
+        if let Some(text) = delta
+            .get("content")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+        {
+            rollout.content.push_str(&text);
+            let mut shown = filter.push(&text);
+            if !c["finish_reason"].is_null() {
+                shown.push_str(&filter.finish());
+            }
+            visible.push_str(&shown);
+            c["delta"]["content"] = json!(shown);
+        } else if !c["finish_reason"].is_null() {
+            let rest = filter.finish();
+            if !rest.is_empty() {
+                visible.push_str(&rest);
+                c["delta"]["content"] = json!(rest);
+            }
+        }
+        if let Some(ids) = ids_of(&c["token_ids"]) {
+            rollout.token_ids.get_or_insert_with(Vec::new).extend(ids);
+        }
+        if let Some(entries) = c["logprobs"]["content"].as_array() {
+            match logprobs_of(&c["logprobs"]["content"]) {
+                Some(lps) => rollout.logprobs.get_or_insert_with(Vec::new).extend(lps),
+                None => rollout.logprobs = None,
+            }
+            if let Some(t) = entries.last().and_then(|e| e["token"].as_str()) {
+                rollout.last_token = Some(t.to_owned());
+            }
+        }
+        if !wants.logprobs {
+            c["logprobs"] = Value::Null;
+        }
+        if !wants.token_ids {
+            if let Some(o) = c.as_object_mut() {
+                o.remove("token_ids");
+            }
+        }
+    }
+}
+
+/// End of the first SSE event in `buf`: (length of the event, length of its separator).
+fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
+    let crlf = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, 4));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The `data:` payload of one SSE event (multi-line data joined by newlines).
+fn sse_data(event: &str) -> Option<String> {
+    let lines: Vec<&str> = event
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|l| l.strip_prefix(' ').unwrap_or(l))
+        .collect();
+    (!lines.is_empty()).then(|| lines.join("\n"))
+}
+
+/// `POST /v1/completions`: forwarded as is (not cached, as in CLaaS), streaming included.
+pub async fn completions(
+    State(state): State<AppState>,
+    JsonBody(body, _): JsonBody<Value>,
+) -> ApiResult<Response> {
+    let body = require_object(body)?;
+    if !body.contains_key("prompt") {
+        return Err(ApiError::invalid("prompt is required"));
+    }
+    let up = upstream(&state)?.clone();
+    let body = Value::Object(body);
+    let resp = send_generation(&state, &up, "/v1/completions", &body).await?;
+    let content_type = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_owned();
+    let stream = resp
+        .bytes_stream()
+        .map(|r| r.map_err(std::io::Error::other));
+    Ok((
+        [(header::CONTENT_TYPE, content_type)],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// `GET /v1/models`: vLLM's list when one is configured; otherwise the base model and the
+/// LoRAs this service knows.
+pub async fn models(State(state): State<AppState>) -> ApiResult<Response> {
+    if let Some(up) = state.upstream.as_deref() {
+        let v: Value = up
+            .get("/v1/models")
+            .await?
+            .json()
+            .await
+            .map_err(|e| ApiError::from(UpstreamError::Unreachable(e.to_string())))?;
+        return Ok(Json(v).into_response());
+    }
+    let base = &state.options.default_base_model;
+    let mut data = vec![
+        json!({"id": base, "object": "model", "owned_by": "claas", "root": base, "parent": null}),
+    ];
+    for l in state.store.list_loras("").await? {
+        data.push(
+            json!({"id": l.lora_id, "object": "model", "owned_by": "claas",
+            "root": l.lora_id, "parent": l.base_model}),
+        );
+    }
+    Ok(Json(json!({"object": "list", "data": data})).into_response())
+}
+
+/// `POST /v1/score` (CLaaS): the log-prob of each token of `completion` as the answer to
+/// `messages` under `model`.
+#[derive(Debug, serde::Deserialize)]
+pub struct ScoreRequest {
+    pub model: String,
+    pub messages: Vec<Value>,
+    pub completion: String,
+}
+
+pub async fn score(
+    State(state): State<AppState>,
+    JsonBody(req, _): JsonBody<ScoreRequest>,
+) -> ApiResult<Response> {
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid("messages must not be empty"));
+    }
+    let up = upstream(&state)?.clone();
+    let prompt_ids = up
+        .tokenize(
+            &json!({"model": req.model, "messages": req.messages, "add_generation_prompt": true}),
+        )
+        .await?;
+    let mut full_messages = req.messages.clone();
+    full_messages.push(json!({"role": "assistant", "content": req.completion}));
+    let full_ids = up
+        .tokenize(
+            &json!({"model": req.model, "messages": full_messages, "add_generation_prompt": false}),
+        )
+        .await?;
+    let completion_ids: Vec<u32> = full_ids
+        .get(prompt_ids.len()..)
+        .unwrap_or_default()
+        .to_vec();
+    if completion_ids.is_empty() {
+        return Ok(Json(
+            json!({"logprobs": [], "tokens": [], "prompt_tokens": prompt_ids.len(),
+            "completion_tokens": 0, "logprob_sum": 0.0}),
+        )
+        .into_response());
+    }
+    let body =
+        json!({"model": req.model, "prompt": full_ids, "max_tokens": 1, "prompt_logprobs": 1});
+    let answer: Value = send_generation(&state, &up, "/v1/completions", &body)
+        .await?
+        .json()
+        .await
+        .map_err(|e| ApiError::from(UpstreamError::Unreachable(e.to_string())))?;
+    let entries = answer["choices"][0]["prompt_logprobs"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut logprobs = Vec::with_capacity(completion_ids.len());
+    let mut tokens = Vec::with_capacity(completion_ids.len());
+    for (k, id) in completion_ids.iter().enumerate() {
+        let entry = entries.get(prompt_ids.len() + k).unwrap_or(&Value::Null);
+        let chosen = entry
+            .get(id.to_string())
+            .or_else(|| entry.as_object().and_then(|o| o.values().next()));
+        logprobs.push(chosen.and_then(|c| c["logprob"].as_f64()).unwrap_or(0.0));
+        tokens.push(
+            chosen
+                .and_then(|c| c["decoded_token"].as_str())
+                .unwrap_or_default()
+                .to_owned(),
+        );
+    }
+    let sum: f64 = logprobs.iter().sum();
+    Ok(Json(
+        json!({"logprobs": logprobs, "tokens": tokens, "prompt_tokens": prompt_ids.len(),
+        "completion_tokens": completion_ids.len(), "logprob_sum": sum}),
+    )
+    .into_response())
+}

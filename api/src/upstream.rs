@@ -1,0 +1,181 @@
+//! The vLLM the API proxies inference to: requests, its error bodies, and re-loading an
+//! adapter it does not know (a vLLM that restarted, or a node that never served it).
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+
+/// An OpenAI-compatible vLLM server.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    client: reqwest::Client,
+    base_url: String,
+    api_key: Option<String>,
+}
+
+/// A non-2xx answer from vLLM, kept whole so the client sees vLLM's own error.
+#[derive(Debug)]
+pub struct UpstreamStatus {
+    pub status: StatusCode,
+    pub body: axum::body::Bytes,
+}
+
+impl UpstreamStatus {
+    pub fn json(&self) -> Option<Value> {
+        serde_json::from_slice(&self.body).ok()
+    }
+
+    /// vLLM's "The model `x` does not exist." (404, `param: model`).
+    pub fn is_unknown_model(&self) -> bool {
+        self.status == StatusCode::NOT_FOUND
+            && self.json().is_some_and(|v| {
+                v["error"]["param"] == "model"
+                    || v["error"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("does not exist"))
+            })
+    }
+}
+
+pub enum UpstreamError {
+    /// vLLM could not be reached or broke the connection.
+    Unreachable(String),
+    /// vLLM answered with an error status.
+    Status(UpstreamStatus),
+}
+
+impl From<UpstreamError> for ApiError {
+    fn from(e: UpstreamError) -> ApiError {
+        match e {
+            UpstreamError::Unreachable(m) => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unreachable",
+                format!("the inference server did not answer: {m}"),
+            ),
+            UpstreamError::Status(s) => {
+                let message = s
+                    .json()
+                    .and_then(|v| {
+                        v["error"]["message"]
+                            .as_str()
+                            .or(v["error"].as_str())
+                            .or(v["detail"].as_str())
+                            .map(str::to_owned)
+                    })
+                    .unwrap_or_else(|| String::from_utf8_lossy(&s.body).into_owned());
+                // vLLM's client errors are the caller's (unknown model, bad parameter):
+                // pass the status on. Its server errors are ours to report as a gateway.
+                if s.status.is_client_error() {
+                    ApiError::new(s.status, "upstream_rejected", message)
+                } else {
+                    ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_error",
+                        format!("the inference server failed ({}): {message}", s.status),
+                    )
+                }
+            }
+        }
+    }
+}
+
+impl Upstream {
+    pub fn new(base_url: &str, api_key: Option<String>, timeout: Duration) -> Upstream {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .read_timeout(timeout)
+            .build()
+            .unwrap_or_default();
+        Upstream {
+            client,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            api_key,
+        }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self
+            .client
+            .request(method, format!("{}{path}", self.base_url));
+        match &self.api_key {
+            Some(k) => r.bearer_auth(k),
+            None => r,
+        }
+    }
+
+    /// Sends `body` and returns the response when it is 2xx (its body not yet read).
+    pub async fn post(&self, path: &str, body: &Value) -> Result<reqwest::Response, UpstreamError> {
+        let resp = self
+            .request(reqwest::Method::POST, path)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+        check(resp).await
+    }
+
+    pub async fn get(&self, path: &str) -> Result<reqwest::Response, UpstreamError> {
+        let resp = self
+            .request(reqwest::Method::GET, path)
+            .send()
+            .await
+            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+        check(resp).await
+    }
+
+    /// POST and parse the JSON answer.
+    pub async fn post_json(&self, path: &str, body: &Value) -> Result<Value, UpstreamError> {
+        let resp = self.post(path, body).await?;
+        resp.json()
+            .await
+            .map_err(|e| UpstreamError::Unreachable(format!("unreadable answer from {path}: {e}")))
+    }
+
+    /// Token ids vLLM's `/tokenize` gives for `body` (chat or prompt form).
+    pub async fn tokenize(&self, body: &Value) -> Result<Vec<u32>, UpstreamError> {
+        let v = self.post_json("/tokenize", body).await?;
+        Ok(v["tokens"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_u64)
+                    .map(|i| i as u32)
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Loads adapter `name` from `path`; "already loaded" counts as success.
+    pub async fn load_lora(&self, name: &str, path: &str) -> Result<(), UpstreamError> {
+        let body = json!({"lora_name": name, "lora_path": path, "load_inplace": false});
+        match self.post("/v1/load_lora_adapter", &body).await {
+            Ok(_) => Ok(()),
+            Err(UpstreamError::Status(s))
+                if s.status == StatusCode::BAD_REQUEST
+                    && String::from_utf8_lossy(&s.body).contains("already been loaded") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+async fn check(resp: reqwest::Response) -> Result<reqwest::Response, UpstreamError> {
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let body = resp
+        .bytes()
+        .await
+        .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+    Err(UpstreamError::Status(UpstreamStatus { status, body }))
+}

@@ -1,0 +1,527 @@
+//! The inference proxy against the fake vLLM: what the client sees, what the completion
+//! cache keeps, and feedback resolved from it — on a real socket, as clients call it.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use claas_api::cache::{CompletionCache, MemoryCache};
+use claas_api::upstream::Upstream;
+use claas_api::{ApiOptions, AppState};
+use claas_core::queue::ClaimRequest;
+use claas_core::testing::{TestDb, TEST_BASE_MODEL};
+use claas_core::types::NewLora;
+use claas_fake_vllm::{encode, logprob, FakeVllm, Options, IM_END};
+use serde_json::{json, Value};
+
+struct Env {
+    api: String,
+    fake: FakeVllm,
+    db: TestDb,
+    http: reqwest::Client,
+}
+
+fn options() -> ApiOptions {
+    ApiOptions {
+        max_body_bytes: 1 << 20,
+        feedback_default_wait_s: 0,
+        feedback_max_wait_s: 5,
+        max_attempts: 3,
+        default_base_model: TEST_BASE_MODEL.into(),
+        allowed_init_base_models: vec![TEST_BASE_MODEL.into()],
+        lora_root: "/tmp/claas-inference-tests".into(),
+        data_dir: std::env::temp_dir().join("claas-inference-tests"),
+        max_lora_rank: Some(32),
+    }
+}
+
+async fn start_with(fake_opts: Options, cache: Arc<dyn CompletionCache>) -> Env {
+    let key = fake_opts.api_key.clone();
+    let fake = FakeVllm::start(Options {
+        served_model_name: TEST_BASE_MODEL.into(),
+        ..fake_opts
+    })
+    .await;
+    let db = TestDb::sqlite().await;
+    let state = AppState::new(db.store.clone(), options())
+        .with_cache(cache)
+        .with_upstream(Some(Upstream::new(&fake.url, key, Duration::from_secs(30))));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let api = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(claas_api::serve(listener, state, std::future::pending()));
+    Env {
+        api,
+        fake,
+        db,
+        http: reqwest::Client::new(),
+    }
+}
+
+async fn start() -> Env {
+    let env = start_with(
+        Options {
+            api_key: Some("vllm-secret".into()),
+            ..Options::default()
+        },
+        Arc::new(MemoryCache::new(100, Duration::from_secs(3600))),
+    )
+    .await;
+    make_lora(&env, "me/a", 8).await;
+    env
+}
+
+impl Env {
+    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.api))
+            .json(body)
+            .send()
+            .await
+            .expect("API answers");
+        let status = r.status().as_u16();
+        let text = r.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// Claims the queued job `job_id` as a worker would and returns what it would train.
+    async fn job_payload(&self, job_id: &str) -> Value {
+        let claimed = self
+            .db
+            .store
+            .claim(&ClaimRequest {
+                worker_id: "inspector".into(),
+                base_models: vec![TEST_BASE_MODEL.into()],
+                lease: Duration::from_secs(60),
+                max_batch_samples: 1,
+            })
+            .await
+            .expect("claim")
+            .expect("a queued job");
+        assert_eq!(claimed.job.id.to_string(), job_id);
+        serde_json::to_value(&claimed.payload).expect("payload")
+    }
+}
+
+fn chat(model: Option<&str>, user: &str) -> Value {
+    let mut b = json!({"messages": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": user}]});
+    if let Some(m) = model {
+        b["model"] = json!(m);
+    }
+    b
+}
+
+fn feedback(lora: &str, response: &str) -> Value {
+    json!({"requests": [{"lora_id": lora, "prompt": "Say hi", "response": response,
+        "feedback": "shorter please"}]})
+}
+
+/// The ids and log-probs the fake sampled for `model` answering `user`.
+fn expected_rollout(fake: &FakeVllm, model: &str, user: &str, think: bool) -> (Vec<u32>, Vec<f32>) {
+    let mut text = fake.reply_for(model, user);
+    if think {
+        text = format!("<think>\nThe user wants a reply.\n</think>\n\n{text}");
+    }
+    let mut ids = encode(&text);
+    ids.push(IM_END);
+    let lps = ids
+        .iter()
+        .enumerate()
+        .map(|(k, id)| logprob(model, *id, k) as f32)
+        .collect();
+    (ids, lps)
+}
+
+#[tokio::test]
+async fn chat_shows_the_answer_without_thinking_and_feedback_trains_on_the_sampled_tokens() {
+    let env = start().await;
+    env.fake.knobs().think.store(true, Ordering::SeqCst);
+    let (status, answer) = env
+        .post("/v1/chat/completions", &chat(None, "Say hi"))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let visible = answer["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_owned();
+    assert_eq!(visible, format!("[{TEST_BASE_MODEL}] You said: Say hi"));
+    // The client asked for neither log-probs nor token ids, so it gets neither.
+    assert_eq!(answer["choices"][0]["logprobs"], Value::Null);
+    assert_eq!(answer["choices"][0]["token_ids"], Value::Null);
+    assert_eq!(answer["prompt_token_ids"], Value::Null);
+    // vLLM was asked for both.
+    let sent = env.fake.last_request().expect("request");
+    assert_eq!(sent["logprobs"], true);
+    assert_eq!(sent["return_token_ids"], true);
+
+    // Feedback names the answer by its visible text, however the client reflowed it.
+    let reflowed = visible.replace(' ', "\n  ");
+    let (status, body) = env.post("/v1/feedback", &feedback("me/a", &reflowed)).await;
+    assert_eq!(status, 202, "{body}");
+    let payload = env
+        .job_payload(body["job_id"].as_str().expect("job_id"))
+        .await;
+    let sample = &payload["samples"][0];
+    let (ids, lps) = expected_rollout(&env.fake, TEST_BASE_MODEL, "Say hi", true);
+    assert_eq!(sample["rollout"]["response_token_ids"], json!(ids));
+    assert_eq!(sample["rollout"]["response_logprobs"], json!(lps));
+    assert_eq!(
+        sample["rollout"]["prompt_token_ids"],
+        json!(encode("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"))
+    );
+    assert_eq!(sample["rollout"]["system_prompt"], "You are terse.");
+    // The trainer sees the answer as generated, thinking included.
+    assert!(sample["response"]
+        .as_str()
+        .is_some_and(|r| r.starts_with("<think>")));
+}
+
+#[tokio::test]
+async fn a_streamed_answer_is_relayed_without_thinking_and_cached_like_a_whole_one() {
+    let env = start().await;
+    env.fake.knobs().think.store(true, Ordering::SeqCst);
+    let mut req = chat(Some(TEST_BASE_MODEL), "Stream it");
+    req["stream"] = json!(true);
+    req["logprobs"] = json!(true);
+    let resp = env
+        .http
+        .post(format!("{}/v1/chat/completions", env.api))
+        .json(&req)
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(resp.status(), 200);
+    assert!(resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("text/event-stream")));
+    let text = resp.text().await.expect("events");
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    let mut shown = String::new();
+    let mut logprob_entries = 0;
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).expect("chunk is JSON");
+        assert!(
+            v.get("prompt_token_ids").is_none(),
+            "ids were not asked for"
+        );
+        shown.push_str(
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap_or_default(),
+        );
+        logprob_entries += v["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .map_or(0, Vec::len);
+    }
+    assert_eq!(shown, format!("[{TEST_BASE_MODEL}] You said: Stream it"));
+    let (ids, lps) = expected_rollout(&env.fake, TEST_BASE_MODEL, "Stream it", true);
+    assert_eq!(logprob_entries, ids.len(), "the client asked for log-probs");
+
+    let (status, body) = env.post("/v1/feedback", &feedback("me/a", &shown)).await;
+    assert_eq!(status, 202, "{body}");
+    let payload = env
+        .job_payload(body["job_id"].as_str().expect("job_id"))
+        .await;
+    assert_eq!(
+        payload["samples"][0]["rollout"]["response_token_ids"],
+        json!(ids)
+    );
+    assert_eq!(
+        payload["samples"][0]["rollout"]["response_logprobs"],
+        json!(lps)
+    );
+}
+
+#[tokio::test]
+async fn the_same_text_from_two_adapters_is_cached_apart_and_feedback_finds_its_own() {
+    let env = start().await;
+    env.fake.set_reply(Some("Same words."));
+    for lora in ["u/one", "u/two"] {
+        make_lora(&env, lora, 8).await;
+    }
+    for lora in ["u/one", "u/two"] {
+        let (status, a) = env
+            .post("/v1/chat/completions", &chat(Some(lora), "hi"))
+            .await;
+        assert_eq!(status, 200, "{a}");
+        assert_eq!(a["choices"][0]["message"]["content"], "Same words.");
+    }
+    for lora in ["u/one", "u/two"] {
+        let (status, body) = env
+            .post("/v1/feedback", &feedback(lora, "Same words."))
+            .await;
+        assert_eq!(status, 202, "{body}");
+        let payload = env
+            .job_payload(body["job_id"].as_str().expect("job_id"))
+            .await;
+        let (_, lps) = expected_rollout(&env.fake, lora, "hi", false);
+        assert_eq!(
+            payload["samples"][0]["rollout"]["response_logprobs"],
+            json!(lps),
+            "{lora} trains on its own answer's log-probs"
+        );
+    }
+    // An answer the base model gave is found for any LoRA on that base.
+    env.fake.set_reply(Some("From the base."));
+    let (status, _) = env.post("/v1/chat/completions", &chat(None, "hi")).await;
+    assert_eq!(status, 200);
+    let (status, body) = env
+        .post("/v1/feedback", &feedback("u/one", "From the base."))
+        .await;
+    assert_eq!(status, 202, "{body}");
+}
+
+#[tokio::test]
+async fn feedback_on_an_unknown_or_unusable_answer_is_refused_with_the_reason() {
+    let env = start().await;
+    let (status, body) = env
+        .post("/v1/feedback", &feedback("me/a", "never served"))
+        .await;
+    assert_eq!(status, 404);
+    let msg = body["error"]["message"].as_str().expect("message");
+    assert!(
+        msg.starts_with("No cached completion for content_hash="),
+        "{msg}"
+    );
+
+    // No system message: the teacher would score under another context (CLaaS: 422).
+    let (status, a) = env
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "no system"}]}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let text = a["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("text");
+    let (status, body) = env.post("/v1/feedback", &feedback("me/a", text)).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("no system prompt")));
+}
+
+#[tokio::test]
+async fn an_older_vllm_without_token_ids_is_retokenised_and_aligned() {
+    let env = start().await;
+    env.fake.knobs().no_token_ids.store(true, Ordering::SeqCst);
+    let (status, a) = env.post("/v1/chat/completions", &chat(None, "old")).await;
+    assert_eq!(status, 200, "{a}");
+    let text = a["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("text");
+    let (status, body) = env.post("/v1/feedback", &feedback("me/a", text)).await;
+    assert_eq!(status, 202, "{body}");
+    let payload = env
+        .job_payload(body["job_id"].as_str().expect("job_id"))
+        .await;
+    let (ids, lps) = expected_rollout(&env.fake, TEST_BASE_MODEL, "old", false);
+    assert_eq!(
+        payload["samples"][0]["rollout"]["response_token_ids"],
+        json!(ids)
+    );
+    assert_eq!(
+        payload["samples"][0]["rollout"]["response_logprobs"],
+        json!(lps)
+    );
+}
+
+async fn make_lora(env: &Env, lora_id: &str, rank: u32) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("claas-inference-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        json!({"r": rank, "lora_alpha": 16, "peft_type": "LORA"}).to_string(),
+    )
+    .expect("config");
+    env.db
+        .store
+        .create_lora(&NewLora {
+            lora_id: lora_id.into(),
+            base_model: TEST_BASE_MODEL.into(),
+            rank: rank as i32,
+            alpha: 16.0,
+            target_modules: vec!["q_proj".into()],
+            initial_uri: dir.display().to_string(),
+            initial_sha256: String::new(),
+        })
+        .await
+        .expect("lora");
+    dir
+}
+
+#[tokio::test]
+async fn an_adapter_vllm_does_not_know_is_loaded_from_its_current_version_then_served() {
+    let env = start().await;
+    let dir = make_lora(&env, "u/fresh", 8).await;
+    assert!(env.fake.loras().is_empty());
+    let (status, a) = env
+        .post("/v1/chat/completions", &chat(Some("u/fresh"), "hi"))
+        .await;
+    assert_eq!(status, 200, "{a}");
+    assert_eq!(a["model"], "u/fresh");
+    assert_eq!(
+        env.fake.loras(),
+        vec![("u/fresh".to_string(), dir.display().to_string())]
+    );
+    // A model nobody knows stays vLLM's 404.
+    let (status, body) = env
+        .post("/v1/chat/completions", &chat(Some("nobody"), "hi"))
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("does not exist")));
+}
+
+#[tokio::test]
+async fn upstream_failures_and_bad_requests_get_clear_errors() {
+    let env = start().await;
+    let (status, body) = env
+        .post("/v1/chat/completions", &json!({"messages": []}))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    let (status, _) = env.post("/v1/chat/completions", &json!([1, 2])).await;
+    assert_eq!(status, 422);
+    env.fake
+        .knobs()
+        .drop_connection
+        .store(true, Ordering::SeqCst);
+    let (status, body) = env.post("/v1/chat/completions", &chat(None, "x")).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"]["code"], "upstream_unreachable");
+
+    // No inference server configured: 503 that says how to configure one.
+    let db = TestDb::sqlite().await;
+    let app = claas_api::router(AppState::new(db.store.clone(), options()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&chat(None, "x"))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.expect("json");
+    assert!(body["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("VLLM_BASE_URL")));
+}
+
+#[tokio::test]
+async fn models_completions_and_score_are_proxied() {
+    let env = start().await;
+    let r: Value = env
+        .http
+        .get(format!("{}/v1/models", env.api))
+        .send()
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(r["data"][0]["id"], TEST_BASE_MODEL);
+    let h: Value = env
+        .http
+        .get(format!("{}/v1/health", env.api))
+        .send()
+        .await
+        .expect("health")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(h["status"], "ok", "{h}");
+    assert_eq!(h["cache"]["up"], true);
+    assert_eq!(h["vllm"]["up"], true);
+
+    let (status, c) = env
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "Hello", "max_tokens": 4}),
+        )
+        .await;
+    assert_eq!(status, 200, "{c}");
+    assert_eq!(c["object"], "text_completion");
+    assert_eq!(c["choices"][0]["finish_reason"], "length");
+
+    let messages = json!([{"role": "user", "content": "Q"}]);
+    let (status, s) = env
+        .post(
+            "/v1/score",
+            &json!({"model": TEST_BASE_MODEL, "messages": messages, "completion": "ok"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{s}");
+    // The completion's tokens in the template: "o", "k", <|im_end|>, "\n".
+    let prompt_len = encode("<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n").len();
+    let full = encode("<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nok<|im_end|>\n");
+    assert_eq!(s["prompt_tokens"], prompt_len);
+    assert_eq!(s["completion_tokens"], full.len() - prompt_len);
+    assert_eq!(s["tokens"], json!(["o", "k", "<|im_end|>", "\n"]));
+    let expected: Vec<f64> = full[prompt_len..]
+        .iter()
+        .enumerate()
+        .map(|(k, id)| logprob(TEST_BASE_MODEL, *id, prompt_len + k))
+        .collect();
+    assert_eq!(s["logprobs"], json!(expected));
+    let (status, _) = env
+        .post(
+            "/v1/score",
+            &json!({"model": TEST_BASE_MODEL, "messages": messages}),
+        )
+        .await;
+    assert_eq!(status, 422, "completion is required");
+}
+
+/// The python `openai` client, unchanged, against the proxy (needs `CLAAS_TEST_PYTHON`:
+/// a python with `openai` installed; `make test` provides one).
+#[tokio::test]
+async fn the_python_openai_client_works_against_the_proxy() {
+    let Ok(python) = std::env::var("CLAAS_TEST_PYTHON") else {
+        eprintln!("skipped: CLAAS_TEST_PYTHON is not set (make test sets it)");
+        return;
+    };
+    let env = start().await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../scripts/openai_client_check.py"
+    );
+    let out = tokio::process::Command::new(python)
+        .arg(script)
+        .arg(format!("{}/v1", env.api))
+        .arg(TEST_BASE_MODEL)
+        .output()
+        .await
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "openai client check failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let reply = format!("[{TEST_BASE_MODEL}] You said: Say hi");
+    assert!(stdout.contains(&format!("chat: {reply}")), "{stdout}");
+    assert!(stdout.contains(&format!("stream: {reply}")), "{stdout}");
+    // Feedback on what the python client was shown resolves from the cache.
+    let (status, body) = env.post("/v1/feedback", &feedback("me/a", &reply)).await;
+    assert_eq!(status, 202, "{body}");
+}
