@@ -151,6 +151,8 @@ async fn executor(cfg: &Config) -> Result<Arc<dyn Executor>> {
                         ),
                         pause_instead_of_sleep: opts.vllm.sleep_mode
                             == claas_core::config::VllmSleepMode::Pause,
+                        reload_attempts: 3,
+                        reload_backoff: Duration::from_secs(1),
                     }),
                 })
             })

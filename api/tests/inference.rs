@@ -356,7 +356,7 @@ async fn make_lora(env: &Env, lora_id: &str, rank: u32) -> std::path::PathBuf {
             rank: rank as i32,
             alpha: 16.0,
             target_modules: vec!["q_proj".into()],
-            initial_uri: dir.display().to_string(),
+            initial_uri: format!("file://{}", dir.display()),
             initial_sha256: String::new(),
         })
         .await

@@ -352,6 +352,17 @@ pub struct LoraVersion {
     pub created_at: DateTime<Utc>,
 }
 
+/// The local directory a storage URI names (`file:///dir` or a plain path); `None` for
+/// remote storage and empty URIs.
+pub fn local_path(uri: &str) -> Option<std::path::PathBuf> {
+    match uri.strip_prefix("file://") {
+        Some(p) if !p.is_empty() => Some(p.into()),
+        Some(_) => None,
+        None if uri.is_empty() || uri.contains("://") => None,
+        None => Some(uri.into()),
+    }
+}
+
 /// What a worker publishes: the stored adapter of `version` and the step's metrics.
 #[derive(Debug, Clone)]
 pub struct NewVersion {

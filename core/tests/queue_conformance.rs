@@ -111,7 +111,7 @@ conformance!(
     concurrent_claimers_never_run_one_lora_twice,
     published_job_never_trains_again_nor_joins_a_batch,
     requeue_of_a_cancel_requested_job_cancels_it,
-    failure_after_publish_ends_succeeded_with_the_error_kept,
+    failure_after_publish_ends_failed_keeping_the_version,
 );
 
 async fn enqueued_job_is_claimed_with_its_payload(db: &TestDb) {
@@ -932,7 +932,7 @@ async fn requeue_of_a_cancel_requested_job_cancels_it(db: &TestDb) {
     assert!(s.claim(&claim_req("w")).await.expect("claim").is_none());
 }
 
-async fn failure_after_publish_ends_succeeded_with_the_error_kept(db: &TestDb) {
+async fn failure_after_publish_ends_failed_keeping_the_version(db: &TestDb) {
     let s = &db.store;
     s.create_lora(&lora("a")).await.expect("lora");
     let lead = job("a", 1);
@@ -951,10 +951,11 @@ async fn failure_after_publish_ends_succeeded_with_the_error_kept(db: &TestDb) {
         s.fail(&c.lease(), &err, false, FAST_RETRY)
             .await
             .expect("fail"),
-        FailOutcome::AlreadyPublished
+        FailOutcome::Failed
     );
     let l = s.get_job(lead.id).await.expect("get").expect("exists");
-    assert_eq!(l.status, JobStatus::Succeeded, "its feedback was trained");
+    assert_eq!(l.status, JobStatus::Failed, "its version is not served");
+    assert_eq!(l.published_version, Some(1), "but it exists");
     assert_eq!(
         l.error.as_ref().map(|e| e.code.as_str()),
         Some("reload_failed")
@@ -964,6 +965,10 @@ async fn failure_after_publish_ends_succeeded_with_the_error_kept(db: &TestDb) {
         Some(&serde_json::json!(1))
     );
     let m = s.get_job(member.id).await.expect("get").expect("exists");
-    assert_eq!(m.status, JobStatus::Succeeded);
+    assert_eq!(m.status, JobStatus::Failed);
     assert_eq!(s.lora_versions("a").await.expect("versions").len(), 2);
+    assert!(
+        s.claim(&claim_req("w")).await.expect("claim").is_none(),
+        "nothing trains it again"
+    );
 }

@@ -10,7 +10,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use candle_core::{DType, Device};
@@ -56,6 +56,10 @@ pub struct VllmOptions {
     pub vram_timeout: std::time::Duration,
     /// `/pause` + `/resume` instead of sleep and wake (`vllm.sleep_mode: pause`).
     pub pause_instead_of_sleep: bool,
+    /// Tries at loading a new version before the job fails (published but not loaded).
+    pub reload_attempts: u32,
+    /// Pause before the second try; doubled for each further one.
+    pub reload_backoff: std::time::Duration,
 }
 
 pub struct CandleExecutor {
@@ -382,15 +386,47 @@ impl Executor for CandleExecutor {
             .version_dir(&job.lora_id, version)
             .display()
             .to_string();
-        if job.orchestration.sleep_before {
-            if !self.pauses() {
-                v.wake(&["weights"]).await?;
-            }
-            v.unload_adapter(&job.lora_id).await?;
-            v.load_adapter(&job.lora_id, &path, false).await
-        } else {
-            v.load_adapter(&job.lora_id, &path, true).await
+        let swap = !job.orchestration.sleep_before;
+        if !swap && !self.pauses() {
+            v.wake(&["weights"]).await?;
         }
+        let (attempts, mut backoff) = self.opts.vllm.as_ref().map_or((1, Duration::ZERO), |o| {
+            (o.reload_attempts.max(1), o.reload_backoff)
+        });
+        let mut last = None;
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+            let loaded = if swap {
+                // vLLM kept serving: swap in place, so no request meets a 404.
+                v.load_adapter(&job.lora_id, &path, true).await
+            } else {
+                match v.unload_adapter(&job.lora_id).await {
+                    Ok(()) => v.load_adapter(&job.lora_id, &path, false).await,
+                    Err(e) => Err(e),
+                }
+            };
+            match loaded {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(attempt = attempt + 1, attempts, error = %e, "adapter reload failed");
+                    last = Some(e);
+                }
+            }
+        }
+        if !swap && version > 0 {
+            // Serve the previous version rather than nothing until someone retries.
+            let previous = self.version_dir(&job.lora_id, version - 1);
+            if previous.join("adapter_config.json").is_file() {
+                let previous = previous.display().to_string();
+                if let Err(e) = v.load_adapter(&job.lora_id, &previous, false).await {
+                    tracing::error!(error = %e, "could not restore the previous version in vLLM either");
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| PhaseError::retryable("vllm_error", "adapter reload failed")))
     }
 
     async fn wake(&self, _job: &JobContext) -> PhaseResult<()> {
@@ -399,6 +435,20 @@ impl Executor for CandleExecutor {
 
     fn controls_vllm(&self) -> bool {
         self.vllm.is_some()
+    }
+
+    async fn served_adapters(&self) -> PhaseResult<Option<Vec<(String, String)>>> {
+        match &self.vllm {
+            Some(v) => v.adapters().await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn serve_adapter(&self, name: &str, dir: &str) -> PhaseResult<()> {
+        match &self.vllm {
+            Some(v) => v.load_adapter(name, dir, true).await,
+            None => Ok(()),
+        }
     }
 
     async fn on_start(&self) -> PhaseResult<()> {

@@ -116,4 +116,14 @@ pub trait Executor: Send + Sync + 'static {
     async fn on_start(&self) -> PhaseResult<()> {
         Ok(())
     }
+
+    /// Adapters the local vLLM serves, as (name, directory); `None` without a vLLM.
+    async fn served_adapters(&self) -> PhaseResult<Option<Vec<(String, String)>>> {
+        Ok(None)
+    }
+
+    /// Swaps adapter `name` to `dir` in the local vLLM without a gap (`load_inplace`).
+    async fn serve_adapter(&self, _name: &str, _dir: &str) -> PhaseResult<()> {
+        Ok(())
+    }
 }

@@ -1,6 +1,7 @@
 //! The claim loop and one job's run: lease renewal, phases with timings and events, cancel
 //! between phases, wake-on-failure, exactly-once publish, and graceful shutdown.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +14,9 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::executor::{AdapterSource, Executor, JobContext, PhaseError};
+
+/// Least time between two idle reconciles of the local vLLM's adapters.
+const RECONCILE_MIN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How a worker behaves; built from `claas_core::config::Config` by the binary.
 #[derive(Debug, Clone)]
@@ -137,6 +141,7 @@ impl Worker {
             self.opts.poll_interval.max(Duration::from_secs(5)),
         ));
         let mut last_maintenance = Instant::now() - Duration::from_secs(3600);
+        let mut last_reconcile = Instant::now() - Duration::from_secs(3600);
         let mut db_backoff = Duration::from_millis(100);
         tracing::info!(worker = %self.opts.id, models = ?self.opts.base_models, "worker started");
         while !*shutdown.borrow() {
@@ -151,6 +156,15 @@ impl Worker {
                 }
                 Ok(None) => {
                     db_backoff = Duration::from_millis(100);
+                    // Idle: bring the local vLLM's adapters up to date (a version another
+                    // node published, or one this node's vLLM lost). Job changes wake this
+                    // loop, so a publish elsewhere is picked up within about a second.
+                    if self.executor.controls_vllm()
+                        && last_reconcile.elapsed() >= RECONCILE_MIN_INTERVAL
+                    {
+                        self.reconcile().await;
+                        last_reconcile = Instant::now();
+                    }
                     tokio::select! {
                         _ = wake.wait(self.opts.poll_interval) => {}
                         _ = shutdown.changed() => {}
@@ -208,6 +222,53 @@ impl Worker {
             }
             delay = (delay * 2).min(Duration::from_secs(5));
         }
+    }
+
+    /// Swaps every adapter the local vLLM serves whose directory is not its LoRA's current
+    /// version to that version (in place, so requests never meet a 404).
+    async fn reconcile(&self) {
+        let served = match self.executor.served_adapters().await {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "reconcile skipped: vLLM did not list its adapters");
+                return;
+            }
+        };
+        for (name, dir) in served {
+            let current = match self.current_dir(&name).await {
+                Ok(Some(c)) => c,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "reconcile skipped: store unavailable");
+                    return;
+                }
+            };
+            if Path::new(&dir) == current.as_path() {
+                continue;
+            }
+            let current = current.display().to_string();
+            match self.executor.serve_adapter(&name, &current).await {
+                Ok(()) => {
+                    tracing::info!(lora_id = %name, from = %dir, to = %current, "served the current version")
+                }
+                Err(e) => {
+                    tracing::warn!(lora_id = %name, error = %e, "could not serve the current version")
+                }
+            }
+        }
+    }
+
+    /// The directory of LoRA `lora_id`'s current version, when it is ours and local.
+    async fn current_dir(&self, lora_id: &str) -> claas_core::Result<Option<std::path::PathBuf>> {
+        let Some(lora) = self.store.get_lora(lora_id).await? else {
+            return Ok(None);
+        };
+        let versions = self.store.lora_versions(lora_id).await?;
+        Ok(versions
+            .iter()
+            .find(|v| v.version == lora.current_version)
+            .and_then(|v| claas_core::types::local_path(&v.storage_uri)))
     }
 
     async fn maintenance(&self) {
@@ -345,7 +406,6 @@ impl Worker {
                     Ok(FailOutcome::Retrying) => Outcome::Retrying,
                     Ok(FailOutcome::Failed) => Outcome::Failed,
                     Ok(FailOutcome::Cancelled) => Outcome::Cancelled,
-                    Ok(FailOutcome::AlreadyPublished) => Outcome::Succeeded,
                     Ok(FailOutcome::LeaseLost) => Outcome::LeaseLost,
                     Err(e) => {
                         tracing::error!(error = %e, "could not record failure; the lease will expire");
@@ -405,6 +465,17 @@ impl Worker {
             ),
             Ok(LeaseState::Lost) => Stop::LeaseLost,
             Err(e) => Stop::Store(e),
+        }
+    }
+
+    /// Records what this worker's vLLM is doing, for the API's routing and the dashboard.
+    async fn set_state(&self, state: WorkerState, ctx: &JobContext) {
+        if let Err(e) = self
+            .store
+            .worker_heartbeat(&self.opts.id, state, Some(ctx.job_id))
+            .await
+        {
+            tracing::warn!(error = %e, state = state.as_str(), "could not record the worker's state");
         }
     }
 
@@ -490,10 +561,13 @@ impl Worker {
             None => {
                 if orch.sleep_before {
                     cancel_point(watch)?;
+                    // The API stops routing chat to this node's vLLM from here on.
+                    self.set_state(WorkerState::Draining, ctx).await;
                     self.step(lease, watch, clock, Phase::Drain, exec.drain(ctx))
                         .await?;
                     cancel_point(watch)?;
                     slept.store(true, Ordering::SeqCst);
+                    self.set_state(WorkerState::Sleeping, ctx).await;
                     self.step(lease, watch, clock, Phase::Sleep, exec.sleep(ctx))
                         .await?;
                     cancel_point(watch)?;
@@ -548,12 +622,24 @@ impl Worker {
             }
         };
         self.step(lease, watch, clock, Phase::Reload, exec.reload(ctx, serve))
-            .await?;
+            .await
+            .map_err(|stop| match stop {
+                Stop::Failed(phase, mut e) => {
+                    e.code = "reload_failed".into();
+                    e.message = format!(
+                        "version {serve} is published but not loaded into vLLM: {}",
+                        e.message
+                    );
+                    Stop::Failed(phase, e)
+                }
+                other => other,
+            })?;
         let mut woke = false;
         if slept.load(Ordering::SeqCst) && orch.wake_after {
             self.step(lease, watch, clock, Phase::Wake, exec.wake(ctx))
                 .await?;
             slept.store(false, Ordering::SeqCst);
+            self.set_state(WorkerState::Training, ctx).await;
             woke = true;
         }
         Ok(serde_json::json!({

@@ -148,6 +148,31 @@ impl VllmClient {
         self.post_empty("/resume").await
     }
 
+    /// Loaded adapters as (name, path), from `/v1/models` (cards with a `parent`).
+    pub async fn adapters(&self) -> PhaseResult<Vec<(String, String)>> {
+        let what = "GET /v1/models";
+        let mut req = self.http.get(format!("{}/v1/models", self.base));
+        if let Some(k) = &self.api_key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.map_err(|e| unavailable(what, e))?;
+        let body = Self::check(what, resp).await?;
+        let v: serde_json::Value = serde_json::from_str(&body)
+            .map_err(|e| PhaseError::retryable("vllm_error", format!("{what}: {e}")))?;
+        Ok(v["data"]
+            .as_array()
+            .map(|cards| {
+                cards
+                    .iter()
+                    .filter(|c| !c["parent"].is_null())
+                    .filter_map(|c| {
+                        Some((c["id"].as_str()?.to_owned(), c["root"].as_str()?.to_owned()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
     /// Removes the adapter name from vLLM; an adapter that is not loaded is fine.
     pub async fn unload_adapter(&self, name: &str) -> PhaseResult<()> {
         let what = "POST /v1/unload_lora_adapter";

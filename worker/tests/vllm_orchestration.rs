@@ -3,7 +3,7 @@
 //! directory between a weights-only and a full wake, a drain that times out without
 //! sleeping vLLM, and a reload failure that still wakes it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,36 +20,47 @@ fn tempdir(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("claas-vllm-{name}-{}", uuid::Uuid::now_v7()))
 }
 
-/// Runs one job for LoRA `a` through a worker whose executor drives `fake`; returns the
-/// finished job and the LoRA root.
-async fn run_job(fake: &FakeVllm, drain_timeout: Duration, pause: bool) -> (Job, PathBuf) {
-    let db = TestDb::sqlite().await;
+/// A candle executor on a fresh tiny checkpoint whose vLLM is `fake`.
+async fn executor(
+    fake: &FakeVllm,
+    lora_root: &Path,
+    drain_timeout: Duration,
+    pause: bool,
+) -> CandleExecutor {
     let model_dir = tempdir("model");
-    let lora_root = tempdir("loras");
     let d = model_dir.clone();
     tokio::task::spawn_blocking(move || write_checkpoint(Preset::Tiny, &d, 3))
         .await
         .expect("join")
         .expect("checkpoint");
-    let url = fake.url.clone();
-    let exec = CandleExecutor::new(CandleOptions {
+    CandleExecutor::new(CandleOptions {
         base_model_id: TEST_BASE_MODEL.into(),
         model_dir,
-        lora_root: lora_root.clone(),
+        lora_root: lora_root.to_path_buf(),
         device: TrainerDevice::Cpu,
         residency: Residency::Host,
         max_seq_len: 4096,
         vllm: Some(VllmOptions {
-            url,
+            url: fake.url.clone(),
             api_key: None,
             drain_timeout,
             drain_poll: Duration::from_millis(20),
             min_free_vram_gb: 20.0,
             vram_timeout: Duration::from_secs(1),
             pause_instead_of_sleep: pause,
+            reload_attempts: 2,
+            reload_backoff: Duration::from_millis(10),
         }),
     })
-    .expect("executor");
+    .expect("executor")
+}
+
+/// Runs one job for LoRA `a` through a worker whose executor drives `fake`; returns the
+/// finished job and the LoRA root.
+async fn run_job(fake: &FakeVllm, drain_timeout: Duration, pause: bool) -> (Job, PathBuf) {
+    let db = TestDb::sqlite().await;
+    let lora_root = tempdir("loras");
+    let exec = executor(fake, &lora_root, drain_timeout, pause).await;
     db.store
         .create_lora(&NewLora {
             lora_id: "a".into(),
@@ -141,17 +152,28 @@ async fn a_drain_that_times_out_fails_without_sleeping_vllm() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reload_failure_keeps_the_version_and_still_wakes_vllm() {
+async fn a_reload_failure_is_retried_then_fails_as_published_but_not_loaded_and_wakes_vllm() {
     let fake = FakeVllm::start(Options::default()).await;
     fake.knobs().fail_load.store(true, Ordering::SeqCst);
     let (j, _) = run_job(&fake, Duration::from_secs(10), false).await;
-    // The feedback was trained into version 1; only serving it failed.
-    assert_eq!(j.status, claas_core::types::JobStatus::Succeeded);
+    // The feedback was trained into version 1 (never again); only serving it failed,
+    // after every try, and the job says so.
+    assert_eq!(j.status, claas_core::types::JobStatus::Failed);
     assert_eq!(j.published_version, Some(1));
-    assert_eq!(
-        j.error.as_ref().map(|e| e.code.as_str()),
-        Some("vllm_error")
+    let err = j.error.expect("error");
+    assert_eq!(err.code, "reload_failed");
+    assert!(
+        err.message
+            .starts_with("version 1 is published but not loaded into vLLM:"),
+        "{}",
+        err.message
     );
+    let loads = fake
+        .calls()
+        .iter()
+        .filter(|c| c.starts_with("load a"))
+        .count();
+    assert!(loads >= 2, "the reload was retried: {:?}", fake.calls());
     assert_eq!(fake.calls().last().map(String::as_str), Some("wake_up "));
 }
 
@@ -176,4 +198,68 @@ async fn pause_mode_pauses_and_resumes_instead_of_sleeping() {
             "resume".into(),
         ]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_swaps_a_stale_adapter_in_its_vllm_to_the_current_version() {
+    let fake = FakeVllm::start(Options::default()).await;
+    let db = TestDb::sqlite().await;
+    let lora_root = tempdir("loras");
+    // vLLM serves "b" from an old directory (another node published since, or this vLLM
+    // restarted with a stale --lora-modules); the store says the current one is `current`.
+    let (stale, current) = (lora_root.join("b/old"), lora_root.join("b/current"));
+    for d in [&stale, &current] {
+        std::fs::create_dir_all(d).expect("dir");
+        std::fs::write(d.join("adapter_config.json"), r#"{"r": 4}"#).expect("config");
+    }
+    reqwest::Client::new()
+        .post(format!("{}/v1/load_lora_adapter", fake.url))
+        .json(&serde_json::json!({"lora_name": "b", "lora_path": stale.display().to_string()}))
+        .send()
+        .await
+        .expect("load")
+        .error_for_status()
+        .expect("loaded");
+    db.store
+        .create_lora(&NewLora {
+            lora_id: "b".into(),
+            base_model: TEST_BASE_MODEL.into(),
+            rank: 4,
+            alpha: 8.0,
+            target_modules: vec!["q_proj".into()],
+            initial_uri: format!("file://{}", current.display()),
+            initial_sha256: String::new(),
+        })
+        .await
+        .expect("lora");
+    let exec = executor(&fake, &lora_root, Duration::from_secs(5), false).await;
+    let (stop, rx) = watch::channel(false);
+    let worker = Worker::new(
+        db.store.clone(),
+        Arc::new(exec),
+        WorkerOptions {
+            poll_interval: Duration::from_millis(50),
+            ..WorkerOptions::new("reconcile-test", vec![TEST_BASE_MODEL.into()])
+        },
+    );
+    let handle = tokio::spawn(async move { worker.run(rx).await });
+    let want = vec![("b".to_string(), current.display().to_string())];
+    let started = Instant::now();
+    while fake.loras() != want {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never reconciled: {:?}",
+            fake.calls()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        fake.calls()
+            .contains(&format!("load b {} inplace=true", current.display())),
+        "swapped in place, without an unload: {:?}",
+        fake.calls()
+    );
+    stop.send(true).expect("stop");
+    handle.await.expect("join").expect("worker");
+    db.cleanup().await;
 }

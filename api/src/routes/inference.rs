@@ -133,7 +133,10 @@ async fn reconcile_adapter(state: &AppState, up: &Upstream, lora_id: &str) -> bo
     let Some(current) = versions.iter().find(|v| v.version == lora.current_version) else {
         return false;
     };
-    match up.load_lora(lora_id, &current.storage_uri).await {
+    let Some(path) = claas_core::types::local_path(&current.storage_uri) else {
+        return false;
+    };
+    match up.load_lora(lora_id, &path.display().to_string()).await {
         Ok(()) => {
             tracing::info!(
                 lora_id,

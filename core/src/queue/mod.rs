@@ -101,15 +101,12 @@ pub enum CancelOutcome {
 pub enum FailOutcome {
     /// Back to `queued`, to run again after the backoff.
     Retrying,
-    /// Terminal: `failed` (fatal error or attempts exhausted).
+    /// Terminal: `failed` (fatal error or attempts exhausted). A job that had published
+    /// keeps `published_version` and its result: its version exists but is not served.
     Failed,
     /// Terminal: `cancelled`, because a cancel was requested before the failure and the
     /// job would otherwise have gone back to the queue.
     Cancelled,
-    /// Terminal: `succeeded`, because the job had already published its version (only
-    /// reload or wake failed); the error stays on the job as a warning and nothing trains
-    /// twice.
-    AlreadyPublished,
     /// The lease was lost; nothing changed.
     LeaseLost,
 }
@@ -130,19 +127,20 @@ pub struct JobFilter {
 pub struct Reaped {
     pub requeued: u64,
     pub failed: u64,
-    /// Ended `succeeded` (already published) or `cancelled` (cancel requested) instead.
+    /// Ended `cancelled` (cancel requested) instead.
     pub settled: u64,
 }
 
 /// The status a running lead takes when it stops without completing; `retry` says whether
 /// its error and attempts allow another run. A published lead never trains again: it
-/// resumes (reload and wake only) or ends `succeeded` with the error kept; an unpublished
+/// resumes (reload and wake only) or ends `failed`, keeping `published_version` and its
+/// result, so the caller learns the version exists but is not served; an unpublished
 /// lead whose cancel was requested ends `cancelled` rather than going back to the queue.
 /// The Postgres store writes the same rule in SQL (`postgres::next_status`).
 pub(crate) fn next_status(published: bool, cancel_requested: bool, retry: bool) -> JobStatus {
     match (published, retry) {
         (true, true) => JobStatus::Queued,
-        (true, false) => JobStatus::Succeeded,
+        (true, false) => JobStatus::Failed,
         (false, true) if cancel_requested => JobStatus::Cancelled,
         (false, true) => JobStatus::Queued,
         (false, false) => JobStatus::Failed,

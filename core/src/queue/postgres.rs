@@ -240,7 +240,7 @@ const MEMBERS_FOLLOW_LEAD: &str = "
 fn next_status(retry: &str) -> String {
     format!(
         "(case when j.published_version is not null
-              then case when {retry} then 'queued' else 'succeeded' end
+              then case when {retry} then 'queued' else 'failed' end
               when {retry} then case when j.cancel_requested then 'cancelled' else 'queued' end
               else 'failed' end)"
     )
@@ -255,7 +255,7 @@ fn settle_lead(next: &str, error: &str, delay: &str) -> String {
          run_at = case when {next} = 'queued' then now() + {delay} * interval '1 millisecond'
                   else j.run_at end,
          finished_at = case when {next} = 'queued' then null else now() end,
-         result = case when {next} = 'succeeded'
+         result = case when j.published_version is not null
                   then coalesce(j.result, jsonb_build_object('version', j.published_version))
                   else j.result end,
          error = case when {next} = 'cancelled'
@@ -841,7 +841,6 @@ impl Store for PgStore {
         Ok(match status.as_deref() {
             Some("queued") => FailOutcome::Retrying,
             Some("cancelled") => FailOutcome::Cancelled,
-            Some("succeeded") => FailOutcome::AlreadyPublished,
             Some(_) => FailOutcome::Failed,
             None => FailOutcome::LeaseLost,
         })
@@ -909,7 +908,7 @@ impl Store for PgStore {
             ), n as (select pg_notify('{CHANNEL}', '') from lead limit 1)
             select (select count(*) from lead where status = 'queued') as requeued,
                    (select count(*) from lead where status = 'failed') as failed,
-                   (select count(*) from lead where status in ('succeeded', 'cancelled')) as settled,
+                   (select count(*) from lead where status = 'cancelled') as settled,
                    (select count(*) from n) as notified",
             set = settle_lead(
                 &next_status("j.attempt < j.max_attempts"),

@@ -239,7 +239,7 @@ async fn settle_lead(
             phase = case ?2 when 'queued' then 'queued' when 'succeeded' then 'done' else phase end,
             run_at = case when ?2 = 'queued' then ?3 else run_at end,
             finished_at = case when ?2 = 'queued' then null else ?4 end,
-            result = case when ?2 = 'succeeded'
+            result = case when published_version is not null
                      then coalesce(result, json_object('version', published_version)) else result end,
             error = coalesce(?5, error), worker_id = null, lease_expires_at = null,
             max_attempts = max_attempts + ?6
@@ -895,7 +895,6 @@ impl Store for SqliteStore {
         Ok(match next {
             JobStatus::Queued => FailOutcome::Retrying,
             JobStatus::Cancelled => FailOutcome::Cancelled,
-            JobStatus::Succeeded => FailOutcome::AlreadyPublished,
             _ => FailOutcome::Failed,
         })
     }
