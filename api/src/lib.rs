@@ -18,7 +18,7 @@ use claas_core::queue::SharedStore;
 use tower_http::trace::TraceLayer;
 
 use crate::cache::{CacheError, CompletionCache, MemoryCache, RedisCache};
-use crate::upstream::Upstream;
+use crate::upstream::{Backends, Upstream};
 
 /// What handlers need from the configuration.
 #[derive(Debug, Clone)]
@@ -61,8 +61,8 @@ pub struct AppState {
     pub options: Arc<ApiOptions>,
     /// Rollouts of served answers, for feedback.
     pub cache: Arc<dyn CompletionCache>,
-    /// The vLLM inference is proxied to; none in the embedded default.
-    pub upstream: Option<Arc<Upstream>>,
+    /// The vLLMs inference is proxied to; none in the embedded default.
+    pub backends: Option<Arc<Backends>>,
 }
 
 impl AppState {
@@ -72,7 +72,7 @@ impl AppState {
             store,
             options: Arc::new(options),
             cache: Arc::new(MemoryCache::new(100, Duration::from_secs(3600))),
-            upstream: None,
+            backends: None,
         }
     }
 
@@ -81,8 +81,14 @@ impl AppState {
         self
     }
 
+    /// One vLLM, always available.
     pub fn with_upstream(mut self, upstream: Option<Upstream>) -> AppState {
-        self.upstream = upstream.map(Arc::new);
+        self.backends = upstream.map(|u| Arc::new(Backends::new(vec![u], Duration::ZERO)));
+        self
+    }
+
+    pub fn with_backends(mut self, backends: Option<Backends>) -> AppState {
+        self.backends = backends.map(Arc::new);
         self
     }
 
@@ -95,14 +101,17 @@ impl AppState {
             Some(url) => Arc::new(RedisCache::connect(url, "claas:completions", size, ttl).await?),
             None => Arc::new(MemoryCache::new(size, ttl)),
         };
-        let upstream = cfg
+        let list: Vec<Upstream> = cfg
             .vllm
-            .base_url
-            .as_deref()
-            .map(|url| Upstream::new(url, cfg.vllm.api_key.clone(), Duration::from_secs(600)));
+            .proxy_backends()
+            .iter()
+            .map(|url| Upstream::new(url, cfg.vllm.api_key.clone(), Duration::from_secs(600)))
+            .collect();
+        let backends = (!list.is_empty())
+            .then(|| Backends::new(list, Duration::from_secs_f64(cfg.vllm.unavailable_wait_s)));
         Ok(AppState::new(store, ApiOptions::from_config(cfg))
             .with_cache(cache)
-            .with_upstream(upstream))
+            .with_backends(backends))
     }
 }
 

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use claas_api::cache::{CompletionCache, MemoryCache};
-use claas_api::upstream::Upstream;
+use claas_api::upstream::{Backends, Upstream};
 use claas_api::{ApiOptions, AppState};
 use claas_core::queue::ClaimRequest;
 use claas_core::testing::{TestDb, TEST_BASE_MODEL};
-use claas_core::types::NewLora;
+use claas_core::types::{NewLora, WorkerInfo, WorkerState};
 use claas_fake_vllm::{encode, logprob, FakeVllm, Options, IM_END};
 use serde_json::{json, Value};
 
@@ -450,7 +450,7 @@ async fn models_completions_and_score_are_proxied() {
         .expect("json");
     assert_eq!(h["status"], "ok", "{h}");
     assert_eq!(h["cache"]["up"], true);
-    assert_eq!(h["vllm"]["up"], true);
+    assert_eq!(h["vllm"][0]["up"], true);
 
     let (status, c) = env
         .post(
@@ -524,4 +524,81 @@ async fn the_python_openai_client_works_against_the_proxy() {
     // Feedback on what the python client was shown resolves from the cache.
     let (status, body) = env.post("/v1/feedback", &feedback("me/a", &reply)).await;
     assert_eq!(status, 202, "{body}");
+}
+
+#[tokio::test]
+async fn when_every_node_is_asleep_chat_waits_then_gets_503_with_retry_after() {
+    let fake = FakeVllm::start(Options {
+        served_model_name: TEST_BASE_MODEL.into(),
+        ..Options::default()
+    })
+    .await;
+    let db = TestDb::sqlite().await;
+    db.store
+        .register_worker(&WorkerInfo {
+            id: "node".into(),
+            hostname: "node".into(),
+            gpu: None,
+            // As the worker has it; the API's list may differ by a trailing slash.
+            vllm_url: Some(format!("{}/", fake.url)),
+            base_models: vec![TEST_BASE_MODEL.into()],
+            version: "test".into(),
+        })
+        .await
+        .expect("register");
+    db.store
+        .worker_heartbeat("node", WorkerState::Sleeping, None)
+        .await
+        .expect("state");
+    let backends = Backends::new(
+        vec![Upstream::new(&fake.url, None, Duration::from_secs(5))],
+        Duration::from_millis(300),
+    );
+    let state = AppState::new(db.store.clone(), options()).with_backends(Some(backends));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let api = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(claas_api::serve(listener, state, std::future::pending()));
+    let http = reqwest::Client::new();
+    let started = std::time::Instant::now();
+    let r = http
+        .post(format!("{api}/v1/chat/completions"))
+        .json(&chat(None, "anyone?"))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(r.status(), 503);
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "it waited first"
+    );
+    assert_eq!(
+        r.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("5")
+    );
+    assert_eq!(
+        fake.generations(),
+        0,
+        "nothing was sent to the sleeping vLLM"
+    );
+
+    // The node wakes up while a request waits: it is answered.
+    let waiting = tokio::spawn({
+        let (http, api) = (http.clone(), api.clone());
+        async move {
+            http.post(format!("{api}/v1/chat/completions"))
+                .json(&chat(None, "now?"))
+                .send()
+                .await
+                .expect("answer")
+                .status()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    db.store
+        .worker_heartbeat("node", WorkerState::Idle, None)
+        .await
+        .expect("state");
+    assert_eq!(waiting.await.expect("join"), 200);
 }

@@ -47,6 +47,7 @@ pub const ENV_NAMES: &[(&str, &str)] = &[
     ("CLAAS_TRAINER_RESIDENCY", "trainer.residency"),
     ("CLAAS_TRAINER_MAX_SEQ_LEN", "trainer.max_seq_len"),
     ("CLAAS_WORKER_SHUTDOWN_GRACE_S", "worker.shutdown_grace_s"),
+    ("CLAAS_WORKER_DRAIN_GRACE_MS", "worker.drain_grace_ms"),
     (
         "FEEDBACK_DRAIN_TIMEOUT_S",
         "worker.feedback_drain_timeout_s",
@@ -67,6 +68,8 @@ pub const ENV_NAMES: &[(&str, &str)] = &[
     ("VLLM_API_KEY", "vllm.api_key"),
     ("VLLM_MAX_LORA_RANK", "vllm.max_lora_rank"),
     ("CLAAS_VLLM_SLEEP_MODE", "vllm.sleep_mode"),
+    ("CLAAS_VLLM_BACKENDS", "vllm.backends"),
+    ("CLAAS_VLLM_UNAVAILABLE_WAIT_S", "vllm.unavailable_wait_s"),
     ("CLAAS_BASE_MODEL_ID", "model.base_model_id"),
     (
         "CLAAS_ALLOWED_INIT_BASE_MODELS",
@@ -231,6 +234,10 @@ pub struct WorkerConfig {
     pub shutdown_grace_s: f64,
     /// Default 30. Env `FEEDBACK_DRAIN_TIMEOUT_S`.
     pub feedback_drain_timeout_s: f64,
+    /// After marking itself draining, how long the worker waits before polling vLLM's
+    /// queue, so requests the API routed just before it saw the mark have arrived and are
+    /// counted. Default 50. Env `CLAAS_WORKER_DRAIN_GRACE_MS`.
+    pub drain_grace_ms: u64,
     /// Default 20. Env `FEEDBACK_MIN_FREE_VRAM_GB`.
     pub feedback_min_free_vram_gb: f64,
     /// Default 30. Env `FEEDBACK_SLEEP_VERIFY_TIMEOUT_S`.
@@ -255,6 +262,26 @@ pub struct VllmConfig {
     /// memory) or `pause` (`POST /pause` + `/resume`, what CLaaS calls: stops generation but
     /// frees nothing). Default `sleep`. Env `CLAAS_VLLM_SLEEP_MODE`.
     pub sleep_mode: VllmSleepMode,
+    /// The vLLMs the API proxies inference to (one per GPU node, each at the URL its
+    /// worker registers as `VLLM_BASE_URL`). Empty = `[base_url]`. Env
+    /// `CLAAS_VLLM_BACKENDS` (comma-separated).
+    #[serde(deserialize_with = "string_or_list", default)]
+    pub backends: Vec<String>,
+    /// How long a chat request waits for a backend whose worker is not draining or
+    /// sleeping before it gets 503 with `Retry-After`. Default 30. Env
+    /// `CLAAS_VLLM_UNAVAILABLE_WAIT_S`.
+    pub unavailable_wait_s: f64,
+}
+
+impl VllmConfig {
+    /// The backends the API proxies to.
+    pub fn proxy_backends(&self) -> Vec<String> {
+        if self.backends.is_empty() {
+            self.base_url.iter().cloned().collect()
+        } else {
+            self.backends.clone()
+        }
+    }
 }
 
 /// See [`VllmConfig::sleep_mode`].
@@ -350,6 +377,7 @@ impl Default for Config {
                 simulated_step_ms: 50,
                 shutdown_grace_s: 30.0,
                 feedback_drain_timeout_s: 30.0,
+                drain_grace_ms: 50,
                 feedback_min_free_vram_gb: 20.0,
                 feedback_sleep_verify_timeout_s: 30.0,
                 feedback_wake_on_failure: true,
@@ -364,6 +392,8 @@ impl Default for Config {
                 api_key: None,
                 max_lora_rank: 32,
                 sleep_mode: VllmSleepMode::Sleep,
+                backends: vec![],
+                unavailable_wait_s: 30.0,
             },
             model: ModelConfig {
                 base_model_id: base_model,
@@ -546,6 +576,10 @@ impl Config {
         check(
             self.cache.completion_cache_size >= 1,
             "cache.completion_cache_size (CLAAS_COMPLETION_CACHE_SIZE) must be >= 1",
+        );
+        check(
+            self.vllm.unavailable_wait_s.is_finite() && self.vllm.unavailable_wait_s >= 0.0,
+            "vllm.unavailable_wait_s (CLAAS_VLLM_UNAVAILABLE_WAIT_S) must be a number of seconds >= 0",
         );
         check(
             self.cache.completion_cache_ttl_s >= 1,

@@ -412,6 +412,8 @@ pub struct WorkerRow {
     pub id: String,
     pub hostname: String,
     pub state: String,
+    /// The vLLM this worker drives (as it registered it).
+    pub vllm_url: Option<String>,
     pub version: String,
     pub started_at: DateTime<Utc>,
     pub heartbeat_at: DateTime<Utc>,

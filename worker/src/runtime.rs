@@ -37,6 +37,8 @@ pub struct WorkerOptions {
     pub retention: Duration,
     /// `feedback_wake_on_failure`: wake vLLM after a failure even if the request said not to.
     pub wake_on_failure: bool,
+    /// Pause between marking the worker draining and draining vLLM (API routing lag).
+    pub drain_grace: Duration,
 }
 
 impl WorkerOptions {
@@ -59,6 +61,7 @@ impl WorkerOptions {
             shutdown_grace: Duration::from_secs(30),
             retention: Duration::from_secs(30 * 86_400),
             wake_on_failure: true,
+            drain_grace: Duration::from_millis(50),
         }
     }
 }
@@ -563,6 +566,9 @@ impl Worker {
                     cancel_point(watch)?;
                     // The API stops routing chat to this node's vLLM from here on.
                     self.set_state(WorkerState::Draining, ctx).await;
+                    if exec.controls_vllm() {
+                        tokio::time::sleep(self.opts.drain_grace).await;
+                    }
                     self.step(lease, watch, clock, Phase::Drain, exec.drain(ctx))
                         .await?;
                     cancel_point(watch)?;

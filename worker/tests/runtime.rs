@@ -140,17 +140,17 @@ async fn wake_on_failure_off_leaves_vllm_asleep() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reload_failure_after_publish_keeps_the_version_and_wakes() {
+async fn a_reload_failure_after_publish_fails_keeping_the_version_and_wakes() {
     let db = TestDb::sqlite().await;
     let exec = Arc::new(Scripted::failing("reload", false));
     let j = run_one(&db, exec.clone(), options(true), true).await;
-    assert_eq!(
-        j.status,
-        JobStatus::Succeeded,
-        "the feedback was trained into version 1"
-    );
-    assert_eq!(j.published_version, Some(1));
-    assert_eq!(j.error.as_ref().map(|e| e.code.as_str()), Some("scripted"));
+    assert_eq!(j.status, JobStatus::Failed, "version 1 is not served");
+    assert_eq!(j.published_version, Some(1), "but the feedback trained it");
+    let err = j.error.expect("error");
+    assert_eq!(err.code, "reload_failed");
+    assert!(err
+        .message
+        .starts_with("version 1 is published but not loaded"));
     let lora = db.store.get_lora("a").await.expect("get").expect("lora");
     assert_eq!(lora.current_version, 1);
     assert_eq!(

@@ -30,16 +30,14 @@ pub async fn health(State(state): State<AppState>) -> Response {
     });
     let up = database.is_ok();
     let cache = state.cache.ping().await;
-    let vllm = match state.upstream.as_deref() {
-        Some(u) => {
-            let ok = tokio::time::timeout(Duration::from_secs(2), u.get("/health"))
-                .await
-                .is_ok_and(|r| r.is_ok());
-            serde_json::json!({"url": u.base_url(), "up": ok})
-        }
-        None => serde_json::Value::Null,
-    };
-    let degraded = cache.is_err() || vllm["up"] == false;
+    let mut vllm = Vec::new();
+    for u in state.backends.iter().flat_map(|b| b.all()) {
+        let ok = tokio::time::timeout(Duration::from_secs(2), u.get("/health"))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        vllm.push(serde_json::json!({"url": u.base_url(), "up": ok}));
+    }
+    let degraded = cache.is_err() || vllm.iter().any(|v| v["up"] == false);
     let body = serde_json::json!({
         "status": match (up, degraded) {
             (false, _) => "unavailable",

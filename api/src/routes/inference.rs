@@ -21,14 +21,16 @@ use crate::thinking::{content_hash, strip_thinking, ThinkFilter};
 use crate::upstream::{Upstream, UpstreamError};
 use crate::AppState;
 
-fn upstream(state: &AppState) -> ApiResult<&Upstream> {
-    state.upstream.as_deref().ok_or_else(|| {
+/// The vLLM to send a request for `model` to: one whose node is not training.
+async fn backend(state: &AppState, model: &str) -> ApiResult<Upstream> {
+    let backends = state.backends.as_deref().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_inference_backend",
             "no inference server is configured: set VLLM_BASE_URL (vllm.base_url)",
         )
-    })
+    })?;
+    backends.pick(&state.store, model).await
 }
 
 /// The scope an answer is cached under: the model that produced it.
@@ -294,8 +296,8 @@ pub async fn chat_completions(
 ) -> ApiResult<Response> {
     let body = require_object(body)?;
     let messages = validate_messages(&body)?.clone();
-    let up = upstream(&state)?.clone();
     let scope = scope_of(&state, &Value::Object(body.clone()));
+    let up = backend(&state, &scope).await?;
     let system = system_prompt(&messages);
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let (request, wants) = upstream_chat_body(body);
@@ -554,8 +556,8 @@ pub async fn completions(
     if !body.contains_key("prompt") {
         return Err(ApiError::invalid("prompt is required"));
     }
-    let up = upstream(&state)?.clone();
     let body = Value::Object(body);
+    let up = backend(&state, &scope_of(&state, &body)).await?;
     let resp = send_generation(&state, &up, "/v1/completions", &body).await?;
     let content_type = resp
         .headers()
@@ -576,7 +578,8 @@ pub async fn completions(
 /// `GET /v1/models`: vLLM's list when one is configured; otherwise the base model and the
 /// LoRAs this service knows.
 pub async fn models(State(state): State<AppState>) -> ApiResult<Response> {
-    if let Some(up) = state.upstream.as_deref() {
+    if state.backends.is_some() {
+        let up = backend(&state, "").await?;
         let v: Value = up
             .get("/v1/models")
             .await?
@@ -614,7 +617,7 @@ pub async fn score(
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages must not be empty"));
     }
-    let up = upstream(&state)?.clone();
+    let up = backend(&state, &req.model).await?;
     let prompt_ids = up
         .tokenize(
             &json!({"model": req.model, "messages": req.messages, "add_generation_prompt": true}),

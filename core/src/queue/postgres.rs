@@ -573,6 +573,7 @@ impl Store for PgStore {
                     started_at: r.try_get("started_at")?,
                     heartbeat_at: r.try_get("heartbeat_at")?,
                     current_job: r.try_get("current_job")?,
+                    vllm_url: r.try_get("vllm_url")?,
                 })
             })
             .collect()

@@ -638,6 +638,7 @@ impl Store for SqliteStore {
                     started_at: required(time_col(r, "started_at")?, "started_at")?,
                     heartbeat_at: required(time_col(r, "heartbeat_at")?, "heartbeat_at")?,
                     current_job: uuid_col(r, "current_job")?,
+                    vllm_url: r.try_get("vllm_url")?,
                 })
             })
             .collect()

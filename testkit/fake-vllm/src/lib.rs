@@ -51,6 +51,7 @@ pub struct Options {
     /// `--api-key`: guards `/v1/*` only, as vLLM does.
     pub api_key: Option<String>,
     pub max_lora_rank: u64,
+    pub tokenizer: Tokenizer,
 }
 
 impl Default for Options {
@@ -60,6 +61,7 @@ impl Default for Options {
             served_model_name: "base".into(),
             api_key: None,
             max_lora_rank: 32,
+            tokenizer: Tokenizer::Qwen3Like,
         }
     }
 }
@@ -79,6 +81,9 @@ pub struct Knobs {
     pub think: AtomicBool,
     /// Behave like vLLM before 0.10.2: ignore `return_token_ids`.
     pub no_token_ids: AtomicBool,
+    /// Each generation takes this long; an engine put to sleep meanwhile fails it, as a
+    /// real one does (0.15) or aborts it (0.17+).
+    pub latency_ms: std::sync::atomic::AtomicU64,
     /// Every reply is this text instead of the derived one.
     pub reply: Mutex<Option<String>>,
 }
@@ -92,12 +97,15 @@ struct Engine {
     calls: Vec<String>,
     /// Generation requests that arrived while the engine slept or was paused.
     served_asleep: usize,
+    generations: usize,
     /// Bodies of generation requests, newest last (at most 64 kept).
     requests: VecDeque<Value>,
 }
 
 struct Shared {
     opts: Options,
+    /// Generation requests being answered now (`vllm:num_requests_running`).
+    running: AtomicUsize,
     knobs: Knobs,
     engine: Mutex<Engine>,
     woke: Notify,
@@ -124,6 +132,7 @@ impl FakeVllm {
         let shared = Arc::new(Shared {
             opts,
             knobs: Knobs::default(),
+            running: AtomicUsize::new(0),
             engine: Mutex::new(Engine::default()),
             woke: Notify::new(),
         });
@@ -180,6 +189,11 @@ impl FakeVllm {
     pub fn served_while_asleep(&self) -> usize {
         self.shared.engine().served_asleep
     }
+    /// Generation requests received (answered or not).
+    pub fn generations(&self) -> usize {
+        self.shared.engine().generations
+    }
+
     /// The last generation request body received.
     pub fn last_request(&self) -> Option<Value> {
         self.shared.engine().requests.back().cloned()
@@ -231,6 +245,100 @@ pub fn decode_one(id: u32) -> String {
 
 pub fn decode(ids: &[u32]) -> String {
     ids.iter().map(|i| decode_one(*i)).collect()
+}
+
+/// Tiny preset ids (`claas model random tiny`): bytes 0..=255, then its special tokens.
+const TINY_SPECIALS: [(&str, u32); 4] = [
+    ("<|im_start|>", 257),
+    ("<|im_end|>", 258),
+    ("<think>", 259),
+    ("</think>", 260),
+];
+
+/// The fake model's tokenizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Tokenizer {
+    /// One token per character (id = 1000 + code point) and Qwen3's real special ids.
+    #[default]
+    Qwen3Like,
+    /// One token per byte with the tiny random preset's special ids, so its rollouts train
+    /// the tiny model (vocabulary 512).
+    TinyBytes,
+}
+
+impl Tokenizer {
+    pub fn encode(self, text: &str) -> Vec<u32> {
+        match self {
+            Tokenizer::Qwen3Like => encode(text),
+            Tokenizer::TinyBytes => {
+                let mut ids = Vec::new();
+                let mut rest = text;
+                'outer: while !rest.is_empty() {
+                    for (sp, id) in TINY_SPECIALS {
+                        if let Some(r) = rest.strip_prefix(sp) {
+                            ids.push(id);
+                            rest = r;
+                            continue 'outer;
+                        }
+                    }
+                    let c = rest.chars().next().map_or(1, char::len_utf8);
+                    ids.extend(rest.as_bytes()[..c].iter().map(|b| u32::from(*b)));
+                    rest = &rest[c..];
+                }
+                ids
+            }
+        }
+    }
+
+    pub fn decode_one(self, id: u32) -> String {
+        match self {
+            Tokenizer::Qwen3Like => decode_one(id),
+            Tokenizer::TinyBytes => match TINY_SPECIALS.iter().find(|(_, i)| *i == id) {
+                Some((sp, _)) => (*sp).to_owned(),
+                None => u8::try_from(id)
+                    .map(|b| String::from_utf8_lossy(&[b]).into_owned())
+                    .unwrap_or_else(|_| "\u{FFFD}".into()),
+            },
+        }
+    }
+
+    pub fn decode(self, ids: &[u32]) -> String {
+        match self {
+            Tokenizer::Qwen3Like => decode(ids),
+            Tokenizer::TinyBytes => {
+                let mut bytes = Vec::new();
+                for id in ids {
+                    match u8::try_from(*id) {
+                        Ok(b) => bytes.push(b),
+                        Err(_) => bytes.extend(self.decode_one(*id).into_bytes()),
+                    }
+                }
+                String::from_utf8_lossy(&bytes).into_owned()
+            }
+        }
+    }
+
+    pub fn im_start(self) -> u32 {
+        match self {
+            Tokenizer::Qwen3Like => IM_START,
+            Tokenizer::TinyBytes => 257,
+        }
+    }
+
+    pub fn im_end(self) -> u32 {
+        match self {
+            Tokenizer::Qwen3Like => IM_END,
+            Tokenizer::TinyBytes => 258,
+        }
+    }
+
+    /// The k-th alternative a top-logprobs list offers.
+    fn alternative(self, k: usize) -> u32 {
+        match self {
+            Tokenizer::Qwen3Like => 1000 + 32 + k as u32,
+            Tokenizer::TinyBytes => 64 + k as u32,
+        }
+    }
 }
 
 /// The raw log-prob the fake reports for `id` at `position` under `model`.
@@ -297,8 +405,9 @@ fn generate(
     if shared.knobs.think.load(Ordering::SeqCst) {
         text = format!("<think>\nThe user wants a reply.\n</think>\n\n{text}");
     }
-    let mut ids = encode(&text);
-    ids.push(IM_END);
+    let t = shared.opts.tokenizer;
+    let mut ids = t.encode(&text);
+    ids.push(t.im_end());
     let mut finish = "stop";
     if let Some(max) = max_tokens.and_then(|m| usize::try_from(m).ok()) {
         if ids.len() > max {
@@ -316,19 +425,21 @@ fn generate(
 
 /// Visible text of generated ids: special tokens are skipped, as vLLM's detokenizer does
 /// by default (the think tags are ordinary added tokens and stay).
-fn visible(ids: &[u32]) -> String {
-    ids.iter()
-        .filter(|i| **i != IM_END && **i != IM_START)
-        .map(|i| decode_one(*i))
-        .collect()
+fn visible(t: Tokenizer, ids: &[u32]) -> String {
+    let kept: Vec<u32> = ids
+        .iter()
+        .copied()
+        .filter(|i| *i != t.im_end() && *i != t.im_start())
+        .collect();
+    t.decode(&kept)
 }
 
-fn token_entry(model: &str, id: u32, pos: usize, top: usize) -> Value {
-    let tok = decode_one(id);
+fn token_entry(t: Tokenizer, model: &str, id: u32, pos: usize, top: usize) -> Value {
+    let tok = t.decode_one(id);
     let lp = logprob(model, id, pos);
     let mut tops = vec![json!({"token": tok, "logprob": lp, "bytes": tok.as_bytes()})];
     for k in 1..top {
-        let alt = decode_one(1000 + 32 + k as u32);
+        let alt = t.decode_one(t.alternative(k));
         tops.push(json!({"token": alt, "logprob": lp - k as f64, "bytes": alt.as_bytes()}));
     }
     json!({"token": tok, "logprob": lp, "bytes": tok.as_bytes(), "top_logprobs": tops})
@@ -388,7 +499,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         e.calls.push("metrics".into());
         (e.asleep, s.opts.served_model_name.clone())
     };
-    let running = if busy { 1 } else { 0 };
+    let running = s.running.load(Ordering::SeqCst) + usize::from(busy);
     let (awake, offloaded, discarded) = match level {
         None => (1, 0, 0),
         Some(1) => (0, 1, 0),
@@ -634,6 +745,7 @@ async fn admit(s: &Shared, body: &Value) -> Result<String, Response> {
     };
     {
         let mut e = s.engine();
+        e.generations += 1;
         e.requests.push_back(body.clone());
         if e.requests.len() > 64 {
             e.requests.pop_front();
@@ -694,6 +806,22 @@ async fn admit(s: &Shared, body: &Value) -> Result<String, Response> {
             ));
         }
     }
+    let latency = s.knobs.latency_ms.load(Ordering::SeqCst);
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+        let mut e = s.engine();
+        if e.asleep.is_some() {
+            // Slept with this request in flight: the drain did not wait for it.
+            e.served_asleep += 1;
+            drop(e);
+            return Err(openai_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalServerError",
+                "CUDA error: an illegal memory access was encountered (slept mid-request)",
+                None,
+            ));
+        }
+    }
     if s.knobs.drop_connection.load(Ordering::SeqCst) {
         let broken = futures::stream::once(async {
             Err::<axum::body::Bytes, _>(std::io::Error::other("connection dropped"))
@@ -725,7 +853,24 @@ fn usage(s: &Shared, prompt: usize, completion: usize) -> Value {
     u
 }
 
+/// Counts a generation request as running while it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn new(c: &'a AtomicUsize) -> Self {
+        c.fetch_add(1, Ordering::SeqCst);
+        InFlight(c)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn chat(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Response {
+    let _running = InFlight::new(&s.running);
     let model = match admit(&s, &body).await {
         Ok(m) => m,
         Err(r) => return r,
@@ -761,12 +906,13 @@ async fn chat(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Response
     let max_tokens = body["max_tokens"]
         .as_u64()
         .or(body["max_completion_tokens"].as_u64());
-    let g = generate(&s, &model, encode(&prompt), &last_user, max_tokens);
+    let t = s.opts.tokenizer;
+    let g = generate(&s, &model, t.encode(&prompt), &last_user, max_tokens);
     let entries: Vec<Value> = g
         .ids
         .iter()
         .enumerate()
-        .map(|(k, id)| token_entry(&g.model, *id, k, top))
+        .map(|(k, id)| token_entry(t, &g.model, *id, k, top))
         .collect();
     let reasoning_key = match s.opts.version {
         Version::V033 => "reasoning",
@@ -783,7 +929,7 @@ async fn chat(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Response
         events.push(first);
         for (k, tid) in g.ids.iter().enumerate() {
             let last = k + 1 == g.ids.len();
-            let mut choice = json!({"index": 0, "delta": {"content": visible(&[*tid])},
+            let mut choice = json!({"index": 0, "delta": {"content": visible(t, &[*tid])},
                 "logprobs": if want_lp { json!({"content": [entries[k].clone()]}) } else { Value::Null },
                 "finish_reason": if last { json!(g.finish) } else { Value::Null }});
             if ids_wanted {
@@ -804,7 +950,7 @@ async fn chat(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Response
     }
     let mut message = Map::new();
     message.insert("role".into(), json!("assistant"));
-    message.insert("content".into(), json!(visible(&g.ids)));
+    message.insert("content".into(), json!(visible(t, &g.ids)));
     message.insert("refusal".into(), Value::Null);
     message.insert("annotations".into(), Value::Null);
     message.insert("audio".into(), Value::Null);
@@ -833,9 +979,9 @@ async fn chat(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Response
     Json(resp).into_response()
 }
 
-fn prompt_ids_of(prompt: &Value) -> Option<Vec<u32>> {
+fn prompt_ids_of(t: Tokenizer, prompt: &Value) -> Option<Vec<u32>> {
     match prompt {
-        Value::String(s) => Some(encode(s)),
+        Value::String(s) => Some(t.encode(s)),
         Value::Array(a) if a.iter().all(Value::is_u64) => Some(
             a.iter()
                 .filter_map(Value::as_u64)
@@ -847,11 +993,13 @@ fn prompt_ids_of(prompt: &Value) -> Option<Vec<u32>> {
 }
 
 async fn completions(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Response {
+    let _running = InFlight::new(&s.running);
+    let t = s.opts.tokenizer;
     let model = match admit(&s, &body).await {
         Ok(m) => m,
         Err(r) => return r,
     };
-    let Some(prompt_ids) = prompt_ids_of(&body["prompt"]) else {
+    let Some(prompt_ids) = prompt_ids_of(t, &body["prompt"]) else {
         return openai_error(
             StatusCode::BAD_REQUEST,
             "Bad Request",
@@ -861,7 +1009,7 @@ async fn completions(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> R
     };
     let ids_wanted = body["return_token_ids"].as_bool().unwrap_or(false)
         && !s.knobs.no_token_ids.load(Ordering::SeqCst);
-    let prompt_text = decode(&prompt_ids);
+    let prompt_text = t.decode(&prompt_ids);
     let g = generate(
         &s,
         &model,
@@ -870,15 +1018,15 @@ async fn completions(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> R
         body["max_tokens"].as_u64().or(Some(16)),
     );
     let logprobs = body["logprobs"].as_u64().map(|n| {
-        let tokens: Vec<String> = g.ids.iter().map(|i| decode_one(*i)).collect();
+        let tokens: Vec<String> = g.ids.iter().map(|i| t.decode_one(*i)).collect();
         let lps: Vec<f64> = g.ids.iter().enumerate().map(|(k, i)| logprob(&g.model, *i, k)).collect();
         let mut offset = 0;
-        let offsets: Vec<usize> = tokens.iter().map(|t| { let o = offset; offset += t.len(); o }).collect();
-        let tops: Vec<Value> = tokens.iter().zip(&lps).map(|(t, l)| {
+        let offsets: Vec<usize> = tokens.iter().map(|tok| { let o = offset; offset += tok.len(); o }).collect();
+        let tops: Vec<Value> = tokens.iter().zip(&lps).map(|(tok, l)| {
             let mut m = Map::new();
-            m.insert(t.clone(), json!(l));
+            m.insert(tok.clone(), json!(l));
             for k in 1..=n {
-                m.insert(decode_one(1000 + 32 + k as u32), json!(l - k as f64));
+                m.insert(t.decode_one(t.alternative(k as usize)), json!(l - k as f64));
             }
             Value::Object(m)
         }).collect();
@@ -888,16 +1036,16 @@ async fn completions(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> R
         let mut out = vec![Value::Null];
         for (k, id) in g.prompt_ids.iter().enumerate().skip(1) {
             let mut m = Map::new();
-            m.insert(id.to_string(), json!({"logprob": logprob(&g.model, *id, k), "rank": 1 + (id % 3), "decoded_token": decode_one(*id)}));
+            m.insert(id.to_string(), json!({"logprob": logprob(&g.model, *id, k), "rank": 1 + (id % 3), "decoded_token": t.decode_one(*id)}));
             out.push(Value::Object(m));
         }
         Value::Array(out)
     });
-    let text = decode(
+    let text = t.decode(
         &g.ids
             .iter()
             .copied()
-            .filter(|i| *i != IM_END)
+            .filter(|i| *i != t.im_end())
             .collect::<Vec<_>>(),
     );
     let choice = json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": g.finish,
@@ -917,7 +1065,8 @@ async fn completions(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> R
     .into_response()
 }
 
-async fn tokenize(Json(body): Json<Value>) -> Response {
+async fn tokenize(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Response {
+    let t = s.opts.tokenizer;
     let ids = if let Some(messages) = body["messages"].as_array() {
         let add_gen = body["add_generation_prompt"].as_bool().unwrap_or(true);
         if add_gen && body["continue_final_message"].as_bool().unwrap_or(false) {
@@ -928,8 +1077,8 @@ async fn tokenize(Json(body): Json<Value>) -> Response {
         let thinking = body["chat_template_kwargs"]["enable_thinking"]
             .as_bool()
             .unwrap_or(true);
-        encode(&render_chat(messages, add_gen, thinking))
-    } else if let Some(ids) = prompt_ids_of(&body["prompt"]) {
+        t.encode(&render_chat(messages, add_gen, thinking))
+    } else if let Some(ids) = prompt_ids_of(t, &body["prompt"]) {
         ids
     } else {
         return bad_request("either `messages` or `prompt` is required");
@@ -937,12 +1086,12 @@ async fn tokenize(Json(body): Json<Value>) -> Response {
     let strs = body["return_token_strs"]
         .as_bool()
         .unwrap_or(false)
-        .then(|| ids.iter().map(|i| decode_one(*i)).collect::<Vec<_>>());
+        .then(|| ids.iter().map(|i| t.decode_one(*i)).collect::<Vec<_>>());
     Json(json!({"count": ids.len(), "max_model_len": 32768, "tokens": ids, "token_strs": strs}))
         .into_response()
 }
 
-async fn detokenize(Json(body): Json<Value>) -> Response {
+async fn detokenize(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Response {
     let ids: Vec<u32> = body["tokens"]
         .as_array()
         .map(|a| {
@@ -952,5 +1101,5 @@ async fn detokenize(Json(body): Json<Value>) -> Response {
                 .collect()
         })
         .unwrap_or_default();
-    Json(json!({"prompt": decode(&ids)})).into_response()
+    Json(json!({"prompt": s.opts.tokenizer.decode(&ids)})).into_response()
 }
