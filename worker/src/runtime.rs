@@ -566,11 +566,16 @@ impl Worker {
                     cancel_point(watch)?;
                     // The API stops routing chat to this node's vLLM from here on.
                     self.set_state(WorkerState::Draining, ctx).await;
-                    if exec.controls_vllm() {
-                        tokio::time::sleep(self.opts.drain_grace).await;
-                    }
-                    self.step(lease, watch, clock, Phase::Drain, exec.drain(ctx))
-                        .await?;
+                    let grace = if exec.controls_vllm() {
+                        self.opts.drain_grace
+                    } else {
+                        Duration::ZERO
+                    };
+                    let drain = async {
+                        tokio::time::sleep(grace).await;
+                        exec.drain(ctx).await
+                    };
+                    self.step(lease, watch, clock, Phase::Drain, drain).await?;
                     cancel_point(watch)?;
                     slept.store(true, Ordering::SeqCst);
                     self.set_state(WorkerState::Sleeping, ctx).await;

@@ -27,6 +27,16 @@ async fn executor(
     drain_timeout: Duration,
     pause: bool,
 ) -> CandleExecutor {
+    executor_with(fake, lora_root, drain_timeout, pause, None).await
+}
+
+async fn executor_with(
+    fake: &FakeVllm,
+    lora_root: &Path,
+    drain_timeout: Duration,
+    pause: bool,
+    api_key: Option<&str>,
+) -> CandleExecutor {
     let model_dir = tempdir("model");
     let d = model_dir.clone();
     tokio::task::spawn_blocking(move || write_checkpoint(Preset::Tiny, &d, 3))
@@ -42,7 +52,7 @@ async fn executor(
         max_seq_len: 4096,
         vllm: Some(VllmOptions {
             url: fake.url.clone(),
-            api_key: None,
+            api_key: api_key.map(str::to_owned),
             drain_timeout,
             drain_poll: Duration::from_millis(20),
             min_free_vram_gb: 20.0,
@@ -58,9 +68,18 @@ async fn executor(
 /// Runs one job for LoRA `a` through a worker whose executor drives `fake`; returns the
 /// finished job and the LoRA root.
 async fn run_job(fake: &FakeVllm, drain_timeout: Duration, pause: bool) -> (Job, PathBuf) {
+    run_job_with(fake, drain_timeout, pause, None).await
+}
+
+async fn run_job_with(
+    fake: &FakeVllm,
+    drain_timeout: Duration,
+    pause: bool,
+    api_key: Option<&str>,
+) -> (Job, PathBuf) {
     let db = TestDb::sqlite().await;
     let lora_root = tempdir("loras");
-    let exec = executor(fake, &lora_root, drain_timeout, pause).await;
+    let exec = executor_with(fake, &lora_root, drain_timeout, pause, api_key).await;
     db.store
         .create_lora(&NewLora {
             lora_id: "a".into(),
@@ -262,4 +281,56 @@ async fn an_idle_worker_swaps_a_stale_adapter_in_its_vllm_to_the_current_version
     stop.send(true).expect("stop");
     handle.await.expect("join").expect("worker");
     db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sleep_that_fails_fails_the_job_before_training_and_wakes_vllm() {
+    let fake = FakeVllm::start(Options::default()).await;
+    fake.knobs().fail_sleep.store(true, Ordering::SeqCst);
+    let (j, root) = run_job(&fake, Duration::from_secs(10), false).await;
+    assert_eq!(j.status, claas_core::types::JobStatus::Failed);
+    let err = j.error.expect("error");
+    assert_eq!(err.phase, Some(claas_core::types::Phase::Sleep));
+    assert!(
+        err.message.contains("--enable-sleep-mode"),
+        "{}",
+        err.message
+    );
+    assert!(!root.join("a/v1").exists(), "nothing was trained");
+    assert_eq!(j.published_version, None);
+    // Whatever state the failed sleep left vLLM in, it is woken.
+    assert_eq!(fake.calls().last().map(String::as_str), Some("wake_up "));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vllm_api_key_is_sent_on_the_guarded_lora_calls() {
+    let fake = FakeVllm::start(Options {
+        api_key: Some("s3cret".into()),
+        ..Options::default()
+    })
+    .await;
+    let (j, _) = run_job_with(&fake, Duration::from_secs(10), false, Some("s3cret")).await;
+    assert_eq!(
+        j.status,
+        claas_core::types::JobStatus::Succeeded,
+        "{:?}",
+        j.error
+    );
+    assert_eq!(
+        fake.loras().len(),
+        1,
+        "loaded through the guarded /v1 route"
+    );
+
+    let fake = FakeVllm::start(Options {
+        api_key: Some("s3cret".into()),
+        ..Options::default()
+    })
+    .await;
+    let (j, _) = run_job_with(&fake, Duration::from_secs(10), false, None).await;
+    assert_eq!(j.status, claas_core::types::JobStatus::Failed);
+    assert!(
+        j.error.is_some_and(|e| e.message.contains("401")),
+        "without the key vLLM refuses the load"
+    );
 }
