@@ -123,7 +123,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs", get(routes::jobs::list))
         .route("/v1/jobs/{id}", get(routes::jobs::get))
         .route("/v1/jobs/{id}/cancel", post(routes::jobs::cancel))
-        .route("/v1/lora", get(routes::lora::list))
+        .route(
+            "/v1/lora",
+            get(routes::lora::list).delete(routes::lora_delete::delete),
+        )
         .route("/v1/lora/init", post(routes::lora::init))
         .route("/v1/lora/export", get(routes::lora::export))
         .route("/v1/lora/{*rest}", get(routes::lora::versions))

@@ -153,6 +153,18 @@ impl Upstream {
             .unwrap_or_default())
     }
 
+    /// Unloads adapter `name`; one that is not loaded is fine.
+    pub async fn unload_lora(&self, name: &str) -> Result<(), UpstreamError> {
+        match self
+            .post("/v1/unload_lora_adapter", &json!({"lora_name": name}))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(UpstreamError::Status(s)) if s.status == StatusCode::NOT_FOUND => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Loads adapter `name` from `path`; "already loaded" counts as success.
     pub async fn load_lora(&self, name: &str, path: &str) -> Result<(), UpstreamError> {
         let body = json!({"lora_name": name, "lora_path": path, "load_inplace": false});

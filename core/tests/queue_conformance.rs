@@ -112,6 +112,7 @@ conformance!(
     published_job_never_trains_again_nor_joins_a_batch,
     requeue_of_a_cancel_requested_job_cancels_it,
     failure_after_publish_ends_failed_keeping_the_version,
+    a_deleted_lora_takes_no_work_and_its_id_starts_afresh_once_its_job_stopped,
 );
 
 async fn enqueued_job_is_claimed_with_its_payload(db: &TestDb) {
@@ -971,4 +972,61 @@ async fn failure_after_publish_ends_failed_keeping_the_version(db: &TestDb) {
         s.claim(&claim_req("w")).await.expect("claim").is_none(),
         "nothing trains it again"
     );
+}
+
+async fn a_deleted_lora_takes_no_work_and_its_id_starts_afresh_once_its_job_stopped(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    let running = job("a", 1);
+    s.enqueue(&running).await.expect("enqueue");
+    let c = claim(s, "w").await;
+    s.begin_training(&c.lease(), None).await.expect("begin");
+    assert!(s.publish(&c.lease(), &version(1)).await.expect("publish"));
+    assert!(s
+        .complete(&c.lease(), &serde_json::json!({"version": 1}), None)
+        .await
+        .expect("complete"));
+    let busy = job("a", 1);
+    s.enqueue(&busy).await.expect("enqueue");
+    let c = claim(s, "w").await;
+
+    let token = s.delete_lora("a").await.expect("delete").expect("was live");
+    assert_eq!(s.delete_lora("a").await.expect("again"), None, "idempotent");
+    assert_eq!(s.get_lora("a").await.expect("get"), None);
+    assert!(s.list_loras("").await.expect("list").is_empty());
+    assert!(
+        matches!(
+            s.enqueue(&job("a", 1)).await,
+            Err(claas_core::Error::NotFound(_))
+        ),
+        "nothing new is accepted for a deleted LoRA"
+    );
+    // While its job still runs, the id cannot be taken again.
+    assert!(matches!(
+        s.create_lora(&lora("a")).await,
+        Err(claas_core::Error::Conflict(_))
+    ));
+    s.cancel(busy.id).await.expect("cancel requested");
+    assert!(s
+        .finish_cancelled(&c.lease(), "cancelled")
+        .await
+        .expect("stopped"));
+    assert!(s.purge_lora("a", token).await.expect("purge"));
+    assert!(s.lora_versions("a").await.expect("versions").is_empty());
+
+    let again = s
+        .create_lora(&lora("a"))
+        .await
+        .expect("the id starts afresh");
+    assert_eq!(again.current_version, 0);
+    assert_eq!(s.lora_versions("a").await.expect("versions").len(), 1);
+    // A purge from the old deletion no longer touches it.
+    assert!(!s.purge_lora("a", token).await.expect("stale purge"));
+    assert_eq!(s.lora_versions("a").await.expect("versions").len(), 1);
+    // Its old jobs stay in the history.
+    assert!(s.get_job(running.id).await.expect("get").is_some());
+    // Re-creating without a purge drops what the deleted LoRA left.
+    s.delete_lora("a").await.expect("delete").expect("live");
+    s.create_lora(&lora("a")).await.expect("again");
+    assert_eq!(s.lora_versions("a").await.expect("versions").len(), 1);
 }

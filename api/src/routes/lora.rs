@@ -124,7 +124,7 @@ pub async fn init(
                 StatusCode::CONFLICT,
                 "conflict",
                 format!(
-                    "LoRA {} was created and deleted concurrently; retry",
+                    "LoRA {} is being deleted and a job of it has not stopped yet; retry shortly",
                     req.lora_id
                 ),
             )),

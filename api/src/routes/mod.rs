@@ -5,3 +5,4 @@ pub mod health;
 pub mod inference;
 pub mod jobs;
 pub mod lora;
+pub mod lora_delete;

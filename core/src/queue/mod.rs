@@ -216,8 +216,19 @@ pub trait Store: Send + Sync + 'static {
 
     // ---- LoRAs -------------------------------------------------------------------------
 
-    /// Creates a LoRA with version 0. `Conflict` if the id exists (even soft-deleted).
+    /// Creates a LoRA with version 0. `Conflict` if a live LoRA has the id, or a deleted one
+    /// still has a running job; a deleted one's remaining versions are dropped and the id
+    /// starts afresh (its jobs stay in the history).
     async fn create_lora(&self, lora: &NewLora) -> Result<Lora>;
+
+    /// Marks a live LoRA deleted, so nothing new is enqueued for it; returns the deletion's
+    /// time, which [`Store::purge_lora`] takes as its token, or `None` when no live LoRA has
+    /// the id. Its jobs are cancelled by the caller.
+    async fn delete_lora(&self, lora_id: &str) -> Result<Option<DateTime<Utc>>>;
+
+    /// Drops the version rows of a LoRA deleted at `deleted_at` (the token), unless it was
+    /// created again since. True when they were dropped.
+    async fn purge_lora(&self, lora_id: &str, deleted_at: DateTime<Utc>) -> Result<bool>;
 
     /// A live (not deleted) LoRA, or `None`.
     async fn get_lora(&self, lora_id: &str) -> Result<Option<Lora>>;

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{ConnectOptions, Row};
 use tokio::sync::{watch, OnceCell};
@@ -297,10 +298,28 @@ impl Store for PgStore {
     }
 
     async fn create_lora(&self, lora: &NewLora) -> Result<Lora> {
+        let mut tx = self.pool.begin().await?;
+        // A deleted LoRA's id can be used again once none of its jobs runs.
+        sqlx::query(
+            "delete from lora_versions v using loras l
+             where v.lora_id = $1 and l.lora_id = $1 and l.deleted_at is not null
+               and not exists (select 1 from jobs where lora_id = $1 and status = 'running')",
+        )
+        .bind(&lora.lora_id)
+        .execute(&mut *tx)
+        .await?;
         let row = sqlx::query(
             "with l as (
                 insert into loras (lora_id, base_model, rank, alpha, target_modules)
-                values ($1, $2, $3, $4, $5) on conflict do nothing returning *
+                values ($1, $2, $3, $4, $5)
+                on conflict (lora_id) do update set
+                    base_model = excluded.base_model, rank = excluded.rank,
+                    alpha = excluded.alpha, target_modules = excluded.target_modules,
+                    current_version = 0, created_at = now(), updated_at = now(),
+                    deleted_at = null
+                where loras.deleted_at is not null
+                  and not exists (select 1 from jobs where lora_id = $1 and status = 'running')
+                returning *
             ), v as (
                 insert into lora_versions (lora_id, version, storage_uri, sha256)
                 select lora_id, 0, $6, $7 from l
@@ -314,15 +333,50 @@ impl Store for PgStore {
         .bind(serde_json::to_value(&lora.target_modules)?)
         .bind(&lora.initial_uri)
         .bind(&lora.initial_sha256)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
         match row {
-            Some(row) => lora_from_row(&row),
+            Some(row) => {
+                let out = lora_from_row(&row)?;
+                tx.commit().await?;
+                Ok(out)
+            }
             None => Err(Error::Conflict(format!(
                 "LoRA already exists: {}",
                 lora.lora_id
             ))),
         }
+    }
+
+    async fn delete_lora(&self, lora_id: &str) -> Result<Option<DateTime<Utc>>> {
+        let at: Option<DateTime<Utc>> = sqlx::query_scalar(
+            "update loras set deleted_at = now(), updated_at = now()
+             where lora_id = $1 and deleted_at is null returning deleted_at",
+        )
+        .bind(lora_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(at)
+    }
+
+    async fn purge_lora(&self, lora_id: &str, deleted_at: DateTime<Utc>) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let still: Option<i32> = sqlx::query_scalar(
+            "select 1 from loras where lora_id = $1 and deleted_at = $2 for update",
+        )
+        .bind(lora_id)
+        .bind(deleted_at)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if still.is_none() {
+            return Ok(false);
+        }
+        sqlx::query("delete from lora_versions where lora_id = $1")
+            .bind(lora_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn get_lora(&self, lora_id: &str) -> Result<Option<Lora>> {

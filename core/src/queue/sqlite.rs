@@ -344,9 +344,26 @@ impl Store for SqliteStore {
     async fn create_lora(&self, lora: &NewLora) -> Result<Lora> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
+        // A deleted LoRA's id can be used again once none of its jobs runs.
+        let revivable = "exists (select 1 from loras where lora_id = ?1 and deleted_at is not null)
+             and not exists (select 1 from jobs where lora_id = ?1 and status = 'running')";
+        sqlx::query(&format!(
+            "delete from lora_versions where lora_id = ?1 and {revivable}"
+        ))
+        .bind(&lora.lora_id)
+        .execute(&mut *tx)
+        .await?;
         let row = sqlx::query(
             "insert into loras (lora_id, base_model, rank, alpha, target_modules, created_at, updated_at)
-             values (?, ?, ?, ?, ?, ?, ?) on conflict do nothing returning *",
+             values (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             on conflict (lora_id) do update set
+                base_model = excluded.base_model, rank = excluded.rank, alpha = excluded.alpha,
+                target_modules = excluded.target_modules, current_version = 0,
+                created_at = excluded.created_at, updated_at = excluded.updated_at,
+                deleted_at = null
+             where loras.deleted_at is not null
+               and not exists (select 1 from jobs where lora_id = ?1 and status = 'running')
+             returning *",
         )
         .bind(&lora.lora_id)
         .bind(&lora.base_model)
@@ -376,6 +393,38 @@ impl Store for SqliteStore {
         let out = lora_from_row(&row)?;
         tx.commit().await?;
         Ok(out)
+    }
+
+    async fn delete_lora(&self, lora_id: &str) -> Result<Option<chrono::DateTime<Utc>>> {
+        let now = now_ms();
+        let done = sqlx::query(
+            "update loras set deleted_at = ?2, updated_at = ?2
+             where lora_id = ?1 and deleted_at is null",
+        )
+        .bind(lora_id)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok((done.rows_affected() == 1).then(|| ms_to_datetime(now)))
+    }
+
+    async fn purge_lora(&self, lora_id: &str, deleted_at: chrono::DateTime<Utc>) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let still: Option<i64> =
+            sqlx::query_scalar("select 1 from loras where lora_id = ? and deleted_at = ?")
+                .bind(lora_id)
+                .bind(deleted_at.timestamp_millis())
+                .fetch_optional(&mut *tx)
+                .await?;
+        if still.is_none() {
+            return Ok(false);
+        }
+        sqlx::query("delete from lora_versions where lora_id = ?")
+            .bind(lora_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn get_lora(&self, lora_id: &str) -> Result<Option<Lora>> {

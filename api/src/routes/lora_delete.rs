@@ -1,0 +1,146 @@
+//! `DELETE /v1/lora?lora_id=`: idempotent. The LoRA stops taking feedback at once; its
+//! queued jobs are cancelled and a running one is asked to stop; when nothing of it runs
+//! any more, every vLLM unloads it, its version files are removed, and the id may be
+//! created again as a new LoRA. Its jobs stay in the history.
+
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use claas_core::queue::JobFilter;
+use claas_core::types::{local_path, validate_lora_id, JobStatus};
+use serde::Deserialize;
+
+use crate::error::{ApiError, ApiResult};
+use crate::AppState;
+
+#[derive(Debug, Deserialize)]
+pub struct DeleteQuery {
+    pub lora_id: String,
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    Query(q): Query<DeleteQuery>,
+) -> ApiResult<Response> {
+    validate_lora_id(&q.lora_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    // The files to remove, read before the versions are dropped.
+    let dirs: Vec<std::path::PathBuf> = state
+        .store
+        .lora_versions(&q.lora_id)
+        .await?
+        .iter()
+        .filter_map(|v| local_path(&v.storage_uri))
+        .collect();
+    let Some(token) = state.store.delete_lora(&q.lora_id).await? else {
+        return Ok(
+            Json(serde_json::json!({"deleted": false, "lora_id": q.lora_id})).into_response(),
+        );
+    };
+    let cancelled = cancel_jobs(&state, &q.lora_id).await?;
+    let cleanup = tokio::spawn(clean_up(state.clone(), q.lora_id.clone(), token, dirs));
+    let body = |done: bool| {
+        serde_json::json!({
+            "deleted": true,
+            "lora_id": q.lora_id,
+            "cancelled_jobs": cancelled,
+            "status": if done { "deleted" } else { "stopping" },
+        })
+    };
+    // A running job stops at its next phase boundary; wait for it as long as a request may
+    // wait on a job (server.feedback_max_wait_s), then answer 202: the clean-up still
+    // completes in the background.
+    let wait = Duration::from_secs(state.options.feedback_max_wait_s);
+    match tokio::time::timeout(wait, cleanup).await {
+        Ok(Ok(Ok(()))) => Ok(Json(body(true)).into_response()),
+        Ok(Ok(Err(e))) => Err(e),
+        Ok(Err(join)) => Err(ApiError::internal(format!(
+            "delete clean-up panicked: {join}"
+        ))),
+        // A running job is still stopping; it finishes in the background.
+        Err(_) => Ok((StatusCode::ACCEPTED, Json(body(false))).into_response()),
+    }
+}
+
+/// Cancels every queued, joined and running job of the LoRA; returns how many.
+async fn cancel_jobs(state: &AppState, lora_id: &str) -> ApiResult<usize> {
+    let mut n = 0;
+    for status in [JobStatus::Queued, JobStatus::Coalesced, JobStatus::Running] {
+        let mut before = None;
+        loop {
+            let page = state
+                .store
+                .list_jobs(&JobFilter {
+                    lora_id: Some(lora_id.to_owned()),
+                    status: Some(status),
+                    before,
+                    limit: 500,
+                    ..JobFilter::default()
+                })
+                .await?;
+            for j in &page {
+                // Refusals (already published, already finished) leave nothing to cancel.
+                if state.store.cancel(j.id).await.is_ok() {
+                    n += 1;
+                }
+            }
+            match page.last() {
+                Some(last) if page.len() == 500 => before = Some(last.id),
+                _ => break,
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// Waits until no job of the LoRA runs, unloads it from every vLLM, removes its files and
+/// drops its versions — unless the id was created again meanwhile.
+async fn clean_up(
+    state: AppState,
+    lora_id: String,
+    token: DateTime<Utc>,
+    dirs: Vec<std::path::PathBuf>,
+) -> ApiResult<()> {
+    loop {
+        let running = state
+            .store
+            .list_jobs(&JobFilter {
+                lora_id: Some(lora_id.clone()),
+                status: Some(JobStatus::Running),
+                limit: 1,
+                ..JobFilter::default()
+            })
+            .await?;
+        if running.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for up in state.backends.iter().flat_map(|b| b.all()) {
+        if let Err(e) = up.unload_lora(&lora_id).await {
+            let e: ApiError = e.into();
+            tracing::warn!(lora_id, vllm = up.base_url(), error = %e.message, "could not unload a deleted LoRA");
+        }
+    }
+    if !state.store.purge_lora(&lora_id, token).await? {
+        return Ok(()); // created again since: its files are the new LoRA's
+    }
+    for dir in &dirs {
+        match tokio::fs::remove_dir_all(dir).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "could not remove a deleted version")
+            }
+        }
+        // The LoRA's own directory, once empty (remove_dir refuses a non-empty one).
+        if let Some(parent) = dir.parent() {
+            let _ = tokio::fs::remove_dir(parent).await;
+        }
+    }
+    tracing::info!(lora_id, "LoRA deleted");
+    Ok(())
+}
