@@ -146,10 +146,13 @@ async fn run(db: TestDb, jobs: usize) -> anyhow::Result<()> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let jobs: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(100);
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this as a smoke test.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let full = args.iter().any(|a| a == "--bench");
+    let jobs: usize =
+        args.iter()
+            .find_map(|a| a.parse().ok())
+            .unwrap_or(if full { 100 } else { 3 });
     run(TestDb::postgres().await, jobs).await?;
     run(TestDb::sqlite().await, jobs).await?;
     Ok(())

@@ -167,7 +167,17 @@ impl Upstream {
 
     /// Loads adapter `name` from `path`; "already loaded" counts as success.
     pub async fn load_lora(&self, name: &str, path: &str) -> Result<(), UpstreamError> {
-        let body = json!({"lora_name": name, "lora_path": path, "load_inplace": false});
+        self.load_lora_at(name, path, false).await
+    }
+
+    /// Loads adapter `name` from `path`, in place of a loaded one when `inplace`.
+    pub async fn load_lora_at(
+        &self,
+        name: &str,
+        path: &str,
+        inplace: bool,
+    ) -> Result<(), UpstreamError> {
+        let body = json!({"lora_name": name, "lora_path": path, "load_inplace": inplace});
         match self.post("/v1/load_lora_adapter", &body).await {
             Ok(_) => Ok(()),
             Err(UpstreamError::Status(s))

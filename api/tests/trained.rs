@@ -232,6 +232,54 @@ async fn contract(db: &TestDb) {
         "{body}"
     );
 
+    // `overwrite`: the trained LoRA starts afresh, with new parameters, as version 2; the
+    // trained version stays in the history, and the next feedback trains from the fresh one.
+    let (status, body) = call(
+        &app,
+        post(
+            "/v1/lora/init",
+            &json!({"lora_id": "u/a", "lora_r": 4, "lora_alpha": 8, "overwrite": true}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["overwritten"].clone(), body["current_version"].clone()),
+        (json!(true), json!(2))
+    );
+    let (status, body) = call(
+        &app,
+        post(
+            "/v1/lora/init",
+            &json!({"lora_id": "u/a", "lora_r": 4, "lora_alpha": 8}),
+        ),
+    )
+    .await;
+    assert_eq!(
+        (status, body["created"].clone()),
+        (StatusCode::OK, json!(false)),
+        "{body}"
+    );
+    let (status, body) = call(&app, post("/v1/feedback", &request)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, versions) = call(
+        &app,
+        Request::get("/v1/lora/u/a/versions")
+            .body(Body::empty())
+            .expect("req"),
+    )
+    .await;
+    assert_eq!(versions["current_version"], 3, "{versions}");
+    let v2 = &versions["versions"][2];
+    assert_eq!(v2["metrics"]["reinitialized"], true, "{v2}");
+    let fresh = lora_root.join("u/a/v3/adapter_config.json");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&fresh).expect("v3 config")).expect("json");
+    assert_eq!(
+        config["r"], 4,
+        "version 3 was trained from the rank-4 restart"
+    );
+
     stop.send(true).expect("stop");
     handle.await.expect("join").expect("worker");
     let _ = std::fs::remove_dir_all(&model_dir);

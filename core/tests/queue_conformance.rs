@@ -113,6 +113,7 @@ conformance!(
     requeue_of_a_cancel_requested_job_cancels_it,
     failure_after_publish_ends_failed_keeping_the_version,
     a_deleted_lora_takes_no_work_and_its_id_starts_afresh_once_its_job_stopped,
+    overwrite_starts_afresh_as_a_new_version_and_a_job_trained_before_cannot_publish,
 );
 
 async fn enqueued_job_is_claimed_with_its_payload(db: &TestDb) {
@@ -1029,4 +1030,36 @@ async fn a_deleted_lora_takes_no_work_and_its_id_starts_afresh_once_its_job_stop
     s.delete_lora("a").await.expect("delete").expect("live");
     s.create_lora(&lora("a")).await.expect("again");
     assert_eq!(s.lora_versions("a").await.expect("versions").len(), 1);
+}
+
+async fn overwrite_starts_afresh_as_a_new_version_and_a_job_trained_before_cannot_publish(
+    db: &TestDb,
+) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    let j = job("a", 1);
+    s.enqueue(&j).await.expect("enqueue");
+    let c = claim(s, "w").await;
+    s.begin_training(&c.lease(), None).await.expect("begin");
+
+    let mut fresh = lora("a");
+    fresh.rank = 16;
+    fresh.initial_uri = "file:///loras/a/v1-init-x".into();
+    let l = s.reinit_lora(&fresh, 0).await.expect("reinit");
+    assert_eq!((l.current_version, l.rank), (1, 16));
+    let versions = s.lora_versions("a").await.expect("versions");
+    assert_eq!(versions.len(), 2, "history kept");
+    assert_eq!(versions[1].storage_uri, "file:///loras/a/v1-init-x");
+    assert_eq!(versions[1].job_id, None);
+    // The job trained from version 0: its version 1 cannot follow.
+    assert!(!s.publish(&c.lease(), &version(1)).await.expect("publish"));
+    // A second overwrite that still expects version 0 is refused.
+    assert!(matches!(
+        s.reinit_lora(&fresh, 0).await,
+        Err(claas_core::Error::Conflict(_))
+    ));
+    assert!(matches!(
+        s.reinit_lora(&lora("nobody"), 0).await,
+        Err(claas_core::Error::NotFound(_))
+    ));
 }

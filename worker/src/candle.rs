@@ -217,7 +217,9 @@ fn load_adapter(
 ) -> claas_trainer::Result<(LoraAdapter, AdamW)> {
     let dir = uri_path(&from.uri);
     if !dir.join("adapter_model.safetensors").is_file() {
-        if from.version != 0 {
+        // Only an initial version (no recorded weights) may be created here; a trained
+        // version whose files are gone is an error, not a reason to start over.
+        if from.version != 0 && !from.sha256.is_empty() {
             return Err(claas_trainer::Error::Checkpoint(format!(
                 "version {} of {lora_id} has no adapter at {}",
                 from.version,

@@ -24,6 +24,9 @@ pub struct AdapterSource {
     pub version: i32,
     /// Where that version is stored (`file://` URI or a path).
     pub uri: String,
+    /// The sha256 recorded for its weights; empty for an initial version (0, or one
+    /// `overwrite` started afresh) whose files the first trainer may create.
+    pub sha256: String,
     pub base_model: String,
     pub rank: i32,
     pub alpha: f64,

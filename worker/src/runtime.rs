@@ -435,14 +435,15 @@ impl Worker {
             )
         })?;
         let versions = self.store.lora_versions(&ctx.lora_id).await?;
-        let uri = versions
+        let (uri, sha256) = versions
             .iter()
             .find(|v| v.version == lora.current_version)
-            .map(|v| v.storage_uri.clone())
+            .map(|v| (v.storage_uri.clone(), v.sha256.clone()))
             .unwrap_or_default();
         Ok(AdapterSource {
             version: lora.current_version,
             uri,
+            sha256,
             base_model: lora.base_model,
             rank: lora.rank,
             alpha: lora.alpha,

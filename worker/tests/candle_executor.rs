@@ -42,6 +42,7 @@ async fn one_step(residency: Residency) -> serde_json::Value {
     let from = AdapterSource {
         version: 0,
         uri: lora_root.join("u/a/v0").display().to_string(),
+        sha256: String::new(),
         base_model: TEST_BASE_MODEL.into(),
         rank: 4,
         alpha: 8.0,

@@ -34,6 +34,9 @@ pub struct LoraInitRequest {
     #[serde(default = "default_alpha")]
     pub lora_alpha: i32,
     pub target_modules: Option<Vec<String>>,
+    /// Start an existing LoRA afresh as a new version (its history is kept).
+    #[serde(default)]
+    pub overwrite: bool,
 }
 
 fn default_r() -> i32 {
@@ -104,19 +107,25 @@ pub async fn init(
         initial_sha256: String::new(),
     };
     if let Some(existing) = state.store.get_lora(&req.lora_id).await? {
-        return same_or_conflict(&existing, &wanted);
+        if !req.overwrite {
+            return same_or_conflict(&existing, &wanted);
+        }
+        return overwrite(&state, existing, wanted).await;
     }
-    let (uri, sha) = write_version_zero(&state, &wanted).await?;
+    let (uri, sha) = write_initial_version(&state, &wanted, 0).await?;
     let created = state
         .store
         .create_lora(&NewLora {
-            initial_uri: uri,
-            initial_sha256: sha,
+            initial_uri: uri.clone(),
+            initial_sha256: sha.clone(),
             ..wanted.clone()
         })
         .await;
     match created {
-        Ok(lora) => Ok(init_answer(&lora, true)),
+        Ok(lora) => {
+            serve_in_vllm(&state, &lora.lora_id, &uri, &sha, false).await;
+            Ok(init_answer(&lora, true))
+        }
         // Another request created it meanwhile: the same rule as above.
         Err(claas_core::Error::Conflict(_)) => match state.store.get_lora(&req.lora_id).await? {
             Some(existing) => same_or_conflict(&existing, &wanted),
@@ -195,12 +204,71 @@ fn same_or_conflict(existing: &Lora, wanted: &NewLora) -> ApiResult<Response> {
     ))
 }
 
-/// Writes version 0 when the base checkpoint is on this machine; returns its URI and the
-/// sha256 of its weights, or the path a worker will create it at (and no sha256).
-async fn write_version_zero(state: &AppState, lora: &NewLora) -> ApiResult<(String, String)> {
+/// `overwrite: true` on an existing LoRA: fresh initial weights with the requested
+/// parameters become its next version; the old versions stay. A job training meanwhile
+/// cannot publish on top (its version is no longer current) and retries from the new one.
+async fn overwrite(state: &AppState, existing: Lora, wanted: NewLora) -> ApiResult<Response> {
+    let (uri, sha) = write_initial_version(state, &wanted, existing.current_version + 1).await?;
+    let lora = state
+        .store
+        .reinit_lora(
+            &NewLora {
+                initial_uri: uri.clone(),
+                initial_sha256: sha.clone(),
+                ..wanted
+            },
+            existing.current_version,
+        )
+        .await?;
+    serve_in_vllm(state, &lora.lora_id, &uri, &sha, true).await;
+    Ok((
+        StatusCode::OK,
+        Json(serde_json::json!({
+            "lora_id": lora.lora_id,
+            "created": false,
+            "overwritten": true,
+            "current_version": lora.current_version,
+            "base_model": lora.base_model,
+        })),
+    )
+        .into_response())
+}
+
+/// Loads a freshly written initial version into every vLLM (`swap`: in place of the
+/// version it serves). Best effort: a vLLM that misses it loads it on first use.
+async fn serve_in_vllm(state: &AppState, lora_id: &str, uri: &str, sha: &str, swap: bool) {
+    let Some(dir) = claas_core::types::local_path(uri).filter(|_| !sha.is_empty()) else {
+        return; // no files yet: the first worker to train it writes them
+    };
+    let dir = dir.display().to_string();
+    for up in state.backends.iter().flat_map(|b| b.all()) {
+        if let Err(e) = up.load_lora_at(lora_id, &dir, swap).await {
+            let e: ApiError = e.into();
+            tracing::warn!(lora_id, vllm = up.base_url(), error = %e.message, "could not load the new adapter");
+        }
+    }
+}
+
+/// Writes an initial adapter as `version` when the base checkpoint is on this machine;
+/// returns its URI and the sha256 of its weights, or the path a worker will create it at
+/// (and no sha256). Version 0 lives in `v0`; a restart in a directory of its own, so it
+/// can never collide with the files of a job publishing the same number meanwhile.
+async fn write_initial_version(
+    state: &AppState,
+    lora: &NewLora,
+    version: i32,
+) -> ApiResult<(String, String)> {
     let root = std::path::PathBuf::from(&state.options.lora_root);
     let root = std::path::absolute(&root).unwrap_or(root);
-    let dir = root.join(&lora.lora_id).join("v0");
+    let name = if version == 0 {
+        "v0".to_owned()
+    } else {
+        format!(
+            "v{version}-init-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        )
+    };
+    let dir = root.join(&lora.lora_id).join(name);
     let Some(model_dir) =
         claas_trainer::resolve::existing_model_dir(&lora.base_model, &state.options.data_dir)
     else {
@@ -226,8 +294,8 @@ async fn write_version_zero(state: &AppState, lora: &NewLora) -> ApiResult<(Stri
         claas_trainer::storage::write_initial_adapter(&target, &lora_id, &model, config)
     })
     .await
-    .map_err(|e| ApiError::internal(format!("writing version 0: {e}")))?
-    .map_err(|e| ApiError::internal(format!("writing version 0: {e}")))?;
+    .map_err(|e| ApiError::internal(format!("writing an initial adapter: {e}")))?
+    .map_err(|e| ApiError::internal(format!("writing an initial adapter: {e}")))?;
     Ok((format!("file://{}", dir.display()), sha))
 }
 

@@ -147,6 +147,22 @@ pub(crate) fn next_status(published: bool, cancel_requested: bool, retry: bool) 
     }
 }
 
+/// Why [`Store::reinit_lora`] changed nothing.
+pub(crate) fn reinit_refusal(
+    current: Option<Lora>,
+    lora: &NewLora,
+    expected: i32,
+) -> crate::error::Error {
+    use crate::error::Error;
+    match current {
+        None => Error::NotFound(format!("LoRA not found: {}", lora.lora_id)),
+        Some(l) => Error::Conflict(format!(
+            "LoRA {} is at version {} now, not {expected}: a job published meanwhile; retry",
+            lora.lora_id, l.current_version
+        )),
+    }
+}
+
 /// Retry delay after attempt `attempt` (1-based): exponential from `base`, capped at
 /// `max`, with full jitter in [50 %, 100 %] so a fleet of retries does not stampede.
 pub fn backoff(attempt: i32, base: Duration, max: Duration) -> Duration {
@@ -220,6 +236,12 @@ pub trait Store: Send + Sync + 'static {
     /// still has a running job; a deleted one's remaining versions are dropped and the id
     /// starts afresh (its jobs stay in the history).
     async fn create_lora(&self, lora: &NewLora) -> Result<Lora>;
+
+    /// Starts a live LoRA afresh (`overwrite`): records `lora`'s initial adapter as version
+    /// `expected + 1` with its parameters, if `expected` is still the current version;
+    /// `Conflict` if a job published meanwhile, `NotFound` if there is no such LoRA. Earlier
+    /// versions stay in the history.
+    async fn reinit_lora(&self, lora: &NewLora, expected: i32) -> Result<Lora>;
 
     /// Marks a live LoRA deleted, so nothing new is enqueued for it; returns the deletion's
     /// time, which [`Store::purge_lora`] takes as its token, or `None` when no live LoRA has

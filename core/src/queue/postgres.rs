@@ -348,6 +348,39 @@ impl Store for PgStore {
         }
     }
 
+    async fn reinit_lora(&self, lora: &NewLora, expected: i32) -> Result<Lora> {
+        let row = sqlx::query(
+            "with l as (
+                update loras set base_model = $2, rank = $3, alpha = $4, target_modules = $5,
+                    current_version = current_version + 1, updated_at = now()
+                where lora_id = $1 and deleted_at is null and current_version = $8
+                returning *
+            ), v as (
+                insert into lora_versions (lora_id, version, storage_uri, sha256, metrics)
+                select lora_id, current_version, $6, $7, '{\"reinitialized\": true}'::jsonb from l
+            )
+            select * from l",
+        )
+        .bind(&lora.lora_id)
+        .bind(&lora.base_model)
+        .bind(lora.rank)
+        .bind(lora.alpha)
+        .bind(serde_json::to_value(&lora.target_modules)?)
+        .bind(&lora.initial_uri)
+        .bind(&lora.initial_sha256)
+        .bind(expected)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => lora_from_row(&row),
+            None => Err(super::reinit_refusal(
+                self.get_lora(&lora.lora_id).await?,
+                lora,
+                expected,
+            )),
+        }
+    }
+
     async fn delete_lora(&self, lora_id: &str) -> Result<Option<DateTime<Utc>>> {
         let at: Option<DateTime<Utc>> = sqlx::query_scalar(
             "update loras set deleted_at = now(), updated_at = now()

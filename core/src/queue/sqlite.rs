@@ -395,6 +395,48 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
+    async fn reinit_lora(&self, lora: &NewLora, expected: i32) -> Result<Lora> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "update loras set base_model = ?2, rank = ?3, alpha = ?4, target_modules = ?5,
+                current_version = current_version + 1, updated_at = ?6
+             where lora_id = ?1 and deleted_at is null and current_version = ?7
+             returning *",
+        )
+        .bind(&lora.lora_id)
+        .bind(&lora.base_model)
+        .bind(lora.rank)
+        .bind(lora.alpha)
+        .bind(serde_json::to_string(&lora.target_modules)?)
+        .bind(now)
+        .bind(expected)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            drop(tx);
+            return Err(super::reinit_refusal(
+                self.get_lora(&lora.lora_id).await?,
+                lora,
+                expected,
+            ));
+        };
+        sqlx::query(
+            "insert into lora_versions (lora_id, version, storage_uri, sha256, metrics, created_at)
+             values (?, ?, ?, ?, '{\"reinitialized\": true}', ?)",
+        )
+        .bind(&lora.lora_id)
+        .bind(expected + 1)
+        .bind(&lora.initial_uri)
+        .bind(&lora.initial_sha256)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let out = lora_from_row(&row)?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
     async fn delete_lora(&self, lora_id: &str) -> Result<Option<chrono::DateTime<Utc>>> {
         let now = now_ms();
         let done = sqlx::query(
