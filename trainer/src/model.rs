@@ -256,6 +256,50 @@ impl Qwen3 {
         Ok(logits.to_dtype(DType::F32)?)
     }
 
+    /// Inference: runs `ids` (the tokens after those already in `cache`) through the model,
+    /// appending their keys and values to `cache`, and returns the f32 logits `(V,)` that
+    /// predict the next token. The same ops as [`Qwen3::logits`], with no graph kept.
+    pub fn forward_cached(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        lora: Option<&LoraAdapter>,
+    ) -> Result<Tensor> {
+        if ids.is_empty() {
+            return Err(invalid("forward_cached needs at least one new token"));
+        }
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = vec![None; self.layers.len()];
+            cache.len = 0;
+        }
+        let c = &self.config;
+        let (past, n) = (cache.len, ids.len());
+        let input = Tensor::new(ids, &self.device)?;
+        let mut x = self.embed.index_select(&input, 0)?.unsqueeze(0)?;
+        let (cos, sin) = self.rope(past + n)?;
+        let ctx = Context {
+            config: c.clone(),
+            dtype: self.dtype,
+            rope: (cos.narrow(0, past, n)?, sin.narrow(0, past, n)?),
+            mask: offset_causal_mask(past, n, &self.device, self.dtype)?,
+        };
+        for (li, layer) in self.layers.iter().enumerate() {
+            let run = LayerRun {
+                layer: layer.clone(),
+                lora: Module::ALL.map(|m| {
+                    lora.and_then(|a| a.pair(li, m))
+                        .map(|(a, b, s)| (a.detach(), b.detach(), s))
+                }),
+            };
+            x = run.forward_cached(&ctx, &x, &mut cache.layers[li])?;
+        }
+        cache.len = past + n;
+        let x = x.narrow(1, n - 1, 1)?;
+        let x = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
+        let logits = frozen::linear(&x, &self.lm_head, false)?;
+        Ok(logits.to_dtype(DType::F32)?.flatten_all()?)
+    }
+
     /// `(cos, sin)` of shape `(seq, head_dim)`, Hugging Face's non-interleaved layout.
     fn rope(&self, seq: usize) -> Result<(Tensor, Tensor)> {
         let d = self.config.head_dim;
@@ -347,6 +391,39 @@ struct Context {
     mask: Tensor,
 }
 
+/// Keys and values of the tokens a sequence has seen, per layer, for incremental decoding.
+#[derive(Clone, Default)]
+pub struct KvCache {
+    /// `(k, v)` per layer, each `(1, kv_heads, len, head_dim)`.
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new() -> KvCache {
+        KvCache::default()
+    }
+
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// `(n, past + n)`: query `i` (at position `past + i`) sees keys up to its own position.
+fn offset_causal_mask(past: usize, n: usize, device: &Device, dtype: DType) -> Result<Tensor> {
+    let data: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            (0..past + n).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
+        })
+        .collect();
+    Ok(Tensor::from_vec(data, (n, past + n), device)?.to_dtype(dtype)?)
+}
+
 /// One decoder layer with its adapter (A, B, scaling per projection), as owned handles, so
 /// the checkpointing op can re-run it during backward.
 #[derive(Clone)]
@@ -407,6 +484,58 @@ impl LayerRun {
         let gate = self.linear(&h, Module::Gate, track)?.silu()?;
         let mlp = (gate * self.linear(&h, Module::Up, track)?)?;
         x + self.linear(&mlp, Module::Down, track)?
+    }
+}
+
+impl LayerRun {
+    /// [`LayerRun::forward`] for new tokens after those in `kv`, which it extends.
+    fn forward_cached(
+        &self,
+        ctx: &Context,
+        x: &Tensor,
+        kv: &mut Option<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let c = &ctx.config;
+        let l = &self.layer;
+        let n = x.dim(1)?;
+        let h = rms_norm(x, &l.input_norm, c.rms_norm_eps)?;
+        let heads = |t: Tensor, k: usize| t.reshape((1, n, k, c.head_dim));
+        let q = heads(self.linear(&h, Module::Q, false)?, c.num_attention_heads)?;
+        let k = heads(self.linear(&h, Module::K, false)?, c.num_key_value_heads)?;
+        let v = heads(self.linear(&h, Module::V, false)?, c.num_key_value_heads)?;
+        let q = rms_norm(&q, &l.q_norm, c.rms_norm_eps)?.transpose(1, 2)?;
+        let k = rms_norm(&k, &l.k_norm, c.rms_norm_eps)?.transpose(1, 2)?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let (cos, sin) = &ctx.rope;
+        let q = rotate(&q, cos, sin)?;
+        let k = rotate(&k, cos, sin)?.contiguous()?;
+        let (k, v) = match kv.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        let total = k.dim(2)?;
+        let (kvh, group) = (
+            c.num_key_value_heads,
+            c.num_attention_heads / c.num_key_value_heads,
+        );
+        let qg = q.contiguous()?.reshape((1, kvh, group * n, c.head_dim))?;
+        let scores = qg.matmul(&k.t()?)?;
+        let scores = (scores * (c.head_dim as f64).powf(-0.5))?
+            .reshape((1, c.num_attention_heads, n, total))?
+            .broadcast_add(&ctx.mask)?;
+        let probs = softmax(&scores.to_dtype(DType::F32)?)?.to_dtype(ctx.dtype)?;
+        let probs = probs.reshape((1, kvh, group * n, total))?;
+        let attn = probs
+            .matmul(&v)?
+            .reshape((1, c.num_attention_heads, n, c.head_dim))?
+            .transpose(1, 2)?
+            .reshape((1, n, c.num_attention_heads * c.head_dim))?;
+        *kv = Some((k, v));
+        let x = (x + self.linear(&attn, Module::O, false)?)?;
+        let h = rms_norm(&x, &l.post_attention_norm, c.rms_norm_eps)?;
+        let gate = self.linear(&h, Module::Gate, false)?.silu()?;
+        let mlp = (gate * self.linear(&h, Module::Up, false)?)?;
+        x + self.linear(&mlp, Module::Down, false)
     }
 }
 
