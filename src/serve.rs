@@ -119,7 +119,56 @@ async fn executor(cfg: &Config) -> Result<Arc<dyn Executor>> {
             step: Duration::from_millis(cfg.worker.simulated_step_ms),
             root: cfg.storage.lora_root.clone(),
         }),
-        ExecutorKind::Candle => {
+        ExecutorKind::Candle => Arc::new(candle_executor(cfg).await?),
+    })
+}
+
+/// What embedded inference can share with the trainer: its resident model and tokenizer.
+type InferenceParts = (
+    Option<Arc<claas_trainer::Qwen3>>,
+    Arc<claas_trainer::ChatTokenizer>,
+);
+
+/// The embedded inference engine for `claas dev` without a vLLM: it serves the model the
+/// trainer holds (one copy of the weights), or loads one when the trainer keeps none.
+async fn inference_engine(
+    cfg: &Config,
+    store: SharedStore,
+    parts: Option<InferenceParts>,
+) -> Result<claas_api::embedded::Engine> {
+    let (model, tokenizer) = match parts {
+        Some((Some(m), t)) => (m, t),
+        other => {
+            let model_id = cfg.model.base_model_id.clone();
+            let data_dir = cfg.data_dir.clone();
+            let tok = other.map(|(_, t)| t);
+            tokio::task::spawn_blocking(move || {
+                let dir = claas_trainer::resolve::model_dir(&model_id, &data_dir)?;
+                let model = claas_trainer::Qwen3::load(
+                    &dir,
+                    &candle_core::Device::Cpu,
+                    candle_core::DType::F32,
+                )?;
+                let tok = match tok {
+                    Some(t) => t,
+                    None => Arc::new(claas_trainer::ChatTokenizer::from_dir(&dir)?),
+                };
+                Ok::<_, anyhow::Error>((Arc::new(model), tok))
+            })
+            .await??
+        }
+    };
+    Ok(claas_api::embedded::Engine::new(
+        model,
+        tokenizer,
+        cfg.model.base_model_id.clone(),
+        store,
+    ))
+}
+
+async fn candle_executor(cfg: &Config) -> Result<CandleExecutor> {
+    {
+        {
             let model_id = cfg.model.base_model_id.clone();
             if cfg.worker.base_models != [model_id.clone()] {
                 anyhow::bail!(
@@ -158,9 +207,9 @@ async fn executor(cfg: &Config) -> Result<Arc<dyn Executor>> {
                 })
             })
             .await??;
-            Arc::new(exec)
+            Ok(exec)
         }
-    })
+    }
 }
 
 async fn listen(cfg: &Config) -> Result<tokio::net::TcpListener> {
@@ -215,16 +264,28 @@ pub async fn dev(cfg: Config) -> Result<()> {
         "embedded default: API and worker in one process"
     );
     let shutdown = shutdown_signal();
-    let worker = Worker::new(store.clone(), executor(&cfg).await?, worker_options(&cfg));
+    let (exec, parts): (Arc<dyn Executor>, _) = match cfg.worker.executor {
+        ExecutorKind::Candle => {
+            let exec = candle_executor(&cfg).await?;
+            let parts = exec.inference_parts();
+            (Arc::new(exec), Some(parts))
+        }
+        ExecutorKind::Simulated => (executor(&cfg).await?, None),
+    };
+    let mut state = app_state(&cfg, store.clone()).await?;
+    if cfg.vllm.base_url.is_none() && cfg.vllm.backends.is_empty() {
+        let engine = inference_engine(&cfg, store.clone(), parts).await?;
+        tracing::info!(
+            model = %cfg.model.base_model_id,
+            "no vLLM configured: chat is served in process (candle)"
+        );
+        state = state.with_engine(Some(engine));
+    }
+    let worker = Worker::new(store.clone(), exec, worker_options(&cfg));
     let worker_shutdown = shutdown.clone();
     let worker_task = tokio::spawn(async move { worker.run(worker_shutdown).await });
     let listener = listen(&cfg).await?;
-    claas_api::serve(
-        listener,
-        app_state(&cfg, store).await?,
-        until_true(shutdown),
-    )
-    .await?;
+    claas_api::serve(listener, state, until_true(shutdown)).await?;
     worker_task.await??;
     Ok(())
 }

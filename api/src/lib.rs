@@ -2,6 +2,7 @@
 //! lives in the queue store (and, with its issue, the shared completion cache).
 
 pub mod cache;
+pub mod embedded;
 pub mod error;
 pub mod routes;
 pub mod thinking;
@@ -63,6 +64,8 @@ pub struct AppState {
     pub cache: Arc<dyn CompletionCache>,
     /// The vLLMs inference is proxied to; none in the embedded default.
     pub backends: Option<Arc<Backends>>,
+    /// In-process inference when no vLLM is configured (`claas dev`).
+    pub engine: Option<Arc<embedded::Engine>>,
 }
 
 impl AppState {
@@ -73,6 +76,7 @@ impl AppState {
             options: Arc::new(options),
             cache: Arc::new(MemoryCache::new(100, Duration::from_secs(3600))),
             backends: None,
+            engine: None,
         }
     }
 
@@ -84,6 +88,11 @@ impl AppState {
     /// One vLLM, always available.
     pub fn with_upstream(mut self, upstream: Option<Upstream>) -> AppState {
         self.backends = upstream.map(|u| Arc::new(Backends::new(vec![u], Duration::ZERO)));
+        self
+    }
+
+    pub fn with_engine(mut self, engine: Option<embedded::Engine>) -> AppState {
+        self.engine = engine.map(Arc::new);
         self
     }
 

@@ -145,6 +145,30 @@ fn top_k(lp: &[f32], k: usize) -> Vec<(u32, f32)> {
     idx.into_iter().map(|i| (i, lp[i as usize])).collect()
 }
 
+/// The raw log-prob of each token of `ids` from position `from` on, given those before it.
+pub fn token_logprobs(
+    model: &Qwen3,
+    ids: &[u32],
+    from: usize,
+    lora: Option<&LoraAdapter>,
+) -> Result<Vec<f32>> {
+    if from == 0 || from >= ids.len() {
+        return Err(invalid(format!(
+            "scoring from position {from} of a sequence of {}",
+            ids.len()
+        )));
+    }
+    model.check_ids("sequence", ids)?;
+    let logits = model.logits(ids, from - 1, ids.len() - from, lora)?;
+    let lsm = candle_nn::ops::log_softmax(&logits.squeeze(0)?, D::Minus1)?;
+    let rows: Vec<Vec<f32>> = lsm.to_vec2()?;
+    Ok(rows
+        .iter()
+        .zip(&ids[from..])
+        .map(|(r, id)| r[*id as usize])
+        .collect())
+}
+
 /// The logits of a whole sequence at once, for tests that check the cached path.
 pub fn full_logits(model: &Qwen3, ids: &[u32], lora: Option<&LoraAdapter>) -> Result<Tensor> {
     model.logits(ids, 0, ids.len(), lora)

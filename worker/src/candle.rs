@@ -150,6 +150,12 @@ impl CandleExecutor {
         })
     }
 
+    /// What embedded inference shares with training: the resident base model (none with
+    /// `disk` residency) and the tokenizer.
+    pub fn inference_parts(&self) -> (Option<Arc<Qwen3>>, Arc<ChatTokenizer>) {
+        (self.resident.clone(), self.tokenizer.clone())
+    }
+
     /// The model on the training device, and how long getting it there took (ms) when it
     /// had to be copied or read.
     fn model(&self) -> claas_trainer::Result<(Arc<Qwen3>, Option<u64>)> {

@@ -13,9 +13,11 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
+use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use crate::cache::CachedCompletion;
+use crate::embedded::{self, Engine, RunEvent};
 use crate::error::{ApiError, ApiResult, JsonBody};
 use crate::thinking::{content_hash, strip_thinking, ThinkFilter};
 use crate::upstream::{Upstream, UpstreamError};
@@ -222,7 +224,7 @@ impl ChoiceRollout {
 /// Builds the cache entry; asks vLLM's `/tokenize` for ids it did not return (vLLM
 /// before 0.10.2), keeping the log-probs only when they align with those ids.
 async fn rollout_entry(
-    up: &Upstream,
+    up: Option<&Upstream>,
     request: &Value,
     scope: &str,
     prompt_ids: Option<Vec<u32>>,
@@ -241,7 +243,10 @@ async fn rollout_entry(
             if let Some(k) = request.get("chat_template_kwargs") {
                 t["chat_template_kwargs"] = k.clone();
             }
-            up.tokenize(&t).await.unwrap_or_default()
+            match up {
+                Some(up) => up.tokenize(&t).await.unwrap_or_default(),
+                None => Vec::new(),
+            }
         }
     };
     let response_ids = match choice.token_ids {
@@ -249,6 +254,18 @@ async fn rollout_entry(
         None => {
             token_source = "retokenized";
             let t = json!({"model": request["model"], "prompt": raw, "add_special_tokens": false});
+            let Some(up) = up else {
+                return CachedCompletion {
+                    model: scope.to_owned(),
+                    response: raw,
+                    prompt_token_ids: prompt_ids,
+                    response_token_ids: Vec::new(),
+                    response_logprobs: None,
+                    system_prompt: system_prompt.to_owned(),
+                    token_source: "none".into(),
+                    created_at: chrono::Utc::now().timestamp(),
+                };
+            };
             let mut ids = up.tokenize(&t).await.unwrap_or_default();
             // vLLM's log-probs include the stop token, which the text does not.
             if let (Some(lp), Some(tok)) = (&logprobs, &choice.last_token) {
@@ -290,6 +307,27 @@ async fn cache_put(state: &AppState, scope: &str, visible: &str, entry: &CachedC
     }
 }
 
+/// What a chat answer is post-processed with, whichever engine produced it.
+struct ChatCtx {
+    state: AppState,
+    /// The vLLM that answered (for `/tokenize` when it returned no ids); none when the
+    /// embedded engine did.
+    up: Option<Upstream>,
+    request: Value,
+    wants: ClientWants,
+    scope: String,
+    system: String,
+}
+
+/// A chat answer's chunks as they arrive, from vLLM's SSE stream or the embedded engine.
+enum Chunk {
+    Data(Value),
+    /// Not JSON: relayed as it came.
+    Raw(String),
+    Done,
+    Broken(String),
+}
+
 pub async fn chat_completions(
     State(state): State<AppState>,
     JsonBody(body, _): JsonBody<Value>,
@@ -297,19 +335,51 @@ pub async fn chat_completions(
     let body = require_object(body)?;
     let messages = validate_messages(&body)?.clone();
     let scope = scope_of(&state, &Value::Object(body.clone()));
-    let up = backend(&state, &scope).await?;
     let system = system_prompt(&messages);
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let (request, wants) = upstream_chat_body(body);
-    let resp = send_generation(&state, &up, "/v1/chat/completions", &request).await?;
-    if stream {
-        return Ok(stream_chat(state, up, request, resp, wants, scope, system));
+    let mut ctx = ChatCtx {
+        state: state.clone(),
+        up: None,
+        request,
+        wants,
+        scope,
+        system,
+    };
+    if state.backends.is_none() {
+        let engine = state.engine.clone().ok_or_else(embedded::unavailable)?;
+        let kwargs = ctx.request["chat_template_kwargs"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        let prompt = engine.chat_prompt(&messages, true, &kwargs)?;
+        let req = ctx.request.as_object().cloned().unwrap_or_default();
+        let model = ctx.request["model"].as_str().unwrap_or_default().to_owned();
+        let run = engine.start(&model, prompt, &req).await?;
+        if stream {
+            let chunks = embedded_chunks(engine, run, ctx.request.clone());
+            return Ok(relay_chat(ctx, chunks));
+        }
+        let answer = embedded_answer(&engine, run, &ctx.request).await?;
+        return Ok(Json(finish_chat(&ctx, answer).await).into_response());
     }
-    let mut answer: Value = resp.json().await.map_err(|e| {
+    let up = backend(&state, &ctx.scope).await?;
+    let resp = send_generation(&state, &up, "/v1/chat/completions", &ctx.request).await?;
+    ctx.up = Some(up);
+    if stream {
+        return Ok(relay_chat(ctx, sse_chunks(resp)));
+    }
+    let answer: Value = resp.json().await.map_err(|e| {
         ApiError::from(UpstreamError::Unreachable(format!(
             "unreadable chat completion: {e}"
         )))
     })?;
+    Ok(Json(finish_chat(&ctx, answer).await).into_response())
+}
+
+/// Caches each choice's rollout and gives the client the answer without thinking and
+/// with only the fields it asked for.
+async fn finish_chat(ctx: &ChatCtx, mut answer: Value) -> Value {
     let prompt_ids = ids_of(&answer["prompt_token_ids"]);
     let choices = answer["choices"]
         .as_array_mut()
@@ -337,9 +407,16 @@ pub async fn chat_completions(
                 .map(str::to_owned),
         };
         let visible = strip_thinking(&content);
-        let entry =
-            rollout_entry(&up, &request, &scope, prompt_ids.clone(), rollout, &system).await;
-        cache_put(&state, &scope, &visible, &entry).await;
+        let entry = rollout_entry(
+            ctx.up.as_ref(),
+            &ctx.request,
+            &ctx.scope,
+            prompt_ids.clone(),
+            rollout,
+            &ctx.system,
+        )
+        .await;
+        cache_put(&ctx.state, &ctx.scope, &visible, &entry).await;
         choice["message"]["content"] = json!(visible);
         for k in ["reasoning", "reasoning_content"] {
             if let Some(m) = choice["message"].as_object_mut() {
@@ -348,46 +425,36 @@ pub async fn chat_completions(
                 }
             }
         }
-        if !wants.logprobs {
+        if !ctx.wants.logprobs {
             choice["logprobs"] = Value::Null;
         }
-        if !wants.token_ids {
+        if !ctx.wants.token_ids {
             choice["token_ids"] = Value::Null;
         }
         shown.push(choice);
     }
     answer["choices"] = Value::Array(shown);
-    if !wants.token_ids {
+    if !ctx.wants.token_ids {
         answer["prompt_token_ids"] = Value::Null;
     }
-    Ok(Json(answer).into_response())
+    answer
 }
 
-/// Relays vLLM's SSE stream chunk by chunk, stripping thinking from the deltas and
-/// collecting the rollout; caches it when the stream completes.
-fn stream_chat(
-    state: AppState,
-    up: Upstream,
-    request: Value,
-    resp: reqwest::Response,
-    wants: ClientWants,
-    scope: String,
-    system: String,
-) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(32);
+/// vLLM's SSE stream as chunks.
+fn sse_chunks(resp: reqwest::Response) -> mpsc::Receiver<Chunk> {
+    let (tx, rx) = mpsc::channel(32);
     tokio::spawn(async move {
         let mut upstream = resp.bytes_stream();
         let mut buf: Vec<u8> = Vec::new();
-        let mut prompt_ids: Option<Vec<u32>> = None;
-        let mut choices: Vec<(ChoiceRollout, ThinkFilter, String)> = Vec::new();
-        let mut done = false;
-        'read: while let Some(chunk) = upstream.next().await {
+        while let Some(chunk) = upstream.next().await {
             let chunk = match chunk {
                 Ok(c) => c,
                 Err(e) => {
-                    let err = json!({"error": {"code": "upstream_error",
-                        "message": format!("the inference server broke off the stream: {e}")}});
-                    let _ = tx.send(Ok(Bytes::from(format!("data: {err}\n\n")))).await;
+                    let _ = tx
+                        .send(Chunk::Broken(format!(
+                            "the inference server broke off the stream: {e}"
+                        )))
+                        .await;
                     return;
                 }
             };
@@ -398,42 +465,72 @@ fn stream_chat(
                 let Some(data) = sse_data(&text) else {
                     continue;
                 };
-                if data.trim() == "[DONE]" {
-                    done = true;
-                    break 'read;
-                }
-                let Ok(mut v) = serde_json::from_str::<Value>(&data) else {
-                    // Not ours to judge: relay what vLLM sent.
-                    if tx
-                        .send(Ok(Bytes::from(format!("data: {data}\n\n"))))
-                        .await
-                        .is_err()
-                    {
-                        return;
+                let msg = if data.trim() == "[DONE]" {
+                    Chunk::Done
+                } else {
+                    match serde_json::from_str::<Value>(&data) {
+                        Ok(v) => Chunk::Data(v),
+                        Err(_) => Chunk::Raw(data),
                     }
-                    continue;
                 };
-                relay_chunk(&mut v, &mut prompt_ids, &mut choices, &wants);
-                if tx
-                    .send(Ok(Bytes::from(format!("data: {v}\n\n"))))
-                    .await
-                    .is_err()
-                {
-                    return; // The client went away; an unfinished answer is not cached.
+                let done = matches!(msg, Chunk::Done);
+                if tx.send(msg).await.is_err() || done {
+                    return;
                 }
             }
         }
-        if !done {
-            let err = json!({"error": {"code": "upstream_error",
-                "message": "the inference server ended the stream early"}});
-            let _ = tx.send(Ok(Bytes::from(format!("data: {err}\n\n")))).await;
-            return;
+        let _ = tx
+            .send(Chunk::Broken(
+                "the inference server ended the stream early".into(),
+            ))
+            .await;
+    });
+    rx
+}
+
+/// Relays chunks to the client as SSE, stripping thinking from the deltas and collecting
+/// the rollout; caches it when the answer completes.
+fn relay_chat(ctx: ChatCtx, mut chunks: mpsc::Receiver<Chunk>) -> Response {
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(32);
+    tokio::spawn(async move {
+        let mut prompt_ids: Option<Vec<u32>> = None;
+        let mut choices: Vec<(ChoiceRollout, ThinkFilter, String)> = Vec::new();
+        loop {
+            let line = match chunks.recv().await {
+                Some(Chunk::Data(mut v)) => {
+                    relay_chunk(&mut v, &mut prompt_ids, &mut choices, &ctx.wants);
+                    format!("data: {v}\n\n")
+                }
+                Some(Chunk::Raw(data)) => format!("data: {data}\n\n"),
+                Some(Chunk::Done) => break,
+                Some(Chunk::Broken(message)) => {
+                    let err = json!({"error": {"code": "upstream_error", "message": message}});
+                    let _ = tx.send(Ok(Bytes::from(format!("data: {err}\n\n")))).await;
+                    return;
+                }
+                None => {
+                    let err = json!({"error": {"code": "upstream_error",
+                        "message": "the answer ended early"}});
+                    let _ = tx.send(Ok(Bytes::from(format!("data: {err}\n\n")))).await;
+                    return;
+                }
+            };
+            if tx.send(Ok(Bytes::from(line))).await.is_err() {
+                return; // The client went away; an unfinished answer is not cached.
+            }
         }
         for (rollout, _, visible) in choices {
             let visible = visible.trim().to_owned();
-            let entry =
-                rollout_entry(&up, &request, &scope, prompt_ids.clone(), rollout, &system).await;
-            cache_put(&state, &scope, &visible, &entry).await;
+            let entry = rollout_entry(
+                ctx.up.as_ref(),
+                &ctx.request,
+                &ctx.scope,
+                prompt_ids.clone(),
+                rollout,
+                &ctx.system,
+            )
+            .await;
+            cache_put(&ctx.state, &ctx.scope, &visible, &entry).await;
         }
         let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
     });
@@ -447,6 +544,118 @@ fn stream_chat(
         Body::from_stream(body),
     )
         .into_response()
+}
+
+/// The embedded engine's answer in vLLM's chat completion shape.
+async fn embedded_answer(
+    engine: &Engine,
+    mut run: embedded::Run,
+    request: &Value,
+) -> ApiResult<Value> {
+    let top = request["top_logprobs"].as_u64().unwrap_or(0) as usize;
+    let mut ids = Vec::new();
+    let mut entries = Vec::new();
+    let mut text = String::new();
+    let finish = loop {
+        match run.events.recv().await {
+            Some(RunEvent::Token { token, text: t }) => {
+                ids.push(token.id);
+                entries.push(embedded::logprob_entry(engine, &token, top));
+                text.push_str(&t);
+            }
+            Some(RunEvent::Done(f, rest)) => {
+                text.push_str(&rest);
+                break f;
+            }
+            Some(RunEvent::Failed(e)) => {
+                return Err(ApiError::internal(format!("generation failed: {e}")))
+            }
+            None => return Err(ApiError::internal("generation stopped unexpectedly")),
+        }
+    };
+    let (p, c) = (run.prompt_ids.len(), ids.len());
+    Ok(json!({
+        "id": format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+        "object": "chat.completion",
+        "created": chrono::Utc::now().timestamp(),
+        "model": run.model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "reasoning": null},
+            "logprobs": {"content": entries},
+            "finish_reason": embedded::finish_reason(finish),
+            "stop_reason": null,
+            "token_ids": ids,
+        }],
+        "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
+        "prompt_token_ids": run.prompt_ids,
+    }))
+}
+
+/// The embedded engine's answer as vLLM-shaped stream chunks.
+fn embedded_chunks(
+    engine: Arc<Engine>,
+    mut run: embedded::Run,
+    request: Value,
+) -> mpsc::Receiver<Chunk> {
+    let (tx, rx) = mpsc::channel(32);
+    tokio::spawn(async move {
+        let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+        let created = chrono::Utc::now().timestamp();
+        let top = request["top_logprobs"].as_u64().unwrap_or(0) as usize;
+        let chunk = |choice: Value| {
+            json!({"id": id, "object": "chat.completion.chunk", "created": created,
+                "model": run.model, "choices": [choice]})
+        };
+        let mut first = chunk(
+            json!({"index": 0, "delta": {"role": "assistant", "content": ""},
+            "logprobs": null, "finish_reason": null}),
+        );
+        first["prompt_token_ids"] = json!(run.prompt_ids);
+        if tx.send(Chunk::Data(first)).await.is_err() {
+            return;
+        }
+        let mut n = 0;
+        loop {
+            let msg = match run.events.recv().await {
+                Some(RunEvent::Token { token, text }) => {
+                    n += 1;
+                    Chunk::Data(chunk(json!({"index": 0, "delta": {"content": text},
+                        "logprobs": {"content": [embedded::logprob_entry(&engine, &token, top)]},
+                        "finish_reason": null, "token_ids": [token.id]})))
+                }
+                Some(RunEvent::Done(f, rest)) => {
+                    let last = chunk(json!({"index": 0, "delta": {"content": rest},
+                        "logprobs": null, "finish_reason": embedded::finish_reason(f)}));
+                    if tx.send(Chunk::Data(last)).await.is_err() {
+                        return;
+                    }
+                    if request["stream_options"]["include_usage"]
+                        .as_bool()
+                        .unwrap_or(false)
+                    {
+                        let p = run.prompt_ids.len();
+                        let mut usage = chunk(json!(null));
+                        usage["choices"] = json!([]);
+                        usage["usage"] = json!({"prompt_tokens": p, "completion_tokens": n,
+                            "total_tokens": p + n});
+                        if tx.send(Chunk::Data(usage)).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = tx.send(Chunk::Done).await;
+                    return;
+                }
+                Some(RunEvent::Failed(e)) => Chunk::Broken(format!("generation failed: {e}")),
+                None => Chunk::Broken("generation stopped unexpectedly".into()),
+            };
+            let broken = matches!(msg, Chunk::Broken(_));
+            if tx.send(msg).await.is_err() || broken {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 /// Rewrites one chunk for the client and records its tokens.
@@ -556,6 +765,10 @@ pub async fn completions(
     if !body.contains_key("prompt") {
         return Err(ApiError::invalid("prompt is required"));
     }
+    if state.backends.is_none() {
+        let engine = state.engine.clone().ok_or_else(embedded::unavailable)?;
+        return embedded_completion(&engine, body).await;
+    }
     let body = Value::Object(body);
     let up = backend(&state, &scope_of(&state, &body)).await?;
     let resp = send_generation(&state, &up, "/v1/completions", &body).await?;
@@ -573,6 +786,99 @@ pub async fn completions(
         Body::from_stream(stream),
     )
         .into_response())
+}
+
+/// A text completion from the embedded engine, in vLLM's shape (streamed as SSE when
+/// asked). Not cached, as on the vLLM path.
+async fn embedded_completion(
+    engine: &Arc<Engine>,
+    body: Map<String, Value>,
+) -> ApiResult<Response> {
+    let prompt = match &body["prompt"] {
+        Value::String(s) => engine.encode(s)?,
+        Value::Array(a) if a.iter().all(Value::is_u64) => a
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|i| i as u32)
+            .collect(),
+        _ => {
+            return Err(ApiError::invalid(
+                "prompt must be a string or a list of token ids",
+            ))
+        }
+    };
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let mut run = engine.start(&model, prompt, &body).await?;
+    let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
+    let created = chrono::Utc::now().timestamp();
+    if stream {
+        let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(32);
+        tokio::spawn(async move {
+            let chunk = |text: &str, finish: Value| {
+                json!({"id": id, "object": "text_completion", "created": created,
+                    "model": run.model, "choices": [{"index": 0, "text": text,
+                    "logprobs": null, "finish_reason": finish}]})
+            };
+            loop {
+                let line = match run.events.recv().await {
+                    Some(RunEvent::Token { text, .. }) => chunk(&text, Value::Null),
+                    Some(RunEvent::Done(f, rest)) => {
+                        chunk(&rest, json!(embedded::finish_reason(f)))
+                    }
+                    Some(RunEvent::Failed(e)) => {
+                        json!({"error": {"code": "generation_failed", "message": e}})
+                    }
+                    None => break,
+                };
+                if tx
+                    .send(Ok(Bytes::from(format!("data: {line}\n\n"))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+        });
+        let body =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+        return Ok((
+            [(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")],
+            Body::from_stream(body),
+        )
+            .into_response());
+    }
+    let (mut ids, mut text) = (Vec::new(), String::new());
+    let finish = loop {
+        match run.events.recv().await {
+            Some(RunEvent::Token { token, text: t }) => {
+                ids.push(token.id);
+                text.push_str(&t);
+            }
+            Some(RunEvent::Done(f, rest)) => {
+                text.push_str(&rest);
+                break f;
+            }
+            Some(RunEvent::Failed(e)) => {
+                return Err(ApiError::internal(format!("generation failed: {e}")))
+            }
+            None => return Err(ApiError::internal("generation stopped unexpectedly")),
+        }
+    };
+    let (p, c) = (run.prompt_ids.len(), ids.len());
+    Ok(Json(
+        json!({"id": id, "object": "text_completion", "created": created, "model": run.model,
+        "choices": [{"index": 0, "text": text, "logprobs": null,
+            "finish_reason": embedded::finish_reason(finish), "stop_reason": null,
+            "token_ids": ids, "prompt_token_ids": run.prompt_ids}],
+        "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}}),
+    )
+    .into_response())
 }
 
 /// `GET /v1/models`: vLLM's list when one is configured; otherwise the base model and the
@@ -616,6 +922,17 @@ pub async fn score(
 ) -> ApiResult<Response> {
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages must not be empty"));
+    }
+    if state.backends.is_none() {
+        let engine = state.engine.clone().ok_or_else(embedded::unavailable)?;
+        let model = if req.model.is_empty() {
+            engine.base_name().to_owned()
+        } else {
+            req.model.clone()
+        };
+        return Ok(
+            Json(engine.score(&model, &req.messages, &req.completion).await?).into_response(),
+        );
     }
     let up = backend(&state, &req.model).await?;
     let prompt_ids = up

@@ -1,0 +1,91 @@
+//! The newcomer's loop on the embedded default, through the real `claas dev` binary: no
+//! Postgres, no vLLM, no GPU. Chat, give feedback on the answer, chat again: the adapter
+//! changed and answers differently.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{env, free_port, spawn, wait_http};
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_feedback_chat_on_claas_dev() {
+    let dir = std::env::temp_dir().join(format!("claas-dev-e2e-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let port = free_port().to_string();
+    let data = dir.display().to_string();
+    let _dev = spawn(
+        "dev",
+        &["dev"],
+        &env(&[
+            ("CLAAS_API_PORT", &port),
+            ("CLAAS_DATA_DIR", &data),
+            ("CLAAS_LORA_ROOT", &format!("{data}/loras")),
+            ("DATABASE_URL", &format!("sqlite://{data}/claas.db")),
+            ("CLAAS_WORKER_EXECUTOR", "candle"),
+        ]),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    wait_http(&base).await;
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: Value, wait: bool| {
+        let mut r = http.post(format!("{base}{path}")).json(&body);
+        if wait {
+            r = r.header("Prefer", "wait=60");
+        }
+        async move {
+            let r = r.send().await.expect("answer");
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.expect("json"))
+        }
+    };
+    let (status, body) = post("/v1/lora/init", json!({"lora_id": "me/assistant"}), false).await;
+    assert!(status == 200 || status == 201, "{body}");
+
+    let ask = json!({"model": "me/assistant", "temperature": 0, "max_tokens": 16,
+        "logprobs": true,
+        "messages": [{"role": "system", "content": "You are terse."},
+                     {"role": "user", "content": "Explain recursion"}]});
+    let (status, first) = post("/v1/chat/completions", ask.clone(), false).await;
+    assert_eq!(status, 200, "{first}");
+    let text = first["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_owned();
+
+    let (status, body) = post(
+        "/v1/feedback",
+        json!({"requests": [{"lora_id": "me/assistant", "prompt": "Explain recursion",
+            "response": text, "feedback": "too long",
+            "training": {"learning_rate": 0.01}}]}),
+        true,
+    )
+    .await;
+    assert_eq!(status, 200, "the step ran: {body}");
+    let versions: Value = http
+        .get(format!("{base}/v1/lora/me/assistant/versions"))
+        .send()
+        .await
+        .expect("versions")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(versions["current_version"], 1, "{versions}");
+
+    let (status, second) = post("/v1/chat/completions", ask, false).await;
+    assert_eq!(status, 200, "{second}");
+    let lps = |v: &Value| -> Vec<f64> {
+        v["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|e| e["logprob"].as_f64()).collect())
+            .unwrap_or_default()
+    };
+    assert_ne!(
+        lps(&first),
+        lps(&second),
+        "version 1 answers, not version 0"
+    );
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
