@@ -108,6 +108,7 @@ fn worker_options(cfg: &Config) -> WorkerOptions {
         retention: Duration::from_secs_f64(cfg.queue.job_retention_days * 86_400.0),
         wake_on_failure: cfg.worker.feedback_wake_on_failure,
         drain_grace: Duration::from_millis(cfg.worker.drain_grace_ms),
+        versions_keep: cfg.storage.adapter_versions_keep,
     }
 }
 

@@ -138,7 +138,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/lora/init", post(routes::lora::init))
         .route("/v1/lora/export", get(routes::lora::export))
-        .route("/v1/lora/{*rest}", get(routes::lora::versions))
+        .route(
+            "/v1/lora/{*rest}",
+            get(routes::lora::versions).post(routes::lora_versions::action),
+        )
         .route("/v1/health", get(routes::health::health))
         .route(
             "/v1/chat/completions",

@@ -256,7 +256,7 @@ async fn a_new_version_is_served_from_the_next_request() {
     next.initial_sha256 = "published".into();
     env.db
         .store
-        .reinit_lora(&next, 0)
+        .reinit_lora(&next, 0, &json!({"test": true}))
         .await
         .expect("new version");
     let (_, after) = env.post("/v1/chat/completions", &req).await;
@@ -322,4 +322,133 @@ async fn completions_score_models_and_errors() {
     bad["top_logprobs"] = json!(50);
     let (status, _) = env.post("/v1/chat/completions", &bad).await;
     assert_eq!(status, 422);
+}
+
+/// Chat keeps answering while the same process trains on the same weights, and never mixes
+/// versions: every answer is version 0's until the publish, then version 1's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_while_a_job_trains_in_the_same_process_sees_one_version_or_the_next() {
+    use claas_core::config::{Residency, TrainerDevice};
+    use claas_worker::{CandleExecutor, CandleOptions, Worker, WorkerOptions};
+
+    let root = std::env::temp_dir().join(format!("claas-embedded-train-{}", uuid::Uuid::now_v7()));
+    let dir = root.join("model");
+    let d = dir.clone();
+    tokio::task::spawn_blocking(move || write_checkpoint(Preset::Tiny, &d, 23))
+        .await
+        .expect("join")
+        .expect("checkpoint");
+    let db = TestDb::sqlite().await;
+    let exec = CandleExecutor::new(CandleOptions {
+        base_model_id: BASE.into(),
+        model_dir: dir,
+        lora_root: root.join("loras"),
+        device: TrainerDevice::Cpu,
+        residency: Residency::Host,
+        max_seq_len: 4096,
+        vllm: None,
+    })
+    .expect("executor");
+    let (model, tok) = exec.inference_parts();
+    let engine = Engine::new(model.expect("resident"), tok, BASE.into(), db.store.clone());
+    let opts = ApiOptions {
+        max_body_bytes: 1 << 20,
+        feedback_default_wait_s: 0,
+        feedback_max_wait_s: 5,
+        max_attempts: 3,
+        default_base_model: BASE.into(),
+        allowed_init_base_models: vec![BASE.into()],
+        lora_root: root.join("loras").display().to_string(),
+        data_dir: root.clone(),
+        max_lora_rank: None,
+    };
+    let state = AppState::new(db.store.clone(), opts).with_engine(Some(engine));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let api = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(claas_api::serve(listener, state, std::future::pending()));
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let worker = Worker::new(
+        db.store.clone(),
+        Arc::new(exec),
+        WorkerOptions {
+            poll_interval: Duration::from_millis(50),
+            ..WorkerOptions::new("w", vec![BASE.into()])
+        },
+    );
+    let handle = tokio::spawn(async move { worker.run(rx).await });
+    let http = reqwest::Client::new();
+    let (status, _) = (
+        http.post(format!("{api}/v1/lora/init"))
+            .json(&json!({"lora_id": "me/a", "lora_r": 8, "lora_alpha": 16}))
+            .send()
+            .await
+            .expect("init")
+            .status(),
+        (),
+    );
+    assert!(status.is_success());
+    let mut ask = chat("me/a", "Explain recursion");
+    ask["return_token_ids"] = json!(true);
+    ask["max_tokens"] = json!(24);
+    let answer = |http: reqwest::Client, api: String, ask: Value| async move {
+        let r = http
+            .post(format!("{api}/v1/chat/completions"))
+            .json(&ask)
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().await.expect("json")
+    };
+    let v0 = answer(http.clone(), api.clone(), ask.clone()).await;
+    let text = v0["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("text");
+    let r = http
+        .post(format!("{api}/v1/feedback"))
+        .json(
+            &json!({"requests": [{"lora_id": "me/a", "prompt": "Explain recursion",
+            "response": text, "feedback": "too long", "training": {"learning_rate": 0.05}}]}),
+        )
+        .send()
+        .await
+        .expect("feedback");
+    assert_eq!(r.status(), 202);
+    let job: Value = r.json().await.expect("json");
+    let job_id = uuid::Uuid::parse_str(job["job_id"].as_str().expect("id")).expect("uuid");
+
+    let mut seen: Vec<Value> = vec![v0["choices"][0]["token_ids"].clone()];
+    let mut answers = 0;
+    loop {
+        let a = answer(http.clone(), api.clone(), ask.clone()).await;
+        answers += 1;
+        let ids = a["choices"][0]["token_ids"].clone();
+        if seen.last() != Some(&ids) {
+            seen.push(ids);
+        }
+        let j = db.store.get_job(job_id).await.expect("get").expect("job");
+        if j.status.is_terminal() {
+            assert_eq!(
+                j.status,
+                claas_core::types::JobStatus::Succeeded,
+                "{:?}",
+                j.error
+            );
+            break;
+        }
+    }
+    // One more after the publish is certainly version 1's.
+    let v1 = answer(http.clone(), api.clone(), ask.clone()).await;
+    if seen.last() != Some(&v1["choices"][0]["token_ids"]) {
+        seen.push(v1["choices"][0]["token_ids"].clone());
+    }
+    assert!(
+        seen.len() <= 2,
+        "answers went v0 → v1 only ({answers} while training): {seen:?}"
+    );
+    stop.send(true).expect("stop");
+    handle.await.expect("join").expect("worker");
+    let _ = std::fs::remove_dir_all(&root);
 }

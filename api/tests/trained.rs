@@ -280,6 +280,64 @@ async fn contract(db: &TestDb) {
         "version 3 was trained from the rank-4 restart"
     );
 
+    // Rollback: version 1 (trained, rank 8) becomes current again as version 4, with the
+    // same files; clients using CLaaS's `-latest` alias reach it too.
+    let (status, body) = call(&app, post("/v1/lora/u/a/pin", &json!({"version": 1}))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = call(
+        &app,
+        post("/v1/lora/u/a-latest/rollback", &json!({"version": 1})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (
+            body["current_version"].clone(),
+            body["rolled_back_to"].clone()
+        ),
+        (json!(4), json!(1))
+    );
+    let (_, versions) = call(
+        &app,
+        Request::get("/v1/lora/u/a-latest/versions")
+            .body(Body::empty())
+            .expect("req"),
+    )
+    .await;
+    assert_eq!(versions["current_version"], 4);
+    let v = &versions["versions"];
+    assert_eq!(v[4]["storage_uri"], v[1]["storage_uri"], "{versions}");
+    assert_eq!(v[4]["metrics"]["rollback_of"], 1);
+    assert_eq!(v[1]["pinned"], true);
+    let (_, list) = call(
+        &app,
+        Request::get("/v1/lora?prefix=u/")
+            .body(Body::empty())
+            .expect("req"),
+    )
+    .await;
+    assert_eq!(
+        list["items"][0]["rank"], 8,
+        "the LoRA has version 1's shape again"
+    );
+    let (status, _) = call(&app, post("/v1/lora/u/a/rollback", &json!({"version": 99}))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = call(&app, post("/v1/lora/u/a/rollback", &json!({"version": 4}))).await;
+    assert_eq!(status, StatusCode::CONFLICT, "already current");
+    // Feedback sent to the alias trains the LoRA, from the rolled-back version.
+    let mut aliased = request.clone();
+    aliased["requests"][0]["lora_id"] = json!("u/a-latest");
+    let (status, body) = call(&app, post("/v1/feedback", &aliased)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(lora_root.join("u/a/v5/adapter_config.json")).expect("v5 config"),
+    )
+    .expect("json");
+    assert_eq!(
+        config["r"], 8,
+        "version 5 was trained from version 1's rank-8 adapter"
+    );
+
     stop.send(true).expect("stop");
     handle.await.expect("join").expect("worker");
     let _ = std::fs::remove_dir_all(&model_dir);

@@ -78,6 +78,10 @@ pub const ENV_NAMES: &[(&str, &str)] = &[
     ("CLAAS_STORAGE_BACKEND", "storage.backend"),
     ("CLAAS_LORA_ROOT", "storage.lora_root"),
     ("CLAAS_STORAGE_URL", "storage.url"),
+    (
+        "CLAAS_ADAPTER_VERSIONS_KEEP",
+        "storage.adapter_versions_keep",
+    ),
     ("CLAAS_COMPLETION_CACHE_SIZE", "cache.completion_cache_size"),
     (
         "CLAAS_COMPLETION_CACHE_TTL_S",
@@ -321,6 +325,10 @@ pub struct StorageConfig {
     pub lora_root: PathBuf,
     /// Object store URL for `s3` (e.g. `s3://bucket/prefix`). Env `CLAAS_STORAGE_URL`.
     pub url: Option<String>,
+    /// Versions whose files are kept per LoRA (besides version 0 and pinned ones): older
+    /// ones' files are removed after each publish. Default 10. Env
+    /// `CLAAS_ADAPTER_VERSIONS_KEEP`.
+    pub adapter_versions_keep: i32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -403,6 +411,7 @@ impl Default for Config {
                 backend: StorageBackend::Local,
                 lora_root: PathBuf::from("/loras"),
                 url: None,
+                adapter_versions_keep: 10,
             },
             cache: CacheConfig {
                 completion_cache_size: 100,
@@ -580,6 +589,10 @@ impl Config {
         check(
             self.vllm.unavailable_wait_s.is_finite() && self.vllm.unavailable_wait_s >= 0.0,
             "vllm.unavailable_wait_s (CLAAS_VLLM_UNAVAILABLE_WAIT_S) must be a number of seconds >= 0",
+        );
+        check(
+            self.storage.adapter_versions_keep >= 1,
+            "storage.adapter_versions_keep (CLAAS_ADAPTER_VERSIONS_KEEP) must be >= 1",
         );
         check(
             self.cache.completion_cache_ttl_s >= 1,

@@ -350,6 +350,10 @@ pub struct LoraVersion {
     pub job_id: Option<Uuid>,
     pub metrics: Option<serde_json::Value>,
     pub created_at: DateTime<Utc>,
+    /// Kept whatever the retention says.
+    pub pinned: bool,
+    /// When retention removed its files (the row stays in the history).
+    pub pruned_at: Option<DateTime<Utc>>,
 }
 
 /// The local directory a storage URI names (`file:///dir` or a plain path); `None` for

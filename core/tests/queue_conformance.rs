@@ -114,6 +114,7 @@ conformance!(
     failure_after_publish_ends_failed_keeping_the_version,
     a_deleted_lora_takes_no_work_and_its_id_starts_afresh_once_its_job_stopped,
     overwrite_starts_afresh_as_a_new_version_and_a_job_trained_before_cannot_publish,
+    retention_keeps_the_newest_versions_version_0_pinned_ones_and_shared_files,
 );
 
 async fn enqueued_job_is_claimed_with_its_payload(db: &TestDb) {
@@ -1045,7 +1046,10 @@ async fn overwrite_starts_afresh_as_a_new_version_and_a_job_trained_before_canno
     let mut fresh = lora("a");
     fresh.rank = 16;
     fresh.initial_uri = "file:///loras/a/v1-init-x".into();
-    let l = s.reinit_lora(&fresh, 0).await.expect("reinit");
+    let l = s
+        .reinit_lora(&fresh, 0, &serde_json::json!({"reinitialized": true}))
+        .await
+        .expect("reinit");
     assert_eq!((l.current_version, l.rank), (1, 16));
     let versions = s.lora_versions("a").await.expect("versions");
     assert_eq!(versions.len(), 2, "history kept");
@@ -1055,11 +1059,59 @@ async fn overwrite_starts_afresh_as_a_new_version_and_a_job_trained_before_canno
     assert!(!s.publish(&c.lease(), &version(1)).await.expect("publish"));
     // A second overwrite that still expects version 0 is refused.
     assert!(matches!(
-        s.reinit_lora(&fresh, 0).await,
+        s.reinit_lora(&fresh, 0, &serde_json::Value::Null).await,
         Err(claas_core::Error::Conflict(_))
     ));
     assert!(matches!(
-        s.reinit_lora(&lora("nobody"), 0).await,
+        s.reinit_lora(&lora("nobody"), 0, &serde_json::Value::Null)
+            .await,
         Err(claas_core::Error::NotFound(_))
     ));
+}
+
+async fn retention_keeps_the_newest_versions_version_0_pinned_ones_and_shared_files(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    for v in 1..=5 {
+        s.enqueue(&job("a", 1)).await.expect("enqueue");
+        let c = claim(s, "w").await;
+        s.begin_training(&c.lease(), None).await.expect("begin");
+        assert!(s.publish(&c.lease(), &version(v)).await.expect("publish"));
+        assert!(s
+            .complete(&c.lease(), &serde_json::json!({"version": v}), None)
+            .await
+            .expect("complete"));
+    }
+    assert!(s.pin_version("a", 2, true).await.expect("pin"));
+    assert!(!s.pin_version("a", 42, true).await.expect("no such version"));
+    // A rollback to version 1: version 6 points at version 1's files.
+    let mut back = lora("a");
+    back.initial_uri = version(1).storage_uri;
+    back.initial_sha256 = version(1).sha256;
+    let l = s
+        .reinit_lora(&back, 5, &serde_json::json!({"rollback_of": 1}))
+        .await
+        .expect("rollback");
+    assert_eq!(l.current_version, 6);
+
+    // Keep the newest 2 (5 and 6): 3 and 4 go; 0 stays, 2 is pinned, and 1's files are
+    // what the current version 6 serves.
+    let gone = s.prune_versions("a", 2).await.expect("prune");
+    assert_eq!(gone, [version(3).storage_uri, version(4).storage_uri]);
+    let versions = s.lora_versions("a").await.expect("versions");
+    let pruned: Vec<i32> = versions
+        .iter()
+        .filter(|v| v.pruned_at.is_some())
+        .map(|v| v.version)
+        .collect();
+    assert_eq!(pruned, [3, 4]);
+    assert!(versions[2].pinned);
+    assert_eq!(
+        versions[6].metrics,
+        Some(serde_json::json!({"rollback_of": 1}))
+    );
+    assert!(
+        s.prune_versions("a", 2).await.expect("again").is_empty(),
+        "idempotent"
+    );
 }

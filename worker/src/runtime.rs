@@ -39,6 +39,8 @@ pub struct WorkerOptions {
     pub wake_on_failure: bool,
     /// Pause between marking the worker draining and draining vLLM (API routing lag).
     pub drain_grace: Duration,
+    /// Adapter versions whose files are kept per LoRA (`adapter_versions_keep`).
+    pub versions_keep: i32,
 }
 
 impl WorkerOptions {
@@ -62,6 +64,7 @@ impl WorkerOptions {
             retention: Duration::from_secs(30 * 86_400),
             wake_on_failure: true,
             drain_grace: Duration::from_millis(50),
+            versions_keep: 10,
         }
     }
 }
@@ -472,6 +475,35 @@ impl Worker {
         }
     }
 
+    /// Retention after a publish: removes the files of versions beyond the newest
+    /// `versions_keep` (never version 0, pinned ones, or files a kept version serves).
+    /// Best effort: a failure leaves files behind, never removes a kept one.
+    async fn prune_old_versions(&self, lora_id: &str) {
+        let uris = match self
+            .store
+            .prune_versions(lora_id, self.opts.versions_keep)
+            .await
+        {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(error = %e, "retention skipped");
+                return;
+            }
+        };
+        for uri in uris {
+            let Some(dir) = claas_core::types::local_path(&uri) else {
+                continue;
+            };
+            match tokio::fs::remove_dir_all(&dir).await {
+                Ok(()) => tracing::info!(dir = %dir.display(), "removed an old adapter version"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "could not remove an old version")
+                }
+            }
+        }
+    }
+
     /// Records what this worker's vLLM is doing, for the API's routing and the dashboard.
     async fn set_state(&self, state: WorkerState, ctx: &JobContext) {
         if let Err(e) = self
@@ -629,6 +661,7 @@ impl Worker {
                 if !self.store.publish(lease, &record).await? {
                     return Err(self.publish_refused(lease, version).await);
                 }
+                self.prune_old_versions(&ctx.lora_id).await;
                 let batch = i32::try_from(samples.len()).unwrap_or(i32::MAX);
                 (version, version, metrics, batch)
             }

@@ -254,6 +254,14 @@ pub async fn submit(
         state.options.feedback_default_wait_s,
         state.options.feedback_max_wait_s,
     )?;
+    // CLaaS's `<id>-latest` names the LoRA `<id>`.
+    let mut req = req;
+    if let Some(first) = req.requests.first().map(|i| i.lora_id.clone()) {
+        let resolved = crate::routes::lora_versions::resolve_alias(&state, &first).await?;
+        for item in req.requests.iter_mut().filter(|i| i.lora_id == first) {
+            item.lora_id = resolved.clone();
+        }
+    }
     let payload = validate(&state, &req).await?;
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,

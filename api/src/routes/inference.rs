@@ -332,8 +332,12 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     JsonBody(body, _): JsonBody<Value>,
 ) -> ApiResult<Response> {
-    let body = require_object(body)?;
+    let mut body = require_object(body)?;
     let messages = validate_messages(&body)?.clone();
+    if let Some(model) = body.get("model").and_then(Value::as_str).map(str::to_owned) {
+        let resolved = crate::routes::lora_versions::resolve_alias(&state, &model).await?;
+        body.insert("model".into(), Value::String(resolved));
+    }
     let scope = scope_of(&state, &Value::Object(body.clone()));
     let system = system_prompt(&messages);
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);

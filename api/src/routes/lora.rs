@@ -218,6 +218,7 @@ async fn overwrite(state: &AppState, existing: Lora, wanted: NewLora) -> ApiResu
                 ..wanted
             },
             existing.current_version,
+            &serde_json::json!({"reinitialized": true}),
         )
         .await?;
     serve_in_vllm(state, &lora.lora_id, &uri, &sha, true).await;
@@ -236,7 +237,13 @@ async fn overwrite(state: &AppState, existing: Lora, wanted: NewLora) -> ApiResu
 
 /// Loads a freshly written initial version into every vLLM (`swap`: in place of the
 /// version it serves). Best effort: a vLLM that misses it loads it on first use.
-async fn serve_in_vllm(state: &AppState, lora_id: &str, uri: &str, sha: &str, swap: bool) {
+pub(crate) async fn serve_in_vllm(
+    state: &AppState,
+    lora_id: &str,
+    uri: &str,
+    sha: &str,
+    swap: bool,
+) {
     let Some(dir) = claas_core::types::local_path(uri).filter(|_| !sha.is_empty()) else {
         return; // no files yet: the first worker to train it writes them
     };
@@ -337,6 +344,7 @@ pub async fn versions(
     let Some(lora_id) = rest.strip_suffix("/versions") else {
         return Err(ApiError::not_found("no such route"));
     };
+    let lora_id = &crate::routes::lora_versions::resolve_alias(&state, lora_id).await?;
     let lora = state
         .store
         .get_lora(lora_id)
@@ -367,6 +375,8 @@ pub async fn export(
     Query(q): Query<ExportQuery>,
 ) -> ApiResult<Response> {
     validate_lora_id(&q.lora_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let mut q = q;
+    q.lora_id = crate::routes::lora_versions::resolve_alias(&state, &q.lora_id).await?;
     let lora = state
         .store
         .get_lora(&q.lora_id)

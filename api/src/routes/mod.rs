@@ -6,3 +6,4 @@ pub mod inference;
 pub mod jobs;
 pub mod lora;
 pub mod lora_delete;
+pub mod lora_versions;

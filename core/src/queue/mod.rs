@@ -241,7 +241,23 @@ pub trait Store: Send + Sync + 'static {
     /// `expected + 1` with its parameters, if `expected` is still the current version;
     /// `Conflict` if a job published meanwhile, `NotFound` if there is no such LoRA. Earlier
     /// versions stay in the history.
-    async fn reinit_lora(&self, lora: &NewLora, expected: i32) -> Result<Lora>;
+    /// `note` is recorded as the new version's metrics (`{"reinitialized": true}`,
+    /// `{"rollback_of": N}`).
+    async fn reinit_lora(
+        &self,
+        lora: &NewLora,
+        expected: i32,
+        note: &serde_json::Value,
+    ) -> Result<Lora>;
+
+    /// Pins or unpins a version (retention never removes a pinned version's files); false
+    /// when there is no such version.
+    async fn pin_version(&self, lora_id: &str, version: i32, pinned: bool) -> Result<bool>;
+
+    /// Retention: marks the versions beyond the newest `keep` as pruned (never version 0,
+    /// a pinned one, or files a kept version still points at) and returns their storage
+    /// URIs, whose files the caller removes.
+    async fn prune_versions(&self, lora_id: &str, keep: i32) -> Result<Vec<String>>;
 
     /// Marks a live LoRA deleted, so nothing new is enqueued for it; returns the deletion's
     /// time, which [`Store::purge_lora`] takes as its token, or `None` when no live LoRA has

@@ -348,7 +348,12 @@ impl Store for PgStore {
         }
     }
 
-    async fn reinit_lora(&self, lora: &NewLora, expected: i32) -> Result<Lora> {
+    async fn reinit_lora(
+        &self,
+        lora: &NewLora,
+        expected: i32,
+        note: &serde_json::Value,
+    ) -> Result<Lora> {
         let row = sqlx::query(
             "with l as (
                 update loras set base_model = $2, rank = $3, alpha = $4, target_modules = $5,
@@ -357,7 +362,7 @@ impl Store for PgStore {
                 returning *
             ), v as (
                 insert into lora_versions (lora_id, version, storage_uri, sha256, metrics)
-                select lora_id, current_version, $6, $7, '{\"reinitialized\": true}'::jsonb from l
+                select lora_id, current_version, $6, $7, $9 from l
             )
             select * from l",
         )
@@ -369,6 +374,7 @@ impl Store for PgStore {
         .bind(&lora.initial_uri)
         .bind(&lora.initial_sha256)
         .bind(expected)
+        .bind(note)
         .fetch_optional(&self.pool)
         .await?;
         match row {
@@ -379,6 +385,43 @@ impl Store for PgStore {
                 expected,
             )),
         }
+    }
+
+    async fn pin_version(&self, lora_id: &str, version: i32, pinned: bool) -> Result<bool> {
+        let done =
+            sqlx::query("update lora_versions set pinned = $3 where lora_id = $1 and version = $2")
+                .bind(lora_id)
+                .bind(version)
+                .bind(pinned)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn prune_versions(&self, lora_id: &str, keep: i32) -> Result<Vec<String>> {
+        // Files of versions older than the newest `keep`, except version 0, pinned ones,
+        // and files a kept version still points at (a rollback shares its target's files).
+        let uris: Vec<String> = sqlx::query_scalar(
+            "with latest as (select max(version) as v from lora_versions where lora_id = $1),
+             kept as (
+                select storage_uri from lora_versions, latest
+                where lora_id = $1 and (version > latest.v - $2 or version = 0 or pinned)
+             ),
+             gone as (
+                update lora_versions set pruned_at = now()
+                from latest
+                where lora_id = $1 and version <= latest.v - $2 and version > 0 and not pinned
+                  and pruned_at is null
+                  and storage_uri not in (select storage_uri from kept)
+                returning storage_uri
+             )
+             select distinct storage_uri from gone",
+        )
+        .bind(lora_id)
+        .bind(keep)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(uris)
     }
 
     async fn delete_lora(&self, lora_id: &str) -> Result<Option<DateTime<Utc>>> {
@@ -446,6 +489,8 @@ impl Store for PgStore {
                     job_id: r.try_get("job_id")?,
                     metrics: r.try_get("metrics")?,
                     created_at: r.try_get("created_at")?,
+                    pinned: r.try_get("pinned")?,
+                    pruned_at: r.try_get("pruned_at")?,
                 })
             })
             .collect()

@@ -395,7 +395,12 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    async fn reinit_lora(&self, lora: &NewLora, expected: i32) -> Result<Lora> {
+    async fn reinit_lora(
+        &self,
+        lora: &NewLora,
+        expected: i32,
+        note: &serde_json::Value,
+    ) -> Result<Lora> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
@@ -423,18 +428,61 @@ impl Store for SqliteStore {
         };
         sqlx::query(
             "insert into lora_versions (lora_id, version, storage_uri, sha256, metrics, created_at)
-             values (?, ?, ?, ?, '{\"reinitialized\": true}', ?)",
+             values (?, ?, ?, ?, ?, ?)",
         )
         .bind(&lora.lora_id)
         .bind(expected + 1)
         .bind(&lora.initial_uri)
         .bind(&lora.initial_sha256)
+        .bind(note.to_string())
         .bind(now)
         .execute(&mut *tx)
         .await?;
         let out = lora_from_row(&row)?;
         tx.commit().await?;
         Ok(out)
+    }
+
+    async fn pin_version(&self, lora_id: &str, version: i32, pinned: bool) -> Result<bool> {
+        let done =
+            sqlx::query("update lora_versions set pinned = ? where lora_id = ? and version = ?")
+                .bind(pinned)
+                .bind(lora_id)
+                .bind(version)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn prune_versions(&self, lora_id: &str, keep: i32) -> Result<Vec<String>> {
+        let mut tx = self.pool.begin().await?;
+        let latest: Option<i32> =
+            sqlx::query_scalar("select max(version) from lora_versions where lora_id = ?")
+                .bind(lora_id)
+                .fetch_one(&mut *tx)
+                .await?;
+        let Some(latest) = latest else {
+            return Ok(Vec::new());
+        };
+        let uris: Vec<String> = sqlx::query_scalar(
+            "update lora_versions set pruned_at = ?3
+             where lora_id = ?1 and version <= ?2 and version > 0 and not pinned
+               and pruned_at is null
+               and storage_uri not in (
+                   select storage_uri from lora_versions
+                   where lora_id = ?1 and (version > ?2 or version = 0 or pinned))
+             returning storage_uri",
+        )
+        .bind(lora_id)
+        .bind(latest - keep)
+        .bind(now_ms())
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut uris = uris;
+        uris.sort();
+        uris.dedup();
+        Ok(uris)
     }
 
     async fn delete_lora(&self, lora_id: &str) -> Result<Option<chrono::DateTime<Utc>>> {
@@ -503,6 +551,8 @@ impl Store for SqliteStore {
                     job_id: uuid_col(r, "job_id")?,
                     metrics: json_col(r, "metrics")?,
                     created_at: required(time_col(r, "created_at")?, "created_at")?,
+                    pinned: r.try_get("pinned")?,
+                    pruned_at: time_col(r, "pruned_at")?,
                 })
             })
             .collect()
