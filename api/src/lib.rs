@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod embedded;
 pub mod error;
+pub mod metrics;
 pub mod routes;
 pub mod thinking;
 pub mod upstream;
@@ -66,6 +67,8 @@ pub struct AppState {
     pub backends: Option<Arc<Backends>>,
     /// In-process inference when no vLLM is configured (`claas dev`).
     pub engine: Option<Arc<embedded::Engine>>,
+    /// This process's HTTP request metrics.
+    pub http_metrics: Arc<metrics::HttpMetrics>,
 }
 
 impl AppState {
@@ -77,6 +80,7 @@ impl AppState {
             cache: Arc::new(MemoryCache::new(100, Duration::from_secs(3600))),
             backends: None,
             engine: None,
+            http_metrics: Arc::new(metrics::HttpMetrics::new()),
         }
     }
 
@@ -143,6 +147,7 @@ pub fn router(state: AppState) -> Router {
             get(routes::lora::versions).post(routes::lora_versions::action),
         )
         .route("/v1/health", get(routes::health::health))
+        .route("/metrics", get(metrics::metrics))
         .route(
             "/v1/chat/completions",
             post(routes::inference::chat_completions),
@@ -153,6 +158,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(error::route_not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -164,6 +164,7 @@ api_tests!(
     lora_init_registers_and_lists_versions,
     hostile_lora_ids_are_rejected_before_touching_storage,
     loras_are_listed_by_literal_prefix,
+    metrics_report_queue_jobs_phases_losses_workers_and_requests,
 );
 
 async fn lora_init_registers_and_lists_versions(db: &TestDb) {
@@ -558,5 +559,97 @@ async fn health_reports_database_and_workers(db: &TestDb) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (_, body) = call(&app, get("/v1/health")).await;
     assert_eq!(body["workers"]["alive"], 1);
+    let _ = stop.send(true);
+}
+
+async fn metrics_text(app: &axum::Router) -> String {
+    let resp = app
+        .clone()
+        .oneshot(get("/metrics"))
+        .await
+        .expect("router answers");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("text/plain; version=0.0.4")));
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    String::from_utf8(bytes.to_vec()).expect("utf-8")
+}
+
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+}
+
+async fn metrics_report_queue_jobs_phases_losses_workers_and_requests(db: &TestDb) {
+    let app = app(&db.store, options());
+    db.store.create_lora(&lora("m/a")).await.expect("lora");
+    for i in 0..3 {
+        let (status, body) = call(
+            &app,
+            post(
+                "/v1/feedback",
+                &json!({"requests": [item("m/a", &format!("f{i}"))]}),
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+    let text = metrics_text(&app).await;
+    assert_eq!(
+        sample(&text, "claas_jobs{status=\"queued\"}"),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "claas_jobs{status=\"running\"}"), Some(0.0));
+    assert!(sample(&text, "claas_queue_oldest_age_seconds").is_some_and(|a| a >= 0.0));
+    assert_eq!(
+        sample(
+            &text,
+            "claas_http_requests_total{method=\"POST\",route=\"/v1/feedback\",status=\"202\"}"
+        ),
+        Some(3.0),
+        "{text}"
+    );
+
+    let stop = start_worker(&db.store);
+    let started = std::time::Instant::now();
+    let text = loop {
+        let text = metrics_text(&app).await;
+        let done = sample(
+            &text,
+            "claas_jobs_finished_last_hour{outcome=\"succeeded\"}",
+        );
+        if done.unwrap_or(0.0) >= 1.0 && sample(&text, "claas_jobs{status=\"queued\"}") == Some(0.0)
+        {
+            break text;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "jobs never finished: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let trained = sample(
+        &text,
+        "claas_job_phase_duration_seconds_count{phase=\"distill\"}",
+    )
+    .expect("distill histogram");
+    assert!(trained >= 1.0, "{text}");
+    assert!(
+        sample(&text, "claas_lora_last_loss{lora_id=\"m/a\"}").is_some_and(f64::is_finite),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "claas_workers{state=\"idle\"}").is_some_and(|n| n >= 1.0)
+            || sample(&text, "claas_workers{state=\"training\"}").is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "claas_completion_cache_up{backend=\"memory\"}"),
+        Some(1.0)
+    );
     let _ = stop.send(true);
 }

@@ -6,6 +6,7 @@
 mod postgres;
 mod sqlite;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -147,6 +148,23 @@ pub(crate) fn next_status(published: bool, cancel_requested: bool, retry: bool) 
     }
 }
 
+/// What `/metrics` reports, read from the store at scrape time so every API replica
+/// reports the same fleet-wide numbers.
+#[derive(Debug, Clone, Default)]
+pub struct MetricsSnapshot {
+    /// Jobs queued, running, or joined to a running batch.
+    pub live: Vec<(JobStatus, i64)>,
+    /// Age of the oldest queued job.
+    pub oldest_queued_s: Option<f64>,
+    /// Jobs that ended within the window, by status.
+    pub finished: Vec<(JobStatus, i64)>,
+    /// Phase timings (ms) of jobs that succeeded within the window (at most 10,000).
+    pub phase_ms: Vec<BTreeMap<String, u64>>,
+    /// The training loss of each LoRA's current version (most recently updated first, at
+    /// most 1,000 LoRAs).
+    pub last_loss: Vec<(String, f64)>,
+}
+
 /// Why [`Store::reinit_lora`] changed nothing.
 pub(crate) fn reinit_refusal(
     current: Option<Lora>,
@@ -249,6 +267,9 @@ pub trait Store: Send + Sync + 'static {
         expected: i32,
         note: &serde_json::Value,
     ) -> Result<Lora>;
+
+    /// Numbers for `/metrics`; `window` bounds the finished jobs looked at.
+    async fn metrics_snapshot(&self, window: Duration) -> Result<MetricsSnapshot>;
 
     /// Pins or unpins a version (retention never removes a pinned version's files); false
     /// when there is no such version.

@@ -387,6 +387,75 @@ impl Store for PgStore {
         }
     }
 
+    async fn metrics_snapshot(&self, window: Duration) -> Result<super::MetricsSnapshot> {
+        let status_counts = |rows: Vec<PgRow>| -> Result<Vec<(JobStatus, i64)>> {
+            rows.iter()
+                .map(|r| {
+                    let s: String = r.try_get("status")?;
+                    Ok((s.parse()?, r.try_get("n")?))
+                })
+                .collect()
+        };
+        let live = status_counts(
+            sqlx::query(
+                "select status, count(*) as n from jobs
+                 where status in ('queued', 'running', 'coalesced') group by status",
+            )
+            .fetch_all(&self.pool)
+            .await?,
+        )?;
+        let oldest_queued_s: Option<f64> = sqlx::query_scalar(
+            "select extract(epoch from now() - min(created_at))::float8 from jobs
+             where status = 'queued'",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        // The cutoff is written into the statement (it is our own timestamp, not input):
+        // as a bound parameter, a cached generic plan cannot see that it selects only the
+        // last hour and scans every finished job instead of the finished_at index.
+        let cutoff = (Utc::now() - chrono::Duration::milliseconds(ms(window) as i64))
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let finished = status_counts(
+            sqlx::query(&format!(
+                "select status, count(*) as n from jobs
+                 where finished_at > '{cutoff}'::timestamptz group by status"
+            ))
+            .persistent(false)
+            .fetch_all(&self.pool)
+            .await?,
+        )?;
+        let timings: Vec<serde_json::Value> = sqlx::query_scalar(&format!(
+            "select timings_ms from jobs
+             where finished_at > '{cutoff}'::timestamptz and status = 'succeeded'
+             limit 10000"
+        ))
+        .persistent(false)
+        .fetch_all(&self.pool)
+        .await?;
+        let last_loss = sqlx::query(
+            "select l.lora_id, (v.metrics->>'total_loss')::float8 as loss
+             from loras l join lora_versions v
+               on v.lora_id = l.lora_id and v.version = l.current_version
+             where l.deleted_at is null and v.metrics ? 'total_loss'
+             order by l.updated_at desc limit 1000",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("lora_id")?, r.try_get("loss")?)))
+        .collect::<Result<Vec<(String, f64)>>>()?;
+        Ok(super::MetricsSnapshot {
+            live,
+            oldest_queued_s,
+            finished,
+            phase_ms: timings
+                .into_iter()
+                .filter_map(|t| serde_json::from_value(t).ok())
+                .collect(),
+            last_loss,
+        })
+    }
+
     async fn pin_version(&self, lora_id: &str, version: i32, pinned: bool) -> Result<bool> {
         let done =
             sqlx::query("update lora_versions set pinned = $3 where lora_id = $1 and version = $2")

@@ -443,6 +443,67 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
+    async fn metrics_snapshot(&self, window: Duration) -> Result<super::MetricsSnapshot> {
+        let status_counts = |rows: Vec<SqliteRow>| -> Result<Vec<(JobStatus, i64)>> {
+            rows.iter()
+                .map(|r| {
+                    let s: String = r.try_get("status")?;
+                    Ok((s.parse()?, r.try_get("n")?))
+                })
+                .collect()
+        };
+        let now = now_ms();
+        let live = status_counts(
+            sqlx::query(
+                "select status, count(*) as n from jobs
+                 where status in ('queued', 'running', 'coalesced') group by status",
+            )
+            .fetch_all(&self.pool)
+            .await?,
+        )?;
+        let oldest: Option<i64> =
+            sqlx::query_scalar("select min(created_at) from jobs where status = 'queued'")
+                .fetch_one(&self.pool)
+                .await?;
+        let since = now - i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+        let finished = status_counts(
+            sqlx::query(
+                "select status, count(*) as n from jobs where finished_at > ? group by status",
+            )
+            .bind(since)
+            .fetch_all(&self.pool)
+            .await?,
+        )?;
+        let timings: Vec<String> = sqlx::query_scalar(
+            "select timings_ms from jobs where finished_at > ? and status = 'succeeded' limit 10000",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        let last_loss = sqlx::query(
+            "select l.lora_id, cast(json_extract(v.metrics, '$.total_loss') as real) as loss
+             from loras l join lora_versions v
+               on v.lora_id = l.lora_id and v.version = l.current_version
+             where l.deleted_at is null and json_extract(v.metrics, '$.total_loss') is not null
+             order by l.updated_at desc limit 1000",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("lora_id")?, r.try_get("loss")?)))
+        .collect::<Result<Vec<(String, f64)>>>()?;
+        Ok(super::MetricsSnapshot {
+            live,
+            oldest_queued_s: oldest.map(|t| (now - t) as f64 / 1000.0),
+            finished,
+            phase_ms: timings
+                .iter()
+                .filter_map(|t| serde_json::from_str(t).ok())
+                .collect(),
+            last_loss,
+        })
+    }
+
     async fn pin_version(&self, lora_id: &str, version: i32, pinned: bool) -> Result<bool> {
         let done =
             sqlx::query("update lora_versions set pinned = ? where lora_id = ? and version = ?")
