@@ -396,13 +396,17 @@ impl Worker {
             Err(Stop::Failed(phase, err)) => {
                 tracing::warn!(phase = phase.as_str(), error = %err, "phase failed");
                 let wake = ctx.orchestration.wake_on_failure || self.opts.wake_on_failure;
-                self.wake_after_stop(ctx, &slept, wake).await;
+                let vllm = self.wake_after_stop(ctx, &slept, wake).await;
                 // Asked to leave vLLM asleep after a failure (for inspection): the
                 // fallback in run_claimed must not wake it either.
                 slept.store(false, Ordering::SeqCst);
                 let job_err = JobError {
                     code: err.code.clone(),
-                    message: err.message.clone(),
+                    // The job says what became of vLLM, not just what failed.
+                    message: match vllm {
+                        Some(v) => format!("{} ({v})", err.message),
+                        None => err.message.clone(),
+                    },
                     phase: Some(phase),
                 };
                 match store
@@ -515,12 +519,28 @@ impl Worker {
         }
     }
 
-    async fn wake_after_stop(&self, ctx: &JobContext, slept: &AtomicBool, wake: bool) {
-        if wake && slept.swap(false, Ordering::SeqCst) {
-            if let Err(e) = self.executor.wake(ctx).await {
-                tracing::error!(error = %e, "could not wake vLLM after stopping");
-            }
+    /// Wakes vLLM if this job slept it and `wake` says so; returns what happened to vLLM,
+    /// for the job's error (`None` when it was not slept).
+    async fn wake_after_stop(
+        &self,
+        ctx: &JobContext,
+        slept: &AtomicBool,
+        wake: bool,
+    ) -> Option<String> {
+        if !slept.load(Ordering::SeqCst) {
+            return None;
         }
+        if !wake {
+            return Some("vLLM was slept and is left asleep (wake_on_failure is off)".into());
+        }
+        slept.store(false, Ordering::SeqCst);
+        Some(match self.executor.wake(ctx).await {
+            Ok(()) => "vLLM was slept and woken again".into(),
+            Err(e) => {
+                tracing::error!(error = %e, "could not wake vLLM after stopping");
+                format!("vLLM was slept and could not be woken: {e}")
+            }
+        })
     }
 
     /// Enters `phase` (fenced), then runs `step` unless the lease is lost meanwhile.

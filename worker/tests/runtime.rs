@@ -135,6 +135,11 @@ async fn wake_on_failure_off_leaves_vllm_asleep() {
     let exec = Arc::new(Scripted::failing("distill", false));
     let j = run_one(&db, exec.clone(), options(false), false).await;
     assert_eq!(j.status, JobStatus::Failed);
+    let msg = j.error.map(|e| e.message).unwrap_or_default();
+    assert!(
+        msg.ends_with("(vLLM was slept and is left asleep (wake_on_failure is off))"),
+        "{msg}"
+    );
     assert_eq!(exec.calls(), ["drain", "sleep", "vram", "distill"]);
     db.cleanup().await;
 }

@@ -296,6 +296,11 @@ async fn a_sleep_that_fails_fails_the_job_before_training_and_wakes_vllm() {
         "{}",
         err.message
     );
+    assert!(
+        err.message.ends_with("(vLLM was slept and woken again)"),
+        "the job says what became of vLLM: {}",
+        err.message
+    );
     assert!(!root.join("a/v1").exists(), "nothing was trained");
     assert_eq!(j.published_version, None);
     // Whatever state the failed sleep left vLLM in, it is woken.
