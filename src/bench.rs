@@ -20,6 +20,8 @@ pub enum BenchCommand {
     Api(ApiBench),
     /// One SDPO step's time, tokens/s and peak memory on a checkpoint.
     Step(crate::train::StepBench),
+    /// Embedded inference: time to first token and greedy decode tokens/s.
+    Decode(crate::train::DecodeBench),
 }
 
 #[derive(Args)]
@@ -49,6 +51,9 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Api(b) => api(b).await,
         BenchCommand::Step(b) => {
             tokio::task::spawn_blocking(move || crate::train::bench_step(b)).await?
+        }
+        BenchCommand::Decode(b) => {
+            tokio::task::spawn_blocking(move || crate::train::bench_decode(b)).await?
         }
     }
 }

@@ -28,6 +28,17 @@ pub enum ModelCommand {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Prints the logits `[[f32; vocab]; len]` of a token sequence as JSON, with an
+    /// optional PEFT adapter applied (to compare against other implementations).
+    Logits {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Comma-separated token ids.
+        #[arg(long, value_delimiter = ',')]
+        ids: Vec<u32>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -113,6 +124,21 @@ pub fn model(cmd: ModelCommand) -> Result<()> {
             );
             Ok(())
         }
+        ModelCommand::Logits {
+            model,
+            adapter,
+            ids,
+        } => {
+            let m = Qwen3::load(&model, &Device::Cpu, DType::F32)?;
+            m.check_ids("--ids", &ids)?;
+            let lora = adapter
+                .map(|d| LoraAdapter::load(&d, &m.config, &Device::Cpu))
+                .transpose()?;
+            let logits = m.logits(&ids, 0, ids.len(), lora.as_ref())?;
+            let rows: Vec<Vec<f32>> = logits.squeeze(0)?.to_vec2()?;
+            println!("{}", serde_json::to_string(&rows)?);
+            Ok(())
+        }
     }
 }
 
@@ -196,6 +222,81 @@ pub struct StepBench {
     /// Per-layer activation checkpointing (less memory, ~1/3 more compute).
     #[arg(long)]
     checkpoint: bool,
+}
+
+#[derive(Args)]
+pub struct DecodeBench {
+    /// Checkpoint directory (e.g. from `claas model random`).
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt length in tokens (time to first token is measured on it).
+    #[arg(long, default_value_t = 256)]
+    prompt: usize,
+    /// Tokens generated greedily per run (no stop token ends them early).
+    #[arg(long, default_value_t = 64)]
+    new_tokens: usize,
+    /// Timed runs after one warm-up run; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+}
+
+/// Greedy generation with the KV cache, as embedded inference serves it: time to first
+/// token (prefill + first sample) and decode tokens/s after it, medians over `runs`.
+pub fn bench_decode(b: DecodeBench) -> Result<()> {
+    use claas_trainer::generate::{generate, Sampling};
+    if b.runs == 0 || b.prompt == 0 || b.new_tokens < 2 {
+        bail!("--runs and --prompt must be > 0 and --new-tokens >= 2");
+    }
+    let model = Qwen3::load(&b.model, &candle_core::Device::Cpu, candle_core::DType::F32)?;
+    let vocab = model.config.vocab_size as u64;
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let prompt: Vec<u32> = (0..b.prompt)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % vocab) as u32
+        })
+        .collect();
+    let sampling = Sampling {
+        temperature: 0.0,
+        top_p: 1.0,
+        max_tokens: b.new_tokens,
+        seed: None,
+        stop_ids: vec![],
+        top_logprobs: 0,
+    };
+    let (mut ttft, mut tps) = (Vec::new(), Vec::new());
+    for run in 0..=b.runs {
+        let started = Instant::now();
+        let mut first = None;
+        let (tokens, _) = generate(&model, None, &prompt, &sampling, |_| {
+            first.get_or_insert_with(|| started.elapsed());
+            true
+        })?;
+        let total = started.elapsed();
+        let first = first.unwrap_or(total);
+        if run == 0 {
+            continue; // warm-up
+        }
+        ttft.push(first.as_secs_f64() * 1000.0);
+        tps.push((tokens.len() - 1) as f64 / (total - first).as_secs_f64());
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "candle: prompt {} tokens, {} new: time to first token {:.1} ms, decode {:.2} tokens/s \
+         (medians of {} runs, {} threads)",
+        b.prompt,
+        b.new_tokens,
+        median(&mut ttft),
+        median(&mut tps),
+        b.runs,
+        candle_core::utils::get_num_threads()
+    );
+    Ok(())
 }
 
 /// Peak resident set size of this process, from /proc (Linux).
