@@ -2,6 +2,7 @@
 //! one process on SQLite); `claas api` and `claas worker` are the fleet's processes.
 
 mod bench;
+mod keys;
 mod serve;
 mod train;
 
@@ -65,6 +66,16 @@ enum Command {
     Model(train::ModelCommand),
     /// Replays one SDPO step offline from a samples file; prints the metrics as JSON.
     Distill(train::DistillArgs),
+    /// API keys: `claas keys create --name N --prefix P`, `list`, `revoke ID`.
+    Keys {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Use the embedded profile's database (SQLite under ./data).
+        #[arg(long)]
+        local: bool,
+        #[command(subcommand)]
+        cmd: keys::KeysCommand,
+    },
 }
 
 fn load(profile: Profile, args: &ConfigArgs) -> Result<Config> {
@@ -102,5 +113,16 @@ async fn main() -> Result<()> {
         Command::Bench(cmd) => bench::run(cmd).await,
         Command::Model(cmd) => tokio::task::spawn_blocking(move || train::model(cmd)).await?,
         Command::Distill(a) => tokio::task::spawn_blocking(move || train::distill(a)).await?,
+        Command::Keys { cfg, local, cmd } => {
+            let profile = if local {
+                Profile::Local
+            } else {
+                Profile::Fleet
+            };
+            let cfg = load(profile, &cfg)?;
+            let store = serve::open_store(&cfg).await?;
+            store.migrate().await?;
+            keys::run(store, cmd).await
+        }
     }
 }

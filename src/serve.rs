@@ -223,6 +223,21 @@ async fn listen(cfg: &Config) -> Result<tokio::net::TcpListener> {
 }
 
 async fn app_state(cfg: &Config, store: SharedStore) -> Result<AppState> {
+    let keys = store.has_api_keys().await.unwrap_or(false);
+    if keys
+        || cfg
+            .server
+            .admin_key
+            .as_deref()
+            .is_some_and(|k| !k.is_empty())
+    {
+        tracing::info!("API keys are required (Authorization: Bearer); /v1/health stays open");
+    } else {
+        tracing::warn!(
+            "no API key is configured: the API is open to anyone who can reach it \
+             (create one with `claas keys create`, or set CLAAS_ADMIN_KEY)"
+        );
+    }
     AppState::from_config(cfg, store)
         .await
         .context("connecting the completion cache (cache.redis_url, REDIS_URL)")

@@ -1,6 +1,7 @@
 //! claas-api: the stateless HTTP service. Any replica can serve any request: all state
 //! lives in the queue store (and, with its issue, the shared completion cache).
 
+pub mod auth;
 pub mod cache;
 pub mod embedded;
 pub mod error;
@@ -69,6 +70,8 @@ pub struct AppState {
     pub engine: Option<Arc<embedded::Engine>>,
     /// This process's HTTP request metrics.
     pub http_metrics: Arc<metrics::HttpMetrics>,
+    /// API keys (open when none is configured).
+    pub auth: Arc<auth::Auth>,
 }
 
 impl AppState {
@@ -81,7 +84,13 @@ impl AppState {
             backends: None,
             engine: None,
             http_metrics: Arc::new(metrics::HttpMetrics::new()),
+            auth: Arc::new(auth::Auth::open()),
         }
+    }
+
+    pub fn with_auth(mut self, auth: auth::Auth) -> AppState {
+        self.auth = Arc::new(auth);
+        self
     }
 
     pub fn with_cache(mut self, cache: Arc<dyn CompletionCache>) -> AppState {
@@ -124,7 +133,12 @@ impl AppState {
             .then(|| Backends::new(list, Duration::from_secs_f64(cfg.vllm.unavailable_wait_s)));
         Ok(AppState::new(store, ApiOptions::from_config(cfg))
             .with_cache(cache)
-            .with_backends(backends))
+            .with_backends(backends)
+            .with_auth(auth::Auth::new(
+                cfg.server.admin_key.clone(),
+                cfg.server.metrics_token.clone(),
+                cfg.server.max_queued_jobs_per_key,
+            )))
     }
 }
 
@@ -161,6 +175,10 @@ pub fn router(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::track,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
         ))
         .layer(TraceLayer::new_for_http())
         .with_state(state)

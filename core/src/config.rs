@@ -64,6 +64,12 @@ pub const ENV_NAMES: &[(&str, &str)] = &[
         "FEEDBACK_WAKE_ON_FAILURE",
         "worker.feedback_wake_on_failure",
     ),
+    ("CLAAS_ADMIN_KEY", "server.admin_key"),
+    ("CLAAS_METRICS_TOKEN", "server.metrics_token"),
+    (
+        "CLAAS_MAX_QUEUED_JOBS_PER_KEY",
+        "server.max_queued_jobs_per_key",
+    ),
     ("VLLM_BASE_URL", "vllm.base_url"),
     ("VLLM_API_KEY", "vllm.api_key"),
     ("VLLM_MAX_LORA_RANK", "vllm.max_lora_rank"),
@@ -139,6 +145,21 @@ pub struct ServerConfig {
     pub feedback_default_wait_s: u64,
     /// Upper bound on `Prefer: wait=N`. Default 600. Env `CLAAS_FEEDBACK_MAX_WAIT_S`.
     pub feedback_max_wait_s: u64,
+    /// A bootstrap admin API key (for first start, before `claas keys create`). Env
+    /// `CLAAS_ADMIN_KEY`. None: keys come from the database only.
+    #[serde(default)]
+    pub admin_key: Option<String>,
+    /// A token that may read `/metrics` when keys are on. Env `CLAAS_METRICS_TOKEN`.
+    #[serde(default)]
+    pub metrics_token: Option<String>,
+    /// Queued jobs one API key may have before feedback answers 429 (0: no limit).
+    /// Default 1000. Env `CLAAS_MAX_QUEUED_JOBS_PER_KEY`.
+    #[serde(default = "default_max_queued")]
+    pub max_queued_jobs_per_key: i64,
+}
+
+fn default_max_queued() -> i64 {
+    1000
 }
 
 /// The queue database.
@@ -364,6 +385,9 @@ impl Default for Config {
                 max_body_bytes: 8 << 20,
                 feedback_default_wait_s: 0,
                 feedback_max_wait_s: 600,
+                admin_key: None,
+                metrics_token: None,
+                max_queued_jobs_per_key: 1000,
             },
             database: DatabaseConfig {
                 url: "postgres://postgres@localhost/claas".into(),

@@ -356,6 +356,42 @@ pub struct LoraVersion {
     pub pruned_at: Option<DateTime<Utc>>,
 }
 
+/// An API key as stored (never its secret).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ApiKey {
+    pub id: String,
+    pub name: String,
+    /// LoRA id prefixes it may act on; empty with `admin`.
+    pub prefixes: Vec<String>,
+    pub admin: bool,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl ApiKey {
+    /// Whether this key may act on `lora_id`: admins on every LoRA; others on ids equal to
+    /// one of their prefixes or under it as a path (`alice` covers `alice` and `alice/x`,
+    /// not `alice2/x`; `team-` covers `team-a`).
+    pub fn covers(&self, lora_id: &str) -> bool {
+        self.admin || self.prefixes.iter().any(|p| prefix_covers(p, lora_id))
+    }
+}
+
+/// See [`ApiKey::covers`]: a prefix ending in `/` or `-` is a plain prefix; any other is
+/// an id or a path segment.
+pub fn prefix_covers(prefix: &str, lora_id: &str) -> bool {
+    if prefix.is_empty() {
+        return false;
+    }
+    if prefix.ends_with('/') || prefix.ends_with('-') {
+        return lora_id.starts_with(prefix);
+    }
+    lora_id == prefix
+        || lora_id
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
 /// The local directory a storage URI names (`file:///dir` or a plain path); `None` for
 /// remote storage and empty URIs.
 pub fn local_path(uri: &str) -> Option<std::path::PathBuf> {

@@ -246,6 +246,7 @@ async fn validate(state: &AppState, req: &FeedbackBatchRequest) -> ApiResult<Job
 
 pub async fn submit(
     State(state): State<AppState>,
+    caller: crate::auth::Caller,
     headers: HeaderMap,
     JsonBody(req, body): JsonBody<FeedbackBatchRequest>,
 ) -> ApiResult<Response> {
@@ -260,6 +261,25 @@ pub async fn submit(
         let resolved = crate::routes::lora_versions::resolve_alias(&state, &first).await?;
         for item in req.requests.iter_mut().filter(|i| i.lora_id == first) {
             item.lora_id = resolved.clone();
+        }
+    }
+    for item in &req.requests {
+        caller.check(&item.lora_id)?;
+    }
+    // Backpressure per key: one tenant cannot flood the queue; nothing accepted is dropped.
+    let limit = state.auth.max_queued_per_key;
+    if limit > 0 && !caller.id().is_empty() {
+        let queued = state.store.queued_jobs_of(caller.id()).await?;
+        if queued >= limit {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_queued_jobs",
+                format!(
+                    "this API key has {queued} jobs queued (limit {limit}, server.max_queued_jobs_per_key); \
+                     retry when some have run"
+                ),
+            )
+            .with_retry_after(30));
         }
     }
     let payload = validate(&state, &req).await?;
@@ -279,6 +299,7 @@ pub async fn submit(
         }
     };
     let mut job = NewJob::new(req.requests[0].lora_id.clone(), payload);
+    job.caller = caller.id().to_owned();
     job.orchestration = req.orchestration;
     job.max_attempts = state.options.max_attempts;
     job.request_hash = idempotency_key

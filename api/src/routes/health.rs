@@ -15,8 +15,19 @@ use crate::AppState;
 /// A worker counts as alive when it heartbeated within this window.
 const WORKER_ALIVE_S: i64 = 30;
 
-pub async fn health(State(state): State<AppState>) -> Response {
+pub async fn health(State(state): State<AppState>, caller: crate::auth::Caller) -> Response {
     let database = state.store.ping().await;
+    if matches!(caller, crate::auth::Caller::Anonymous) {
+        // Keys are on and none was given: up or down, nothing about the fleet.
+        let up = database.is_ok();
+        let status = if up {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        let body = serde_json::json!({"status": if up { "ok" } else { "unavailable" }});
+        return (status, Json(body)).into_response();
+    }
     let workers = match &database {
         Ok(()) => state.store.list_workers().await.ok(),
         Err(_) => None,

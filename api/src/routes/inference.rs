@@ -16,6 +16,7 @@ use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
+use crate::auth::Caller;
 use crate::cache::CachedCompletion;
 use crate::embedded::{self, Engine, RunEvent};
 use crate::error::{ApiError, ApiResult, JsonBody};
@@ -328,14 +329,24 @@ enum Chunk {
     Broken(String),
 }
 
+/// 403 when `model` names a LoRA the caller may not use (the base model is everyone's).
+fn check_model(state: &AppState, caller: &Caller, model: &str) -> ApiResult<()> {
+    if model.is_empty() || model == state.options.default_base_model {
+        return Ok(());
+    }
+    caller.check(model)
+}
+
 pub async fn chat_completions(
     State(state): State<AppState>,
+    caller: Caller,
     JsonBody(body, _): JsonBody<Value>,
 ) -> ApiResult<Response> {
     let mut body = require_object(body)?;
     let messages = validate_messages(&body)?.clone();
     if let Some(model) = body.get("model").and_then(Value::as_str).map(str::to_owned) {
         let resolved = crate::routes::lora_versions::resolve_alias(&state, &model).await?;
+        check_model(&state, &caller, &resolved)?;
         body.insert("model".into(), Value::String(resolved));
     }
     let scope = scope_of(&state, &Value::Object(body.clone()));
@@ -763,9 +774,17 @@ fn sse_data(event: &str) -> Option<String> {
 /// `POST /v1/completions`: forwarded as is (not cached, as in CLaaS), streaming included.
 pub async fn completions(
     State(state): State<AppState>,
+    caller: Caller,
     JsonBody(body, _): JsonBody<Value>,
 ) -> ApiResult<Response> {
     let body = require_object(body)?;
+    check_model(
+        &state,
+        &caller,
+        body.get("model")
+            .and_then(Value::as_str)
+            .unwrap_or_default(),
+    )?;
     if !body.contains_key("prompt") {
         return Err(ApiError::invalid("prompt is required"));
     }
@@ -887,15 +906,21 @@ async fn embedded_completion(
 
 /// `GET /v1/models`: vLLM's list when one is configured; otherwise the base model and the
 /// LoRAs this service knows.
-pub async fn models(State(state): State<AppState>) -> ApiResult<Response> {
+pub async fn models(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
     if state.backends.is_some() {
         let up = backend(&state, "").await?;
-        let v: Value = up
+        let mut v: Value = up
             .get("/v1/models")
             .await?
             .json()
             .await
             .map_err(|e| ApiError::from(UpstreamError::Unreachable(e.to_string())))?;
+        // Base model cards for everyone; adapter cards only for the keys that cover them.
+        if let Some(cards) = v["data"].as_array_mut() {
+            cards.retain(|c| {
+                c["parent"].is_null() || c["id"].as_str().is_some_and(|id| caller.covers(id))
+            });
+        }
         return Ok(Json(v).into_response());
     }
     let base = &state.options.default_base_model;
@@ -903,6 +928,9 @@ pub async fn models(State(state): State<AppState>) -> ApiResult<Response> {
         json!({"id": base, "object": "model", "owned_by": "claas", "root": base, "parent": null}),
     ];
     for l in state.store.list_loras("").await? {
+        if !caller.covers(&l.lora_id) {
+            continue;
+        }
         data.push(
             json!({"id": l.lora_id, "object": "model", "owned_by": "claas",
             "root": l.lora_id, "parent": l.base_model}),
@@ -922,8 +950,10 @@ pub struct ScoreRequest {
 
 pub async fn score(
     State(state): State<AppState>,
+    caller: Caller,
     JsonBody(req, _): JsonBody<ScoreRequest>,
 ) -> ApiResult<Response> {
+    check_model(&state, &caller, &req.model)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages must not be empty"));
     }

@@ -9,6 +9,7 @@ use claas_core::types::JobStatus;
 use serde::Deserialize;
 use uuid::Uuid;
 
+use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 
@@ -22,13 +23,18 @@ fn parse_id(raw: &str) -> ApiResult<Uuid> {
 }
 
 /// One job with its timeline.
-pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     let id = parse_id(&id)?;
     let job = state
         .store
         .get_job(id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("job not found: {id}")))?;
+    caller.check(&job.lora_id)?;
     let events = state.store.job_events(id).await?;
     let mut body =
         serde_json::to_value(&job).map_err(|e| ApiError::from(claas_core::Error::from(e)))?;
@@ -52,6 +58,7 @@ pub struct ListQuery {
 /// Jobs newest first; `next_cursor` continues the listing.
 pub async fn list(
     State(state): State<AppState>,
+    caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
@@ -67,16 +74,21 @@ pub async fn list(
         .transpose()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let before = q.cursor.as_deref().map(parse_id).transpose()?;
-    let jobs = state
+    if let Some(id) = &q.lora_id {
+        caller.check(id)?;
+    }
+    let mut jobs = state
         .store
         .list_jobs(&JobFilter {
             lora_id: q.lora_id,
-            lora_prefixes: None,
+            lora_prefixes: caller.prefixes(),
             status,
             before,
             limit,
         })
         .await?;
+    // The store filters by plain prefix; a key's prefix covers whole path segments.
+    jobs.retain(|j| caller.covers(&j.lora_id));
     let next_cursor = (jobs.len() as i64 == limit)
         .then(|| jobs.last().map(|j| j.id))
         .flatten();
@@ -86,8 +98,15 @@ pub async fn list(
 }
 
 /// Cancels a queued job at once (200) or asks a running one to stop (202).
-pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+pub async fn cancel(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     let id = parse_id(&id)?;
+    if let Some(job) = state.store.get_job(id).await? {
+        caller.check(&job.lora_id)?;
+    }
     Ok(match state.store.cancel(id).await? {
         CancelOutcome::Cancelled(job) => (StatusCode::OK, Json(job)).into_response(),
         CancelOutcome::Requested(job) => (StatusCode::ACCEPTED, Json(job)).into_response(),

@@ -10,6 +10,7 @@ use axum::Json;
 use claas_core::types::{validate_lora_id, Lora, NewLora};
 use serde::Deserialize;
 
+use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, JsonBody};
 use crate::AppState;
 
@@ -49,10 +50,12 @@ fn default_alpha() -> i32 {
 
 pub async fn init(
     State(state): State<AppState>,
+    caller: Caller,
     JsonBody(req, _): JsonBody<LoraInitRequest>,
 ) -> ApiResult<Response> {
     // 400: an id that could name a path outside the adapter root is not a range error.
     validate_lora_id(&req.lora_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    caller.check(&req.lora_id)?;
     if !(4..=128).contains(&req.lora_r) {
         return Err(ApiError::invalid("lora_r must be within [4, 128]"));
     }
@@ -316,9 +319,11 @@ pub struct ListQuery {
 /// version, base model and last update.
 pub async fn list(
     State(state): State<AppState>,
+    caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let loras = state.store.list_loras(&q.prefix).await?;
+    let mut loras = state.store.list_loras(&q.prefix).await?;
+    loras.retain(|l| caller.covers(&l.lora_id));
     let ids: Vec<&str> = loras.iter().map(|l| l.lora_id.as_str()).collect();
     let items: Vec<serde_json::Value> = loras
         .iter()
@@ -339,12 +344,14 @@ pub async fn list(
 /// `GET /v1/lora/{lora_id}/versions` (lora ids contain '/', so the route is a wildcard).
 pub async fn versions(
     State(state): State<AppState>,
+    caller: Caller,
     Path(rest): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let Some(lora_id) = rest.strip_suffix("/versions") else {
         return Err(ApiError::not_found("no such route"));
     };
     let lora_id = &crate::routes::lora_versions::resolve_alias(&state, lora_id).await?;
+    caller.check(lora_id)?;
     let lora = state
         .store
         .get_lora(lora_id)
@@ -372,11 +379,13 @@ const PEFT_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors
 /// after checking the weights against the sha256 recorded at publish.
 pub async fn export(
     State(state): State<AppState>,
+    caller: Caller,
     Query(q): Query<ExportQuery>,
 ) -> ApiResult<Response> {
     validate_lora_id(&q.lora_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let mut q = q;
     q.lora_id = crate::routes::lora_versions::resolve_alias(&state, &q.lora_id).await?;
+    caller.check(&q.lora_id)?;
     let lora = state
         .store
         .get_lora(&q.lora_id)

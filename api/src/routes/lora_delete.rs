@@ -24,11 +24,13 @@ pub struct DeleteQuery {
 
 pub async fn delete(
     State(state): State<AppState>,
+    caller: crate::auth::Caller,
     Query(q): Query<DeleteQuery>,
 ) -> ApiResult<Response> {
     validate_lora_id(&q.lora_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let mut q = q;
     q.lora_id = crate::routes::lora_versions::resolve_alias(&state, &q.lora_id).await?;
+    caller.check(&q.lora_id)?;
     // The files to remove, read before the versions are dropped.
     let dirs: Vec<std::path::PathBuf> = state
         .store

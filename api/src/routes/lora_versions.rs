@@ -44,9 +44,17 @@ fn yes() -> bool {
 /// `POST /v1/lora/{lora_id}/rollback` and `/pin` (ids contain '/': a wildcard route).
 pub async fn action(
     State(state): State<AppState>,
+    caller: crate::auth::Caller,
     Path(rest): Path<String>,
     JsonBody(body, _): JsonBody<VersionBody>,
 ) -> ApiResult<Response> {
+    if let Some(id) = rest
+        .strip_suffix("/rollback")
+        .or_else(|| rest.strip_suffix("/pin"))
+    {
+        let id = resolve_alias(&state, id).await?;
+        caller.check(&id)?;
+    }
     if let Some(id) = rest.strip_suffix("/rollback") {
         return rollback(&state, id, body.version).await;
     }

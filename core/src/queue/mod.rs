@@ -21,8 +21,8 @@ pub use sqlite::SqliteStore;
 
 use crate::error::Result;
 use crate::types::{
-    Job, JobError, JobEvent, JobPayload, JobStatus, Lora, LoraVersion, NewJob, NewLora, NewVersion,
-    Phase, WorkerInfo, WorkerRow, WorkerState,
+    ApiKey, Job, JobError, JobEvent, JobPayload, JobStatus, Lora, LoraVersion, NewJob, NewLora,
+    NewVersion, Phase, WorkerInfo, WorkerRow, WorkerState,
 };
 
 /// What a worker asks for when it claims.
@@ -267,6 +267,24 @@ pub trait Store: Send + Sync + 'static {
         expected: i32,
         note: &serde_json::Value,
     ) -> Result<Lora>;
+
+    /// Stores a key (its secret's SHA-256 only).
+    async fn create_api_key(&self, key: &ApiKey, secret_hash: &str) -> Result<()>;
+
+    /// Every key, newest first, revoked ones included.
+    async fn list_api_keys(&self) -> Result<Vec<ApiKey>>;
+
+    /// Revokes a key; false when there is no such live key.
+    async fn revoke_api_key(&self, id: &str) -> Result<bool>;
+
+    /// The live key whose secret hashes to `secret_hash`.
+    async fn find_api_key(&self, secret_hash: &str) -> Result<Option<ApiKey>>;
+
+    /// Whether any live key exists (then the API requires one).
+    async fn has_api_keys(&self) -> Result<bool>;
+
+    /// Jobs still queued that `caller` enqueued (per-key backpressure).
+    async fn queued_jobs_of(&self, caller: &str) -> Result<i64>;
 
     /// Numbers for `/metrics`; `window` bounds the finished jobs looked at.
     async fn metrics_snapshot(&self, window: Duration) -> Result<MetricsSnapshot>;

@@ -18,8 +18,8 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::types::{
-    Job, JobError, JobEvent, JobPayload, JobStatus, Lora, LoraVersion, NewJob, NewLora, NewVersion,
-    Phase, WorkerInfo, WorkerRow, WorkerState,
+    ApiKey, Job, JobError, JobEvent, JobPayload, JobStatus, Lora, LoraVersion, NewJob, NewLora,
+    NewVersion, Phase, WorkerInfo, WorkerRow, WorkerState,
 };
 
 /// The notification channel the enqueue trigger signals.
@@ -385,6 +385,63 @@ impl Store for PgStore {
                 expected,
             )),
         }
+    }
+
+    async fn create_api_key(&self, key: &ApiKey, secret_hash: &str) -> Result<()> {
+        sqlx::query(
+            "insert into api_keys (id, name, prefixes, admin, secret_hash) values ($1, $2, $3, $4, $5)",
+        )
+        .bind(&key.id)
+        .bind(&key.name)
+        .bind(serde_json::to_value(&key.prefixes)?)
+        .bind(key.admin)
+        .bind(secret_hash)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_api_keys(&self) -> Result<Vec<ApiKey>> {
+        let rows = sqlx::query("select * from api_keys order by created_at desc, id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(api_key_from_row).collect()
+    }
+
+    async fn revoke_api_key(&self, id: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "update api_keys set revoked_at = now() where id = $1 and revoked_at is null",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn find_api_key(&self, secret_hash: &str) -> Result<Option<ApiKey>> {
+        let row =
+            sqlx::query("select * from api_keys where secret_hash = $1 and revoked_at is null")
+                .bind(secret_hash)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.as_ref().map(api_key_from_row).transpose()
+    }
+
+    async fn has_api_keys(&self) -> Result<bool> {
+        Ok(
+            sqlx::query_scalar("select exists (select 1 from api_keys where revoked_at is null)")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn queued_jobs_of(&self, caller: &str) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("select count(*) from jobs where status = 'queued' and caller = $1")
+                .bind(caller)
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     async fn metrics_snapshot(&self, window: Duration) -> Result<super::MetricsSnapshot> {
@@ -1157,6 +1214,17 @@ impl Store for PgStore {
             })
             .collect()
     }
+}
+
+fn api_key_from_row(r: &PgRow) -> Result<ApiKey> {
+    Ok(ApiKey {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        prefixes: serde_json::from_value(r.try_get("prefixes")?)?,
+        admin: r.try_get("admin")?,
+        created_at: r.try_get("created_at")?,
+        revoked_at: r.try_get("revoked_at")?,
+    })
 }
 
 /// Why a job that matched no cancellable state cannot be cancelled.

@@ -24,8 +24,8 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::types::{
-    Job, JobError, JobEvent, JobPayload, JobStatus, Lora, LoraVersion, NewJob, NewLora, NewVersion,
-    Phase, WorkerInfo, WorkerRow, WorkerState,
+    ApiKey, Job, JobError, JobEvent, JobPayload, JobStatus, Lora, LoraVersion, NewJob, NewLora,
+    NewVersion, Phase, WorkerInfo, WorkerRow, WorkerState,
 };
 
 const JOB_COLUMNS: &str = "id, lora_id, base_model, caller, status, phase, sample_count, \
@@ -69,6 +69,17 @@ fn time_col(row: &SqliteRow, col: &str) -> Result<Option<chrono::DateTime<Utc>>>
 
 fn required<T>(v: Option<T>, col: &str) -> Result<T> {
     v.ok_or_else(|| Error::Corrupt(format!("{col} is null")))
+}
+
+fn api_key_from_row(r: &SqliteRow) -> Result<ApiKey> {
+    Ok(ApiKey {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        prefixes: required(json_col(r, "prefixes")?, "prefixes")?,
+        admin: r.try_get("admin")?,
+        created_at: required(time_col(r, "created_at")?, "created_at")?,
+        revoked_at: time_col(r, "revoked_at")?,
+    })
 }
 
 fn job_from_row(row: &SqliteRow) -> Result<Job> {
@@ -441,6 +452,64 @@ impl Store for SqliteStore {
         let out = lora_from_row(&row)?;
         tx.commit().await?;
         Ok(out)
+    }
+
+    async fn create_api_key(&self, key: &ApiKey, secret_hash: &str) -> Result<()> {
+        sqlx::query(
+            "insert into api_keys (id, name, prefixes, admin, secret_hash, created_at)
+             values (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&key.id)
+        .bind(&key.name)
+        .bind(serde_json::to_string(&key.prefixes)?)
+        .bind(key.admin)
+        .bind(secret_hash)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_api_keys(&self) -> Result<Vec<ApiKey>> {
+        let rows = sqlx::query("select * from api_keys order by created_at desc, id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(api_key_from_row).collect()
+    }
+
+    async fn revoke_api_key(&self, id: &str) -> Result<bool> {
+        let done =
+            sqlx::query("update api_keys set revoked_at = ? where id = ? and revoked_at is null")
+                .bind(now_ms())
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn find_api_key(&self, secret_hash: &str) -> Result<Option<ApiKey>> {
+        let row =
+            sqlx::query("select * from api_keys where secret_hash = ? and revoked_at is null")
+                .bind(secret_hash)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.as_ref().map(api_key_from_row).transpose()
+    }
+
+    async fn has_api_keys(&self) -> Result<bool> {
+        let n: i64 = sqlx::query_scalar("select count(*) from api_keys where revoked_at is null")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn queued_jobs_of(&self, caller: &str) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("select count(*) from jobs where status = 'queued' and caller = ?")
+                .bind(caller)
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     async fn metrics_snapshot(&self, window: Duration) -> Result<super::MetricsSnapshot> {

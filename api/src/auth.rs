@@ -1,0 +1,246 @@
+//! API keys. With no key anywhere (no live key in the database, no bootstrap key) the API
+//! is open, as the embedded default is; with any, every route but `/v1/health` needs
+//! `Authorization: Bearer <secret>` and `/metrics` needs an admin key or the metrics token.
+//! Keys live in the database as the SHA-256 of their secret, so every replica agrees; a
+//! key limited to LoRA id prefixes acts only on those LoRAs and their jobs.
+//!
+//! Secrets are 256 random bits: looking one up by its hash through an index leaks nothing
+//! an attacker can use, and the configured secrets (bootstrap key, metrics token) are
+//! compared in constant time. Secrets never reach logs or errors.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use claas_core::types::ApiKey;
+use sha2::{Digest, Sha256};
+
+use crate::error::{ApiError, ApiResult};
+use crate::AppState;
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// No key is configured anywhere: the API is open.
+    Open,
+    Key(ApiKey),
+    /// Keys are required and none was given (only `/v1/health` lets it through).
+    Anonymous,
+}
+
+impl Caller {
+    /// May this caller act on `lora_id`?
+    pub fn covers(&self, lora_id: &str) -> bool {
+        match self {
+            Caller::Open => true,
+            Caller::Key(k) => k.covers(lora_id),
+            Caller::Anonymous => false,
+        }
+    }
+
+    /// 403 unless this caller may act on `lora_id`.
+    pub fn check(&self, lora_id: &str) -> ApiResult<()> {
+        if self.covers(lora_id) {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this API key may not act on LoRA '{lora_id}'"),
+        ))
+    }
+
+    pub fn is_admin(&self) -> bool {
+        match self {
+            Caller::Open => true,
+            Caller::Key(k) => k.admin,
+            Caller::Anonymous => false,
+        }
+    }
+
+    /// The id recorded as a job's `caller` ('' when open).
+    pub fn id(&self) -> &str {
+        match self {
+            Caller::Open | Caller::Anonymous => "",
+            Caller::Key(k) => &k.id,
+        }
+    }
+
+    /// The prefixes a listing is limited to; `None` for everything.
+    pub fn prefixes(&self) -> Option<Vec<String>> {
+        match self {
+            Caller::Key(k) if !k.admin => Some(k.prefixes.clone()),
+            Caller::Anonymous => Some(Vec::new()),
+            _ => None,
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .unwrap_or(Caller::Open))
+    }
+}
+
+/// Auth settings and the cached "is any key configured" answer.
+pub struct Auth {
+    bootstrap_admin: Option<String>,
+    metrics_token: Option<String>,
+    /// Queued jobs one key may have before feedback answers 429 (0: no limit).
+    pub max_queued_per_key: i64,
+    enabled: Mutex<Option<(Instant, bool)>>,
+}
+
+/// How long "keys exist" is trusted before the database is asked again.
+const ENABLED_TTL: Duration = Duration::from_secs(2);
+
+impl Auth {
+    pub fn new(
+        bootstrap_admin: Option<String>,
+        metrics_token: Option<String>,
+        max_queued_per_key: i64,
+    ) -> Auth {
+        Auth {
+            bootstrap_admin: bootstrap_admin.filter(|k| !k.is_empty()),
+            metrics_token: metrics_token.filter(|k| !k.is_empty()),
+            max_queued_per_key,
+            enabled: Mutex::new(None),
+        }
+    }
+
+    /// Open: no key anywhere.
+    pub fn open() -> Auth {
+        Auth::new(None, None, 0)
+    }
+
+    async fn enabled(&self, state: &AppState) -> ApiResult<bool> {
+        if self.bootstrap_admin.is_some() {
+            return Ok(true);
+        }
+        if let Some((at, on)) = *self.enabled.lock().unwrap_or_else(|e| e.into_inner()) {
+            if at.elapsed() < ENABLED_TTL {
+                return Ok(on);
+            }
+        }
+        let on = state.store.has_api_keys().await?;
+        *self.enabled.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), on));
+        Ok(on)
+    }
+}
+
+/// SHA-256 (hex) of a secret: what the database stores.
+pub fn secret_hash(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// A new key's id and secret (`claas_` + 64 hex digits).
+pub fn new_secret() -> (String, String) {
+    let bytes: [u8; 32] = rand::random();
+    let id: [u8; 6] = rand::random();
+    (
+        format!("key_{}", hex::encode(id)),
+        format!("claas_{}", hex::encode(bytes)),
+    )
+}
+
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    // Compare digests so the time depends on neither length nor content.
+    let (x, y) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
+    x.iter()
+        .zip(y.iter())
+        .fold(0u8, |acc, (p, q)| acc | (p ^ q))
+        == 0
+}
+
+fn bearer(req: &Request) -> Option<String> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_owned())
+        .filter(|t| !t.is_empty())
+}
+
+fn unauthorized(message: &str) -> Response {
+    let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    resp
+}
+
+/// The key a secret names, if any.
+async fn resolve(state: &AppState, secret: &str) -> ApiResult<Option<ApiKey>> {
+    if let Some(boot) = &state.auth.bootstrap_admin {
+        if constant_time_eq(secret, boot) {
+            return Ok(Some(ApiKey {
+                id: "bootstrap".into(),
+                name: "bootstrap admin (CLAAS_ADMIN_KEY)".into(),
+                prefixes: Vec::new(),
+                admin: true,
+                created_at: chrono::Utc::now(),
+                revoked_at: None,
+            }));
+        }
+    }
+    Ok(state.store.find_api_key(&secret_hash(secret)).await?)
+}
+
+/// Middleware: authenticates every request and leaves the [`Caller`] for the handlers.
+pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let enabled = match state.auth.enabled(&state).await {
+        Ok(on) => on,
+        Err(e) => return e.into_response(),
+    };
+    if !enabled {
+        req.extensions_mut().insert(Caller::Open);
+        return next.run(req).await;
+    }
+    let path = req.uri().path().to_owned();
+    let secret = bearer(&req);
+    if path == "/metrics" {
+        let token_ok = match (&secret, &state.auth.metrics_token) {
+            (Some(s), Some(t)) => constant_time_eq(s, t),
+            _ => false,
+        };
+        let admin_ok = match &secret {
+            Some(s) if !token_ok => matches!(resolve(&state, s).await, Ok(Some(k)) if k.admin),
+            _ => false,
+        };
+        if !(token_ok || admin_ok) {
+            return unauthorized("/metrics needs an admin key or the metrics token");
+        }
+        return next.run(req).await;
+    }
+    let key = match &secret {
+        Some(s) => match resolve(&state, s).await {
+            Ok(k) => k,
+            Err(e) => return e.into_response(),
+        },
+        None => None,
+    };
+    match key {
+        Some(k) => {
+            req.extensions_mut().insert(Caller::Key(k));
+            next.run(req).await
+        }
+        // Health stays open, saying only up or down (the handler sees no caller).
+        None if path == "/v1/health" => {
+            req.extensions_mut().insert(Caller::Anonymous);
+            next.run(req).await
+        }
+        None if secret.is_some() => unauthorized("the API key is not valid (unknown or revoked)"),
+        None => unauthorized("this API needs an API key: Authorization: Bearer <key>"),
+    }
+}

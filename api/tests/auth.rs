@@ -1,0 +1,404 @@
+//! API keys and tenancy, through the real router, on both stores: a table of requests by
+//! two tenants (`alice`, `bob`), an admin, a revoked key and no key, with the status each
+//! must get, including ids that differ from a tenant's only by case or prefix boundary.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use claas_api::auth::{new_secret, secret_hash, Auth};
+use claas_api::{router, ApiOptions, AppState};
+use claas_core::testing::{lora, TestDb, TEST_BASE_MODEL};
+use claas_core::types::ApiKey;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+fn options() -> ApiOptions {
+    ApiOptions {
+        max_body_bytes: 64 * 1024,
+        feedback_default_wait_s: 0,
+        feedback_max_wait_s: 1,
+        max_attempts: 3,
+        default_base_model: TEST_BASE_MODEL.into(),
+        allowed_init_base_models: vec![TEST_BASE_MODEL.into()],
+        lora_root: std::env::temp_dir()
+            .join("claas-auth-tests")
+            .display()
+            .to_string(),
+        data_dir: std::env::temp_dir().join("claas-auth-tests-data"),
+        max_lora_rank: None,
+    }
+}
+
+struct Keys {
+    alice: String,
+    bob: String,
+    admin: String,
+    revoked: String,
+    metrics: String,
+}
+
+async fn key(db: &TestDb, name: &str, prefixes: &[&str], admin: bool) -> (String, String) {
+    let (id, secret) = new_secret();
+    db.store
+        .create_api_key(
+            &ApiKey {
+                id: id.clone(),
+                name: name.into(),
+                prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
+                admin,
+                created_at: chrono::Utc::now(),
+                revoked_at: None,
+            },
+            &secret_hash(&secret),
+        )
+        .await
+        .expect("key");
+    (id, secret)
+}
+
+async fn setup(db: &TestDb, max_queued: i64) -> (axum::Router, Keys) {
+    for id in ["alice", "alice/x", "alice2/x", "Alice/z", "bob/y"] {
+        db.store.create_lora(&lora(id)).await.expect("lora");
+    }
+    let (_, alice) = key(db, "alice", &["alice"], false).await;
+    let (_, bob) = key(db, "bob", &["bob"], false).await;
+    let (_, admin) = key(db, "ops", &[], true).await;
+    let (revoked_id, revoked) = key(db, "old", &["alice"], false).await;
+    assert!(db.store.revoke_api_key(&revoked_id).await.expect("revoke"));
+    let state = AppState::new(db.store.clone(), options()).with_auth(Auth::new(
+        None,
+        Some("scrape-me".into()),
+        max_queued,
+    ));
+    (
+        router(state),
+        Keys {
+            alice,
+            bob,
+            admin,
+            revoked,
+            metrics: "scrape-me".into(),
+        },
+    )
+}
+
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let req = match body {
+        Some(b) => req
+            .header("content-type", "application/json")
+            .body(Body::from(b.to_string())),
+        None => req.body(Body::empty()),
+    }
+    .expect("request");
+    let resp = app.clone().oneshot(req).await.expect("answer");
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    let v = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, v)
+}
+
+fn feedback(lora_id: &str) -> Value {
+    json!({"requests": [{
+        "lora_id": lora_id, "prompt": "p", "response": "r", "feedback": "f",
+        "prompt_token_ids": [1, 2], "response_token_ids": [3], "response_logprobs": [-0.5],
+        "system_prompt": "s"}]})
+}
+
+/// method, path, key, body, expected status.
+type Case<'a> = (&'a str, String, Option<&'a str>, Option<Value>, StatusCode);
+
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod postgres { $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let db = claas_core::testing::TestDb::postgres().await;
+                super::$name(&db).await;
+                db.cleanup().await;
+            }
+        )* }
+        mod sqlite { $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let db = claas_core::testing::TestDb::sqlite().await;
+                super::$name(&db).await;
+                db.cleanup().await;
+            }
+        )* }
+    };
+}
+
+both_stores!(
+    every_route_answers_401_403_or_200_per_key,
+    listings_show_only_the_callers_loras_and_jobs,
+    queued_jobs_per_key_are_capped_with_429,
+    with_no_key_anywhere_the_api_is_open,
+);
+
+async fn every_route_answers_401_403_or_200_per_key(db: &TestDb) {
+    let (app, k) = setup(db, 0).await;
+    // A job of bob's, for alice to try.
+    let (s, bob_job) = call(
+        &app,
+        "POST",
+        "/v1/feedback",
+        Some(&k.bob),
+        Some(feedback("bob/y")),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{bob_job}");
+    let bob_job = bob_job["job_id"].as_str().expect("id").to_owned();
+    let (s, alice_job) = call(
+        &app,
+        "POST",
+        "/v1/feedback",
+        Some(&k.alice),
+        Some(feedback("alice/x")),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{alice_job}");
+    let alice_job = alice_job["job_id"].as_str().expect("id").to_owned();
+
+    let (a, b, adm, old) = (
+        Some(k.alice.as_str()),
+        Some(k.bob.as_str()),
+        Some(k.admin.as_str()),
+        Some(k.revoked.as_str()),
+    );
+    let u = StatusCode::UNAUTHORIZED;
+    let f = StatusCode::FORBIDDEN;
+    let ok = StatusCode::OK;
+    let acc = StatusCode::ACCEPTED;
+    let cases: Vec<Case> = vec![
+        // No key, a revoked key, a made-up key.
+        ("GET", "/v1/jobs".into(), None, None, u),
+        (
+            "POST",
+            "/v1/feedback".into(),
+            None,
+            Some(feedback("alice/x")),
+            u,
+        ),
+        ("GET", "/v1/lora".into(), old, None, u),
+        ("GET", "/v1/lora".into(), Some("claas_0000"), None, u),
+        ("GET", "/v1/models".into(), None, None, u),
+        ("GET", "/metrics".into(), None, None, u),
+        // Feedback: own prefix yes; case, boundary and other tenants no.
+        (
+            "POST",
+            "/v1/feedback".into(),
+            a,
+            Some(feedback("alice")),
+            acc,
+        ),
+        (
+            "POST",
+            "/v1/feedback".into(),
+            a,
+            Some(feedback("alice2/x")),
+            f,
+        ),
+        (
+            "POST",
+            "/v1/feedback".into(),
+            a,
+            Some(feedback("Alice/z")),
+            f,
+        ),
+        ("POST", "/v1/feedback".into(), a, Some(feedback("bob/y")), f),
+        (
+            "POST",
+            "/v1/feedback".into(),
+            a,
+            Some(feedback("alice2/x-latest")),
+            f,
+        ),
+        // Jobs of another tenant.
+        ("GET", format!("/v1/jobs/{bob_job}"), a, None, f),
+        ("POST", format!("/v1/jobs/{bob_job}/cancel"), a, None, f),
+        ("GET", format!("/v1/jobs/{alice_job}"), a, None, ok),
+        ("GET", "/v1/jobs?lora_id=bob/y".into(), a, None, f),
+        ("GET", format!("/v1/jobs/{bob_job}"), adm, None, ok),
+        // LoRA routes.
+        ("GET", "/v1/lora/alice/x/versions".into(), a, None, ok),
+        ("GET", "/v1/lora/alice2/x/versions".into(), a, None, f),
+        ("GET", "/v1/lora/bob/y/versions".into(), a, None, f),
+        ("GET", "/v1/lora/bob/y/versions".into(), b, None, ok),
+        ("GET", "/v1/lora/export?lora_id=bob/y".into(), a, None, f),
+        (
+            "POST",
+            "/v1/lora/init".into(),
+            a,
+            Some(json!({"lora_id": "bob/new"})),
+            f,
+        ),
+        (
+            "POST",
+            "/v1/lora/init".into(),
+            a,
+            Some(json!({"lora_id": "alice/new"})),
+            ok,
+        ),
+        (
+            "POST",
+            "/v1/lora/bob/y/pin".into(),
+            a,
+            Some(json!({"version": 0})),
+            f,
+        ),
+        (
+            "POST",
+            "/v1/lora/bob/y/rollback".into(),
+            a,
+            Some(json!({"version": 0})),
+            f,
+        ),
+        ("DELETE", "/v1/lora?lora_id=bob/y".into(), a, None, f),
+        // Inference with another tenant's LoRA as the model (checked before any backend).
+        (
+            "POST",
+            "/v1/chat/completions".into(),
+            a,
+            Some(json!({"model": "bob/y", "messages": [{"role": "user", "content": "hi"}]})),
+            f,
+        ),
+        // Metrics: admin or the metrics token, not a tenant.
+        ("GET", "/metrics".into(), a, None, u),
+        ("GET", "/metrics".into(), adm, None, ok),
+        ("GET", "/metrics".into(), Some(k.metrics.as_str()), None, ok),
+        // A tenant may cancel its own job and delete its own LoRA.
+        ("POST", format!("/v1/jobs/{alice_job}/cancel"), a, None, ok),
+        ("DELETE", "/v1/lora?lora_id=alice/new".into(), a, None, ok),
+    ];
+    for (method, uri, key, body, want) in cases {
+        let (got, body) = call(&app, method, &uri, key, body).await;
+        assert_eq!(got, want, "{method} {uri}: {body}");
+        if got == u {
+            assert!(body["error"]["message"].is_string(), "{body}");
+            let text = body.to_string();
+            for secret in [&k.alice, &k.bob, &k.admin, &k.revoked] {
+                assert!(
+                    !text.contains(secret.as_str()),
+                    "a secret leaked into an error"
+                );
+            }
+        }
+    }
+    // Health stays open and, without a key, says only up or down.
+    let (s, h) = call(&app, "GET", "/v1/health", None, None).await;
+    assert_eq!(s, ok);
+    assert_eq!(h, json!({"status": "ok"}));
+    let (_, h) = call(&app, "GET", "/v1/health", adm, None).await;
+    assert!(h.get("workers").is_some(), "an admin sees the fleet: {h}");
+}
+
+async fn listings_show_only_the_callers_loras_and_jobs(db: &TestDb) {
+    let (app, k) = setup(db, 0).await;
+    for (key, id) in [
+        (&k.alice, "alice/x"),
+        (&k.bob, "bob/y"),
+        (&k.admin, "alice2/x"),
+    ] {
+        let (s, b) = call(&app, "POST", "/v1/feedback", Some(key), Some(feedback(id))).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    }
+    let (_, loras) = call(&app, "GET", "/v1/lora", Some(&k.alice), None).await;
+    assert_eq!(loras["loras"], json!(["alice", "alice/x"]));
+    let (_, jobs) = call(&app, "GET", "/v1/jobs", Some(&k.alice), None).await;
+    let ids: Vec<&str> = jobs["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .filter_map(|j| j["lora_id"].as_str())
+        .collect();
+    assert_eq!(ids, ["alice/x"], "not alice2/x, not bob/y");
+    let (_, all) = call(&app, "GET", "/v1/jobs", Some(&k.admin), None).await;
+    assert_eq!(all["jobs"].as_array().map(Vec::len), Some(3));
+    let (_, models) = call(&app, "GET", "/v1/models", Some(&k.bob), None).await;
+    let names: Vec<&str> = models["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(names, [TEST_BASE_MODEL, "bob/y"]);
+}
+
+async fn queued_jobs_per_key_are_capped_with_429(db: &TestDb) {
+    let (app, k) = setup(db, 2).await;
+    for _ in 0..2 {
+        let (s, b) = call(
+            &app,
+            "POST",
+            "/v1/feedback",
+            Some(&k.alice),
+            Some(feedback("alice/x")),
+        )
+        .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    }
+    let req = Request::post("/v1/feedback")
+        .header("authorization", format!("Bearer {}", k.alice))
+        .header("content-type", "application/json")
+        .body(Body::from(feedback("alice/x").to_string()))
+        .expect("request");
+    let resp = app.clone().oneshot(req).await.expect("answer");
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        resp.headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("30")
+    );
+    // Another tenant is not held back by alice's queue, and nothing accepted was dropped.
+    let (s, _) = call(
+        &app,
+        "POST",
+        "/v1/feedback",
+        Some(&k.bob),
+        Some(feedback("bob/y")),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let (_, jobs) = call(
+        &app,
+        "GET",
+        "/v1/jobs?lora_id=alice/x",
+        Some(&k.alice),
+        None,
+    )
+    .await;
+    assert_eq!(jobs["jobs"].as_array().map(Vec::len), Some(2));
+}
+
+async fn with_no_key_anywhere_the_api_is_open(db: &TestDb) {
+    db.store.create_lora(&lora("anyone/a")).await.expect("lora");
+    let app = router(AppState::new(db.store.clone(), options()));
+    let (s, b) = call(
+        &app,
+        "POST",
+        "/v1/feedback",
+        None,
+        Some(feedback("anyone/a")),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    let (s, _) = call(&app, "GET", "/metrics", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    // The first key turns auth on for every replica (within the 2 s cache).
+    key(db, "first", &["anyone"], false).await;
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let (s, _) = call(&app, "GET", "/v1/jobs", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+}
