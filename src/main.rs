@@ -78,6 +78,15 @@ enum Command {
     },
 }
 
+/// The embedded profile with `--local`, else the fleet's.
+fn profile(local: bool) -> Profile {
+    if local {
+        Profile::Local
+    } else {
+        Profile::Fleet
+    }
+}
+
 fn load(profile: Profile, args: &ConfigArgs) -> Result<Config> {
     let cfg = Config::load(profile, args.config.as_deref())?;
     for (name, why) in Config::ignored_env() {
@@ -99,12 +108,7 @@ async fn main() -> Result<()> {
             serve::worker(load(Profile::Fleet, &cfg)?, !no_migrate).await
         }
         Command::Migrate { cfg, local } => {
-            let profile = if local {
-                Profile::Local
-            } else {
-                Profile::Fleet
-            };
-            let cfg = load(profile, &cfg)?;
+            let cfg = load(profile(local), &cfg)?;
             let store = serve::open_store(&cfg).await?;
             store.migrate().await?;
             tracing::info!(backend = store.backend(), "migrations applied");
@@ -114,12 +118,7 @@ async fn main() -> Result<()> {
         Command::Model(cmd) => tokio::task::spawn_blocking(move || train::model(cmd)).await?,
         Command::Distill(a) => tokio::task::spawn_blocking(move || train::distill(a)).await?,
         Command::Keys { cfg, local, cmd } => {
-            let profile = if local {
-                Profile::Local
-            } else {
-                Profile::Fleet
-            };
-            let cfg = load(profile, &cfg)?;
+            let cfg = load(profile(local), &cfg)?;
             let store = serve::open_store(&cfg).await?;
             store.migrate().await?;
             keys::run(store, cmd).await

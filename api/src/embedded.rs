@@ -136,6 +136,29 @@ pub struct Run {
     pub events: mpsc::Receiver<RunEvent>,
 }
 
+impl Run {
+    /// The whole answer: its tokens, its text, and why it ended.
+    pub async fn collect(&mut self) -> ApiResult<(Vec<Token>, String, Finish)> {
+        let (mut tokens, mut text) = (Vec::new(), String::new());
+        loop {
+            match self.events.recv().await {
+                Some(RunEvent::Token { token, text: t }) => {
+                    tokens.push(token);
+                    text.push_str(&t);
+                }
+                Some(RunEvent::Done(f, rest)) => {
+                    text.push_str(&rest);
+                    return Ok((tokens, text, f));
+                }
+                Some(RunEvent::Failed(e)) => {
+                    return Err(ApiError::internal(format!("generation failed: {e}")))
+                }
+                None => return Err(ApiError::internal("generation stopped unexpectedly")),
+            }
+        }
+    }
+}
+
 pub enum RunEvent {
     Token {
         token: Token,

@@ -1,5 +1,7 @@
 //! The HTTP contract, through the real router, on both stores.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -130,28 +132,7 @@ fn start_worker(store: &SharedStore) -> watch::Sender<bool> {
     tx
 }
 
-macro_rules! api_tests {
-    ($($name:ident),* $(,)?) => {
-        mod postgres { $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let db = claas_core::testing::TestDb::postgres().await;
-                super::$name(&db).await;
-                db.cleanup().await;
-            }
-        )* }
-        mod sqlite { $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let db = claas_core::testing::TestDb::sqlite().await;
-                super::$name(&db).await;
-                db.cleanup().await;
-            }
-        )* }
-    };
-}
-
-api_tests!(
+both_stores!(
     feedback_is_accepted_with_a_pollable_job,
     feedback_validation_matches_claas,
     oversized_and_malformed_bodies_get_the_envelope,

@@ -2,6 +2,8 @@
 //! two tenants (`alice`, `bob`), an admin, a revoked key and no key, with the status each
 //! must get, including ids that differ from a tenant's only by case or prefix boundary.
 
+mod common;
+
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use claas_api::auth::{new_secret, secret_hash, Auth};
@@ -13,20 +15,7 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 fn options() -> ApiOptions {
-    ApiOptions {
-        max_body_bytes: 64 * 1024,
-        feedback_default_wait_s: 0,
-        feedback_max_wait_s: 1,
-        max_attempts: 3,
-        default_base_model: TEST_BASE_MODEL.into(),
-        allowed_init_base_models: vec![TEST_BASE_MODEL.into()],
-        lora_root: std::env::temp_dir()
-            .join("claas-auth-tests")
-            .display()
-            .to_string(),
-        data_dir: std::env::temp_dir().join("claas-auth-tests-data"),
-        max_lora_rank: None,
-    }
+    common::options("auth")
 }
 
 struct Keys {
@@ -117,27 +106,6 @@ fn feedback(lora_id: &str) -> Value {
 
 /// method, path, key, body, expected status.
 type Case<'a> = (&'a str, String, Option<&'a str>, Option<Value>, StatusCode);
-
-macro_rules! both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod postgres { $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let db = claas_core::testing::TestDb::postgres().await;
-                super::$name(&db).await;
-                db.cleanup().await;
-            }
-        )* }
-        mod sqlite { $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let db = claas_core::testing::TestDb::sqlite().await;
-                super::$name(&db).await;
-                db.cleanup().await;
-            }
-        )* }
-    };
-}
 
 both_stores!(
     every_route_answers_401_403_or_200_per_key,

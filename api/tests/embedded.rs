@@ -2,13 +2,14 @@
 //! process by candle with the tiny model, the LoRA named by `model` at its current
 //! version, and the rollout cached for feedback exactly as sampled.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use claas_api::embedded::Engine;
 use claas_api::{ApiOptions, AppState};
-use claas_core::queue::ClaimRequest;
 use claas_core::testing::TestDb;
 use claas_core::types::NewLora;
 use claas_trainer::random::{write_checkpoint, Preset};
@@ -39,22 +40,14 @@ async fn start() -> Env {
     let db = TestDb::sqlite().await;
     let engine = Engine::new(model.clone(), tok.clone(), BASE.into(), db.store.clone());
     let opts = ApiOptions {
-        max_body_bytes: 1 << 20,
-        feedback_default_wait_s: 0,
-        feedback_max_wait_s: 5,
-        max_attempts: 3,
         default_base_model: BASE.into(),
         allowed_init_base_models: vec![BASE.into()],
         lora_root: root.join("loras").display().to_string(),
         data_dir: root.clone(),
-        max_lora_rank: None,
+        ..common::options("embedded")
     };
     let state = AppState::new(db.store.clone(), opts).with_engine(Some(engine));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let api = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(claas_api::serve(listener, state, std::future::pending()));
+    let api = common::serve(state).await;
     db.store.create_lora(&lora("me/a", "")).await.expect("lora");
     Env {
         api,
@@ -80,19 +73,7 @@ fn lora(id: &str, uri: &str) -> NewLora {
 
 impl Env {
     async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.api))
-            .json(body)
-            .send()
-            .await
-            .expect("answer");
-        let status = r.status().as_u16();
-        let text = r.text().await.expect("body");
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        common::post_json(&self.http, &format!("{}{path}", self.api), body).await
     }
 
     fn prompt_ids(&self, user: &str) -> Vec<u32> {
@@ -160,18 +141,7 @@ async fn chat_answers_in_process_with_the_sampled_tokens_and_raw_logprobs() {
         )
         .await;
     assert_eq!(status, 202, "{body}");
-    let claimed = env
-        .db
-        .store
-        .claim(&ClaimRequest {
-            worker_id: "w".into(),
-            base_models: vec![BASE.into()],
-            lease: Duration::from_secs(60),
-            max_batch_samples: 1,
-        })
-        .await
-        .expect("claim")
-        .expect("job");
+    let claimed = common::claim_one(&env.db.store, BASE).await;
     let rollout = &claimed.payload.samples[0].rollout;
     assert_eq!(rollout.prompt_token_ids, prompt);
     assert_eq!(rollout.response_token_ids, ids);
@@ -352,22 +322,14 @@ async fn chat_while_a_job_trains_in_the_same_process_sees_one_version_or_the_nex
     let (model, tok) = exec.inference_parts();
     let engine = Engine::new(model.expect("resident"), tok, BASE.into(), db.store.clone());
     let opts = ApiOptions {
-        max_body_bytes: 1 << 20,
-        feedback_default_wait_s: 0,
-        feedback_max_wait_s: 5,
-        max_attempts: 3,
         default_base_model: BASE.into(),
         allowed_init_base_models: vec![BASE.into()],
         lora_root: root.join("loras").display().to_string(),
         data_dir: root.clone(),
-        max_lora_rank: None,
+        ..common::options("embedded")
     };
     let state = AppState::new(db.store.clone(), opts).with_engine(Some(engine));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let api = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(claas_api::serve(listener, state, std::future::pending()));
+    let api = common::serve(state).await;
     let (stop, rx) = tokio::sync::watch::channel(false);
     let worker = Worker::new(
         db.store.clone(),

@@ -1,6 +1,8 @@
 //! The inference proxy against the fake vLLM: what the client sees, what the completion
 //! cache keeps, and feedback resolved from it — on a real socket, as clients call it.
 
+mod common;
+
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,15 +25,8 @@ struct Env {
 
 fn options() -> ApiOptions {
     ApiOptions {
-        max_body_bytes: 1 << 20,
-        feedback_default_wait_s: 0,
-        feedback_max_wait_s: 5,
-        max_attempts: 3,
-        default_base_model: TEST_BASE_MODEL.into(),
-        allowed_init_base_models: vec![TEST_BASE_MODEL.into()],
-        lora_root: "/tmp/claas-inference-tests".into(),
-        data_dir: std::env::temp_dir().join("claas-inference-tests"),
         max_lora_rank: Some(32),
+        ..common::options("inference")
     }
 }
 
@@ -46,11 +41,7 @@ async fn start_with(fake_opts: Options, cache: Arc<dyn CompletionCache>) -> Env 
     let state = AppState::new(db.store.clone(), options())
         .with_cache(cache)
         .with_upstream(Some(Upstream::new(&fake.url, key, Duration::from_secs(30))));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let api = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(claas_api::serve(listener, state, std::future::pending()));
+    let api = common::serve(state).await;
     Env {
         api,
         fake,
@@ -74,35 +65,12 @@ async fn start() -> Env {
 
 impl Env {
     async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.api))
-            .json(body)
-            .send()
-            .await
-            .expect("API answers");
-        let status = r.status().as_u16();
-        let text = r.text().await.expect("body");
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        common::post_json(&self.http, &format!("{}{path}", self.api), body).await
     }
 
     /// Claims the queued job `job_id` as a worker would and returns what it would train.
     async fn job_payload(&self, job_id: &str) -> Value {
-        let claimed = self
-            .db
-            .store
-            .claim(&ClaimRequest {
-                worker_id: "inspector".into(),
-                base_models: vec![TEST_BASE_MODEL.into()],
-                lease: Duration::from_secs(60),
-                max_batch_samples: 1,
-            })
-            .await
-            .expect("claim")
-            .expect("a queued job");
+        let claimed = common::claim_one(&self.db.store, TEST_BASE_MODEL).await;
         assert_eq!(claimed.job.id.to_string(), job_id);
         serde_json::to_value(&claimed.payload).expect("payload")
     }
@@ -407,12 +375,7 @@ async fn upstream_failures_and_bad_requests_get_clear_errors() {
 
     // No inference server configured: 503 that says how to configure one.
     let db = TestDb::sqlite().await;
-    let app = claas_api::router(AppState::new(db.store.clone(), options()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let url = common::serve(AppState::new(db.store.clone(), options())).await;
     let r = reqwest::Client::new()
         .post(format!("{url}/v1/chat/completions"))
         .json(&chat(None, "x"))
@@ -555,11 +518,7 @@ async fn when_every_node_is_asleep_chat_waits_then_gets_503_with_retry_after() {
         Duration::from_millis(300),
     );
     let state = AppState::new(db.store.clone(), options()).with_backends(Some(backends));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let api = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(claas_api::serve(listener, state, std::future::pending()));
+    let api = common::serve(state).await;
     let http = reqwest::Client::new();
     let started = std::time::Instant::now();
     let r = http

@@ -568,26 +568,12 @@ async fn embedded_answer(
     request: &Value,
 ) -> ApiResult<Value> {
     let top = request["top_logprobs"].as_u64().unwrap_or(0) as usize;
-    let mut ids = Vec::new();
-    let mut entries = Vec::new();
-    let mut text = String::new();
-    let finish = loop {
-        match run.events.recv().await {
-            Some(RunEvent::Token { token, text: t }) => {
-                ids.push(token.id);
-                entries.push(embedded::logprob_entry(engine, &token, top));
-                text.push_str(&t);
-            }
-            Some(RunEvent::Done(f, rest)) => {
-                text.push_str(&rest);
-                break f;
-            }
-            Some(RunEvent::Failed(e)) => {
-                return Err(ApiError::internal(format!("generation failed: {e}")))
-            }
-            None => return Err(ApiError::internal("generation stopped unexpectedly")),
-        }
-    };
+    let (tokens, text, finish) = run.collect().await?;
+    let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
+    let entries: Vec<Value> = tokens
+        .iter()
+        .map(|t| embedded::logprob_entry(engine, t, top))
+        .collect();
     let (p, c) = (run.prompt_ids.len(), ids.len());
     Ok(json!({
         "id": format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
@@ -876,23 +862,8 @@ async fn embedded_completion(
         )
             .into_response());
     }
-    let (mut ids, mut text) = (Vec::new(), String::new());
-    let finish = loop {
-        match run.events.recv().await {
-            Some(RunEvent::Token { token, text: t }) => {
-                ids.push(token.id);
-                text.push_str(&t);
-            }
-            Some(RunEvent::Done(f, rest)) => {
-                text.push_str(&rest);
-                break f;
-            }
-            Some(RunEvent::Failed(e)) => {
-                return Err(ApiError::internal(format!("generation failed: {e}")))
-            }
-            None => return Err(ApiError::internal("generation stopped unexpectedly")),
-        }
-    };
+    let (tokens, text, finish) = run.collect().await?;
+    let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
     let (p, c) = (run.prompt_ids.len(), ids.len());
     Ok(Json(
         json!({"id": id, "object": "text_completion", "created": created, "model": run.model,

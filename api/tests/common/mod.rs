@@ -1,0 +1,87 @@
+//! What the API test files share: options, a store-parametrised test macro, and a JSON
+//! client for an API on a real socket.
+
+#![allow(dead_code)]
+
+use claas_api::{ApiOptions, AppState};
+use claas_core::testing::TEST_BASE_MODEL;
+use serde_json::Value;
+
+/// Options on the test base model; `name` keeps each file's directories apart.
+pub fn options(name: &str) -> ApiOptions {
+    ApiOptions {
+        max_body_bytes: 1 << 20,
+        feedback_default_wait_s: 0,
+        feedback_max_wait_s: 5,
+        max_attempts: 3,
+        default_base_model: TEST_BASE_MODEL.into(),
+        allowed_init_base_models: vec![TEST_BASE_MODEL.into()],
+        lora_root: std::env::temp_dir()
+            .join(format!("claas-{name}-tests"))
+            .display()
+            .to_string(),
+        data_dir: std::env::temp_dir().join(format!("claas-{name}-tests-data")),
+        max_lora_rank: None,
+    }
+}
+
+/// Runs each named `async fn(&TestDb)` once on Postgres and once on SQLite.
+#[macro_export]
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod postgres { $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let db = claas_core::testing::TestDb::postgres().await;
+                super::$name(&db).await;
+                db.cleanup().await;
+            }
+        )* }
+        mod sqlite { $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let db = claas_core::testing::TestDb::sqlite().await;
+                super::$name(&db).await;
+                db.cleanup().await;
+            }
+        )* }
+    };
+}
+
+/// Serves `state` on a free loopback port; returns its base URL.
+pub async fn serve(state: AppState) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(claas_api::serve(listener, state, std::future::pending()));
+    url
+}
+
+/// POSTs JSON; returns the status and the body (JSON, or the text as a string).
+pub async fn post_json(http: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
+    let r = http.post(url).json(body).send().await.expect("API answers");
+    let status = r.status().as_u16();
+    let text = r.text().await.expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// Claims the next queued job for `base_model` as a worker would (one sample per batch).
+pub async fn claim_one(
+    store: &claas_core::queue::SharedStore,
+    base_model: &str,
+) -> claas_core::queue::Claimed {
+    store
+        .claim(&claas_core::queue::ClaimRequest {
+            worker_id: "inspector".into(),
+            base_models: vec![base_model.into()],
+            lease: std::time::Duration::from_secs(60),
+            max_batch_samples: 1,
+        })
+        .await
+        .expect("claim")
+        .expect("a queued job")
+}
