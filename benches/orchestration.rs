@@ -36,6 +36,7 @@ async fn run(db: TestDb, jobs: usize) -> anyhow::Result<()> {
         base_model_id: TEST_BASE_MODEL.into(),
         model_dir,
         lora_root: lora_root.clone(),
+        store: None,
         device: TrainerDevice::Cpu,
         residency: Residency::Host,
         max_seq_len: 4096,

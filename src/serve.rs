@@ -109,6 +109,7 @@ fn worker_options(cfg: &Config) -> WorkerOptions {
         wake_on_failure: cfg.worker.feedback_wake_on_failure,
         drain_grace: Duration::from_millis(cfg.worker.drain_grace_ms),
         versions_keep: cfg.storage.adapter_versions_keep,
+        store: claas_core::adapter_store::AdapterStore::from_config(&cfg.storage).ok(),
     }
 }
 
@@ -180,12 +181,14 @@ async fn candle_executor(cfg: &Config) -> Result<CandleExecutor> {
             }
             let data_dir = cfg.data_dir.clone();
             let opts = cfg.clone();
+            let store = claas_core::adapter_store::AdapterStore::from_config(&cfg.storage)?;
             let exec = tokio::task::spawn_blocking(move || {
                 let model_dir = claas_trainer::resolve::model_dir(&model_id, &data_dir)?;
                 CandleExecutor::new(CandleOptions {
                     base_model_id: model_id,
                     model_dir,
                     lora_root: opts.storage.lora_root.clone(),
+                    store: Some(store),
                     device: opts.trainer.device,
                     residency: opts.trainer.residency,
                     max_seq_len: opts.trainer.max_seq_len,

@@ -16,6 +16,7 @@ use std::time::Duration;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
+use claas_core::adapter_store::AdapterStore;
 use claas_core::config::Config;
 use claas_core::queue::SharedStore;
 use tower_http::trace::TraceLayer;
@@ -72,13 +73,17 @@ pub struct AppState {
     pub http_metrics: Arc<metrics::HttpMetrics>,
     /// API keys (open when none is configured).
     pub auth: Arc<auth::Auth>,
+    /// Where adapter versions are stored (local files or an object store).
+    pub adapters: AdapterStore,
 }
 
 impl AppState {
     /// State with an in-process completion cache and no inference server.
     pub fn new(store: SharedStore, options: ApiOptions) -> AppState {
+        let adapters = AdapterStore::local(&options.lora_root);
         AppState {
             store,
+            adapters,
             options: Arc::new(options),
             cache: Arc::new(MemoryCache::new(100, Duration::from_secs(3600))),
             backends: None,
@@ -86,6 +91,11 @@ impl AppState {
             http_metrics: Arc::new(metrics::HttpMetrics::new()),
             auth: Arc::new(auth::Auth::open()),
         }
+    }
+
+    pub fn with_adapters(mut self, adapters: AdapterStore) -> AppState {
+        self.adapters = adapters;
+        self
     }
 
     pub fn with_auth(mut self, auth: auth::Auth) -> AppState {
@@ -116,11 +126,19 @@ impl AppState {
 
     /// State as configured: Redis when `cache.redis_url` is set, the vLLM at
     /// `vllm.base_url` when set.
-    pub async fn from_config(cfg: &Config, store: SharedStore) -> Result<AppState, CacheError> {
+    pub async fn from_config(
+        cfg: &Config,
+        store: SharedStore,
+    ) -> Result<AppState, claas_core::Error> {
+        let adapters = AdapterStore::from_config(&cfg.storage)?;
         let size = cfg.cache.completion_cache_size;
         let ttl = Duration::from_secs(cfg.cache.completion_cache_ttl_s);
         let cache: Arc<dyn CompletionCache> = match &cfg.cache.redis_url {
-            Some(url) => Arc::new(RedisCache::connect(url, "claas:completions", size, ttl).await?),
+            Some(url) => Arc::new(
+                RedisCache::connect(url, "claas:completions", size, ttl)
+                    .await
+                    .map_err(|e: CacheError| claas_core::Error::Config(e.to_string()))?,
+            ),
             None => Arc::new(MemoryCache::new(size, ttl)),
         };
         let list: Vec<Upstream> = cfg
@@ -134,6 +152,7 @@ impl AppState {
         Ok(AppState::new(store, ApiOptions::from_config(cfg))
             .with_cache(cache)
             .with_backends(backends)
+            .with_adapters(adapters)
             .with_auth(auth::Auth::new(
                 cfg.server.admin_key.clone(),
                 cfg.server.metrics_token.clone(),

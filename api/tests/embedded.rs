@@ -313,6 +313,7 @@ async fn chat_while_a_job_trains_in_the_same_process_sees_one_version_or_the_nex
         base_model_id: BASE.into(),
         model_dir: dir,
         lora_root: root.join("loras"),
+        store: None,
         device: TrainerDevice::Cpu,
         residency: Residency::Host,
         max_seq_len: 4096,

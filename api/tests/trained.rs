@@ -60,6 +60,7 @@ async fn contract(db: &TestDb) {
         base_model_id: base_model.clone(),
         model_dir: model_dir.clone(),
         lora_root: lora_root.clone(),
+        store: None,
         device: TrainerDevice::Cpu,
         residency: Residency::Host,
         max_seq_len: 4096,

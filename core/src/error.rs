@@ -26,6 +26,15 @@ pub enum Error {
     /// A configuration value is missing or out of range; the message names the field.
     #[error("configuration error: {0}")]
     Config(String),
+    /// Adapter storage (local files or the object store) failed.
+    #[error("adapter storage: {0}")]
+    Storage(String),
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Storage(e.to_string())
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

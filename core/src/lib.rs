@@ -2,6 +2,7 @@
 //! and telemetry setup. Everything else in the workspace builds on this crate; it holds
 //! all of the project's SQL.
 
+pub mod adapter_store;
 pub mod config;
 pub mod error;
 pub mod queue;

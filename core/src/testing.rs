@@ -124,3 +124,76 @@ pub fn job(lora_id: &str, n: usize) -> NewJob {
         },
     )
 }
+
+/// moto's S3-compatible server (`CLAAS_TEST_PYTHON` with `moto[server]`; `make test`
+/// provides it), killed on drop, with the AWS environment pointed at it.
+pub struct S3Server {
+    child: std::process::Child,
+    pub url: String,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl S3Server {
+    /// Starts one; `None` when `CLAAS_TEST_PYTHON` is not set.
+    pub fn start() -> Option<S3Server> {
+        let python = std::env::var("CLAAS_TEST_PYTHON").ok()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .port();
+        let mut child = std::process::Command::new(python)
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start moto");
+        let addr = format!("127.0.0.1:{port}");
+        for _ in 0..150 {
+            if std::net::TcpStream::connect(&addr).is_ok() {
+                let url = format!("http://{addr}");
+                std::env::set_var("AWS_ACCESS_KEY_ID", "test");
+                std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
+                std::env::set_var("AWS_REGION", "us-east-1");
+                std::env::set_var("AWS_ENDPOINT_URL", &url);
+                return Some(S3Server { child, url });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("moto did not start");
+    }
+
+    /// Creates a fresh bucket; returns its name.
+    pub fn bucket(&self) -> String {
+        use std::io::{Read, Write};
+        let name = format!("claas-{}", Uuid::now_v7().simple());
+        let addr = self.url.trim_start_matches("http://");
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        write!(
+            s,
+            "PUT /{name} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .expect("request");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).expect("answer");
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "create bucket: {answer}"
+        );
+        name
+    }
+}

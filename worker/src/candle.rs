@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use candle_core::{DType, Device};
+use claas_core::adapter_store::AdapterStore;
 use claas_core::config::{Residency, TrainerDevice};
 use claas_core::types::{Sample, TrainingConfig};
 use claas_trainer::adamw::STATE_FILE;
@@ -35,6 +36,9 @@ pub struct CandleOptions {
     /// The checkpoint directory it resolves to.
     pub model_dir: PathBuf,
     pub lora_root: PathBuf,
+    /// An object store the versions are published to (`storage.backend: s3`), with
+    /// `lora_root` as its local cache; none: versions stay under `lora_root`.
+    pub store: Option<AdapterStore>,
     pub device: TrainerDevice,
     pub residency: Residency,
     pub max_seq_len: usize,
@@ -79,6 +83,10 @@ pub struct CandleExecutor {
 struct Trained {
     adapter: LoraAdapter,
     optimizer: AdamW,
+}
+
+fn storage_error(e: claas_core::Error) -> PhaseError {
+    PhaseError::retryable("storage_error", e.to_string())
 }
 
 fn trainer_error(e: claas_trainer::Error) -> PhaseError {
@@ -318,7 +326,17 @@ impl Executor for CandleExecutor {
             checkpoint: self.device.is_cuda(),
         };
         let (model, copy_in_ms) = self.model().map_err(trainer_error)?;
-        let from = from.clone();
+        let from = match &self.opts.store {
+            // A version another node published: read it from the object store's cache.
+            Some(s) if s.is_remote() => {
+                let dir = s.materialize(&from.uri).await.map_err(storage_error)?;
+                AdapterSource {
+                    uri: dir.display().to_string(),
+                    ..from.clone()
+                }
+            }
+            _ => from.clone(),
+        };
         let lora_id = job.lora_id.clone();
         let started = Instant::now();
         let (trained, metrics) = tokio::task::spawn_blocking(move || {
@@ -375,10 +393,14 @@ impl Executor for CandleExecutor {
         .await
         .map_err(|e| PhaseError::retryable("storage_error", e.to_string()))?
         .map_err(|e| PhaseError::retryable("storage_error", e.to_string()))?;
-        Ok(StoredAdapter {
-            uri: format!("file://{}", dir.display()),
-            sha256: sha,
-        })
+        let uri = match &self.opts.store {
+            Some(s) if s.is_remote() => s
+                .publish(&job.lora_id, &format!("v{version}"))
+                .await
+                .map_err(storage_error)?,
+            _ => format!("file://{}", dir.display()),
+        };
+        Ok(StoredAdapter { uri, sha256: sha })
     }
 
     /// Loads the version's own directory under the LoRA's stable name. After a sleep: wake
@@ -390,10 +412,15 @@ impl Executor for CandleExecutor {
         let Some(v) = &self.vllm else {
             return Ok(());
         };
-        let path = self
-            .version_dir(&job.lora_id, version)
-            .display()
-            .to_string();
+        let local = self.version_dir(&job.lora_id, version);
+        if let Some(s) = self.opts.store.as_ref().filter(|s| s.is_remote()) {
+            if !local.join("adapter_config.json").is_file() {
+                // Published elsewhere (a resumed job): vLLM reads the local cache.
+                let uri = s.uri_of(&job.lora_id, &format!("v{version}"));
+                s.materialize(&uri).await.map_err(storage_error)?;
+            }
+        }
+        let path = local.display().to_string();
         let swap = !job.orchestration.sleep_before;
         if !swap && !self.pauses() {
             v.wake(&["weights"]).await?;

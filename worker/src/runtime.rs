@@ -41,6 +41,8 @@ pub struct WorkerOptions {
     pub drain_grace: Duration,
     /// Adapter versions whose files are kept per LoRA (`adapter_versions_keep`).
     pub versions_keep: i32,
+    /// Where versions are stored, for retention to remove them (none: local files).
+    pub store: Option<claas_core::adapter_store::AdapterStore>,
 }
 
 impl WorkerOptions {
@@ -65,6 +67,7 @@ impl WorkerOptions {
             wake_on_failure: true,
             drain_grace: Duration::from_millis(50),
             versions_keep: 10,
+            store: None,
         }
     }
 }
@@ -495,6 +498,13 @@ impl Worker {
             }
         };
         for uri in uris {
+            if let Some(store) = &self.opts.store {
+                match store.remove(&uri).await {
+                    Ok(()) => tracing::info!(%uri, "removed an old adapter version"),
+                    Err(e) => tracing::warn!(%uri, error = %e, "could not remove an old version"),
+                }
+                continue;
+            }
             let Some(dir) = claas_core::types::local_path(&uri) else {
                 continue;
             };

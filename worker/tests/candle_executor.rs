@@ -26,6 +26,7 @@ async fn one_step(residency: Residency) -> serde_json::Value {
         base_model_id: TEST_BASE_MODEL.into(),
         model_dir: model_dir.clone(),
         lora_root: lora_root.clone(),
+        store: None,
         device: TrainerDevice::Cpu,
         residency,
         max_seq_len: 4096,

@@ -24,6 +24,7 @@ async fn old_versions_lose_their_files_after_each_publish() {
         base_model_id: TEST_BASE_MODEL.into(),
         model_dir,
         lora_root: lora_root.clone(),
+        store: None,
         device: TrainerDevice::Cpu,
         residency: Residency::Host,
         max_seq_len: 4096,

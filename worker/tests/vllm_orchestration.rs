@@ -47,6 +47,7 @@ async fn executor_with(
         base_model_id: TEST_BASE_MODEL.into(),
         model_dir,
         lora_root: lora_root.to_path_buf(),
+        store: None,
         device: TrainerDevice::Cpu,
         residency: Residency::Host,
         max_seq_len: 4096,

@@ -278,11 +278,12 @@ async fn write_initial_version(
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         )
     };
-    let dir = root.join(&lora.lora_id).join(name);
+    let dir = root.join(&lora.lora_id).join(&name);
     let Some(model_dir) =
         claas_trainer::resolve::existing_model_dir(&lora.base_model, &state.options.data_dir)
     else {
-        return Ok((dir.display().to_string(), String::new()));
+        // The first worker to train it writes it there.
+        return Ok((state.adapters.uri_of(&lora.lora_id, &name), String::new()));
     };
     let (lora_id, base, rank, alpha, targets) = (
         lora.lora_id.clone(),
@@ -306,6 +307,14 @@ async fn write_initial_version(
     .await
     .map_err(|e| ApiError::internal(format!("writing an initial adapter: {e}")))?
     .map_err(|e| ApiError::internal(format!("writing an initial adapter: {e}")))?;
+    if state.adapters.is_remote() {
+        let uri = state
+            .adapters
+            .publish(&lora.lora_id, &name)
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        return Ok((uri, sha));
+    }
     Ok((format!("file://{}", dir.display()), sha))
 }
 
@@ -401,12 +410,11 @@ pub async fn export(
         .ok_or_else(|| {
             ApiError::not_found(format!("LoRA {} has no version {version}", q.lora_id))
         })?;
-    let dir = std::path::PathBuf::from(
-        record
-            .storage_uri
-            .strip_prefix("file://")
-            .unwrap_or(&record.storage_uri),
-    );
+    let dir = state
+        .adapters
+        .materialize(&record.storage_uri)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     if !dir.join("adapter_model.safetensors").is_file() {
         return Err(ApiError::not_found(format!(
             "version {version} of {} has no files yet (version 0 is written by the first \

@@ -31,13 +31,13 @@ pub async fn delete(
     let mut q = q;
     q.lora_id = crate::routes::lora_versions::resolve_alias(&state, &q.lora_id).await?;
     caller.check(&q.lora_id)?;
-    // The files to remove, read before the versions are dropped.
-    let dirs: Vec<std::path::PathBuf> = state
+    // The versions to remove, read before their rows are dropped.
+    let uris: Vec<String> = state
         .store
         .lora_versions(&q.lora_id)
         .await?
-        .iter()
-        .filter_map(|v| local_path(&v.storage_uri))
+        .into_iter()
+        .map(|v| v.storage_uri)
         .collect();
     let Some(token) = state.store.delete_lora(&q.lora_id).await? else {
         return Ok(
@@ -45,7 +45,7 @@ pub async fn delete(
         );
     };
     let cancelled = cancel_jobs(&state, &q.lora_id).await?;
-    let cleanup = tokio::spawn(clean_up(state.clone(), q.lora_id.clone(), token, dirs));
+    let cleanup = tokio::spawn(clean_up(state.clone(), q.lora_id.clone(), token, uris));
     let body = |done: bool| {
         serde_json::json!({
             "deleted": true,
@@ -106,7 +106,7 @@ async fn clean_up(
     state: AppState,
     lora_id: String,
     token: DateTime<Utc>,
-    dirs: Vec<std::path::PathBuf>,
+    uris: Vec<String>,
 ) -> ApiResult<()> {
     loop {
         let running = state
@@ -132,16 +132,12 @@ async fn clean_up(
     if !state.store.purge_lora(&lora_id, token).await? {
         return Ok(()); // created again since: its files are the new LoRA's
     }
-    for dir in &dirs {
-        match tokio::fs::remove_dir_all(dir).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(dir = %dir.display(), error = %e, "could not remove a deleted version")
-            }
+    for uri in &uris {
+        if let Err(e) = state.adapters.remove(uri).await {
+            tracing::warn!(%uri, error = %e, "could not remove a deleted version");
         }
-        // The LoRA's own directory, once empty (remove_dir refuses a non-empty one).
-        if let Some(parent) = dir.parent() {
+        // The LoRA's own local directory, once empty (remove_dir refuses a non-empty one).
+        if let Some(parent) = local_path(uri).as_deref().and_then(std::path::Path::parent) {
             let _ = tokio::fs::remove_dir(parent).await;
         }
     }

@@ -1,0 +1,164 @@
+//! Adapters in an S3-compatible store (moto's server, started here): the API and a worker
+//! on different "nodes" (separate local caches) share versions only through the bucket.
+//! Init publishes version 0, the worker trains from it and publishes version 1, the API
+//! exports version 1 it never wrote, and a delete removes the objects.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use claas_api::AppState;
+use claas_core::adapter_store::AdapterStore;
+use claas_core::config::{Residency, TrainerDevice};
+use claas_core::testing::{S3Server, TestDb};
+use claas_trainer::random::{write_checkpoint, Preset};
+use claas_trainer::template::{ChatTokenizer, Message};
+use claas_worker::{CandleExecutor, CandleOptions, Worker, WorkerOptions};
+use serde_json::{json, Value};
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("claas-s3-{name}-{}", uuid::Uuid::now_v7()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_travel_through_the_bucket_between_api_and_worker() {
+    let Some(s3) = S3Server::start() else {
+        eprintln!("skipped: CLAAS_TEST_PYTHON is not set (make test sets it)");
+        return;
+    };
+    let url = format!("s3://{}/adapters", s3.bucket());
+    let model_dir = tempdir("model");
+    let d = model_dir.clone();
+    tokio::task::spawn_blocking(move || write_checkpoint(Preset::Tiny, &d, 9))
+        .await
+        .expect("join")
+        .expect("checkpoint");
+    let base = model_dir.display().to_string();
+    let (api_cache, worker_cache) = (tempdir("api"), tempdir("worker"));
+    let db = TestDb::sqlite().await;
+
+    let worker_store = AdapterStore::s3(&url, &worker_cache).expect("store");
+    let exec = CandleExecutor::new(CandleOptions {
+        base_model_id: base.clone(),
+        model_dir: model_dir.clone(),
+        lora_root: worker_cache.clone(),
+        store: Some(worker_store.clone()),
+        device: TrainerDevice::Cpu,
+        residency: Residency::Host,
+        max_seq_len: 4096,
+        vllm: None,
+    })
+    .expect("executor");
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let worker = Worker::new(
+        db.store.clone(),
+        Arc::new(exec),
+        WorkerOptions {
+            poll_interval: Duration::from_millis(50),
+            store: Some(worker_store),
+            ..WorkerOptions::new("s3-worker", vec![base.clone()])
+        },
+    );
+    let handle = tokio::spawn(async move { worker.run(rx).await });
+
+    let options = claas_api::ApiOptions {
+        default_base_model: base.clone(),
+        allowed_init_base_models: vec![base.clone()],
+        lora_root: api_cache.display().to_string(),
+        feedback_default_wait_s: 60,
+        feedback_max_wait_s: 60,
+        ..common::options("s3")
+    };
+    let state = AppState::new(db.store.clone(), options)
+        .with_adapters(AdapterStore::s3(&url, &api_cache).expect("store"));
+    let api = common::serve(state).await;
+    let http = reqwest::Client::new();
+
+    let (status, body) = common::post_json(
+        &http,
+        &format!("{api}/v1/lora/init"),
+        &json!({"lora_id": "u/a", "lora_r": 4, "lora_alpha": 8}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let versions: Value = http
+        .get(format!("{api}/v1/lora/u/a/versions"))
+        .send()
+        .await
+        .expect("versions")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        versions["versions"][0]["storage_uri"],
+        format!("{url}/u/a/v0"),
+        "version 0 is in the bucket"
+    );
+
+    let tok = ChatTokenizer::from_dir(&model_dir).expect("tokenizer");
+    let prompt = tok
+        .render(
+            &[
+                Message::new("system", "Be brief."),
+                Message::new("user", "Hi"),
+            ],
+            true,
+            &Default::default(),
+        )
+        .expect("render");
+    let response = tok.encode("Hello there!").expect("ids");
+    let (status, body) = common::post_json(
+        &http,
+        &format!("{api}/v1/feedback"),
+        &json!({"requests": [{"lora_id": "u/a", "prompt": "Hi", "response": "Hello there!",
+            "feedback": "shorter", "system_prompt": "Be brief.",
+            "prompt_token_ids": tok.encode(&prompt).expect("ids"),
+            "response_token_ids": response,
+            "response_logprobs": vec![-1.0; response.len()]}]}),
+    )
+    .await;
+    assert_eq!(
+        status, 200,
+        "the worker trained from the bucket's version 0: {body}"
+    );
+    assert!(
+        worker_cache
+            .join("u/a/v0/adapter_model.safetensors")
+            .is_file(),
+        "the worker read version 0 through its own cache"
+    );
+
+    // The API exports version 1, which only the worker wrote: through the bucket.
+    let r = http
+        .get(format!("{api}/v1/lora/export?lora_id=u/a&version=1"))
+        .send()
+        .await
+        .expect("export");
+    assert_eq!(r.status(), 200);
+    let zip = r.bytes().await.expect("zip");
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(zip.to_vec())).expect("zip");
+    assert!(archive.by_name("adapter_model.safetensors").is_ok());
+    assert!(api_cache.join("u/a/v1/adapter_config.json").is_file());
+
+    // Delete removes the objects: a fresh cache finds nothing.
+    let r = http
+        .delete(format!("{api}/v1/lora?lora_id=u/a"))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 200);
+    let fresh = AdapterStore::s3(&url, tempdir("fresh")).expect("store");
+    let dir = fresh
+        .materialize(&format!("{url}/u/a/v1"))
+        .await
+        .expect("materialize");
+    assert!(
+        !dir.join("adapter_config.json").exists(),
+        "version 1 is gone from the bucket"
+    );
+
+    stop.send(true).expect("stop");
+    handle.await.expect("join").expect("worker");
+    db.cleanup().await;
+}

@@ -1,0 +1,94 @@
+//! Adapter storage on a real S3-compatible server (moto's, from PyPI, started here; needs
+//! `CLAAS_TEST_PYTHON` with `moto[server]`, which `make test` provides) and on local files.
+
+use std::path::Path;
+
+use claas_core::adapter_store::AdapterStore;
+use claas_core::testing::S3Server;
+
+fn write_version(dir: &Path, marker: &str) {
+    std::fs::create_dir_all(dir).expect("dir");
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        format!("{{\"r\": 4, \"m\": \"{marker}\"}}"),
+    )
+    .expect("config");
+    std::fs::write(dir.join("adapter_model.safetensors"), vec![7u8; 4096]).expect("weights");
+}
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("claas-store-{name}-{}", uuid::Uuid::now_v7()))
+}
+
+#[tokio::test]
+async fn s3_versions_publish_materialize_elsewhere_and_remove() {
+    let Some(server) = S3Server::start() else {
+        eprintln!("skipped: CLAAS_TEST_PYTHON is not set (make test sets it)");
+        return;
+    };
+    let bucket = server.bucket();
+    let url = format!("s3://{bucket}/adapters");
+
+    // Node A trains version 1 and publishes it.
+    let a = AdapterStore::s3(&url, tempdir("a")).expect("store");
+    assert!(a.is_remote());
+    write_version(&a.local_dir("u/a", "v1"), "one");
+    let uri = a.publish("u/a", "v1").await.expect("publish");
+    assert_eq!(uri, format!("s3://{bucket}/adapters/u/a/v1"));
+
+    // Node B, with an empty cache, reads the same files.
+    let b = AdapterStore::s3(&url, tempdir("b")).expect("store");
+    let dir = b.materialize(&uri).await.expect("materialize");
+    assert_eq!(dir, b.local_dir("u/a", "v1"));
+    let config = std::fs::read_to_string(dir.join("adapter_config.json")).expect("config");
+    assert!(config.contains("\"one\""));
+    assert_eq!(
+        std::fs::read(dir.join("adapter_model.safetensors"))
+            .expect("weights")
+            .len(),
+        4096
+    );
+    // Cached: a second materialize reads nothing remote.
+    assert_eq!(b.materialize(&uri).await.expect("again"), dir);
+
+    // An initial version nobody wrote yet: its (empty) cache directory.
+    let v0 = b
+        .materialize(&format!("s3://{bucket}/adapters/u/a/v0"))
+        .await
+        .expect("empty");
+    assert!(v0.is_dir() && !v0.join("adapter_config.json").exists());
+
+    // Removing deletes the objects and the cached copy.
+    b.remove(&uri).await.expect("remove");
+    assert!(!dir.exists());
+    let c = AdapterStore::s3(&url, tempdir("c")).expect("store");
+    let gone = c.materialize(&uri).await.expect("materialize");
+    assert!(
+        !gone.join("adapter_config.json").exists(),
+        "the objects are gone"
+    );
+
+    // URIs outside the bucket or escaping the cache are refused.
+    for bad in [
+        "s3://other-bucket/adapters/u/a/v1".to_string(),
+        format!("s3://{bucket}/adapters/../../etc"),
+    ] {
+        assert!(b.materialize(&bad).await.is_err(), "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn local_versions_are_their_own_directories() {
+    let root = tempdir("local");
+    let s = AdapterStore::local(&root);
+    write_version(&s.local_dir("u/a", "v2"), "two");
+    let uri = s.publish("u/a", "v2").await.expect("publish");
+    assert_eq!(uri, format!("file://{}", root.join("u/a/v2").display()));
+    assert_eq!(
+        s.materialize(&uri).await.expect("path"),
+        root.join("u/a/v2")
+    );
+    s.remove(&uri).await.expect("remove");
+    assert!(!root.join("u/a/v2").exists());
+    s.remove(&uri).await.expect("removing twice is fine");
+}
