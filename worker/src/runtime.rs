@@ -274,10 +274,19 @@ impl Worker {
             return Ok(None);
         };
         let versions = self.store.lora_versions(lora_id).await?;
-        Ok(versions
-            .iter()
-            .find(|v| v.version == lora.current_version)
-            .and_then(|v| claas_core::types::local_path(&v.storage_uri)))
+        let Some(current) = versions.iter().find(|v| v.version == lora.current_version) else {
+            return Ok(None);
+        };
+        if let Some(dir) = claas_core::types::local_path(&current.storage_uri) {
+            return Ok(Some(dir));
+        }
+        // In an object store: this node's vLLM reads it from the local cache.
+        match &self.opts.store {
+            // An initial version nobody wrote yet: nothing to serve.
+            Some(_) if current.sha256.is_empty() => Ok(None),
+            Some(store) => store.materialize(&current.storage_uri).await.map(Some),
+            None => Ok(None),
+        }
     }
 
     async fn maintenance(&self) {

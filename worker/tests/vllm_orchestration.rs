@@ -340,3 +340,80 @@ async fn vllm_api_key_is_sent_on_the_guarded_lora_calls() {
         "without the key vLLM refuses the load"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_s3_storage_an_idle_worker_serves_the_current_version_from_the_bucket() {
+    use claas_core::adapter_store::AdapterStore;
+    let Some(s3) = claas_core::testing::S3Server::start() else {
+        eprintln!("skipped: CLAAS_TEST_PYTHON is not set (make test sets it)");
+        return;
+    };
+    let url = format!("s3://{}/adapters", s3.bucket());
+    // Another node trained and published version 1 of "b".
+    let elsewhere = AdapterStore::s3(&url, tempdir("node-a")).expect("store");
+    let v1 = elsewhere.local_dir("b", "v1");
+    std::fs::create_dir_all(&v1).expect("dir");
+    std::fs::write(v1.join("adapter_config.json"), r#"{"r": 4}"#).expect("config");
+    let uri = elsewhere.publish("b", "v1").await.expect("publish");
+
+    // This node's vLLM still serves an old directory.
+    let fake = FakeVllm::start(Options::default()).await;
+    let stale = tempdir("stale");
+    std::fs::create_dir_all(&stale).expect("dir");
+    std::fs::write(stale.join("adapter_config.json"), r#"{"r": 4}"#).expect("config");
+    reqwest::Client::new()
+        .post(format!("{}/v1/load_lora_adapter", fake.url))
+        .json(&serde_json::json!({"lora_name": "b", "lora_path": stale.display().to_string()}))
+        .send()
+        .await
+        .expect("load")
+        .error_for_status()
+        .expect("loaded");
+    let db = TestDb::sqlite().await;
+    db.store
+        .create_lora(&NewLora {
+            lora_id: "b".into(),
+            base_model: TEST_BASE_MODEL.into(),
+            rank: 4,
+            alpha: 8.0,
+            target_modules: vec!["q_proj".into()],
+            initial_uri: uri,
+            initial_sha256: "published".into(),
+        })
+        .await
+        .expect("lora");
+    let cache = tempdir("node-b");
+    let here = AdapterStore::s3(&url, &cache).expect("store");
+    let exec = executor(&fake, &cache, Duration::from_secs(5), false).await;
+    let (stop, rx) = watch::channel(false);
+    let worker = Worker::new(
+        db.store.clone(),
+        Arc::new(exec),
+        WorkerOptions {
+            poll_interval: Duration::from_millis(50),
+            store: Some(here.clone()),
+            ..WorkerOptions::new("s3-reconcile", vec![TEST_BASE_MODEL.into()])
+        },
+    );
+    let handle = tokio::spawn(async move { worker.run(rx).await });
+    let want = vec![(
+        "b".to_string(),
+        here.local_dir("b", "v1").display().to_string(),
+    )];
+    let started = Instant::now();
+    while fake.loras() != want {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never reconciled: {:?}",
+            fake.calls()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(here
+        .local_dir("b", "v1")
+        .join("adapter_config.json")
+        .is_file());
+    stop.send(true).expect("stop");
+    handle.await.expect("join").expect("worker");
+    db.cleanup().await;
+}
