@@ -20,6 +20,20 @@ fn tempdir(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("claas-vllm-{name}-{}", uuid::Uuid::now_v7()))
 }
 
+/// Runs a worker over `db` with `exec` until the returned sender says stop.
+fn spawn_worker(
+    db: &TestDb,
+    exec: CandleExecutor,
+    opts: WorkerOptions,
+) -> (
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<claas_core::Result<()>>,
+) {
+    let (stop, rx) = watch::channel(false);
+    let worker = Worker::new(db.store.clone(), Arc::new(exec), opts);
+    (stop, tokio::spawn(async move { worker.run(rx).await }))
+}
+
 /// A candle executor on a fresh tiny checkpoint whose vLLM is `fake`.
 async fn executor(
     fake: &FakeVllm,
@@ -96,16 +110,14 @@ async fn run_job_with(
     let mut j = job("a", 1);
     j.max_attempts = 1;
     db.store.enqueue(&j).await.expect("enqueue");
-    let (stop, rx) = watch::channel(false);
-    let worker = Worker::new(
-        db.store.clone(),
-        Arc::new(exec),
+    let (stop, handle) = spawn_worker(
+        &db,
+        exec,
         WorkerOptions {
             poll_interval: Duration::from_millis(50),
             ..WorkerOptions::new("vllm-test", vec![TEST_BASE_MODEL.into()])
         },
     );
-    let handle = tokio::spawn(async move { worker.run(rx).await });
     let started = Instant::now();
     let done = loop {
         let cur = db.store.get_job(j.id).await.expect("get").expect("job");
@@ -253,16 +265,14 @@ async fn an_idle_worker_swaps_a_stale_adapter_in_its_vllm_to_the_current_version
         .await
         .expect("lora");
     let exec = executor(&fake, &lora_root, Duration::from_secs(5), false).await;
-    let (stop, rx) = watch::channel(false);
-    let worker = Worker::new(
-        db.store.clone(),
-        Arc::new(exec),
+    let (stop, handle) = spawn_worker(
+        &db,
+        exec,
         WorkerOptions {
             poll_interval: Duration::from_millis(50),
             ..WorkerOptions::new("reconcile-test", vec![TEST_BASE_MODEL.into()])
         },
     );
-    let handle = tokio::spawn(async move { worker.run(rx).await });
     let want = vec![("b".to_string(), current.display().to_string())];
     let started = Instant::now();
     while fake.loras() != want {
@@ -385,17 +395,15 @@ async fn with_s3_storage_an_idle_worker_serves_the_current_version_from_the_buck
     let cache = tempdir("node-b");
     let here = AdapterStore::s3(&url, &cache).expect("store");
     let exec = executor(&fake, &cache, Duration::from_secs(5), false).await;
-    let (stop, rx) = watch::channel(false);
-    let worker = Worker::new(
-        db.store.clone(),
-        Arc::new(exec),
+    let (stop, handle) = spawn_worker(
+        &db,
+        exec,
         WorkerOptions {
             poll_interval: Duration::from_millis(50),
             store: Some(here.clone()),
             ..WorkerOptions::new("s3-reconcile", vec![TEST_BASE_MODEL.into()])
         },
     );
-    let handle = tokio::spawn(async move { worker.run(rx).await });
     let want = vec![(
         "b".to_string(),
         here.local_dir("b", "v1").display().to_string(),
