@@ -132,7 +132,7 @@ fn start_worker(store: &SharedStore) -> watch::Sender<bool> {
     tx
 }
 
-both_stores!(
+claas_core::both_stores!(
     feedback_is_accepted_with_a_pollable_job,
     feedback_validation_matches_claas,
     oversized_and_malformed_bodies_get_the_envelope,

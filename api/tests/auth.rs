@@ -107,7 +107,7 @@ fn feedback(lora_id: &str) -> Value {
 /// method, path, key, body, expected status.
 type Case<'a> = (&'a str, String, Option<&'a str>, Option<Value>, StatusCode);
 
-both_stores!(
+claas_core::both_stores!(
     every_route_answers_401_403_or_200_per_key,
     listings_show_only_the_callers_loras_and_jobs,
     queued_jobs_per_key_are_capped_with_429,

@@ -10,6 +10,30 @@ use uuid::Uuid;
 use crate::queue::{PgStore, SharedStore, SqliteStore, Store};
 use crate::types::{JobPayload, NewJob, NewLora, Rollout, Sample, TrainingConfig};
 
+/// Runs each named `async fn(&TestDb)` twice: on Postgres (its own schema) and on SQLite
+/// (its own file), as `postgres::<name>` and `sqlite::<name>`.
+#[macro_export]
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod postgres { $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let db = $crate::testing::TestDb::postgres().await;
+                super::$name(&db).await;
+                db.cleanup().await;
+            }
+        )* }
+        mod sqlite { $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let db = $crate::testing::TestDb::sqlite().await;
+                super::$name(&db).await;
+                db.cleanup().await;
+            }
+        )* }
+    };
+}
+
 /// The Postgres the tests use.
 pub fn database_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@localhost/test".into())

@@ -451,6 +451,7 @@ pub struct WorkerInfo {
 pub struct WorkerRow {
     pub id: String,
     pub hostname: String,
+    pub gpu: Option<String>,
     pub state: String,
     /// The vLLM this worker drives (as it registered it).
     pub vllm_url: Option<String>,

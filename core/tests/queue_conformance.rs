@@ -62,32 +62,7 @@ async fn claim_expiring(store: &SharedStore, worker: &str) -> Claimed {
     c
 }
 
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let db = claas_core::testing::TestDb::postgres().await;
-                    super::$name(&db).await;
-                    db.cleanup().await;
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let db = claas_core::testing::TestDb::sqlite().await;
-                    super::$name(&db).await;
-                    db.cleanup().await;
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+claas_core::both_stores!(
     enqueued_job_is_claimed_with_its_payload,
     enqueue_for_unknown_lora_is_not_found,
     claims_by_priority_then_age,

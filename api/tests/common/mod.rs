@@ -25,29 +25,6 @@ pub fn options(name: &str) -> ApiOptions {
     }
 }
 
-/// Runs each named `async fn(&TestDb)` once on Postgres and once on SQLite.
-#[macro_export]
-macro_rules! both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod postgres { $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let db = claas_core::testing::TestDb::postgres().await;
-                super::$name(&db).await;
-                db.cleanup().await;
-            }
-        )* }
-        mod sqlite { $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let db = claas_core::testing::TestDb::sqlite().await;
-                super::$name(&db).await;
-                db.cleanup().await;
-            }
-        )* }
-    };
-}
-
 /// Serves `state` on a free loopback port; returns its base URL.
 pub async fn serve(state: AppState) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -119,7 +119,12 @@ pub struct JobFilter {
     /// Only LoRAs whose id starts with one of these (API keys limited to prefixes).
     pub lora_prefixes: Option<Vec<String>>,
     pub status: Option<JobStatus>,
+    /// Jobs a worker ran (or runs).
+    pub worker_id: Option<String>,
+    /// Cursor: ids below this one (ids are UUIDv7, so also "created before").
     pub before: Option<Uuid>,
+    /// Ids at or above this one ("created at or after", through a UUIDv7 floor).
+    pub after: Option<Uuid>,
     pub limit: i64,
 }
 
@@ -177,6 +182,28 @@ pub(crate) fn reinit_refusal(
         Some(l) => Error::Conflict(format!(
             "LoRA {} is at version {} now, not {expected}: a job published meanwhile; retry",
             lora.lora_id, l.current_version
+        )),
+    }
+}
+
+/// Why [`Store::retry_job`] changed nothing.
+pub(crate) fn retry_refusal(job: Option<Job>, id: Uuid) -> crate::error::Error {
+    use crate::error::Error;
+    match job {
+        None => Error::NotFound(format!("job not found: {id}")),
+        Some(j) if j.status != JobStatus::Failed => Error::Conflict(format!(
+            "job {id} is {}; only a failed job can be retried",
+            j.status.as_str()
+        )),
+        Some(j) if j.published_version.is_some() => Error::Conflict(format!(
+            "job {id} already trained version {} of LoRA {}; it is not trained again \
+             (reload that version, or roll back, from the LoRA's page)",
+            j.published_version.unwrap_or_default(),
+            j.lora_id
+        )),
+        Some(j) => Error::Conflict(format!(
+            "job {id} cannot be retried: LoRA {} was deleted",
+            j.lora_id
         )),
     }
 }
@@ -422,6 +449,41 @@ pub trait Store: Send + Sync + 'static {
 
     /// Number of jobs per status (dashboard and metrics).
     async fn status_counts(&self) -> Result<Vec<(JobStatus, i64)>>;
+
+    // ---- Operator actions (dashboard) ----------------------------------------------------
+
+    /// The feedback samples of a job, or `None` when there is no such job.
+    async fn job_payload(&self, id: Uuid) -> Result<Option<JobPayload>>;
+
+    /// Puts a `failed` job back in the queue with fresh attempts (its error is kept in the
+    /// timeline), recording `message` as an event. `NotFound` if absent, `Conflict` if the job
+    /// is not failed or its LoRA was deleted.
+    async fn retry_job(&self, id: Uuid, message: &str) -> Result<Job>;
+
+    /// Deletes a finished job and its timeline; `NotFound` if absent, `Conflict` if the job
+    /// has not finished.
+    async fn delete_job(&self, id: Uuid) -> Result<Job>;
+
+    /// Appends an event to a job's timeline (nothing if the job is gone).
+    async fn add_job_event(&self, id: Uuid, phase: &str, message: &str) -> Result<()>;
+
+    /// Records what an operator did.
+    async fn record_audit(&self, entry: &AuditEntry) -> Result<()>;
+
+    /// The newest audit entries, newest first.
+    async fn recent_audit(&self, limit: i64) -> Result<Vec<AuditEntry>>;
+}
+
+/// One operator action, as the audit log keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditEntry {
+    pub at: DateTime<Utc>,
+    /// The API key id that acted ('' when the API is open).
+    pub actor: String,
+    /// `cancel`, `retry` or `delete`.
+    pub action: String,
+    pub job_id: Option<Uuid>,
+    pub detail: String,
 }
 
 /// A shared store.

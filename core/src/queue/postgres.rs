@@ -13,8 +13,8 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::{
-    bump, CancelOutcome, ClaimRequest, Claimed, Enqueued, FailOutcome, JobFilter, Lease,
-    LeaseState, Reaped, RetryPolicy, Store, Wakeups,
+    bump, retry_refusal, AuditEntry, CancelOutcome, ClaimRequest, Claimed, Enqueued, FailOutcome,
+    JobFilter, Lease, LeaseState, Reaped, RetryPolicy, Store, Wakeups,
 };
 use crate::error::{Error, Result};
 use crate::types::{
@@ -263,7 +263,9 @@ fn settle_lead(next: &str, error: &str, delay: &str) -> String {
                  then jsonb_build_object('code', 'cancelled', 'message',
                       'cancelled by request (the run had stopped: ' || coalesce(({error})->>'message', 'handed back') || ')')
                  else coalesce({error}, j.error) end,
-         worker_id = null, lease_expires_at = null"
+         -- A finished job keeps the worker that ran it last (the dashboard filters by it).
+         worker_id = case when {next} = 'queued' then null else j.worker_id end,
+         lease_expires_at = null"
     )
 }
 
@@ -695,22 +697,33 @@ impl Store for PgStore {
     }
 
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>> {
-        let sql = format!(
-            "select {JOB_COLUMNS} from jobs
-             where ($1::text is null or lora_id = $1)
-               and ($2::text is null or status = $2)
-               and ($3::uuid is null or id < $3)
-               and ($4::text[] is null or exists (select 1 from unnest($4::text[]) p where starts_with(lora_id, p)))
-             order by id desc limit $5"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(&filter.lora_id)
-            .bind(filter.status.map(JobStatus::as_str))
-            .bind(filter.before)
-            .bind(&filter.lora_prefixes)
-            .bind(filter.limit)
-            .fetch_all(&self.pool)
-            .await?;
+        // Only the filters given become conditions, so each combination gets a plan that
+        // uses its index (a generic `$1 is null or …` plan cannot).
+        let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(format!(
+            "select {JOB_COLUMNS} from jobs where true"
+        ));
+        if let Some(lora) = &filter.lora_id {
+            q.push(" and lora_id = ").push_bind(lora);
+        }
+        if let Some(status) = filter.status {
+            q.push(" and status = ").push_bind(status.as_str());
+        }
+        if let Some(worker) = &filter.worker_id {
+            q.push(" and worker_id = ").push_bind(worker);
+        }
+        if let Some(before) = filter.before {
+            q.push(" and id < ").push_bind(before);
+        }
+        if let Some(after) = filter.after {
+            q.push(" and id >= ").push_bind(after);
+        }
+        if let Some(prefixes) = &filter.lora_prefixes {
+            q.push(" and exists (select 1 from unnest(")
+                .push_bind(prefixes)
+                .push("::text[]) p where starts_with(lora_id, p))");
+        }
+        q.push(" order by id desc limit ").push_bind(filter.limit);
+        let rows = q.build().fetch_all(&self.pool).await?;
         rows.iter().map(job_from_row).collect()
     }
 
@@ -826,6 +839,7 @@ impl Store for PgStore {
                 Ok(WorkerRow {
                     id: r.try_get("id")?,
                     hostname: r.try_get("hostname")?,
+                    gpu: r.try_get("gpu")?,
                     state: r.try_get("state")?,
                     version: r.try_get("version")?,
                     started_at: r.try_get("started_at")?,
@@ -1211,6 +1225,114 @@ impl Store for PgStore {
             .map(|r| {
                 let s: String = r.try_get("status")?;
                 Ok((s.parse()?, r.try_get("n")?))
+            })
+            .collect()
+    }
+
+    async fn job_payload(&self, id: Uuid) -> Result<Option<JobPayload>> {
+        let payload: Option<serde_json::Value> =
+            sqlx::query_scalar("select payload from jobs where id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(payload.map(serde_json::from_value).transpose()?)
+    }
+
+    async fn retry_job(&self, id: Uuid, message: &str) -> Result<Job> {
+        let sql = format!(
+            "with r as (
+                update jobs j set status = 'queued', phase = 'queued', attempt = 0,
+                    run_at = now(), worker_id = null, lease_expires_at = null,
+                    cancel_requested = false, finished_at = null, error = null
+                where j.id = $1 and j.status = 'failed' and j.published_version is null
+                  and exists (select 1 from loras l where l.lora_id = j.lora_id and l.deleted_at is null)
+                returning {JOB_COLUMNS}
+            ), ev as (
+                insert into job_events (job_id, phase, message) select id, 'queued', $2 from r
+            )
+            select * from r"
+        );
+        match sqlx::query(&sql)
+            .bind(id)
+            .bind(message)
+            .fetch_optional(&self.pool)
+            .await?
+        {
+            Some(row) => {
+                // Wake idle workers now rather than at their next poll.
+                sqlx::query("select pg_notify($1, '')")
+                    .bind(CHANNEL)
+                    .execute(&self.pool)
+                    .await?;
+                job_from_row(&row)
+            }
+            None => Err(retry_refusal(self.get_job(id).await?, id)),
+        }
+    }
+
+    async fn delete_job(&self, id: Uuid) -> Result<Job> {
+        let sql = format!(
+            "delete from jobs where id = $1 and status in ('succeeded', 'failed', 'cancelled')
+             returning {JOB_COLUMNS}"
+        );
+        match sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+        {
+            Some(row) => job_from_row(&row),
+            None => Err(match self.get_job(id).await? {
+                None => Error::NotFound(format!("job not found: {id}")),
+                Some(job) => Error::Conflict(format!(
+                    "job {id} has not finished ({}); cancel it first",
+                    job.status.as_str()
+                )),
+            }),
+        }
+    }
+
+    async fn add_job_event(&self, id: Uuid, phase: &str, message: &str) -> Result<()> {
+        sqlx::query(
+            "insert into job_events (job_id, phase, message)
+             select id, $2, $3 from jobs where id = $1",
+        )
+        .bind(id)
+        .bind(phase)
+        .bind(message)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn record_audit(&self, entry: &AuditEntry) -> Result<()> {
+        sqlx::query(
+            "insert into audit_log (actor, action, job_id, detail) values ($1, $2, $3, $4)",
+        )
+        .bind(&entry.actor)
+        .bind(&entry.action)
+        .bind(entry.job_id)
+        .bind(&entry.detail)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn recent_audit(&self, limit: i64) -> Result<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "select at, actor, action, job_id, detail from audit_log order by id desc limit $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    at: r.try_get("at")?,
+                    actor: r.try_get("actor")?,
+                    action: r.try_get("action")?,
+                    job_id: r.try_get("job_id")?,
+                    detail: r.try_get("detail")?,
+                })
             })
             .collect()
     }

@@ -19,8 +19,8 @@ use uuid::Uuid;
 
 use super::postgres::cancel_refusal;
 use super::{
-    bump, ms_to_datetime, CancelOutcome, ClaimRequest, Claimed, Enqueued, FailOutcome, JobFilter,
-    Lease, LeaseState, Reaped, RetryPolicy, Store, Wakeups,
+    bump, ms_to_datetime, retry_refusal, AuditEntry, CancelOutcome, ClaimRequest, Claimed,
+    Enqueued, FailOutcome, JobFilter, Lease, LeaseState, Reaped, RetryPolicy, Store, Wakeups,
 };
 use crate::error::{Error, Result};
 use crate::types::{
@@ -252,7 +252,8 @@ async fn settle_lead(
             finished_at = case when ?2 = 'queued' then null else ?4 end,
             result = case when published_version is not null
                      then coalesce(result, json_object('version', published_version)) else result end,
-            error = coalesce(?5, error), worker_id = null, lease_expires_at = null,
+            error = coalesce(?5, error), lease_expires_at = null,
+            worker_id = case when ?2 = 'queued' then null else worker_id end,
             max_attempts = max_attempts + ?6
          where id = ?1",
     )
@@ -763,28 +764,30 @@ impl Store for SqliteStore {
 
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>> {
         // Uuid v7 text sorts in creation order, like the uuid column in Postgres.
-        let sql = format!(
-            "select {JOB_COLUMNS} from jobs
-             where (?1 is null or lora_id = ?1)
-               and (?2 is null or status = ?2)
-               and (?3 is null or id < ?3)
-               and (?4 is null or exists (select 1 from json_each(?4) p
-                                          where substr(lora_id, 1, length(p.value)) = p.value))
-             order by id desc limit ?5"
-        );
-        let prefixes = filter
-            .lora_prefixes
-            .as_ref()
-            .map(serde_json::to_string)
-            .transpose()?;
-        let rows = sqlx::query(&sql)
-            .bind(&filter.lora_id)
-            .bind(filter.status.map(JobStatus::as_str))
-            .bind(filter.before.map(|u| u.to_string()))
-            .bind(prefixes)
-            .bind(filter.limit)
-            .fetch_all(&self.pool)
-            .await?;
+        let mut q =
+            sqlx::QueryBuilder::<Sqlite>::new(format!("select {JOB_COLUMNS} from jobs where 1"));
+        if let Some(lora) = &filter.lora_id {
+            q.push(" and lora_id = ").push_bind(lora.clone());
+        }
+        if let Some(status) = filter.status {
+            q.push(" and status = ").push_bind(status.as_str());
+        }
+        if let Some(worker) = &filter.worker_id {
+            q.push(" and worker_id = ").push_bind(worker.clone());
+        }
+        if let Some(before) = filter.before {
+            q.push(" and id < ").push_bind(before.to_string());
+        }
+        if let Some(after) = filter.after {
+            q.push(" and id >= ").push_bind(after.to_string());
+        }
+        if let Some(prefixes) = &filter.lora_prefixes {
+            q.push(" and exists (select 1 from json_each(")
+                .push_bind(serde_json::to_string(prefixes)?)
+                .push(") p where substr(lora_id, 1, length(p.value)) = p.value)");
+        }
+        q.push(" order by id desc limit ").push_bind(filter.limit);
+        let rows = q.build().fetch_all(&self.pool).await?;
         rows.iter().map(job_from_row).collect()
     }
 
@@ -904,6 +907,7 @@ impl Store for SqliteStore {
                 Ok(WorkerRow {
                     id: r.try_get("id")?,
                     hostname: r.try_get("hostname")?,
+                    gpu: r.try_get("gpu")?,
                     state: r.try_get("state")?,
                     version: r.try_get("version")?,
                     started_at: required(time_col(r, "started_at")?, "started_at")?,
@@ -1271,6 +1275,110 @@ impl Store for SqliteStore {
             .map(|r| {
                 let s: String = r.try_get("status")?;
                 Ok((s.parse()?, r.try_get("n")?))
+            })
+            .collect()
+    }
+
+    async fn job_payload(&self, id: Uuid) -> Result<Option<JobPayload>> {
+        let payload: Option<String> = sqlx::query_scalar("select payload from jobs where id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(payload.map(|p| serde_json::from_str(&p)).transpose()?)
+    }
+
+    async fn retry_job(&self, id: Uuid, message: &str) -> Result<Job> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let sql = format!(
+            "update jobs set status = 'queued', phase = 'queued', attempt = 0, run_at = ?2,
+                worker_id = null, lease_expires_at = null, cancel_requested = 0,
+                finished_at = null, error = null
+             where id = ?1 and status = 'failed' and published_version is null
+               and exists (select 1 from loras l where l.lora_id = jobs.lora_id and l.deleted_at is null)
+             returning {JOB_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            drop(tx);
+            return Err(retry_refusal(self.get_job(id).await?, id));
+        };
+        let job = job_from_row(&row)?;
+        event(&mut tx, &id.to_string(), now, "queued", message).await?;
+        tx.commit().await?;
+        bump(&self.wake_tx);
+        Ok(job)
+    }
+
+    async fn delete_job(&self, id: Uuid) -> Result<Job> {
+        let sql = format!(
+            "delete from jobs where id = ? and status in ('succeeded', 'failed', 'cancelled')
+             returning {JOB_COLUMNS}"
+        );
+        match sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+        {
+            Some(row) => job_from_row(&row),
+            None => Err(match self.get_job(id).await? {
+                None => Error::NotFound(format!("job not found: {id}")),
+                Some(job) => Error::Conflict(format!(
+                    "job {id} has not finished ({}); cancel it first",
+                    job.status.as_str()
+                )),
+            }),
+        }
+    }
+
+    async fn add_job_event(&self, id: Uuid, phase: &str, message: &str) -> Result<()> {
+        sqlx::query(
+            "insert into job_events (job_id, at, phase, message)
+             select id, ?2, ?3, ?4 from jobs where id = ?1",
+        )
+        .bind(id.to_string())
+        .bind(now_ms())
+        .bind(phase)
+        .bind(message)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn record_audit(&self, entry: &AuditEntry) -> Result<()> {
+        sqlx::query(
+            "insert into audit_log (at, actor, action, job_id, detail) values (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(entry.at.timestamp_millis())
+        .bind(&entry.actor)
+        .bind(&entry.action)
+        .bind(entry.job_id.map(|u| u.to_string()))
+        .bind(&entry.detail)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn recent_audit(&self, limit: i64) -> Result<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "select at, actor, action, job_id, detail from audit_log order by id desc limit ?",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    at: ms_to_datetime(r.try_get("at")?),
+                    actor: r.try_get("actor")?,
+                    action: r.try_get("action")?,
+                    job_id: uuid_col(r, "job_id")?,
+                    detail: r.try_get("detail")?,
+                })
             })
             .collect()
     }
