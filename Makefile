@@ -7,9 +7,11 @@ dev:
 
 # The whole test suite (needs Postgres at $$DATABASE_URL, default postgres://postgres@localhost/test,
 # and Redis at $$REDIS_URL, default redis://127.0.0.1:6379; installs the python `openai` client
-# into target/py for the proxy's client test).
+# into target/py for the proxy's client test, and Debian's chromium + chromedriver for the
+# dashboard's browser test).
 test:
-	CLAAS_TEST_PYTHON="$$(scripts/test-python.sh)" cargo test --workspace --all-targets
+	CLAAS_TEST_PYTHON="$$(scripts/test-python.sh)" CLAAS_TEST_CHROMEDRIVER="$$(scripts/test-browser.sh)" \
+	  cargo test --workspace --all-targets
 
 lint:
 	cargo fmt --all -- --check

@@ -171,7 +171,7 @@ fn bearer(req: &Request) -> Option<String> {
         .filter(|t| !t.is_empty())
 }
 
-fn unauthorized(message: &str) -> Response {
+pub(crate) fn unauthorized(message: &str) -> Response {
     let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
     resp.headers_mut().insert(
         header::WWW_AUTHENTICATE,
@@ -181,9 +181,14 @@ fn unauthorized(message: &str) -> Response {
 }
 
 /// The key a secret names, if any.
-async fn resolve(state: &AppState, secret: &str) -> ApiResult<Option<ApiKey>> {
+pub(crate) async fn resolve(state: &AppState, secret: &str) -> ApiResult<Option<ApiKey>> {
+    resolve_hash(state, &secret_hash(secret)).await
+}
+
+/// The live key whose secret hashes to `hash` (a dashboard session carries the hash).
+pub(crate) async fn resolve_hash(state: &AppState, hash: &str) -> ApiResult<Option<ApiKey>> {
     if let Some(boot) = &state.auth.bootstrap_admin {
-        if constant_time_eq(secret, boot) {
+        if constant_time_eq(hash, &secret_hash(boot)) {
             return Ok(Some(ApiKey {
                 id: "bootstrap".into(),
                 name: "bootstrap admin (CLAAS_ADMIN_KEY)".into(),
@@ -194,7 +199,7 @@ async fn resolve(state: &AppState, secret: &str) -> ApiResult<Option<ApiKey>> {
             }));
         }
     }
-    Ok(state.store.find_api_key(&secret_hash(secret)).await?)
+    Ok(state.store.find_api_key(hash).await?)
 }
 
 /// Middleware: authenticates every request and leaves the [`Caller`] for the handlers.
@@ -214,6 +219,9 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
     }
     let path = req.uri().path().to_owned();
     let secret = bearer(&req);
+    if path.starts_with(crate::dashboard::PREFIX) {
+        return crate::dashboard::gate(&state, req, next, secret).await;
+    }
     if path == "/metrics" {
         let token_ok = match (&secret, &state.auth.metrics_token) {
             (Some(s), Some(t)) => constant_time_eq(s, t),

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod cache;
+pub mod dashboard;
 pub mod embedded;
 pub mod error;
 pub mod metrics;
@@ -75,6 +76,8 @@ pub struct AppState {
     pub auth: Arc<auth::Auth>,
     /// Where adapter versions are stored (local files or an object store).
     pub adapters: AdapterStore,
+    /// Signs dashboard sessions and CSRF tokens.
+    pub sessions: Arc<dashboard::session::Sessions>,
 }
 
 impl AppState {
@@ -90,7 +93,14 @@ impl AppState {
             engine: None,
             http_metrics: Arc::new(metrics::HttpMetrics::new()),
             auth: Arc::new(auth::Auth::open()),
+            sessions: Arc::new(dashboard::session::Sessions::new(None)),
         }
+    }
+
+    /// Dashboard sessions signed with `secret` (every replica needs the same one).
+    pub fn with_session_secret(mut self, secret: Option<&str>) -> AppState {
+        self.sessions = Arc::new(dashboard::session::Sessions::new(secret));
+        self
     }
 
     pub fn with_adapters(mut self, adapters: AdapterStore) -> AppState {
@@ -153,6 +163,7 @@ impl AppState {
             .with_cache(cache)
             .with_backends(backends)
             .with_adapters(adapters)
+            .with_session_secret(cfg.server.session_secret.as_deref())
             .with_auth(auth::Auth::new(
                 cfg.server.admin_key.clone(),
                 cfg.server.metrics_token.clone(),
@@ -188,6 +199,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(routes::inference::completions))
         .route("/v1/models", get(routes::inference::models))
         .route("/v1/score", post(routes::inference::score))
+        .merge(dashboard::routes())
         .fallback(error::route_not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

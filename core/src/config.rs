@@ -66,6 +66,7 @@ pub const ENV_NAMES: &[(&str, &str)] = &[
     ),
     ("CLAAS_ADMIN_KEY", "server.admin_key"),
     ("CLAAS_METRICS_TOKEN", "server.metrics_token"),
+    ("CLAAS_SESSION_SECRET", "server.session_secret"),
     (
         "CLAAS_MAX_QUEUED_JOBS_PER_KEY",
         "server.max_queued_jobs_per_key",
@@ -152,6 +153,11 @@ pub struct ServerConfig {
     /// A token that may read `/metrics` when keys are on. Env `CLAAS_METRICS_TOKEN`.
     #[serde(default)]
     pub metrics_token: Option<String>,
+    /// Signs dashboard session cookies and CSRF tokens; every API replica needs the same
+    /// one. Env `CLAAS_SESSION_SECRET`. None: a random secret per process (sessions then
+    /// hold on one replica only, and end when it restarts).
+    #[serde(default)]
+    pub session_secret: Option<String>,
     /// Queued jobs one API key may have before feedback answers 429 (0: no limit).
     /// Default 1000. Env `CLAAS_MAX_QUEUED_JOBS_PER_KEY`.
     #[serde(default = "default_max_queued")]
@@ -387,6 +393,7 @@ impl Default for Config {
                 feedback_max_wait_s: 600,
                 admin_key: None,
                 metrics_token: None,
+                session_secret: None,
                 max_queued_jobs_per_key: 1000,
             },
             database: DatabaseConfig {

@@ -13,7 +13,7 @@ use chrono::Utc;
 use crate::AppState;
 
 /// A worker counts as alive when it heartbeated within this window.
-const WORKER_ALIVE_S: i64 = 30;
+pub const WORKER_ALIVE_S: i64 = 30;
 
 pub async fn health(State(state): State<AppState>, caller: crate::auth::Caller) -> Response {
     let database = state.store.ping().await;

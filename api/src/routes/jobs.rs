@@ -51,6 +51,8 @@ pub async fn get(
 pub struct ListQuery {
     lora_id: Option<String>,
     status: Option<String>,
+    /// Jobs a worker ran or runs.
+    worker_id: Option<String>,
     limit: Option<i64>,
     cursor: Option<String>,
 }
@@ -83,7 +85,9 @@ pub async fn list(
             lora_id: q.lora_id,
             lora_prefixes: caller.prefixes(),
             status,
+            worker_id: q.worker_id,
             before,
+            after: None,
             limit,
         })
         .await?;

@@ -1,0 +1,610 @@
+//! The ops dashboard: server-rendered HTML over the queue tables, at `/v1/dashboard`.
+//!
+//! Pages work without JavaScript (a small script only refreshes the overview and job lists
+//! in place). With API keys on, only admins get in: a bearer admin key, or a login form that
+//! sets a signed, HttpOnly, SameSite=Strict session cookie. Every action (cancel, retry,
+//! delete) is a POST carrying a CSRF token and is recorded in the job's timeline and in the
+//! audit log.
+
+pub mod session;
+pub mod views;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use axum::extract::{Form, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use chrono::Utc;
+use claas_core::queue::{AuditEntry, CancelOutcome, JobFilter};
+use claas_core::types::JobStatus;
+use minijinja::value::Serde;
+use minijinja::{context, Environment, Value};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::auth::{self, Caller};
+use crate::error::ApiError;
+use crate::AppState;
+use session::{cookie, set_cookie, NONCE_COOKIE, SESSION_COOKIE, SESSION_TTL_S};
+use views::{JobRow, WorkerView};
+
+/// Every dashboard path starts with this.
+pub const PREFIX: &str = "/v1/dashboard";
+const LOGIN: &str = "/v1/dashboard/login";
+/// Rows per jobs page.
+const PAGE: i64 = 50;
+
+/// The dashboard's routes.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/dashboard", get(overview))
+        .route("/v1/dashboard/login", get(login_form).post(login))
+        .route("/v1/dashboard/logout", post(logout))
+        .route("/v1/dashboard/jobs", get(jobs))
+        .route("/v1/dashboard/jobs/{id}", get(job))
+        .route("/v1/dashboard/jobs/{id}/{action}", post(act))
+        .route("/v1/dashboard/loras", get(loras))
+        .route("/v1/dashboard/loras/{*lora_id}", get(lora))
+}
+
+fn templates() -> &'static Environment<'static> {
+    static ENV: OnceLock<Environment<'static>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut env = Environment::new();
+        for (name, source) in [
+            ("base.html", include_str!("templates/base.html")),
+            ("overview.html", include_str!("templates/overview.html")),
+            ("jobs.html", include_str!("templates/jobs.html")),
+            ("job.html", include_str!("templates/job.html")),
+            ("loras.html", include_str!("templates/loras.html")),
+            ("lora.html", include_str!("templates/lora.html")),
+            ("login.html", include_str!("templates/login.html")),
+            ("error.html", include_str!("templates/error.html")),
+            ("job_rows.html", include_str!("templates/job_rows.html")),
+            ("refresh.html", include_str!("templates/refresh.html")),
+        ] {
+            env.add_template(name, source)
+                .expect("the dashboard's templates parse");
+        }
+        env
+    })
+}
+
+/// An error shown as a page (the JSON envelope's status and message).
+pub struct PageError(ApiError);
+
+impl<E: Into<ApiError>> From<E> for PageError {
+    fn from(e: E) -> Self {
+        PageError(e.into())
+    }
+}
+
+impl IntoResponse for PageError {
+    fn into_response(self) -> Response {
+        let body = templates()
+            .get_template("error.html")
+            .and_then(|t| {
+                t.render(context! {
+                    status => self.0.status.as_u16(),
+                    reason => self.0.status.canonical_reason().unwrap_or(""),
+                    message => self.0.message,
+                })
+            })
+            .unwrap_or_else(|e| format!("template error: {e}"));
+        (self.0.status, Html(body)).into_response()
+    }
+}
+
+type PageResult = Result<Response, PageError>;
+
+/// What ties this browser's forms to it: the session cookie, or the nonce cookie (set here
+/// on the first page when there is neither).
+fn csrf_binding(headers: &HeaderMap) -> (String, Option<HeaderValue>) {
+    if let Some(s) = cookie(headers, SESSION_COOKIE) {
+        return (s.to_owned(), None);
+    }
+    if let Some(n) = cookie(headers, NONCE_COOKIE) {
+        return (n.to_owned(), None);
+    }
+    let nonce = session::new_nonce();
+    let set = set_cookie(headers, NONCE_COOKIE, &nonce, SESSION_TTL_S);
+    (nonce, Some(set))
+}
+
+/// Renders `name` inside the layout, with the CSRF token and who is logged in.
+fn render(
+    state: &AppState,
+    headers: &HeaderMap,
+    caller: &Caller,
+    name: &str,
+    ctx: minijinja::Value,
+) -> PageResult {
+    let (binding, set) = csrf_binding(headers);
+    let csrf = state.sessions.csrf_token(&binding);
+    let who = match caller {
+        Caller::Key(k) => k.name.clone(),
+        _ => String::new(),
+    };
+    let body = templates()
+        .get_template(name)
+        .and_then(|t| t.render(context! { csrf => csrf, who => who, ..ctx }))
+        .map_err(|e| ApiError::internal(format!("dashboard template {name}: {e}")))?;
+    let mut resp = Html(body).into_response();
+    if let Some(set) = set {
+        resp.headers_mut().append(header::SET_COOKIE, set);
+    }
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+/// 403 unless the form carries the CSRF token of this browser's cookie.
+fn check_csrf(state: &AppState, headers: &HeaderMap, token: &str) -> Result<(), PageError> {
+    let binding = cookie(headers, SESSION_COOKIE)
+        .or_else(|| cookie(headers, NONCE_COOKIE))
+        .unwrap_or("");
+    if state.sessions.csrf_ok(binding, token) {
+        return Ok(());
+    }
+    Err(PageError(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        "missing or invalid CSRF token: reload the page and try again",
+    )))
+}
+
+/// The middleware's part for dashboard paths when API keys are on: admins only, by bearer
+/// key or session cookie; a browser without either is sent to the login form.
+pub async fn gate(
+    state: &AppState,
+    mut req: Request,
+    next: Next,
+    bearer: Option<String>,
+) -> Response {
+    if req.uri().path() == LOGIN {
+        req.extensions_mut().insert(Caller::Anonymous);
+        return next.run(req).await;
+    }
+    let key = match (&bearer, cookie(req.headers(), SESSION_COOKIE)) {
+        (Some(secret), _) => auth::resolve(state, secret).await,
+        (None, Some(c)) => match state.sessions.key_hash(c) {
+            Some(hash) => auth::resolve_hash(state, hash).await,
+            None => Ok(None),
+        },
+        (None, None) => Ok(None),
+    };
+    match key {
+        Ok(Some(k)) if k.admin => {
+            req.extensions_mut().insert(Caller::Key(k));
+            next.run(req).await
+        }
+        Ok(Some(_)) => PageError(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the dashboard needs an admin key",
+        ))
+        .into_response(),
+        Ok(None) if bearer.is_none() && req.method() == Method::GET => {
+            Redirect::to(LOGIN).into_response()
+        }
+        Ok(None) => auth::unauthorized("the dashboard needs an admin key: log in first"),
+        Err(e) => PageError(e).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct LoginForm {
+    #[serde(default)]
+    key: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn login_form(State(state): State<AppState>, headers: HeaderMap) -> PageResult {
+    render(
+        &state,
+        &headers,
+        &Caller::Anonymous,
+        "login.html",
+        context! { error => "" },
+    )
+}
+
+async fn login(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> PageResult {
+    check_csrf(&state, &headers, &form.csrf)?;
+    let key = auth::resolve(&state, form.key.trim()).await?;
+    let (status, error) = match key {
+        Some(k) if k.admin => {
+            let value = state.sessions.issue(&auth::secret_hash(form.key.trim()));
+            let mut resp = Redirect::to(PREFIX).into_response();
+            resp.headers_mut().append(
+                header::SET_COOKIE,
+                set_cookie(&headers, SESSION_COOKIE, &value, SESSION_TTL_S),
+            );
+            tracing::info!(key = %k.id, "dashboard login");
+            return Ok(resp);
+        }
+        Some(_) => (
+            StatusCode::FORBIDDEN,
+            "this key is not an admin key; the dashboard needs one",
+        ),
+        None => (
+            StatusCode::UNAUTHORIZED,
+            "the key is not valid (unknown or revoked)",
+        ),
+    };
+    let mut resp = render(
+        &state,
+        &headers,
+        &Caller::Anonymous,
+        "login.html",
+        context! { error => error },
+    )?;
+    *resp.status_mut() = status;
+    Ok(resp)
+}
+
+#[derive(Deserialize)]
+pub struct CsrfForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn logout(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> PageResult {
+    check_csrf(&state, &headers, &form.csrf)?;
+    let mut resp = Redirect::to(LOGIN).into_response();
+    resp.headers_mut().append(
+        header::SET_COOKIE,
+        set_cookie(&headers, SESSION_COOKIE, "", 0),
+    );
+    Ok(resp)
+}
+
+async fn overview(State(state): State<AppState>, headers: HeaderMap, caller: Caller) -> PageResult {
+    let now = Utc::now();
+    let snap = state
+        .store
+        .metrics_snapshot(Duration::from_secs(3600))
+        .await?;
+    let count = |list: &[(JobStatus, i64)], s: JobStatus| {
+        list.iter().find(|(k, _)| *k == s).map_or(0, |(_, n)| *n)
+    };
+    let (succeeded, failed, cancelled) = (
+        count(&snap.finished, JobStatus::Succeeded),
+        count(&snap.finished, JobStatus::Failed),
+        count(&snap.finished, JobStatus::Cancelled),
+    );
+    let failure_rate = (succeeded + failed > 0).then(|| {
+        format!(
+            "{:.1} %",
+            100.0 * failed as f64 / (succeeded + failed) as f64
+        )
+    });
+    let workers: Vec<WorkerView> = state
+        .store
+        .list_workers()
+        .await?
+        .iter()
+        .map(|w| WorkerView::new(w, now))
+        .collect();
+    let audit = state.store.recent_audit(10).await?;
+    let audit: Vec<_> = audit
+        .iter()
+        .map(|a| {
+            context! {
+                at => views::time(a.at), actor => a.actor.clone(), action => a.action.clone(),
+                job_id => a.job_id.map(|j| j.to_string()), detail => a.detail.clone(),
+            }
+        })
+        .collect();
+    render(
+        &state,
+        &headers,
+        &caller,
+        "overview.html",
+        context! {
+            queued => count(&snap.live, JobStatus::Queued),
+            running => count(&snap.live, JobStatus::Running),
+            coalesced => count(&snap.live, JobStatus::Coalesced),
+            oldest_queued_s => snap.oldest_queued_s.map(|s| s.round() as i64),
+            succeeded, failed, cancelled,
+            throughput_per_min => format!("{:.2}", (succeeded + failed + cancelled) as f64 / 60.0),
+            failure_rate,
+            phases => Value::from(Serde(views::phase_latencies(&snap.phase_ms))),
+            workers => Value::from(Serde(&workers)),
+            audit,
+            now => views::time(now),
+        },
+    )
+}
+
+#[derive(Deserialize, Default)]
+pub struct JobsQuery {
+    status: Option<String>,
+    lora_id: Option<String>,
+    worker: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    cursor: Option<String>,
+}
+
+fn some(v: &Option<String>) -> Option<&str> {
+    v.as_deref().map(str::trim).filter(|s| !s.is_empty())
+}
+
+async fn jobs(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    caller: Caller,
+    Query(q): Query<JobsQuery>,
+) -> PageResult {
+    let bad = |m: String| PageError(ApiError::bad_request(m));
+    let status = some(&q.status)
+        .map(str::parse::<JobStatus>)
+        .transpose()
+        .map_err(|e| bad(e.to_string()))?;
+    let time = |raw: Option<&str>, name: &str| -> Result<Option<Uuid>, PageError> {
+        raw.map(|r| {
+            views::parse_time(r).map(views::uuid_floor).ok_or_else(|| {
+                bad(format!(
+                    "{name}: '{r}' is not a time (use 2026-12-02T10:30, UTC, or RFC 3339)"
+                ))
+            })
+        })
+        .transpose()
+    };
+    let after = time(some(&q.since), "since")?;
+    let until = time(some(&q.until), "until")?;
+    let cursor = some(&q.cursor)
+        .map(|c| Uuid::parse_str(c).map_err(|_| bad(format!("cursor: '{c}' is not a job id"))))
+        .transpose()?;
+    let before = match (cursor, until) {
+        (Some(c), Some(u)) => Some(c.min(u)),
+        (c, u) => c.or(u),
+    };
+    let list = state
+        .store
+        .list_jobs(&JobFilter {
+            lora_id: some(&q.lora_id).map(str::to_owned),
+            lora_prefixes: None,
+            status,
+            worker_id: some(&q.worker).map(str::to_owned),
+            before,
+            after,
+            limit: PAGE,
+        })
+        .await?;
+    let next = (list.len() as i64 == PAGE)
+        .then(|| list.last().map(|j| j.id.to_string()))
+        .flatten();
+    let filters = [
+        ("status", some(&q.status)),
+        ("lora_id", some(&q.lora_id)),
+        ("worker", some(&q.worker)),
+        ("since", some(&q.since)),
+        ("until", some(&q.until)),
+    ];
+    let keep: String = filters
+        .iter()
+        .filter_map(|(k, v)| v.map(|v| format!("&{k}={}", urlencode(v))))
+        .collect();
+    render(
+        &state,
+        &headers,
+        &caller,
+        "jobs.html",
+        context! {
+            jobs => Value::from(Serde(list.iter().map(JobRow::new).collect::<Vec<_>>())),
+            next_cursor => next,
+            keep,
+            statuses => JobStatus::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            f_status => some(&q.status).unwrap_or(""),
+            f_lora => some(&q.lora_id).unwrap_or(""),
+            f_worker => some(&q.worker).unwrap_or(""),
+            f_since => some(&q.since).unwrap_or(""),
+            f_until => some(&q.until).unwrap_or(""),
+        },
+    )
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' | b':' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn parse_id(raw: &str) -> Result<Uuid, PageError> {
+    Uuid::parse_str(raw)
+        .map_err(|_| PageError(ApiError::bad_request(format!("'{raw}' is not a job id"))))
+}
+
+async fn job(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> PageResult {
+    let id = parse_id(&id)?;
+    let job = state
+        .store
+        .get_job(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("job not found: {id}")))?;
+    let events = state.store.job_events(id).await?;
+    let samples = state
+        .store
+        .job_payload(id)
+        .await?
+        .map(|p| p.samples)
+        .unwrap_or_default();
+    let live = !job.status.is_terminal();
+    render(
+        &state,
+        &headers,
+        &caller,
+        "job.html",
+        context! {
+            job => Value::from(Serde(JobRow::new(&job))),
+            trained_by => job.trained_by.map(|t| t.to_string()),
+            published_version => job.published_version,
+            cancel_requested => job.cancel_requested,
+            created => views::time(job.created_at),
+            started => job.started_at.map(views::time),
+            finished => job.finished_at.map(views::time),
+            timings => Value::from(Serde(&job.timings_ms.iter().collect::<Vec<_>>())),
+            metrics => Value::from(Serde(views::numbers(job.result.as_ref()))),
+            error => job.error.as_ref().map(|e| format!("{}: {}", e.code, e.message)),
+            events => events.iter().map(|e| context! {
+                at => views::time(e.at), phase => e.phase.clone(), message => e.message.clone(),
+            }).collect::<Vec<_>>(),
+            samples => samples.iter().map(|s| context! {
+                prompt => s.prompt.clone(), response => s.response.clone(),
+                feedback => s.feedback.clone(),
+            }).collect::<Vec<_>>(),
+            can_cancel => live,
+            can_retry => job.status == JobStatus::Failed && job.published_version.is_none(),
+            can_delete => !live,
+        },
+    )
+}
+
+async fn act(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    caller: Caller,
+    Path((id, action)): Path<(String, String)>,
+    Form(form): Form<CsrfForm>,
+) -> PageResult {
+    check_csrf(&state, &headers, &form.csrf)?;
+    let id = parse_id(&id)?;
+    let actor = match caller.id() {
+        "" => "open API".to_owned(),
+        key => key.to_owned(),
+    };
+    let (detail, to) = match action.as_str() {
+        "cancel" => {
+            let job = match state.store.cancel(id).await? {
+                CancelOutcome::Cancelled(j) => j,
+                CancelOutcome::Requested(j) => j,
+            };
+            let detail = format!("cancel by {actor} from the dashboard");
+            state
+                .store
+                .add_job_event(id, job.phase.as_str(), &detail)
+                .await?;
+            (detail, format!("{PREFIX}/jobs/{id}"))
+        }
+        "retry" => {
+            let detail = format!("retried by {actor} from the dashboard");
+            state.store.retry_job(id, &detail).await?;
+            (detail, format!("{PREFIX}/jobs/{id}"))
+        }
+        "delete" => {
+            let job = state.store.delete_job(id).await?;
+            (
+                format!(
+                    "deleted by {actor} from the dashboard ({} job of LoRA {})",
+                    job.status.as_str(),
+                    job.lora_id
+                ),
+                format!("{PREFIX}/jobs"),
+            )
+        }
+        other => {
+            return Err(PageError(ApiError::not_found(format!(
+                "unknown action '{other}' (cancel, retry, delete)"
+            ))))
+        }
+    };
+    state
+        .store
+        .record_audit(&AuditEntry {
+            at: Utc::now(),
+            actor,
+            action,
+            job_id: Some(id),
+            detail,
+        })
+        .await?;
+    Ok(Redirect::to(&to).into_response())
+}
+
+async fn loras(State(state): State<AppState>, headers: HeaderMap, caller: Caller) -> PageResult {
+    let list = state.store.list_loras("").await?;
+    let rows: Vec<_> = list
+        .iter()
+        .map(|l| {
+            context! {
+                lora_id => l.lora_id.clone(), base_model => l.base_model.clone(), rank => l.rank,
+                current_version => l.current_version, created => views::time(l.created_at),
+            }
+        })
+        .collect();
+    render(
+        &state,
+        &headers,
+        &caller,
+        "loras.html",
+        context! { loras => rows },
+    )
+}
+
+async fn lora(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    caller: Caller,
+    Path(lora_id): Path<String>,
+) -> PageResult {
+    let l = state
+        .store
+        .get_lora(&lora_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("LoRA not found: {lora_id}")))?;
+    let versions = state.store.lora_versions(&lora_id).await?;
+    let recent = state
+        .store
+        .list_jobs(&JobFilter {
+            lora_id: Some(lora_id.clone()),
+            limit: 20,
+            ..Default::default()
+        })
+        .await?;
+    render(
+        &state,
+        &headers,
+        &caller,
+        "lora.html",
+        context! {
+            lora_id => l.lora_id, base_model => l.base_model, rank => l.rank, alpha => l.alpha,
+            current_version => l.current_version,
+            chart => Value::from(Serde(views::loss_chart(&versions))),
+            versions => versions.iter().rev().map(|v| context! {
+                version => v.version,
+                created => views::time(v.created_at),
+                job_id => v.job_id.map(|j| j.to_string()),
+                metrics => Value::from(Serde(views::numbers(v.metrics.as_ref()))),
+                pinned => v.pinned,
+                pruned => v.pruned_at.is_some(),
+                current => v.version == l.current_version,
+            }).collect::<Vec<_>>(),
+            jobs => Value::from(Serde(recent.iter().map(JobRow::new).collect::<Vec<_>>())),
+        },
+    )
+}

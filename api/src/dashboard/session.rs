@@ -1,0 +1,164 @@
+//! Dashboard sessions and CSRF tokens, both HMAC-SHA256 under one secret.
+//!
+//! A session cookie is `<expiry>.<key hash>.<signature>`: the signed expiry (unix seconds)
+//! and the SHA-256 of the admin key that logged in, so revoking the key ends its sessions
+//! at once (the hash is looked up on every request, as a bearer key would be). A CSRF token
+//! is the signature of the session cookie, or, before login and when the API is open, of
+//! a random nonce kept in its own cookie: a form posted from another site carries neither.
+
+use axum::http::{header, HeaderMap, HeaderValue};
+use chrono::Utc;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+/// The session cookie's name.
+pub const SESSION_COOKIE: &str = "claas_session";
+/// The CSRF nonce cookie's name (used when there is no session).
+pub const NONCE_COOKIE: &str = "claas_csrf";
+/// How long a login lasts.
+pub const SESSION_TTL_S: i64 = 12 * 3600;
+/// The cookies' path: only the dashboard sees them.
+const COOKIE_PATH: &str = "/v1/dashboard";
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The signing secret.
+pub struct Sessions {
+    secret: Vec<u8>,
+}
+
+impl Sessions {
+    /// Sessions signed with `secret`; a random one when none is configured (then a session
+    /// holds only on this process).
+    pub fn new(secret: Option<&str>) -> Sessions {
+        let secret = match secret.filter(|s| !s.is_empty()) {
+            Some(s) => s.as_bytes().to_vec(),
+            None => rand::random::<[u8; 32]>().to_vec(),
+        };
+        Sessions { secret }
+    }
+
+    fn sign(&self, purpose: &str, data: &str) -> String {
+        let mut mac = HmacSha256::new_from_slice(&self.secret).expect("HMAC takes any key length");
+        mac.update(purpose.as_bytes());
+        mac.update(b"|");
+        mac.update(data.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    fn verify(&self, purpose: &str, data: &str, signature: &str) -> bool {
+        let Ok(sig) = hex::decode(signature) else {
+            return false;
+        };
+        let mut mac = HmacSha256::new_from_slice(&self.secret).expect("HMAC takes any key length");
+        mac.update(purpose.as_bytes());
+        mac.update(b"|");
+        mac.update(data.as_bytes());
+        mac.verify_slice(&sig).is_ok()
+    }
+
+    /// A session cookie value for the key whose secret hashes to `key_hash`.
+    pub fn issue(&self, key_hash: &str) -> String {
+        let data = format!("{}.{key_hash}", Utc::now().timestamp() + SESSION_TTL_S);
+        let sig = self.sign("session", &data);
+        format!("{data}.{sig}")
+    }
+
+    /// The key hash a session cookie carries, when its signature holds and it has not
+    /// expired.
+    pub fn key_hash<'a>(&self, cookie: &'a str) -> Option<&'a str> {
+        let (data, sig) = cookie.rsplit_once('.')?;
+        let (expiry, hash) = data.split_once('.')?;
+        let expiry: i64 = expiry.parse().ok()?;
+        (self.verify("session", data, sig) && expiry > Utc::now().timestamp()).then_some(hash)
+    }
+
+    /// The CSRF token for a page whose forms are bound to `binding` (the session cookie or
+    /// the nonce cookie).
+    pub fn csrf_token(&self, binding: &str) -> String {
+        self.sign("csrf", binding)
+    }
+
+    /// Whether `token` is the CSRF token of `binding`.
+    pub fn csrf_ok(&self, binding: &str, token: &str) -> bool {
+        !binding.is_empty() && self.verify("csrf", binding, token)
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+        .filter(|v| !v.is_empty())
+}
+
+/// Whether the client reached us over HTTPS (directly or through a proxy that says so):
+/// the cookies are then marked `Secure`.
+fn is_https(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|p| p.eq_ignore_ascii_case("https"))
+}
+
+/// A `Set-Cookie` value: HttpOnly, SameSite=Strict, scoped to the dashboard.
+pub fn set_cookie(headers: &HeaderMap, name: &str, value: &str, max_age_s: i64) -> HeaderValue {
+    let secure = if is_https(headers) { "; Secure" } else { "" };
+    let v = format!(
+        "{name}={value}; Path={COOKIE_PATH}; Max-Age={max_age_s}; HttpOnly; SameSite=Strict{secure}"
+    );
+    HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// A new random CSRF nonce.
+pub fn new_nonce() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_carries_its_key_hash_until_it_expires_or_is_tampered_with() {
+        let s = Sessions::new(Some("secret"));
+        let cookie = s.issue("abc123");
+        assert_eq!(s.key_hash(&cookie), Some("abc123"));
+        assert_eq!(Sessions::new(Some("other")).key_hash(&cookie), None);
+        let forged = cookie.replace("abc123", "abc124");
+        assert_eq!(s.key_hash(&forged), None);
+        let expired = format!("{}.abc123", Utc::now().timestamp() - 1);
+        let expired = format!("{expired}.{}", s.sign("session", &expired));
+        assert_eq!(s.key_hash(&expired), None);
+        assert_eq!(s.key_hash("garbage"), None);
+    }
+
+    #[test]
+    fn csrf_tokens_are_bound_to_their_cookie() {
+        let s = Sessions::new(None);
+        let token = s.csrf_token("nonce-1");
+        assert!(s.csrf_ok("nonce-1", &token));
+        assert!(!s.csrf_ok("nonce-2", &token));
+        assert!(!s.csrf_ok("", &s.csrf_token("")));
+        assert!(!s.csrf_ok("nonce-1", "not hex"));
+    }
+
+    #[test]
+    fn cookies_are_read_from_every_cookie_header() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; claas_csrf=n"),
+        );
+        h.append(header::COOKIE, HeaderValue::from_static("claas_session=s"));
+        assert_eq!(cookie(&h, NONCE_COOKIE), Some("n"));
+        assert_eq!(cookie(&h, SESSION_COOKIE), Some("s"));
+        assert_eq!(cookie(&h, "b"), None);
+    }
+}
