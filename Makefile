@@ -1,5 +1,5 @@
 # Each target is one CI step a person can run alone.
-.PHONY: dev test lint fmt bench bench-queue
+.PHONY: dev test lint fmt bench bench-queue deploy-check
 
 # The embedded default: API + worker in one process, SQLite under ./data, no other service.
 dev:
@@ -25,3 +25,10 @@ bench-queue:
 	cargo run --release -- bench queue --database-url postgres://postgres@localhost/test --jobs 20000 --loras 1000 --workers 16
 
 bench: bench-queue
+
+# deploy/ without Docker or a cluster: compose and Kubernetes manifests against their schemas
+# (validators from PyPI in target/deploy-venv), then the API image's build command as a
+# plain cargo command (the worker image's needs CUDA; its feature is checked by name).
+deploy-check:
+	scripts/validate-deploy.sh
+	cargo build --release --locked --bin claas
