@@ -87,8 +87,16 @@ fn profile(local: bool) -> Profile {
     }
 }
 
-fn load(profile: Profile, args: &ConfigArgs) -> Result<Config> {
-    let cfg = Config::load(profile, args.config.as_deref())?;
+/// Loads the configuration and starts logging (and trace export when
+/// `telemetry.otlp_endpoint` is set) as `service`.
+fn load(profile: Profile, args: &ConfigArgs, service: &'static str) -> Result<Config> {
+    let cfg = Config::load(profile, args.config.as_deref());
+    let otlp = cfg
+        .as_ref()
+        .ok()
+        .and_then(|c| c.telemetry.otlp_endpoint.clone());
+    claas_core::telemetry::init(otlp.as_deref(), service);
+    let cfg = cfg?;
     for (name, why) in Config::ignored_env() {
         tracing::warn!("{name} is set but ignored: {why}");
     }
@@ -98,27 +106,41 @@ fn load(profile: Profile, args: &ConfigArgs) -> Result<Config> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    claas_core::telemetry::init();
+    let result = run(cli).await;
+    claas_core::telemetry::shutdown();
+    result
+}
+
+async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Dev(args) => serve::dev(load(Profile::Local, &args)?).await,
+        Command::Dev(args) => serve::dev(load(Profile::Local, &args, "claas-dev")?).await,
         Command::Api { cfg, no_migrate } => {
-            serve::api(load(Profile::Fleet, &cfg)?, !no_migrate).await
+            serve::api(load(Profile::Fleet, &cfg, "claas-api")?, !no_migrate).await
         }
         Command::Worker { cfg, no_migrate } => {
-            serve::worker(load(Profile::Fleet, &cfg)?, !no_migrate).await
+            serve::worker(load(Profile::Fleet, &cfg, "claas-worker")?, !no_migrate).await
         }
         Command::Migrate { cfg, local } => {
-            let cfg = load(profile(local), &cfg)?;
+            let cfg = load(profile(local), &cfg, "claas-migrate")?;
             let store = serve::open_store(&cfg).await?;
             store.migrate().await?;
             tracing::info!(backend = store.backend(), "migrations applied");
             Ok(())
         }
-        Command::Bench(cmd) => bench::run(cmd).await,
-        Command::Model(cmd) => tokio::task::spawn_blocking(move || train::model(cmd)).await?,
-        Command::Distill(a) => tokio::task::spawn_blocking(move || train::distill(a)).await?,
+        Command::Bench(cmd) => {
+            claas_core::telemetry::init(None, "claas");
+            bench::run(cmd).await
+        }
+        Command::Model(cmd) => {
+            claas_core::telemetry::init(None, "claas");
+            tokio::task::spawn_blocking(move || train::model(cmd)).await?
+        }
+        Command::Distill(a) => {
+            claas_core::telemetry::init(None, "claas");
+            tokio::task::spawn_blocking(move || train::distill(a)).await?
+        }
         Command::Keys { cfg, local, cmd } => {
-            let cfg = load(profile(local), &cfg)?;
+            let cfg = load(profile(local), &cfg, "claas-keys")?;
             let store = serve::open_store(&cfg).await?;
             store.migrate().await?;
             keys::run(store, cmd).await

@@ -211,8 +211,25 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::authenticate,
         ))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(state)
+}
+
+/// One span per request, named `METHOD /path`, continuing the caller's trace when the
+/// request carries a W3C `traceparent`.
+fn request_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format!("{} {}", req.method(), req.uri().path()),
+        method = %req.method(),
+        path = %req.uri().path(),
+    );
+    let headers: Vec<(&str, &str)> = ["traceparent", "tracestate"]
+        .iter()
+        .filter_map(|h| Some((*h, req.headers().get(*h)?.to_str().ok()?)))
+        .collect();
+    claas_core::telemetry::set_parent_from_headers(&span, &headers);
+    span
 }
 
 /// Serves the router on `listener` until `shutdown` resolves, then drains connections.

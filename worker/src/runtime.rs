@@ -317,6 +317,7 @@ impl Worker {
             lora_id = %claimed.job.lora_id,
             attempt = claimed.job.attempt
         );
+        claas_core::telemetry::set_parent(&span, claimed.job.trace_context.as_ref());
         self.run_claimed_in_span(claimed, shutdown)
             .instrument(span)
             .await
@@ -591,10 +592,17 @@ impl Worker {
         phase: Phase,
         step: impl std::future::Future<Output = Result<T, PhaseError>>,
     ) -> Result<T, Stop> {
-        tokio::select! {
-            r = step => r.map_err(|e| Stop::Failed(phase, e)),
-            _ = watch.clone().until_lost() => Err(Stop::LeaseLost),
+        // One span per phase, a child of the job's span (and so of the feedback request's
+        // trace when the job carries one).
+        let span = tracing::info_span!("phase", otel.name = phase.as_str(), phase = phase.as_str());
+        async {
+            tokio::select! {
+                r = step => r.map_err(|e| Stop::Failed(phase, e)),
+                _ = watch.clone().until_lost() => Err(Stop::LeaseLost),
+            }
         }
+        .instrument(span)
+        .await
     }
 
     async fn phases(

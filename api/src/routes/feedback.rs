@@ -299,6 +299,8 @@ pub async fn submit(
         }
     };
     let mut job = NewJob::new(req.requests[0].lora_id.clone(), payload);
+    // The worker continues this request's trace from the job.
+    job.trace_context = claas_core::telemetry::current_context();
     job.caller = caller.id().to_owned();
     job.orchestration = req.orchestration;
     job.max_attempts = state.options.max_attempts;
