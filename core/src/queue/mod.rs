@@ -208,6 +208,18 @@ pub(crate) fn retry_refusal(job: Option<Job>, id: Uuid) -> crate::error::Error {
     }
 }
 
+/// Why [`Store::delete_job`] deleted nothing.
+pub(crate) fn delete_refusal(job: Option<Job>, id: Uuid) -> crate::error::Error {
+    use crate::error::Error;
+    match job {
+        None => Error::NotFound(format!("job not found: {id}")),
+        Some(j) => Error::Conflict(format!(
+            "job {id} has not finished ({}); cancel it first",
+            j.status.as_str()
+        )),
+    }
+}
+
 /// Retry delay after attempt `attempt` (1-based): exponential from `base`, capped at
 /// `max`, with full jitter in [50 %, 100 %] so a fleet of retries does not stampede.
 pub fn backoff(attempt: i32, base: Duration, max: Duration) -> Duration {

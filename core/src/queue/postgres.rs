@@ -13,8 +13,8 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::{
-    bump, retry_refusal, AuditEntry, CancelOutcome, ClaimRequest, Claimed, Enqueued, FailOutcome,
-    JobFilter, Lease, LeaseState, Reaped, RetryPolicy, Store, Wakeups,
+    bump, delete_refusal, retry_refusal, AuditEntry, CancelOutcome, ClaimRequest, Claimed,
+    Enqueued, FailOutcome, JobFilter, Lease, LeaseState, Reaped, RetryPolicy, Store, Wakeups,
 };
 use crate::error::{Error, Result};
 use crate::types::{
@@ -1281,13 +1281,7 @@ impl Store for PgStore {
             .await?
         {
             Some(row) => job_from_row(&row),
-            None => Err(match self.get_job(id).await? {
-                None => Error::NotFound(format!("job not found: {id}")),
-                Some(job) => Error::Conflict(format!(
-                    "job {id} has not finished ({}); cancel it first",
-                    job.status.as_str()
-                )),
-            }),
+            None => Err(delete_refusal(self.get_job(id).await?, id)),
         }
     }
 

@@ -19,8 +19,9 @@ use uuid::Uuid;
 
 use super::postgres::cancel_refusal;
 use super::{
-    bump, ms_to_datetime, retry_refusal, AuditEntry, CancelOutcome, ClaimRequest, Claimed,
-    Enqueued, FailOutcome, JobFilter, Lease, LeaseState, Reaped, RetryPolicy, Store, Wakeups,
+    bump, delete_refusal, ms_to_datetime, retry_refusal, AuditEntry, CancelOutcome, ClaimRequest,
+    Claimed, Enqueued, FailOutcome, JobFilter, Lease, LeaseState, Reaped, RetryPolicy, Store,
+    Wakeups,
 };
 use crate::error::{Error, Result};
 use crate::types::{
@@ -1325,13 +1326,7 @@ impl Store for SqliteStore {
             .await?
         {
             Some(row) => job_from_row(&row),
-            None => Err(match self.get_job(id).await? {
-                None => Error::NotFound(format!("job not found: {id}")),
-                Some(job) => Error::Conflict(format!(
-                    "job {id} has not finished ({}); cancel it first",
-                    job.status.as_str()
-                )),
-            }),
+            None => Err(delete_refusal(self.get_job(id).await?, id)),
         }
     }
 
