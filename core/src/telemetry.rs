@@ -110,20 +110,27 @@ pub fn set_parent(span: &tracing::Span, carried: Option<&serde_json::Value>) {
     let Some(obj) = carried.and_then(|v| v.as_object()) else {
         return;
     };
-    let carrier: HashMap<String, String> = obj
-        .iter()
-        .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_owned())))
-        .collect();
-    let cx = TraceContextPropagator::new().extract(&carrier);
-    let _ = span.set_parent(cx);
+    continue_trace(
+        span,
+        obj.iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+            .collect(),
+    );
 }
 
 /// Makes `span` continue the trace of an incoming request's `traceparent` header, if any.
 pub fn set_parent_from_headers(span: &tracing::Span, headers: &[(&str, &str)]) {
-    let carrier: HashMap<String, String> = headers
-        .iter()
-        .map(|(k, v)| (k.to_ascii_lowercase(), (*v).to_owned()))
-        .collect();
+    continue_trace(
+        span,
+        headers
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), (*v).to_owned()))
+            .collect(),
+    );
+}
+
+/// Parents `span` on the W3C context in `carrier`, when it has a `traceparent`.
+fn continue_trace(span: &tracing::Span, carrier: HashMap<String, String>) {
     if carrier.contains_key("traceparent") {
         let cx = TraceContextPropagator::new().extract(&carrier);
         let _ = span.set_parent(cx);

@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 use crate::auth::{self, Caller};
 use crate::error::ApiError;
-use crate::AppState;
+use crate::{routes, AppState};
 use session::{cookie, set_cookie, NONCE_COOKIE, SESSION_COOKIE, SESSION_TTL_S};
 use views::{JobRow, WorkerView};
 
@@ -101,14 +101,16 @@ impl IntoResponse for PageError {
 
 type PageResult = Result<Response, PageError>;
 
-/// What ties this browser's forms to it: the session cookie, or the nonce cookie (set here
-/// on the first page when there is neither).
+/// The cookie this browser's forms are bound to: its session, else its CSRF nonce.
+fn bound_cookie(headers: &HeaderMap) -> Option<&str> {
+    cookie(headers, SESSION_COOKIE).or_else(|| cookie(headers, NONCE_COOKIE))
+}
+
+/// What ties this browser's forms to it: [`bound_cookie`], or a new nonce cookie (set
+/// here on the first page when there is neither).
 fn csrf_binding(headers: &HeaderMap) -> (String, Option<HeaderValue>) {
-    if let Some(s) = cookie(headers, SESSION_COOKIE) {
-        return (s.to_owned(), None);
-    }
-    if let Some(n) = cookie(headers, NONCE_COOKIE) {
-        return (n.to_owned(), None);
+    if let Some(b) = bound_cookie(headers) {
+        return (b.to_owned(), None);
     }
     let nonce = session::new_nonce();
     let set = set_cookie(headers, NONCE_COOKIE, &nonce, SESSION_TTL_S);
@@ -144,10 +146,10 @@ fn render(
 
 /// 403 unless the form carries the CSRF token of this browser's cookie.
 fn check_csrf(state: &AppState, headers: &HeaderMap, token: &str) -> Result<(), PageError> {
-    let binding = cookie(headers, SESSION_COOKIE)
-        .or_else(|| cookie(headers, NONCE_COOKIE))
-        .unwrap_or("");
-    if state.sessions.csrf_ok(binding, token) {
+    if state
+        .sessions
+        .csrf_ok(bound_cookie(headers).unwrap_or(""), token)
+    {
         return Ok(());
     }
     Err(PageError(ApiError::new(
@@ -196,6 +198,13 @@ pub async fn gate(
     }
 }
 
+/// A 303 to `to` that sets `cookie`.
+fn redirect_setting(to: &str, cookie: HeaderValue) -> Response {
+    let mut resp = Redirect::to(to).into_response();
+    resp.headers_mut().append(header::SET_COOKIE, cookie);
+    resp
+}
+
 #[derive(Deserialize)]
 pub struct LoginForm {
     #[serde(default)]
@@ -220,17 +229,17 @@ async fn login(
     Form(form): Form<LoginForm>,
 ) -> PageResult {
     check_csrf(&state, &headers, &form.csrf)?;
-    let key = auth::resolve(&state, form.key.trim()).await?;
-    let (status, error) = match key {
+    let hash = auth::secret_hash(form.key.trim());
+    let (status, error) = match auth::resolve_hash(&state, &hash).await? {
         Some(k) if k.admin => {
-            let value = state.sessions.issue(&auth::secret_hash(form.key.trim()));
-            let mut resp = Redirect::to(PREFIX).into_response();
-            resp.headers_mut().append(
-                header::SET_COOKIE,
-                set_cookie(&headers, SESSION_COOKIE, &value, SESSION_TTL_S),
-            );
             tracing::info!(key = %k.id, "dashboard login");
-            return Ok(resp);
+            let session = set_cookie(
+                &headers,
+                SESSION_COOKIE,
+                &state.sessions.issue(&hash),
+                SESSION_TTL_S,
+            );
+            return Ok(redirect_setting(PREFIX, session));
         }
         Some(_) => (
             StatusCode::FORBIDDEN,
@@ -264,12 +273,10 @@ async fn logout(
     Form(form): Form<CsrfForm>,
 ) -> PageResult {
     check_csrf(&state, &headers, &form.csrf)?;
-    let mut resp = Redirect::to(LOGIN).into_response();
-    resp.headers_mut().append(
-        header::SET_COOKIE,
+    Ok(redirect_setting(
+        LOGIN,
         set_cookie(&headers, SESSION_COOKIE, "", 0),
-    );
-    Ok(resp)
+    ))
 }
 
 async fn overview(State(state): State<AppState>, headers: HeaderMap, caller: Caller) -> PageResult {
@@ -430,23 +437,14 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
-fn parse_id(raw: &str) -> Result<Uuid, PageError> {
-    Uuid::parse_str(raw)
-        .map_err(|_| PageError(ApiError::bad_request(format!("'{raw}' is not a job id"))))
-}
-
 async fn job(
     State(state): State<AppState>,
     headers: HeaderMap,
     caller: Caller,
     Path(id): Path<String>,
 ) -> PageResult {
-    let id = parse_id(&id)?;
-    let job = state
-        .store
-        .get_job(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("job not found: {id}")))?;
+    let job = routes::jobs::find(&state, &id).await?;
+    let id = job.id;
     let events = state.store.job_events(id).await?;
     let samples = state
         .store
@@ -493,7 +491,7 @@ async fn act(
     Form(form): Form<CsrfForm>,
 ) -> PageResult {
     check_csrf(&state, &headers, &form.csrf)?;
-    let id = parse_id(&id)?;
+    let id = routes::jobs::parse_id(&id)?;
     let actor = match caller.id() {
         "" => "open API".to_owned(),
         key => key.to_owned(),

@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use claas_core::queue::{CancelOutcome, JobFilter};
-use claas_core::types::JobStatus;
+use claas_core::types::{Job, JobStatus};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -17,9 +17,19 @@ use crate::AppState;
 const DEFAULT_LIMIT: i64 = 50;
 const MAX_LIMIT: i64 = 500;
 
-fn parse_id(raw: &str) -> ApiResult<Uuid> {
+pub(crate) fn parse_id(raw: &str) -> ApiResult<Uuid> {
     Uuid::parse_str(raw)
         .map_err(|_| ApiError::bad_request(format!("'{raw}' is not a job id (a UUID)")))
+}
+
+/// The job a path names: 400 for a malformed id, 404 for an unknown one.
+pub(crate) async fn find(state: &AppState, raw: &str) -> ApiResult<Job> {
+    let id = parse_id(raw)?;
+    state
+        .store
+        .get_job(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("job not found: {id}")))
 }
 
 /// One job with its timeline.
@@ -28,14 +38,9 @@ pub async fn get(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let id = parse_id(&id)?;
-    let job = state
-        .store
-        .get_job(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("job not found: {id}")))?;
+    let job = find(&state, &id).await?;
     caller.check(&job.lora_id)?;
-    let events = state.store.job_events(id).await?;
+    let events = state.store.job_events(job.id).await?;
     let mut body =
         serde_json::to_value(&job).map_err(|e| ApiError::from(claas_core::Error::from(e)))?;
     if let Some(obj) = body.as_object_mut() {
