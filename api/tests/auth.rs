@@ -6,10 +6,9 @@ mod common;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use claas_api::auth::{new_secret, secret_hash, Auth};
+use claas_api::auth::Auth;
 use claas_api::{router, ApiOptions, AppState};
 use claas_core::testing::{lora, TestDb, TEST_BASE_MODEL};
-use claas_core::types::ApiKey;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
@@ -26,33 +25,14 @@ struct Keys {
     metrics: String,
 }
 
-async fn key(db: &TestDb, name: &str, prefixes: &[&str], admin: bool) -> (String, String) {
-    let (id, secret) = new_secret();
-    db.store
-        .create_api_key(
-            &ApiKey {
-                id: id.clone(),
-                name: name.into(),
-                prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
-                admin,
-                created_at: chrono::Utc::now(),
-                revoked_at: None,
-            },
-            &secret_hash(&secret),
-        )
-        .await
-        .expect("key");
-    (id, secret)
-}
-
 async fn setup(db: &TestDb, max_queued: i64) -> (axum::Router, Keys) {
     for id in ["alice", "alice/x", "alice2/x", "Alice/z", "bob/y"] {
         db.store.create_lora(&lora(id)).await.expect("lora");
     }
-    let (_, alice) = key(db, "alice", &["alice"], false).await;
-    let (_, bob) = key(db, "bob", &["bob"], false).await;
-    let (_, admin) = key(db, "ops", &[], true).await;
-    let (revoked_id, revoked) = key(db, "old", &["alice"], false).await;
+    let (_, alice) = common::create_key(db, "alice", &["alice"], false).await;
+    let (_, bob) = common::create_key(db, "bob", &["bob"], false).await;
+    let (_, admin) = common::create_key(db, "ops", &[], true).await;
+    let (revoked_id, revoked) = common::create_key(db, "old", &["alice"], false).await;
     assert!(db.store.revoke_api_key(&revoked_id).await.expect("revoke"));
     let state = AppState::new(db.store.clone(), options()).with_auth(Auth::new(
         None,
@@ -365,7 +345,7 @@ async fn with_no_key_anywhere_the_api_is_open(db: &TestDb) {
     let (s, _) = call(&app, "GET", "/metrics", None, None).await;
     assert_eq!(s, StatusCode::OK);
     // The first key turns auth on for every replica (within the 2 s cache).
-    key(db, "first", &["anyone"], false).await;
+    common::create_key(db, "first", &["anyone"], false).await;
     tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
     let (s, _) = call(&app, "GET", "/v1/jobs", None, None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);

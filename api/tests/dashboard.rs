@@ -4,11 +4,11 @@
 
 mod common;
 
-use claas_api::auth::{new_secret, secret_hash, Auth};
+use claas_api::auth::Auth;
 use claas_api::AppState;
 use claas_core::queue::{FailOutcome, RetryPolicy};
 use claas_core::testing::{job, lora, TestDb, TEST_BASE_MODEL};
-use claas_core::types::{ApiKey, JobError, JobStatus, Phase};
+use claas_core::types::{JobError, JobStatus, Phase};
 use reqwest::redirect::Policy;
 use reqwest::{Client, StatusCode};
 
@@ -261,28 +261,9 @@ async fn retry_and_delete_are_recorded(db: &TestDb) {
     assert!(overview.contains("deleted by open API from the dashboard"));
 }
 
-async fn key(db: &TestDb, name: &str, admin: bool) -> String {
-    let (id, secret) = new_secret();
-    db.store
-        .create_api_key(
-            &ApiKey {
-                id,
-                name: name.into(),
-                prefixes: if admin { vec![] } else { vec!["alice".into()] },
-                admin,
-                created_at: chrono::Utc::now(),
-                revoked_at: None,
-            },
-            &secret_hash(&secret),
-        )
-        .await
-        .expect("key");
-    secret
-}
-
 async fn with_keys_on_only_admins_get_in(db: &TestDb) {
-    let admin = key(db, "ops", true).await;
-    let tenant = key(db, "alice", false).await;
+    let (_, admin) = common::create_key(db, "ops", &[], true).await;
+    let (_, tenant) = common::create_key(db, "alice", &["alice"], false).await;
     let state = AppState::new(db.store.clone(), common::options("dashboard"))
         .with_auth(Auth::new(None, None, 0))
         .with_session_secret(Some("test secret"));
@@ -321,18 +302,28 @@ async fn with_keys_on_only_admins_get_in(db: &TestDb) {
     let nonce = nonce.expect("the login form sets the nonce cookie");
     let token = csrf(&form);
     let login = format!("{dash}/login");
-    let r = post_form(&http, &login, &nonce, &[("key", &admin)]).await;
-    assert_eq!(r.status(), 403, "a login needs the CSRF token too");
-    let r = post_form(&http, &login, &nonce, &[("key", &tenant), ("csrf", &token)]).await;
-    assert_eq!(r.status(), 403);
-    let r = post_form(
-        &http,
-        &login,
-        &nonce,
-        &[("key", "claas_wrong"), ("csrf", &token)],
-    )
-    .await;
-    assert_eq!(r.status(), 401);
+    type Form<'a> = &'a [(&'a str, &'a str)];
+    let refused: [(Form, u16, &str); 3] = [
+        (&[("key", &admin)], 403, "a login needs the CSRF token too"),
+        (
+            &[("key", &tenant), ("csrf", &token)],
+            403,
+            "a tenant key is no admin",
+        ),
+        (
+            &[("key", "claas_wrong"), ("csrf", &token)],
+            401,
+            "an unknown key",
+        ),
+    ];
+    for (form, want, why) in refused {
+        let r = post_form(&http, &login, &nonce, form).await;
+        assert_eq!(r.status(), want, "{why}");
+        assert!(
+            set_cookie(&r, "claas_session").is_none(),
+            "{why}: no session"
+        );
+    }
     let r = post_form(&http, &login, &nonce, &[("key", &admin), ("csrf", &token)]).await;
     assert_eq!(r.status(), 303);
     let (session, attrs) = set_cookie(&r, "claas_session").expect("a session cookie");

@@ -34,6 +34,16 @@ macro_rules! both_stores {
     };
 }
 
+/// A claim for `worker` on the test base model: a 60 s lease, batches up to 8 samples.
+pub fn claim_request(worker: &str) -> crate::queue::ClaimRequest {
+    crate::queue::ClaimRequest {
+        worker_id: worker.into(),
+        base_models: vec![TEST_BASE_MODEL.into()],
+        lease: std::time::Duration::from_secs(60),
+        max_batch_samples: 8,
+    }
+}
+
 /// The Postgres the tests use.
 pub fn database_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@localhost/test".into())

@@ -7,21 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use claas_core::queue::{
-    CancelOutcome, ClaimRequest, Claimed, FailOutcome, JobFilter, LeaseState, RetryPolicy,
-    SharedStore,
+    CancelOutcome, Claimed, FailOutcome, JobFilter, LeaseState, RetryPolicy, SharedStore,
 };
-use claas_core::testing::{job, lora, TestDb, TEST_BASE_MODEL};
+use claas_core::testing::{claim_request, job, lora, TestDb, TEST_BASE_MODEL};
 use claas_core::types::{JobError, JobStatus, NewVersion, Phase};
 use claas_core::Error;
-
-fn claim_req(worker: &str) -> ClaimRequest {
-    ClaimRequest {
-        worker_id: worker.into(),
-        base_models: vec![TEST_BASE_MODEL.into()],
-        lease: Duration::from_secs(60),
-        max_batch_samples: 8,
-    }
-}
 
 fn version(v: i32) -> NewVersion {
     NewVersion {
@@ -47,7 +37,7 @@ const FAST_RETRY: RetryPolicy = RetryPolicy {
 
 async fn claim(store: &SharedStore, worker: &str) -> Claimed {
     store
-        .claim(&claim_req(worker))
+        .claim(&claim_request(worker))
         .await
         .expect("claim")
         .expect("a job to claim")
@@ -55,7 +45,7 @@ async fn claim(store: &SharedStore, worker: &str) -> Claimed {
 
 /// Claims with a lease that has already run out by the time the call returns.
 async fn claim_expiring(store: &SharedStore, worker: &str) -> Claimed {
-    let mut req = claim_req(worker);
+    let mut req = claim_request(worker);
     req.lease = Duration::from_millis(1);
     let c = store.claim(&req).await.expect("claim").expect("a job");
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -107,7 +97,11 @@ async fn enqueued_job_is_claimed_with_its_payload(db: &TestDb) {
     assert_eq!(c.job.worker_id.as_deref(), Some("w1"));
     assert!(c.job.lease_expires_at.is_some());
     assert_eq!(c.payload, new.payload);
-    assert!(s.claim(&claim_req("w2")).await.expect("claim").is_none());
+    assert!(s
+        .claim(&claim_request("w2"))
+        .await
+        .expect("claim")
+        .is_none());
     let events = s.job_events(new.id).await.expect("events");
     let phases: Vec<_> = events.iter().map(|e| e.phase.as_str()).collect();
     assert_eq!(phases, ["queued", "claimed"]);
@@ -149,7 +143,7 @@ async fn one_running_job_per_lora(db: &TestDb) {
     let s = &db.store;
     s.create_lora(&lora("a")).await.expect("lora");
     s.create_lora(&lora("b")).await.expect("lora");
-    let mut req = claim_req("w1");
+    let mut req = claim_request("w1");
     req.max_batch_samples = 1; // no coalescing: each job is its own batch
     let a1 = job("a", 1);
     let a2 = job("a", 1);
@@ -181,8 +175,8 @@ async fn worker_claims_only_its_base_models(db: &TestDb) {
     other.base_model = "other/base".into();
     s.create_lora(&other).await.expect("lora");
     s.enqueue(&job("other", 1)).await.expect("enqueue");
-    assert!(s.claim(&claim_req("w")).await.expect("claim").is_none());
-    let mut req = claim_req("w");
+    assert!(s.claim(&claim_request("w")).await.expect("claim").is_none());
+    let mut req = claim_request("w");
     req.base_models = vec!["other/base".into()];
     assert!(s.claim(&req).await.expect("claim").is_some());
 }
@@ -353,7 +347,7 @@ async fn expired_lease_requeues_then_fails_after_max_attempts(db: &TestDb) {
         "backoff applied: {wait}"
     );
     assert!(
-        s.claim(&claim_req("w")).await.expect("claim").is_none(),
+        s.claim(&claim_request("w")).await.expect("claim").is_none(),
         "not before run_at"
     );
 
@@ -393,7 +387,7 @@ async fn retry_after_publish_resumes_without_training_again(db: &TestDb) {
     let member = job("a", 1);
     s.enqueue(&lead).await.expect("enqueue");
     s.enqueue(&member).await.expect("enqueue");
-    let mut req = claim_req("w1");
+    let mut req = claim_request("w1");
     req.lease = Duration::from_millis(400);
     let c = s.claim(&req).await.expect("claim").expect("job");
     assert!(s
@@ -507,7 +501,7 @@ async fn cancel_queued_is_immediate_and_running_is_requested(db: &TestDb) {
         CancelOutcome::Cancelled(j) => assert_eq!(j.status, JobStatus::Cancelled),
         other => panic!("expected cancelled, got {other:?}"),
     }
-    assert!(s.claim(&claim_req("w")).await.expect("claim").is_none());
+    assert!(s.claim(&claim_request("w")).await.expect("claim").is_none());
 
     let running = job("b", 1);
     s.enqueue(&running).await.expect("enqueue");
@@ -741,7 +735,7 @@ async fn concurrent_claimers_never_run_one_lora_twice(db: &TestDb) {
         let (s, running, done) = (s.clone(), running.clone(), done.clone());
         let (peak, in_flight) = (peak.clone(), in_flight.clone());
         tasks.push(tokio::spawn(async move {
-            let mut req = claim_req(&format!("w{w}"));
+            let mut req = claim_request(&format!("w{w}"));
             req.max_batch_samples = 1;
             let mut idle = 0;
             while idle < 50 {
@@ -803,7 +797,7 @@ async fn published_job_never_trains_again_nor_joins_a_batch(db: &TestDb) {
     s.create_lora(&lora("a")).await.expect("lora");
     let first = job("a", 1);
     s.enqueue(&first).await.expect("enqueue");
-    let mut req = claim_req("w1");
+    let mut req = claim_request("w1");
     req.lease = Duration::from_millis(400);
     let c = s.claim(&req).await.expect("claim").expect("job");
     s.begin_training(&c.lease(), None).await.expect("begin");
@@ -907,7 +901,7 @@ async fn requeue_of_a_cancel_requested_job_cancels_it(db: &TestDb) {
     assert!(s.release(&c.lease()).await.expect("release"));
     let h = s.get_job(handed.id).await.expect("get").expect("exists");
     assert_eq!(h.status, JobStatus::Cancelled);
-    assert!(s.claim(&claim_req("w")).await.expect("claim").is_none());
+    assert!(s.claim(&claim_request("w")).await.expect("claim").is_none());
 }
 
 async fn failure_after_publish_ends_failed_keeping_the_version(db: &TestDb) {
@@ -946,7 +940,7 @@ async fn failure_after_publish_ends_failed_keeping_the_version(db: &TestDb) {
     assert_eq!(m.status, JobStatus::Failed);
     assert_eq!(s.lora_versions("a").await.expect("versions").len(), 2);
     assert!(
-        s.claim(&claim_req("w")).await.expect("claim").is_none(),
+        s.claim(&claim_request("w")).await.expect("claim").is_none(),
         "nothing trains it again"
     );
 }

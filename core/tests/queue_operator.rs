@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use claas_core::queue::{AuditEntry, ClaimRequest, FailOutcome, JobFilter, RetryPolicy};
-use claas_core::testing::{job, lora, TestDb, TEST_BASE_MODEL};
+use claas_core::queue::{AuditEntry, FailOutcome, JobFilter, RetryPolicy};
+use claas_core::testing::{claim_request, job, lora, TestDb};
 use claas_core::types::{JobError, JobStatus, Phase};
 use claas_core::Error;
 
@@ -17,15 +17,6 @@ claas_core::both_stores!(
     audit_entries_are_kept_newest_first,
     a_jobs_samples_are_readable,
 );
-
-fn claim_req(worker: &str) -> ClaimRequest {
-    ClaimRequest {
-        worker_id: worker.into(),
-        base_models: vec![TEST_BASE_MODEL.into()],
-        lease: Duration::from_secs(60),
-        max_batch_samples: 8,
-    }
-}
 
 fn fatal() -> JobError {
     JobError {
@@ -41,7 +32,7 @@ async fn failed_job(db: &TestDb, lora_id: &str, worker: &str) -> uuid::Uuid {
     let j = job(lora_id, 1);
     s.enqueue(&j).await.expect("enqueue");
     let c = s
-        .claim(&claim_req(worker))
+        .claim(&claim_request(worker))
         .await
         .expect("claim")
         .expect("a job");
@@ -77,7 +68,7 @@ async fn a_failed_job_is_retried_with_fresh_attempts_and_trains_again(db: &TestD
         .any(|e| e.message.contains("outside the vocabulary")));
 
     let again = s
-        .claim(&claim_req("w2"))
+        .claim(&claim_request("w2"))
         .await
         .expect("claim")
         .expect("the retried job");

@@ -62,3 +62,28 @@ pub async fn claim_one(
         .expect("claim")
         .expect("a queued job")
 }
+
+/// Stores an API key limited to `prefixes` (none: every LoRA); returns its id and secret.
+pub async fn create_key(
+    db: &claas_core::testing::TestDb,
+    name: &str,
+    prefixes: &[&str],
+    admin: bool,
+) -> (String, String) {
+    let (id, secret) = claas_api::auth::new_secret();
+    db.store
+        .create_api_key(
+            &claas_core::types::ApiKey {
+                id: id.clone(),
+                name: name.into(),
+                prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
+                admin,
+                created_at: chrono::Utc::now(),
+                revoked_at: None,
+            },
+            &claas_api::auth::secret_hash(&secret),
+        )
+        .await
+        .expect("key");
+    (id, secret)
+}
