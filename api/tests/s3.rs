@@ -17,12 +17,16 @@ use claas_trainer::template::{ChatTokenizer, Message};
 use claas_worker::{CandleExecutor, CandleOptions, Worker, WorkerOptions};
 use serde_json::{json, Value};
 
+/// Each test starts its own S3 server and points the AWS environment at it: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn tempdir(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("claas-s3-{name}-{}", uuid::Uuid::now_v7()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn versions_travel_through_the_bucket_between_api_and_worker() {
+    let _one_at_a_time = SERIAL.lock().await;
     let Some(s3) = S3Server::start() else {
         eprintln!("skipped: CLAAS_TEST_PYTHON is not set (make test sets it)");
         return;
@@ -157,6 +161,123 @@ async fn versions_travel_through_the_bucket_between_api_and_worker() {
         !dir.join("adapter_config.json").exists(),
         "version 1 is gone from the bucket"
     );
+
+    stop.send(true).expect("stop");
+    handle.await.expect("join").expect("worker");
+    db.cleanup().await;
+}
+
+/// A chat for a LoRA whose current version is only in the bucket, sent to a vLLM that never
+/// served it: the API cannot hand vLLM a path (it has no copy on that node), so it asks the
+/// node's worker through the store; the worker materialises the version in its cache and
+/// loads it, and the chat is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vllm_that_never_served_an_s3_adapter_gets_it_from_its_nodes_worker() {
+    use claas_core::testing::TEST_BASE_MODEL;
+    use claas_core::types::NewLora;
+    use claas_fake_vllm::{FakeVllm, Options};
+    use claas_worker::VllmOptions;
+
+    let _one_at_a_time = SERIAL.lock().await;
+    let Some(s3) = S3Server::start() else {
+        eprintln!("skipped: CLAAS_TEST_PYTHON is not set (make test sets it)");
+        return;
+    };
+    let url = format!("s3://{}/adapters", s3.bucket());
+    // Some node trained and published version 1 of "u/b".
+    let elsewhere = AdapterStore::s3(&url, tempdir("node-a")).expect("store");
+    let v1 = elsewhere.local_dir("u/b", "v1");
+    std::fs::create_dir_all(&v1).expect("dir");
+    std::fs::write(v1.join("adapter_config.json"), r#"{"r": 4}"#).expect("config");
+    let uri = elsewhere.publish("u/b", "v1").await.expect("publish");
+    let db = TestDb::sqlite().await;
+    db.store
+        .create_lora(&NewLora {
+            lora_id: "u/b".into(),
+            base_model: TEST_BASE_MODEL.into(),
+            rank: 4,
+            alpha: 8.0,
+            target_modules: vec!["q_proj".into()],
+            initial_uri: uri,
+            initial_sha256: "published".into(),
+        })
+        .await
+        .expect("lora");
+
+    // Node B: a vLLM that has never seen "u/b", and its worker.
+    let fake = FakeVllm::start(Options::default()).await;
+    let model_dir = tempdir("model");
+    let d = model_dir.clone();
+    tokio::task::spawn_blocking(move || write_checkpoint(Preset::Tiny, &d, 3))
+        .await
+        .expect("join")
+        .expect("checkpoint");
+    let node_cache = tempdir("node-b");
+    let node_store = AdapterStore::s3(&url, &node_cache).expect("store");
+    let exec = CandleExecutor::new(CandleOptions {
+        base_model_id: TEST_BASE_MODEL.into(),
+        model_dir,
+        lora_root: node_cache.clone(),
+        store: Some(node_store.clone()),
+        device: TrainerDevice::Cpu,
+        residency: Residency::Host,
+        max_seq_len: 4096,
+        vllm: Some(VllmOptions {
+            url: fake.url.clone(),
+            api_key: None,
+            drain_timeout: Duration::from_secs(5),
+            drain_poll: Duration::from_millis(20),
+            min_free_vram_gb: 20.0,
+            vram_timeout: Duration::from_secs(1),
+            pause_instead_of_sleep: false,
+            reload_attempts: 2,
+            reload_backoff: Duration::from_millis(10),
+        }),
+    })
+    .expect("executor");
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let worker = Worker::new(
+        db.store.clone(),
+        Arc::new(exec),
+        WorkerOptions {
+            poll_interval: Duration::from_millis(50),
+            vllm_url: Some(fake.url.clone()),
+            store: Some(node_store.clone()),
+            ..WorkerOptions::new("node-b", vec![TEST_BASE_MODEL.into()])
+        },
+    );
+    let handle = tokio::spawn(async move { worker.run(rx).await });
+
+    // The API runs elsewhere, with its own (empty) cache.
+    let state = AppState::new(db.store.clone(), common::options("s3-load"))
+        .with_adapters(AdapterStore::s3(&url, tempdir("api")).expect("store"))
+        .with_upstream(Some(claas_api::upstream::Upstream::new(
+            &fake.url,
+            None,
+            Duration::from_secs(30),
+        )));
+    let api = common::serve(state).await;
+    let (status, body) = common::post_json(
+        &reqwest::Client::new(),
+        &format!("{api}/v1/chat/completions"),
+        &json!({"model": "u/b", "max_tokens": 4,
+                "messages": [{"role": "user", "content": "Hi"}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let dir = node_store.local_dir("u/b", "v1");
+    assert_eq!(
+        fake.loras(),
+        vec![("u/b".to_string(), dir.display().to_string())],
+        "the node's worker loaded version 1 from its own cache"
+    );
+    assert!(dir.join("adapter_config.json").is_file());
+    assert!(db
+        .store
+        .take_adapter_requests(&fake.url)
+        .await
+        .expect("take")
+        .is_empty());
 
     stop.send(true).expect("stop");
     handle.await.expect("join").expect("worker");

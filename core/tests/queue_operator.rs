@@ -16,6 +16,7 @@ claas_core::both_stores!(
     jobs_are_listed_by_worker_and_creation_time,
     audit_entries_are_kept_newest_first,
     a_jobs_samples_are_readable,
+    adapter_requests_are_taken_once_per_vllm_and_wake_workers,
 );
 
 fn fatal() -> JobError {
@@ -223,4 +224,30 @@ async fn a_jobs_samples_are_readable(db: &TestDb) {
         .await
         .expect("payload")
         .is_none());
+}
+
+async fn adapter_requests_are_taken_once_per_vllm_and_wake_workers(db: &TestDb) {
+    let s = &db.store;
+    let mut wake = s.wakeups().await.expect("wakeups");
+    // Absorb the wake-up the listener gives when it (re)connects.
+    wake.wait(Duration::from_millis(500)).await;
+    let (one, two) = ("http://node-1:8000", "http://node-2:8000");
+    s.request_adapter(one, "a").await.expect("request");
+    assert!(
+        wake.wait(Duration::from_secs(5)).await,
+        "a request wakes idle workers"
+    );
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    s.request_adapter(one, "b").await.expect("request");
+    s.request_adapter(one, "a")
+        .await
+        .expect("asked twice, kept once");
+    s.request_adapter(two, "a").await.expect("request");
+
+    assert_eq!(
+        s.take_adapter_requests(one).await.expect("take"),
+        ["a", "b"]
+    );
+    assert!(s.take_adapter_requests(one).await.expect("take").is_empty());
+    assert_eq!(s.take_adapter_requests(two).await.expect("take"), ["a"]);
 }

@@ -236,6 +236,7 @@ impl Worker {
     /// Swaps every adapter the local vLLM serves whose directory is not its LoRA's current
     /// version to that version (in place, so requests never meet a 404).
     async fn reconcile(&self) {
+        self.load_requested().await;
         let served = match self.executor.served_adapters().await {
             Ok(Some(s)) => s,
             Ok(None) => return,
@@ -263,6 +264,37 @@ impl Worker {
                 }
                 Err(e) => {
                     tracing::warn!(lora_id = %name, error = %e, "could not serve the current version")
+                }
+            }
+        }
+    }
+
+    /// Loads the adapters an API replica asked this node's vLLM to serve (a LoRA whose
+    /// versions live in an object store, which only this node can materialise for it).
+    async fn load_requested(&self) {
+        let Some(url) = &self.opts.vllm_url else {
+            return;
+        };
+        let wanted = match self.store.take_adapter_requests(url).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::debug!(error = %e, "adapter requests skipped: store unavailable");
+                return;
+            }
+        };
+        for lora_id in wanted {
+            let dir = match self.current_dir(&lora_id).await {
+                Ok(Some(dir)) => dir.display().to_string(),
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(%lora_id, error = %e, "could not fetch the requested adapter");
+                    continue;
+                }
+            };
+            match self.executor.serve_adapter(&lora_id, &dir).await {
+                Ok(()) => tracing::info!(%lora_id, %dir, "loaded the adapter an API asked for"),
+                Err(e) => {
+                    tracing::warn!(%lora_id, error = %e, "could not load the requested adapter")
                 }
             }
         }

@@ -15,6 +15,7 @@ use futures::StreamExt;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
+use super::inference_adapters::{reconcile_adapter, Reconciled};
 use super::inference_local as local;
 use crate::auth::Caller;
 use crate::cache::CachedCompletion;
@@ -117,44 +118,21 @@ async fn send_generation(
         Ok(r) => Ok(r),
         Err(UpstreamError::Status(s)) if s.is_unknown_model() => {
             let model = body["model"].as_str().unwrap_or_default();
-            if reconcile_adapter(state, up, model).await {
-                Ok(up.post(path, body).await?)
-            } else {
-                Err(UpstreamError::Status(s).into())
+            match reconcile_adapter(state, up, model).await {
+                Reconciled::Loaded => Ok(up.post(path, body).await?),
+                Reconciled::NotOurs => Err(UpstreamError::Status(s).into()),
+                Reconciled::Pending => Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "adapter_loading",
+                    format!(
+                        "LoRA '{model}' is being loaded into this inference server by its \
+                         node's worker (its versions are in object storage); retry shortly"
+                    ),
+                )
+                .with_retry_after(2)),
             }
         }
         Err(e) => Err(e.into()),
-    }
-}
-
-/// Loads LoRA `lora_id`'s current version into vLLM. False when it is not ours to load.
-async fn reconcile_adapter(state: &AppState, up: &Upstream, lora_id: &str) -> bool {
-    let Ok(Some(lora)) = state.store.get_lora(lora_id).await else {
-        return false;
-    };
-    let Ok(versions) = state.store.lora_versions(lora_id).await else {
-        return false;
-    };
-    let Some(current) = versions.iter().find(|v| v.version == lora.current_version) else {
-        return false;
-    };
-    let Some(path) = claas_core::types::local_path(&current.storage_uri) else {
-        return false;
-    };
-    match up.load_lora(lora_id, &path.display().to_string()).await {
-        Ok(()) => {
-            tracing::info!(
-                lora_id,
-                version = current.version,
-                "loaded an adapter vLLM did not know"
-            );
-            true
-        }
-        Err(e) => {
-            let e: ApiError = e.into();
-            tracing::warn!(lora_id, error = %e.message, "could not load the adapter into vLLM");
-            false
-        }
     }
 }
 

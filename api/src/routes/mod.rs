@@ -3,6 +3,7 @@
 pub mod feedback;
 pub mod health;
 pub mod inference;
+mod inference_adapters;
 mod inference_local;
 pub mod jobs;
 pub mod lora;

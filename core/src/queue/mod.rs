@@ -220,6 +220,13 @@ pub(crate) fn delete_refusal(job: Option<Job>, id: Uuid) -> crate::error::Error 
     }
 }
 
+/// LoRA ids of taken adapter requests, oldest request first (`DELETE … RETURNING` has no
+/// order of its own).
+pub(crate) fn oldest_first<T: Ord>(mut rows: Vec<(String, T)>) -> Vec<String> {
+    rows.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+    rows.into_iter().map(|(id, _)| id).collect()
+}
+
 /// Retry delay after attempt `attempt` (1-based): exponential from `base`, capped at
 /// `max`, with full jitter in [50 %, 100 %] so a fleet of retries does not stampede.
 pub fn backoff(attempt: i32, base: Duration, max: Duration) -> Duration {
@@ -484,6 +491,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// The newest audit entries, newest first.
     async fn recent_audit(&self, limit: i64) -> Result<Vec<AuditEntry>>;
+
+    // ---- Adapter loading on a node (object storage) ------------------------------------
+
+    /// Asks the worker next to the vLLM at `vllm_url` to load LoRA `lora_id`'s current
+    /// version into it (once per pair until taken), and wakes idle workers.
+    async fn request_adapter(&self, vllm_url: &str, lora_id: &str) -> Result<()>;
+
+    /// Takes (removes and returns) the LoRA ids requested for the vLLM at `vllm_url`,
+    /// oldest first.
+    async fn take_adapter_requests(&self, vllm_url: &str) -> Result<Vec<String>>;
 }
 
 /// One operator action, as the audit log keeps it.

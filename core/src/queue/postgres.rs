@@ -12,6 +12,7 @@ use tokio::sync::{watch, OnceCell};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use super::oldest_first;
 use super::{
     bump, delete_refusal, retry_refusal, AuditEntry, CancelOutcome, ClaimRequest, Claimed,
     Enqueued, FailOutcome, JobFilter, Lease, LeaseState, Reaped, RetryPolicy, Store, Wakeups,
@@ -1329,6 +1330,32 @@ impl Store for PgStore {
                 })
             })
             .collect()
+    }
+
+    async fn request_adapter(&self, vllm_url: &str, lora_id: &str) -> Result<()> {
+        sqlx::query(
+            "with r as (
+                insert into adapter_requests (vllm_url, lora_id) values ($1, $2)
+                on conflict do nothing
+             )
+             select pg_notify($3, '')",
+        )
+        .bind(vllm_url)
+        .bind(lora_id)
+        .bind(CHANNEL)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn take_adapter_requests(&self, vllm_url: &str) -> Result<Vec<String>> {
+        let rows: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+            "delete from adapter_requests where vllm_url = $1 returning lora_id, requested_at",
+        )
+        .bind(vllm_url)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(oldest_first(rows))
     }
 }
 

@@ -17,6 +17,7 @@ use sqlx::{Row, Sqlite, Transaction};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use super::oldest_first;
 use super::postgres::cancel_refusal;
 use super::{
     bump, delete_refusal, ms_to_datetime, retry_refusal, AuditEntry, CancelOutcome, ClaimRequest,
@@ -1376,5 +1377,29 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn request_adapter(&self, vllm_url: &str, lora_id: &str) -> Result<()> {
+        sqlx::query(
+            "insert into adapter_requests (vllm_url, lora_id, requested_at) values (?1, ?2, ?3)
+             on conflict do nothing",
+        )
+        .bind(vllm_url)
+        .bind(lora_id)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        bump(&self.wake_tx);
+        Ok(())
+    }
+
+    async fn take_adapter_requests(&self, vllm_url: &str) -> Result<Vec<String>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "delete from adapter_requests where vllm_url = ? returning lora_id, requested_at",
+        )
+        .bind(vllm_url)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(oldest_first(rows))
     }
 }
