@@ -216,7 +216,7 @@ async fn a_vllm_that_never_served_an_s3_adapter_gets_it_from_its_nodes_worker() 
     let node_store = AdapterStore::s3(&url, &node_cache).expect("store");
     let exec = CandleExecutor::new(CandleOptions {
         base_model_id: TEST_BASE_MODEL.into(),
-        model_dir,
+        model_dir: model_dir.clone(),
         lora_root: node_cache.clone(),
         store: Some(node_store.clone()),
         device: TrainerDevice::Cpu,
@@ -249,8 +249,16 @@ async fn a_vllm_that_never_served_an_s3_adapter_gets_it_from_its_nodes_worker() 
     let handle = tokio::spawn(async move { worker.run(rx).await });
 
     // The API runs elsewhere, with its own (empty) cache.
-    let state = AppState::new(db.store.clone(), common::options("s3-load"))
-        .with_adapters(AdapterStore::s3(&url, tempdir("api")).expect("store"))
+    let base = model_dir.display().to_string();
+    let api_cache = tempdir("api");
+    let options = claas_api::ApiOptions {
+        default_base_model: base.clone(),
+        allowed_init_base_models: vec![base.clone()],
+        lora_root: api_cache.display().to_string(),
+        ..common::options("s3-load")
+    };
+    let state = AppState::new(db.store.clone(), options)
+        .with_adapters(AdapterStore::s3(&url, &api_cache).expect("store"))
         .with_upstream(Some(claas_api::upstream::Upstream::new(
             &fake.url,
             None,
@@ -278,6 +286,30 @@ async fn a_vllm_that_never_served_an_s3_adapter_gets_it_from_its_nodes_worker() 
         .await
         .expect("take")
         .is_empty());
+
+    // A new LoRA's version 0, written to the bucket by the API, is loaded by the node's
+    // worker too, without waiting for a request to name it.
+    let (status, body) = common::post_json(
+        &reqwest::Client::new(),
+        &format!("{api}/v1/lora/init"),
+        &json!({"lora_id": "u/c", "lora_r": 4, "lora_alpha": 8}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let v0 = node_store.local_dir("u/c", "v0").display().to_string();
+    let started = std::time::Instant::now();
+    while !fake
+        .loras()
+        .iter()
+        .any(|(name, path)| name == "u/c" && *path == v0)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the node never loaded u/c: {:?}",
+            fake.loras()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     stop.send(true).expect("stop");
     handle.await.expect("join").expect("worker");

@@ -239,7 +239,8 @@ async fn overwrite(state: &AppState, existing: Lora, wanted: NewLora) -> ApiResu
 }
 
 /// Loads a freshly written initial version into every vLLM (`swap`: in place of the
-/// version it serves). Best effort: a vLLM that misses it loads it on first use.
+/// version it serves). Best effort: a vLLM that misses it loads it on first use. Versions
+/// in an object store are loaded by each vLLM's own worker, which is asked here.
 pub(crate) async fn serve_in_vllm(
     state: &AppState,
     lora_id: &str,
@@ -247,8 +248,16 @@ pub(crate) async fn serve_in_vllm(
     sha: &str,
     swap: bool,
 ) {
-    let Some(dir) = claas_core::types::local_path(uri).filter(|_| !sha.is_empty()) else {
+    if sha.is_empty() {
         return; // no files yet: the first worker to train it writes them
+    }
+    let Some(dir) = claas_core::types::local_path(uri) else {
+        for up in state.backends.iter().flat_map(|b| b.all()) {
+            if let Err(e) = state.store.request_adapter(up.base_url(), lora_id).await {
+                tracing::warn!(lora_id, vllm = up.base_url(), error = %e, "could not ask the node's worker to load the new adapter");
+            }
+        }
+        return;
     };
     let dir = dir.display().to_string();
     for up in state.backends.iter().flat_map(|b| b.all()) {
