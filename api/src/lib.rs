@@ -8,7 +8,8 @@ pub mod embedded;
 pub mod error;
 pub mod metrics;
 pub mod routes;
-pub mod thinking;
+/// Kept at its old path for the API's handlers and tests.
+pub use claas_core::thinking;
 pub mod upstream;
 
 use std::sync::Arc;

@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod queue;
 pub mod telemetry;
+pub mod thinking;
 pub mod types;
 
 pub use error::{Error, Result};
