@@ -2,6 +2,7 @@
 //! one process on SQLite); `claas api` and `claas worker` are the fleet's processes.
 
 mod bench;
+mod eval;
 mod keys;
 mod serve;
 mod train;
@@ -61,6 +62,8 @@ enum Command {
     /// Benchmarks that print their figures (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// The eval harness against a running claas: `claas eval num_steps=2 preferences=[no_emoji]`.
+    Eval(eval::EvalArgs),
     /// Model checkpoints: `claas model random --preset tiny --out DIR`.
     #[command(subcommand)]
     Model(train::ModelCommand),
@@ -130,6 +133,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Bench(cmd) => {
             claas_core::telemetry::init(None, "claas");
             bench::run(cmd).await
+        }
+        Command::Eval(args) => {
+            claas_core::telemetry::init(None, "claas-eval");
+            eval::run(args).await
         }
         Command::Model(cmd) => {
             claas_core::telemetry::init(None, "claas");

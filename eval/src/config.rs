@@ -43,6 +43,8 @@ pub struct EvalConfig {
     /// Generate through an OpenClaw gateway (bearer `OPENCLAW_GATEWAY_TOKEN`) instead of
     /// the CLaaS proxy.
     pub openclaw_url: Option<String>,
+    /// Longest answer generated per request (CLaaS: 2048, fixed).
+    pub max_tokens: u32,
     pub training: TrainingConfig,
 }
 
@@ -64,6 +66,7 @@ impl Default for EvalConfig {
             lora_id_prefix: "eval".into(),
             output_dir: "./data/evals/${now:%Y%m%d-%H%M%SZ}".into(),
             openclaw_url: None,
+            max_tokens: 2048,
             training: TrainingConfig::default(),
         }
     }
@@ -130,6 +133,7 @@ impl EvalConfig {
             ("batch_size", self.batch_size),
             ("steps_per_batch", self.steps_per_batch),
             ("feedback_repetitions", self.feedback_repetitions),
+            ("max_tokens", self.max_tokens),
         ] {
             if v == 0 {
                 return Err(invalid(format!("{name}: must be at least 1")));
