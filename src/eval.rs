@@ -73,11 +73,6 @@ pub async fn run(args: EvalArgs) -> Result<()> {
     let all = claas_eval::preferences::load_dir(&args.preferences_dir)?;
     let prefs = claas_eval::preferences::select(&all, &cfg.preferences)?;
     let out = run::output_dir(&cfg);
-    if cfg.plots {
-        tracing::warn!(
-            "plots are not drawn yet (plots=true is ignored); the JSON outputs are complete"
-        );
-    }
     let summary = run::run(&cfg, &prefs, &out, &Bars::default())
         .await
         .with_context(|| format!("eval run in {}", out.display()))?;

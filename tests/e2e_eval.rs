@@ -1,7 +1,8 @@
 //! `claas eval` against `claas dev` on the tiny model, through the real binaries:
 //! `claas eval num_steps=2 preferences=[no_emoji]` writes CLaaS's outputs (metadata,
 //! baseline, one line per step with the training step's metrics and every eval metric,
-//! summary), and a second run with more steps resumes from `steps.jsonl` on the same LoRA.
+//! summary, the five plots as PNGs that decode), and a second run with more steps
+//! resumes from `steps.jsonl` on the same LoRA.
 
 mod common;
 
@@ -36,7 +37,6 @@ fn eval(base: &str, out: &std::path::Path, extra: &[&str]) {
             "batch_size=2",
             "steps_per_batch=1",
             "collapse_steps=[0, 1]",
-            "plots=false",
         ])
         .args(extra)
         .output()
@@ -111,6 +111,17 @@ async fn claas_eval_runs_against_claas_dev_and_resumes() {
             s["eval"]["collapse"]["self_rouge_l"].is_f64(),
             "collapse at steps 0 and 1"
         );
+    }
+    for plot in [
+        "logprob_margins.png",
+        "learning_curves.png",
+        "collapse_dashboard.png",
+        "forgetting.png",
+        "sdpo_diagnostics.png",
+    ] {
+        let img = image::open(out.join("plots").join(plot))
+            .unwrap_or_else(|e| panic!("{plot} is a PNG that decodes: {e}"));
+        assert!(img.width() >= 640, "{plot}");
     }
     let summary = read(&out.join("summary.json"));
     assert_eq!(summary["no_emoji"]["lora_id"], "eval/no_emoji");

@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod config;
+pub mod plots;
 pub mod preferences;
 pub mod run;
 pub mod text;

@@ -2,7 +2,7 @@
 //! `steps.jsonl`), measure a baseline, then for each step generate answers to the probe
 //! prompts, send them back with the preference's feedback `steps_per_batch` times (each a
 //! training step), and measure again. Writes `<out>/<preference>/{metadata.json,
-//! baseline.json, steps.jsonl}` and `<out>/summary.json`.
+//! baseline.json, steps.jsonl}`, `<out>/summary.json` and, with `plots`, `<out>/plots/*.png`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -132,6 +132,20 @@ pub async fn run(
         .map(|s| (s.preference.clone(), json!(s)))
         .collect();
     write_json(&out.join("summary.json"), &by_name)?;
+    if cfg.plots {
+        let runs = preferences
+            .iter()
+            .map(|p| {
+                Ok((
+                    p.name.clone(),
+                    read_steps(&out.join(&p.name).join("steps.jsonl"))?,
+                ))
+            })
+            .collect::<Result<Vec<_>, RunError>>()?;
+        if let Err(why) = crate::plots::draw_all(&out.join("plots"), &runs) {
+            eprintln!("plots skipped: {why}");
+        }
+    }
     Ok(summary)
 }
 
