@@ -67,7 +67,8 @@ async fn claas_eval_runs_against_claas_dev_and_resumes() {
     );
     let base = format!("http://127.0.0.1:{port}");
     wait_http(&base).await;
-    let out = dir.join("evals");
+    // Where claas dev's GET /v1/eval looks: <data_dir>/evals.
+    let out = dir.join("evals").join("run-1");
     tokio::task::spawn_blocking({
         let (base, out) = (base.clone(), out.clone());
         move || eval(&base, &out, &["num_steps=2"])
@@ -124,6 +125,32 @@ async fn claas_eval_runs_against_claas_dev_and_resumes() {
         assert!(img.width() >= 640, "{plot}");
     }
     let summary = read(&out.join("summary.json"));
+    let page = reqwest::get(format!("{base}/v1/eval"))
+        .await
+        .expect("eval page")
+        .text()
+        .await
+        .expect("html");
+    assert!(
+        page.contains("run-1") && page.contains("eval&#x2f;no_emoji"),
+        "{page}"
+    );
+    let plot = reqwest::get(format!("{base}/v1/eval/run-1/plots/learning_curves.png"))
+        .await
+        .expect("plot");
+    assert_eq!(plot.headers()["content-type"], "image/png");
+    let png = plot.bytes().await.expect("bytes");
+    image::load_from_memory(&png).expect("the served plot decodes");
+    for bad in [
+        "run-1/plots/steps.jsonl",
+        "..%2Fevals/plots/forgetting.png",
+        "nope/plots/forgetting.png",
+    ] {
+        let r = reqwest::get(format!("{base}/v1/eval/{bad}"))
+            .await
+            .expect("get");
+        assert_eq!(r.status(), 404, "{bad}");
+    }
     assert_eq!(summary["no_emoji"]["lora_id"], "eval/no_emoji");
     assert!(summary["no_emoji"]["logprob_margin_delta"].is_f64());
     let versions: Value = reqwest::get(format!("{base}/v1/lora/eval/no_emoji/versions"))

@@ -6,6 +6,7 @@
 //! delete) is a POST carrying a CSRF token and is recorded in the job's timeline and in the
 //! audit log.
 
+pub mod evals;
 pub mod session;
 pub mod views;
 
@@ -49,6 +50,8 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/dashboard/jobs/{id}/{action}", post(act))
         .route("/v1/dashboard/loras", get(loras))
         .route("/v1/dashboard/loras/{*lora_id}", get(lora))
+        .route("/v1/eval", get(evals::list))
+        .route("/v1/eval/{run}/plots/{file}", get(evals::plot))
 }
 
 fn templates() -> &'static Environment<'static> {
@@ -64,6 +67,7 @@ fn templates() -> &'static Environment<'static> {
             ("lora.html", include_str!("templates/lora.html")),
             ("login.html", include_str!("templates/login.html")),
             ("error.html", include_str!("templates/error.html")),
+            ("evals.html", include_str!("templates/evals.html")),
             ("job_rows.html", include_str!("templates/job_rows.html")),
             ("refresh.html", include_str!("templates/refresh.html")),
         ] {
@@ -99,7 +103,7 @@ impl IntoResponse for PageError {
     }
 }
 
-type PageResult = Result<Response, PageError>;
+pub(crate) type PageResult = Result<Response, PageError>;
 
 /// The cookie this browser's forms are bound to: its session, else its CSRF nonce.
 fn bound_cookie(headers: &HeaderMap) -> Option<&str> {
@@ -118,7 +122,7 @@ fn csrf_binding(headers: &HeaderMap) -> (String, Option<HeaderValue>) {
 }
 
 /// Renders `name` inside the layout, with the CSRF token and who is logged in.
-fn render(
+pub(crate) fn render(
     state: &AppState,
     headers: &HeaderMap,
     caller: &Caller,
