@@ -472,6 +472,13 @@ impl Executor for CandleExecutor {
         self.vllm.is_some()
     }
 
+    async fn ready(&self) -> Result<(), String> {
+        match &self.vllm {
+            Some(v) => v.healthy().await,
+            None => Ok(()),
+        }
+    }
+
     async fn served_adapters(&self) -> PhaseResult<Option<Vec<(String, String)>>> {
         match &self.vllm {
             Some(v) => v.adapters().await.map(Some),

@@ -114,6 +114,13 @@ pub trait Executor: Send + Sync + 'static {
         true
     }
 
+    /// Whether a job could run now; the reason when not (the local vLLM is down or still
+    /// loading). The worker claims nothing until it is, so no job spends an attempt on a
+    /// vLLM that cannot be drained.
+    async fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Called once when the worker starts: a vLLM left asleep by a worker that died
     /// mid-job must not stay asleep.
     async fn on_start(&self) -> PhaseResult<()> {

@@ -152,11 +152,26 @@ impl Worker {
         let mut last_maintenance = Instant::now() - Duration::from_secs(3600);
         let mut last_reconcile = Instant::now() - Duration::from_secs(3600);
         let mut db_backoff = Duration::from_millis(100);
+        let mut waiting_for_vllm = false;
         tracing::info!(worker = %self.opts.id, models = ?self.opts.base_models, "worker started");
         while !*shutdown.borrow() {
             if last_maintenance.elapsed() >= self.maintenance_interval() {
                 self.maintenance().await;
                 last_maintenance = Instant::now();
+            }
+            if let Err(why) = self.executor.ready().await {
+                if !waiting_for_vllm {
+                    tracing::warn!(reason = %why, "not claiming jobs until vLLM is healthy");
+                    waiting_for_vllm = true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(self.opts.poll_interval) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            if std::mem::take(&mut waiting_for_vllm) {
+                tracing::info!("vLLM is healthy again; claiming jobs");
             }
             match self.store.claim(&self.claim_request()).await {
                 Ok(Some(claimed)) => {

@@ -76,6 +76,26 @@ impl VllmClient {
         })
     }
 
+    /// Whether vLLM answers `GET /health` with 200 within two seconds; the reason if not.
+    pub async fn healthy(&self) -> Result<(), String> {
+        let resp = self
+            .http
+            .get(format!("{}/health", self.base))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .map_err(|e| format!("vLLM at {} is unreachable: {e}", self.base))?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "vLLM at {} is not healthy: {}",
+                self.base,
+                resp.status()
+            ))
+        }
+    }
+
     /// Running and waiting requests, summed over engines and models.
     pub async fn load(&self) -> PhaseResult<(f64, f64)> {
         let text = self

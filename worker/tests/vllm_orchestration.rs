@@ -425,3 +425,42 @@ async fn with_s3_storage_an_idle_worker_serves_the_current_version_from_the_buck
     handle.await.expect("join").expect("worker");
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_claims_nothing_while_its_vllm_is_unhealthy() {
+    let fake = FakeVllm::start(Options::default()).await;
+    fake.knobs().unhealthy.store(true, Ordering::SeqCst);
+    let watcher = {
+        let fake_calls = {
+            let fake = &fake;
+            move || fake.calls()
+        };
+        // While /health says 503 the worker claims nothing (no drain: no /metrics poll)
+        // and touches vLLM only to wake it at start-up; then vLLM recovers.
+        let deadline = Instant::now() + Duration::from_millis(800);
+        async move {
+            while Instant::now() < deadline {
+                let calls = fake_calls();
+                assert!(
+                    calls.iter().all(|c| c.starts_with("wake_up")),
+                    "the worker acted: {calls:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let recover = async {
+        watcher.await;
+        fake.knobs().unhealthy.store(false, Ordering::SeqCst);
+    };
+    // One attempt only: against a vLLM that is really down, a claim would fail the drain
+    // and spend it.
+    let ((j, _), ()) = tokio::join!(run_job(&fake, Duration::from_secs(5), false), recover);
+    assert_eq!(
+        j.status,
+        claas_core::types::JobStatus::Succeeded,
+        "{:?}",
+        j.error
+    );
+    assert_eq!(j.attempt, 1);
+}

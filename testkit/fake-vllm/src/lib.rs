@@ -86,6 +86,8 @@ pub struct Knobs {
     pub latency_ms: std::sync::atomic::AtomicU64,
     /// Every reply is this text instead of the derived one.
     pub reply: Mutex<Option<String>>,
+    /// `/health` answers 503, as vLLM does while its engine is down or still loading.
+    pub unhealthy: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -144,7 +146,7 @@ impl FakeVllm {
             .route("/v1/unload_lora_adapter", post(unload_lora))
             .route_layer(middleware::from_fn_with_state(shared.clone(), auth));
         let app = Router::new()
-            .route("/health", get(|| async { StatusCode::OK }))
+            .route("/health", get(health))
             .route("/version", get(version))
             .route("/metrics", get(metrics))
             .route("/tokenize", post(tokenize))
@@ -479,6 +481,14 @@ async fn auth(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Respons
 }
 
 // ---- control plane ----
+
+async fn health(State(s): State<Arc<Shared>>) -> StatusCode {
+    if s.knobs.unhealthy.load(Ordering::SeqCst) {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    }
+}
 
 async fn version(State(s): State<Arc<Shared>>) -> Json<Value> {
     let v = match s.opts.version {
