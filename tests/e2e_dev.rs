@@ -6,28 +6,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{env, free_port, spawn, wait_http};
+use common::start_dev;
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_feedback_chat_on_claas_dev() {
-    let dir = std::env::temp_dir().join(format!("claas-dev-e2e-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let port = free_port().to_string();
-    let data = dir.display().to_string();
-    let _dev = spawn(
-        "dev",
-        &["dev"],
-        &env(&[
-            ("CLAAS_API_PORT", &port),
-            ("CLAAS_DATA_DIR", &data),
-            ("CLAAS_LORA_ROOT", &format!("{data}/loras")),
-            ("DATABASE_URL", &format!("sqlite://{data}/claas.db")),
-            ("CLAAS_WORKER_EXECUTOR", "candle"),
-        ]),
-    );
-    let base = format!("http://127.0.0.1:{port}");
-    wait_http(&base).await;
+    let (_dev, base, dir) = start_dev("dev").await;
     let http = reqwest::Client::new();
     let post = |path: &str, body: Value, wait: bool| {
         let mut r = http.post(format!("{base}{path}")).json(&body);

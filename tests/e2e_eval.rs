@@ -8,7 +8,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{env, free_port, spawn, wait_http};
+use common::start_dev;
 use serde_json::Value;
 
 fn read(path: &std::path::Path) -> Value {
@@ -50,23 +50,7 @@ fn eval(base: &str, out: &std::path::Path, extra: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claas_eval_runs_against_claas_dev_and_resumes() {
-    let dir = std::env::temp_dir().join(format!("claas-eval-e2e-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let port = free_port().to_string();
-    let data = dir.display().to_string();
-    let _dev = spawn(
-        "dev",
-        &["dev"],
-        &env(&[
-            ("CLAAS_API_PORT", &port),
-            ("CLAAS_DATA_DIR", &data),
-            ("CLAAS_LORA_ROOT", &format!("{data}/loras")),
-            ("DATABASE_URL", &format!("sqlite://{data}/claas.db")),
-            ("CLAAS_WORKER_EXECUTOR", "candle"),
-        ]),
-    );
-    let base = format!("http://127.0.0.1:{port}");
-    wait_http(&base).await;
+    let (_dev, base, dir) = start_dev("eval").await;
     // Where claas dev's GET /v1/eval looks: <data_dir>/evals.
     let out = dir.join("evals").join("run-1");
     tokio::task::spawn_blocking({

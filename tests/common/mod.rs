@@ -147,3 +147,27 @@ pub fn feedback(lora_id: &str, text: &str) -> serde_json::Value {
         "system_prompt": "You are a teacher."
     }]})
 }
+
+/// Starts `claas dev` (the candle trainer, SQLite and files in a fresh directory) on a
+/// free port and waits until it answers; returns the process, its base URL and its data
+/// directory.
+pub async fn start_dev(name: &str) -> (Proc, String, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("claas-{name}-e2e-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let port = free_port().to_string();
+    let data = dir.display().to_string();
+    let dev = spawn(
+        "dev",
+        &["dev"],
+        &env(&[
+            ("CLAAS_API_PORT", &port),
+            ("CLAAS_DATA_DIR", &data),
+            ("CLAAS_LORA_ROOT", &format!("{data}/loras")),
+            ("DATABASE_URL", &format!("sqlite://{data}/claas.db")),
+            ("CLAAS_WORKER_EXECUTOR", "candle"),
+        ]),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    wait_http(&base).await;
+    (dev, base, dir)
+}
