@@ -2,7 +2,6 @@
 
 use anyhow::{bail, Result};
 use claas_core::queue::SharedStore;
-use claas_core::types::{validate_lora_id, ApiKey};
 use clap::Subcommand;
 
 #[derive(Subcommand)]
@@ -33,30 +32,16 @@ pub async fn run(store: SharedStore, cmd: KeysCommand) -> Result<()> {
             prefixes,
             admin,
         } => {
-            if name.trim().is_empty() {
-                bail!("--name must not be empty");
-            }
-            if !admin && prefixes.is_empty() {
-                bail!("a key needs --prefix (one or more) or --admin");
-            }
-            for p in &prefixes {
-                let id = p.trim_end_matches(['/', '-']);
-                if validate_lora_id(id).is_err() {
-                    bail!("--prefix {p:?} is not a LoRA id prefix");
-                }
-            }
-            let (id, secret) = claas_api::auth::new_secret();
-            let key = ApiKey {
-                id: id.clone(),
-                name,
-                prefixes,
-                admin,
-                created_at: chrono::Utc::now(),
-                revoked_at: None,
-            };
-            store
-                .create_api_key(&key, &claas_api::auth::secret_hash(&secret))
-                .await?;
+            let created = claas_api::routes::keys::create_key(
+                &store,
+                claas_api::routes::keys::NewKey {
+                    name,
+                    prefixes,
+                    admin,
+                },
+            )
+            .await?;
+            let (id, secret) = (created.key.id, created.secret);
             eprintln!("created key {id}; its secret (shown once):");
             println!("{secret}");
             Ok(())

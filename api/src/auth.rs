@@ -204,6 +204,10 @@ pub(crate) async fn resolve_hash(state: &AppState, hash: &str) -> ApiResult<Opti
 
 /// Middleware: authenticates every request and leaves the [`Caller`] for the handlers.
 pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    // The API's description is public: clients generate code from it before they hold a key.
+    if req.uri().path() == "/openapi.json" {
+        return next.run(req).await;
+    }
     let enabled = match state.auth.enabled(&state).await {
         Ok(on) => on,
         // The database is down: health must still say so (and nothing more).

@@ -150,7 +150,7 @@ where
 
 /// 404 for unknown routes, in the envelope.
 pub async fn route_not_found() -> ApiError {
-    ApiError::not_found("no such route")
+    ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such route")
 }
 
 /// 405 for a known route with the wrong method, in the envelope.
@@ -160,4 +160,74 @@ pub async fn method_not_allowed() -> ApiError {
         "method_not_allowed",
         "method not allowed on this route",
     )
+}
+
+/// The query string, decoded into `T`, with failures in the error envelope (400) instead of
+/// axum's plain-text rejection.
+pub struct QueryParams<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for QueryParams<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(q)| QueryParams(q))
+            .map_err(|e| ApiError::bad_request(format!("invalid query string: {}", e.body_text())))
+    }
+}
+
+/// The error envelope as the OpenAPI document describes it.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// One error: a stable code, a human message, and where a job failed, which one.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable and machine-readable: `invalid_request`, `not_found`, `forbidden`, ...
+    pub code: String,
+    pub message: String,
+    /// The job, when the error is a job's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<uuid::Uuid>,
+    /// The phase a failed job failed in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_url: Option<String>,
+}
+
+/// The errors any route may answer with, for the OpenAPI document (each route adds its own).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum Errors {
+    /// Malformed: broken JSON, a bad query string or header, an id that is not one.
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// No valid API key (keys are configured).
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// The key may not act on this LoRA, or the route needs an admin key.
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+    /// The body is over `server.max_body_bytes`.
+    #[response(status = 413)]
+    PayloadTooLarge(ErrorBody),
+    /// Well-formed but invalid: a field of the wrong type or out of range.
+    #[response(status = 422)]
+    Invalid(ErrorBody),
+    /// The queue database is unreachable; retry.
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
 }

@@ -7,6 +7,7 @@ pub mod dashboard;
 pub mod embedded;
 pub mod error;
 pub mod metrics;
+pub mod openapi;
 pub mod routes;
 /// Kept at its old path for the API's handlers and tests.
 pub use claas_core::thinking;
@@ -16,12 +17,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
 use axum::Router;
 use claas_core::adapter_store::AdapterStore;
 use claas_core::config::Config;
 use claas_core::queue::SharedStore;
 use tower_http::trace::TraceLayer;
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::cache::{CacheError, CompletionCache, MemoryCache, RedisCache};
 use crate::upstream::{Backends, Upstream};
@@ -173,34 +174,37 @@ impl AppState {
     }
 }
 
+/// Every route, each registered with its OpenAPI operation (see [`openapi`]).
+pub fn api_routes() -> OpenApiRouter<AppState> {
+    use routes::{feedback, health, inference, jobs, keys, lora, lora_delete, lora_versions};
+    OpenApiRouter::with_openapi(openapi::base())
+        .routes(utoipa_axum::routes!(feedback::submit))
+        .routes(utoipa_axum::routes!(jobs::list))
+        .routes(utoipa_axum::routes!(jobs::get))
+        .routes(utoipa_axum::routes!(jobs::cancel))
+        .routes(utoipa_axum::routes!(lora::list, lora_delete::delete))
+        .routes(utoipa_axum::routes!(lora::init))
+        .routes(utoipa_axum::routes!(lora::export))
+        .routes(utoipa_axum::routes!(lora::versions))
+        .routes(utoipa_axum::routes!(lora_versions::rollback))
+        .routes(utoipa_axum::routes!(lora_versions::pin))
+        .routes(utoipa_axum::routes!(keys::list, keys::create))
+        .routes(utoipa_axum::routes!(keys::revoke))
+        .routes(utoipa_axum::routes!(health::health))
+        .routes(utoipa_axum::routes!(metrics::metrics))
+        .routes(utoipa_axum::routes!(openapi::openapi_json))
+        .routes(utoipa_axum::routes!(inference::chat_completions))
+        .routes(utoipa_axum::routes!(inference::completions))
+        .routes(utoipa_axum::routes!(inference::models))
+        .routes(utoipa_axum::routes!(inference::score))
+        .merge(dashboard::routes())
+}
+
 /// The whole API.
 pub fn router(state: AppState) -> Router {
     let limit = state.options.max_body_bytes;
-    Router::new()
-        .route("/v1/feedback", post(routes::feedback::submit))
-        .route("/v1/jobs", get(routes::jobs::list))
-        .route("/v1/jobs/{id}", get(routes::jobs::get))
-        .route("/v1/jobs/{id}/cancel", post(routes::jobs::cancel))
-        .route(
-            "/v1/lora",
-            get(routes::lora::list).delete(routes::lora_delete::delete),
-        )
-        .route("/v1/lora/init", post(routes::lora::init))
-        .route("/v1/lora/export", get(routes::lora::export))
-        .route(
-            "/v1/lora/{*rest}",
-            get(routes::lora::versions).post(routes::lora_versions::action),
-        )
-        .route("/v1/health", get(routes::health::health))
-        .route("/metrics", get(metrics::metrics))
-        .route(
-            "/v1/chat/completions",
-            post(routes::inference::chat_completions),
-        )
-        .route("/v1/completions", post(routes::inference::completions))
-        .route("/v1/models", get(routes::inference::models))
-        .route("/v1/score", post(routes::inference::score))
-        .merge(dashboard::routes())
+    let (routes, _) = api_routes().split_for_parts();
+    let api = routes
         .fallback(error::route_not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -213,7 +217,11 @@ pub fn router(state: AppState) -> Router {
             auth::authenticate,
         ))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
-        .with_state(state)
+        .with_state(state);
+    // Routing happens inside `api`, after the raw slashes of LoRA ids are encoded.
+    Router::new()
+        .fallback_service(api)
+        .layer(axum::middleware::map_request(openapi::encode_lora_ids))
 }
 
 /// One span per request, named `METHOD /path`, continuing the caller's trace when the

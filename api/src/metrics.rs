@@ -102,6 +102,18 @@ fn internal(e: prometheus::Error) -> ApiError {
     ApiError::internal(format!("metrics: {e}"))
 }
 
+/// Prometheus metrics: queue, jobs, LoRAs and workers fleet-wide, and this replica's HTTP
+/// traffic. Needs an admin key or the metrics token when keys are on.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tags = ["ops", "admin"],
+    responses(
+        (status = 200, description = "Prometheus text exposition format", content_type = "text/plain", body = String),
+        (status = 401, body = crate::error::ErrorBody),
+        (status = 503, body = crate::error::ErrorBody),
+    )
+)]
 pub async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
     let snap = state.store.metrics_snapshot(WINDOW).await?;
     let workers = state.store.list_workers().await?;

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 
 /// A job's lifecycle state (DESIGN.md "The queue").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     Queued,
@@ -68,7 +68,19 @@ impl std::str::FromStr for JobStatus {
 
 /// Where a job is in the worker's pipeline. `claimed` is the moment between claim and the
 /// first phase.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     Queued,
@@ -124,14 +136,20 @@ impl std::str::FromStr for Phase {
 }
 
 /// The SDPO hyperparameters of one feedback batch, with CLaaS's defaults and ranges.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainingConfig {
+    #[schema(exclusive_minimum = 0.0, example = 3e-5)]
     pub learning_rate: f64,
+    #[schema(minimum = 0.0, maximum = 1.0, example = 0.5)]
     pub alpha: f64,
+    #[schema(minimum = 1.0, maximum = 20.0, example = 5.0)]
     pub is_clip: f64,
+    #[schema(minimum = 0.0, example = 1.0)]
     pub max_grad_norm: f64,
+    #[schema(minimum = 0.0, maximum = 1.0, example = 0.0)]
     pub kl_reg_weight: f64,
+    #[schema(minimum = 10, maximum = 100, example = 100)]
     pub teacher_top_k: u32,
 }
 
@@ -176,12 +194,13 @@ impl TrainingConfig {
 }
 
 /// How the worker treats its vLLM around the training step (CLaaS `FeedbackOrchestration`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Orchestration {
     pub sleep_before: bool,
     pub wake_after: bool,
     pub wake_on_failure: bool,
+    #[schema(minimum = 1, maximum = 2)]
     pub sleep_level: u8,
 }
 
@@ -223,7 +242,7 @@ pub struct JobPayload {
 }
 
 /// Why a job failed, as stored in `jobs.error` and shown by the API.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobError {
     /// Machine-readable class: `invalid_input`, `lease_expired`, `phase_failed`, ...
     pub code: String,
@@ -278,7 +297,7 @@ impl NewJob {
 }
 
 /// A job as the API and dashboard see it (the payload stays in the store).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Job {
     pub id: Uuid,
     pub lora_id: String,
@@ -308,7 +327,7 @@ pub struct Job {
 }
 
 /// One line of a job's timeline.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct JobEvent {
     pub at: DateTime<Utc>,
     pub phase: String,
@@ -316,7 +335,7 @@ pub struct JobEvent {
 }
 
 /// A LoRA adapter and its current version.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Lora {
     pub lora_id: String,
     pub base_model: String,
@@ -341,7 +360,7 @@ pub struct NewLora {
 }
 
 /// A published adapter version.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct LoraVersion {
     pub lora_id: String,
     pub version: i32,
@@ -357,7 +376,7 @@ pub struct LoraVersion {
 }
 
 /// An API key as stored (never its secret).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct ApiKey {
     pub id: String,
     pub name: String,
@@ -447,7 +466,7 @@ pub struct WorkerInfo {
 }
 
 /// A registered worker, as the health route and dashboard see it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct WorkerRow {
     pub id: String,
     pub hostname: String,

@@ -63,6 +63,10 @@ fn summary_rows(dir: &Path) -> Vec<minijinja::Value> {
         .unwrap_or_default()
 }
 
+/// Eval runs under `eval.output_dir` with their summaries and plots.
+#[utoipa::path(get, path = "/v1/eval", tags = ["dashboard", "admin"],
+    responses((status = 200, description = "The eval runs page", content_type = "text/html", body = String),
+        (status = 303, description = "No session: to the login form", headers(("Location" = String))), super::PageErrors))]
 pub async fn list(State(state): State<AppState>, headers: HeaderMap, caller: Caller) -> PageResult {
     let mut runs: Vec<(std::time::SystemTime, String, PathBuf)> = std::fs::read_dir(root(&state))
         .into_iter()
@@ -99,6 +103,12 @@ pub async fn list(State(state): State<AppState>, headers: HeaderMap, caller: Cal
     )
 }
 
+/// One plot of an eval run.
+#[utoipa::path(get, path = "/v1/eval/{run}/plots/{file}", tags = ["dashboard", "admin"],
+    params(("run" = String, Path, description = "The run's directory name"),
+        ("file" = String, Path, description = "A plot file name, e.g. `logprob_margins.png`")),
+    responses((status = 200, description = "The PNG", content_type = "image/png", body = Vec<u8>),
+        (status = 303, description = "No session: to the login form", headers(("Location" = String))), super::PageErrors))]
 pub async fn plot(
     State(state): State<AppState>,
     UrlPath((run, file)): UrlPath<(String, String)>,

@@ -13,22 +13,24 @@ pub mod views;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use axum::extract::{Form, Path, Query, Request, State};
+use axum::extract::{Form, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use axum::routing::{get, post};
-use axum::Router;
 use chrono::Utc;
 use claas_core::queue::{AuditEntry, CancelOutcome, JobFilter};
 use claas_core::types::JobStatus;
 use minijinja::value::Serde;
 use minijinja::{context, Environment, Value};
 use serde::Deserialize;
+use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::auth::{self, Caller};
-use crate::error::ApiError;
+use crate::error::{ApiError, QueryParams};
 use crate::{routes, AppState};
 use session::{cookie, set_cookie, NONCE_COOKIE, SESSION_COOKIE, SESSION_TTL_S};
 use views::{JobRow, WorkerView};
@@ -39,19 +41,51 @@ const LOGIN: &str = "/v1/dashboard/login";
 /// Rows per jobs page.
 const PAGE: i64 = 50;
 
-/// The dashboard's routes.
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v1/dashboard", get(overview))
-        .route("/v1/dashboard/login", get(login_form).post(login))
-        .route("/v1/dashboard/logout", post(logout))
-        .route("/v1/dashboard/jobs", get(jobs))
-        .route("/v1/dashboard/jobs/{id}", get(job))
-        .route("/v1/dashboard/jobs/{id}/{action}", post(act))
-        .route("/v1/dashboard/loras", get(loras))
-        .route("/v1/dashboard/loras/{*lora_id}", get(lora))
-        .route("/v1/eval", get(evals::list))
-        .route("/v1/eval/{run}/plots/{file}", get(evals::plot))
+/// The dashboard's routes (HTML for browsers, documented with the rest of the API).
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(overview))
+        .routes(routes!(login_form, login))
+        .routes(routes!(logout))
+        .routes(routes!(jobs))
+        .routes(routes!(job))
+        .routes(routes!(act))
+        .routes(routes!(loras))
+        .routes(routes!(lora))
+        .routes(routes!(evals::list))
+        .routes(routes!(evals::plot))
+}
+
+/// The errors a page answers with: an HTML page for browsers, or the JSON envelope for a
+/// request the API layer refused before the page (a bad query string, a missing key).
+pub struct PageErrors;
+
+impl utoipa::IntoResponses for PageErrors {
+    fn responses() -> std::collections::BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        [
+            (400, "Malformed: a bad query string or id"),
+            (401, "No valid key or session (JSON for bearer requests)"),
+            (403, "Not an admin key, or a missing CSRF token"),
+            (404, "No such job, LoRA, run or plot"),
+            (503, "The queue database is unavailable"),
+        ]
+        .into_iter()
+        .map(|(status, description)| {
+            let html = ContentBuilder::new()
+                .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+                .build();
+            let json = ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build();
+            let response = ResponseBuilder::new()
+                .description(description)
+                .content("text/html", html)
+                .content("application/json", json)
+                .build();
+            (status.to_string(), RefOr::T(response))
+        })
+        .collect()
+    }
 }
 
 fn templates() -> &'static Environment<'static> {
@@ -209,7 +243,7 @@ fn redirect_setting(to: &str, cookie: HeaderValue) -> Response {
     resp
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct LoginForm {
     #[serde(default)]
     key: String,
@@ -217,6 +251,9 @@ pub struct LoginForm {
     csrf: String,
 }
 
+/// The login form.
+#[utoipa::path(get, path = "/v1/dashboard/login", tags = ["dashboard"], security(()),
+    responses((status = 200, description = "The login page", content_type = "text/html", body = String), PageErrors))]
 async fn login_form(State(state): State<AppState>, headers: HeaderMap) -> PageResult {
     render(
         &state,
@@ -227,6 +264,16 @@ async fn login_form(State(state): State<AppState>, headers: HeaderMap) -> PageRe
     )
 }
 
+/// Logs in with an admin key: a signed session cookie, then to the overview.
+#[utoipa::path(post, path = "/v1/dashboard/login", tags = ["dashboard"], security(()),
+    request_body(content = LoginForm, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 303, description = "Logged in: to the overview, with the session cookie",
+            headers(("Location" = String), ("Set-Cookie" = String))),
+        (status = 415, description = "Not a form", content_type = "text/plain", body = String),
+        (status = 422, description = "The form cannot be read", content_type = "text/plain", body = String),
+        PageErrors,
+    ))]
 async fn login(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -265,12 +312,21 @@ async fn login(
     Ok(resp)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct CsrfForm {
     #[serde(default)]
     csrf: String,
 }
 
+/// Ends the session.
+#[utoipa::path(post, path = "/v1/dashboard/logout", tags = ["dashboard", "admin"],
+    request_body(content = CsrfForm, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 303, description = "To the login form", headers(("Location" = String))),
+        (status = 415, description = "Not a form", content_type = "text/plain", body = String),
+        (status = 422, description = "The form cannot be read", content_type = "text/plain", body = String),
+        PageErrors,
+    ))]
 async fn logout(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -283,6 +339,10 @@ async fn logout(
     ))
 }
 
+/// Queue depth, throughput, failures and workers.
+#[utoipa::path(get, path = "/v1/dashboard", tags = ["dashboard", "admin"],
+    responses((status = 200, description = "The overview page", content_type = "text/html", body = String),
+        (status = 303, description = "No session: to the login form", headers(("Location" = String))), PageErrors))]
 async fn overview(State(state): State<AppState>, headers: HeaderMap, caller: Caller) -> PageResult {
     let now = Utc::now();
     let snap = state
@@ -341,7 +401,8 @@ async fn overview(State(state): State<AppState>, headers: HeaderMap, caller: Cal
     )
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct JobsQuery {
     status: Option<String>,
     lora_id: Option<String>,
@@ -355,11 +416,15 @@ fn some(v: &Option<String>) -> Option<&str> {
     v.as_deref().map(str::trim).filter(|s| !s.is_empty())
 }
 
+/// Jobs with filters, newest first.
+#[utoipa::path(get, path = "/v1/dashboard/jobs", tags = ["dashboard", "admin"], params(JobsQuery),
+    responses((status = 200, description = "The jobs page", content_type = "text/html", body = String),
+        (status = 303, description = "No session: to the login form", headers(("Location" = String))), PageErrors))]
 async fn jobs(
     State(state): State<AppState>,
     headers: HeaderMap,
     caller: Caller,
-    Query(q): Query<JobsQuery>,
+    QueryParams(q): QueryParams<JobsQuery>,
 ) -> PageResult {
     let bad = |m: String| PageError(ApiError::bad_request(m));
     let status = some(&q.status)
@@ -441,6 +506,11 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
+/// One job: timeline, samples, metrics and actions.
+#[utoipa::path(get, path = "/v1/dashboard/jobs/{id}", tags = ["dashboard", "admin"],
+    params(("id" = String, Path, description = "The job id (a UUID)")),
+    responses((status = 200, description = "The job page", content_type = "text/html", body = String),
+        (status = 303, description = "No session: to the login form", headers(("Location" = String))), PageErrors))]
 async fn job(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -487,6 +557,18 @@ async fn job(
     )
 }
 
+/// Cancels, retries or deletes a job (a form with its CSRF token); recorded in the audit log.
+#[utoipa::path(post, path = "/v1/dashboard/jobs/{id}/{action}", tags = ["dashboard", "admin"],
+    params(("id" = String, Path, description = "The job id (a UUID)"),
+        ("action" = String, Path, description = "`cancel`, `retry` or `delete`")),
+    request_body(content = CsrfForm, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 303, description = "Done: to the job (or the jobs list after a delete)", headers(("Location" = String))),
+        (status = 409, description = "The job is not in a state the action applies to", content_type = "text/html", body = String),
+        (status = 415, description = "Not a form", content_type = "text/plain", body = String),
+        (status = 422, description = "The form cannot be read", content_type = "text/plain", body = String),
+        PageErrors,
+    ))]
 async fn act(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -548,6 +630,10 @@ async fn act(
     Ok(Redirect::to(&to).into_response())
 }
 
+/// Every LoRA with its current version.
+#[utoipa::path(get, path = "/v1/dashboard/loras", tags = ["dashboard", "admin"],
+    responses((status = 200, description = "The LoRAs page", content_type = "text/html", body = String),
+        (status = 303, description = "No session: to the login form", headers(("Location" = String))), PageErrors))]
 async fn loras(State(state): State<AppState>, headers: HeaderMap, caller: Caller) -> PageResult {
     let list = state.store.list_loras("").await?;
     let rows: Vec<_> = list
@@ -568,6 +654,11 @@ async fn loras(State(state): State<AppState>, headers: HeaderMap, caller: Caller
     )
 }
 
+/// One LoRA: versions, loss chart and recent jobs.
+#[utoipa::path(get, path = "/v1/dashboard/loras/{lora_id}", tags = ["dashboard", "admin"],
+    params(("lora_id" = String, Path, description = "The LoRA (a `/` in it may be sent raw or as %2F)", example = "demo/assistant")),
+    responses((status = 200, description = "The LoRA page", content_type = "text/html", body = String),
+        (status = 303, description = "No session: to the login form", headers(("Location" = String))), PageErrors))]
 async fn lora(
     State(state): State<AppState>,
     headers: HeaderMap,

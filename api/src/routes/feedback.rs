@@ -11,12 +11,14 @@ use claas_core::types::{
     validate_lora_id, Job, JobPayload, JobStatus, NewJob, Orchestration, Rollout, Sample,
     TrainingConfig,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+use uuid::Uuid;
 
 use crate::thinking::content_hash;
 
-use crate::error::{ApiError, ApiResult, JsonBody};
+use crate::error::{ApiError, ApiResult, ErrorBody, Errors, JsonBody};
 use crate::AppState;
 
 /// Most items one request may carry.
@@ -24,20 +26,38 @@ const MAX_ITEMS: usize = 256;
 /// Longest accepted `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
-/// CLaaS `FeedbackBatchRequest`.
-#[derive(Debug, Deserialize)]
+/// CLaaS `FeedbackBatchRequest`: one LoRA and one training config per batch.
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({
+    "requests": [{
+        "lora_id": "fuzz/demo",
+        "prompt": "Write a haiku about rain.",
+        "response": "Rain on the window",
+        "feedback": "Too short; add imagery.",
+        "prompt_token_ids": [1, 2, 3],
+        "response_token_ids": [4, 5],
+        "response_logprobs": [-0.5, -0.25],
+        "system_prompt": "You are helpful."
+    }]
+}))]
 pub struct FeedbackBatchRequest {
+    #[schema(min_items = 1, max_items = 256)]
     pub requests: Vec<FeedbackItem>,
     #[serde(default)]
     pub orchestration: Orchestration,
 }
 
 /// CLaaS `FeedbackItem`, plus the optional inline rollout.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct FeedbackItem {
+    #[schema(example = "fuzz/demo")]
     pub lora_id: String,
+    #[schema(min_length = 1)]
     pub prompt: String,
+    /// The answer as the client saw it (it names the cached completion).
+    #[schema(min_length = 1)]
     pub response: String,
+    #[schema(min_length = 1)]
     pub feedback: String,
     #[serde(default)]
     pub training: TrainingConfig,
@@ -47,6 +67,52 @@ pub struct FeedbackItem {
     pub response_token_ids: Option<Vec<u32>>,
     pub response_logprobs: Option<Vec<f32>>,
     pub system_prompt: Option<String>,
+}
+
+/// 202: the feedback is queued as a job.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FeedbackAccepted {
+    pub job_id: Uuid,
+    pub status: JobStatus,
+    /// Poll this for the job.
+    pub status_url: String,
+}
+
+/// CLaaS's `FeedbackResponse`: the job succeeded within the wait.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FeedbackResponse {
+    /// Always `ok`.
+    pub status: String,
+    /// The job id without dashes (CLaaS's request id).
+    pub request_id: String,
+    pub job_id: Uuid,
+    pub lora_id: String,
+    pub distill_result: DistillResult,
+    /// Whether the worker slept and woke its vLLM: `{slept, woke}`.
+    pub vllm: serde_json::Value,
+    pub timing_ms: FeedbackTiming,
+    pub batch_size: i32,
+    /// Samples trained in the step (more than `batch_size` when jobs were coalesced).
+    pub trained_batch_size: serde_json::Value,
+    pub feedback_log_path: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DistillResult {
+    pub lora_id: String,
+    /// The training step's metrics (loss, grad norm, ...).
+    pub metadata: serde_json::Value,
+}
+
+/// Milliseconds per stage, in CLaaS's names.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FeedbackTiming {
+    pub sleep: u64,
+    pub distill: u64,
+    pub save: u64,
+    pub wake: u64,
+    pub logprobs: u64,
+    pub total: u64,
 }
 
 /// How long the caller wants to wait for the job (RFC 7240 `Prefer`).
@@ -244,6 +310,28 @@ async fn validate(state: &AppState, req: &FeedbackBatchRequest) -> ApiResult<Job
     })
 }
 
+/// Validates a CLaaS feedback batch, resolves each item's rollout (inline, or the cached
+/// completion its `response` names), and queues one training job.
+#[utoipa::path(
+    post,
+    path = "/v1/feedback",
+    tag = "feedback",
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "The same key and body from the same caller return the same job; the same key with another body is a 422"),
+        ("Prefer" = Option<String>, Header, description = "`respond-async` answers 202 at once; `wait=N` waits up to N seconds (capped by server.feedback_max_wait_s) for the job", pattern = "^(respond-async|wait=[0-9]{1,3})$"),
+    ),
+    request_body = FeedbackBatchRequest,
+    responses(
+        (status = 200, body = FeedbackResponse, description = "The job succeeded within the wait"),
+        (status = 202, body = FeedbackAccepted, description = "Queued (or still running after the wait)",
+            headers(("Location" = String, description = "The job's status URL"))),
+        (status = 409, body = ErrorBody, description = "The job was cancelled during the wait"),
+        (status = 429, body = ErrorBody, description = "The key has too many queued jobs",
+            headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 500, body = ErrorBody, description = "The job failed during the wait"),
+        Errors,
+    )
+)]
 pub async fn submit(
     State(state): State<AppState>,
     caller: crate::auth::Caller,
@@ -357,11 +445,11 @@ fn answer(job: Job) -> Response {
             (
                 StatusCode::ACCEPTED,
                 [(header::LOCATION, url.clone())],
-                Json(serde_json::json!({
-                    "job_id": job.id,
-                    "status": job.status,
-                    "status_url": url,
-                })),
+                Json(FeedbackAccepted {
+                    job_id: job.id,
+                    status: job.status,
+                    status_url: url,
+                }),
             )
                 .into_response()
         }
@@ -399,35 +487,41 @@ fn job_error(job: &Job) -> ApiError {
 }
 
 /// CLaaS's `FeedbackResponse` for a succeeded job.
-fn feedback_response(job: &Job) -> serde_json::Value {
+fn feedback_response(job: &Job) -> FeedbackResponse {
     let result = job.result.clone().unwrap_or_default();
     let t = |k: &str| job.timings_ms.get(k).copied().unwrap_or(0);
     let total = job
         .finished_at
         .map(|f| (f - job.created_at).num_milliseconds().max(0))
         .unwrap_or(0);
-    serde_json::json!({
-        "status": "ok",
-        "request_id": job.id.simple().to_string(),
-        "job_id": job.id,
-        "lora_id": job.lora_id,
-        "distill_result": {
-            "lora_id": job.lora_id,
-            "metadata": result.get("metrics").cloned().unwrap_or_default(),
+    FeedbackResponse {
+        status: "ok".into(),
+        request_id: job.id.simple().to_string(),
+        job_id: job.id,
+        lora_id: job.lora_id.clone(),
+        distill_result: DistillResult {
+            lora_id: job.lora_id.clone(),
+            metadata: result.get("metrics").cloned().unwrap_or_default(),
         },
-        "vllm": result.get("vllm").cloned().unwrap_or(serde_json::json!({"slept": false, "woke": false})),
-        "timing_ms": {
-            "sleep": t("drain") + t("sleep") + t("vram"),
-            "distill": t("distill"),
-            "save": t("publish"),
-            "wake": t("wake"),
-            "logprobs": 0,
-            "total": total,
+        vllm: result
+            .get("vllm")
+            .cloned()
+            .unwrap_or(serde_json::json!({"slept": false, "woke": false})),
+        timing_ms: FeedbackTiming {
+            sleep: t("drain") + t("sleep") + t("vram"),
+            distill: t("distill"),
+            save: t("publish"),
+            wake: t("wake"),
+            logprobs: 0,
+            total: u64::try_from(total).unwrap_or(0),
         },
-        "batch_size": job.sample_count,
-        "trained_batch_size": result.get("batch_size").cloned().unwrap_or(job.sample_count.into()),
-        "feedback_log_path": "",
-    })
+        batch_size: job.sample_count,
+        trained_batch_size: result
+            .get("batch_size")
+            .cloned()
+            .unwrap_or(job.sample_count.into()),
+        feedback_log_path: String::new(),
+    }
 }
 
 #[cfg(test)]

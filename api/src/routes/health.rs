@@ -10,11 +10,58 @@ use std::time::Duration;
 
 use chrono::Utc;
 
+use serde::Serialize;
+use utoipa::ToSchema;
+
 use crate::AppState;
+
+/// What `/v1/health` says. Without a key (when keys are on) only `status`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok`, `degraded` (cache or a vLLM down) or `unavailable` (database down).
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database: Option<Component>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<Component>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vllm: Option<Vec<VllmHealth>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<WorkersHealth>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Component {
+    pub backend: &'static str,
+    pub up: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VllmHealth {
+    pub url: String,
+    pub up: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkersHealth {
+    /// Workers that heartbeated in the last 30 s; null when the database is down.
+    pub alive: Option<usize>,
+}
 
 /// A worker counts as alive when it heartbeated within this window.
 pub const WORKER_ALIVE_S: i64 = 30;
 
+/// Database, cache, vLLM and workers; open to everyone (only up or down without a key).
+#[utoipa::path(
+    get,
+    path = "/v1/health",
+    tag = "ops",
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, body = Health, description = "The database is up"),
+        (status = 503, body = Health, description = "The database is down"),
+    )
+)]
 pub async fn health(State(state): State<AppState>, caller: crate::auth::Caller) -> Response {
     let database = state.store.ping().await;
     if matches!(caller, crate::auth::Caller::Anonymous) {
@@ -25,7 +72,13 @@ pub async fn health(State(state): State<AppState>, caller: crate::auth::Caller) 
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         };
-        let body = serde_json::json!({"status": if up { "ok" } else { "unavailable" }});
+        let body = Health {
+            status: if up { "ok" } else { "unavailable" },
+            database: None,
+            cache: None,
+            vllm: None,
+            workers: None,
+        };
         return (status, Json(body)).into_response();
     }
     let workers = match &database {
@@ -46,20 +99,29 @@ pub async fn health(State(state): State<AppState>, caller: crate::auth::Caller) 
         let ok = tokio::time::timeout(Duration::from_secs(2), u.get("/health"))
             .await
             .is_ok_and(|r| r.is_ok());
-        vllm.push(serde_json::json!({"url": u.base_url(), "up": ok}));
+        vllm.push(VllmHealth {
+            url: u.base_url().to_owned(),
+            up: ok,
+        });
     }
-    let degraded = cache.is_err() || vllm.iter().any(|v| v["up"] == false);
-    let body = serde_json::json!({
-        "status": match (up, degraded) {
+    let degraded = cache.is_err() || vllm.iter().any(|v| !v.up);
+    let body = Health {
+        status: match (up, degraded) {
             (false, _) => "unavailable",
             (true, true) => "degraded",
             (true, false) => "ok",
         },
-        "database": {"backend": state.store.backend(), "up": up},
-        "cache": {"backend": state.cache.backend(), "up": cache.is_ok()},
-        "vllm": vllm,
-        "workers": {"alive": alive},
-    });
+        database: Some(Component {
+            backend: state.store.backend(),
+            up,
+        }),
+        cache: Some(Component {
+            backend: state.cache.backend(),
+            up: cache.is_ok(),
+        }),
+        vllm: Some(vllm),
+        workers: Some(WorkersHealth { alive }),
+    };
     let status = if up {
         StatusCode::OK
     } else {

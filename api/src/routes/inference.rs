@@ -20,7 +20,7 @@ use super::inference_local as local;
 use crate::auth::Caller;
 use crate::cache::CachedCompletion;
 use crate::embedded;
-use crate::error::{ApiError, ApiResult, JsonBody};
+use crate::error::{ApiError, ApiResult, ErrorBody, Errors, JsonBody};
 use crate::thinking::{content_hash, strip_thinking, ThinkFilter};
 use crate::upstream::{Upstream, UpstreamError};
 use crate::AppState;
@@ -315,6 +315,70 @@ fn check_model(state: &AppState, caller: &Caller, model: &str) -> ApiResult<()> 
     caller.check(model)
 }
 
+/// An OpenAI chat completion request. Fields not listed (tools, seed, response_format, ...)
+/// pass through to vLLM untouched.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({
+    "model": "demo/assistant",
+    "messages": [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Say hi."}],
+    "max_tokens": 8
+}))]
+pub struct ChatCompletionRequest {
+    /// The base model or a LoRA id (served at its current version); default the base model.
+    pub model: Option<String>,
+    #[schema(min_items = 1)]
+    pub messages: Vec<ChatMessage>,
+    pub stream: Option<bool>,
+    #[schema(minimum = 1, maximum = 4096)]
+    pub max_tokens: Option<u32>,
+    #[schema(minimum = 0.0, maximum = 2.0)]
+    pub temperature: Option<f64>,
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
+    pub top_p: Option<f64>,
+    pub logprobs: Option<bool>,
+    #[schema(minimum = 0, maximum = 20)]
+    pub top_logprobs: Option<u32>,
+    pub seed: Option<i64>,
+    pub stop: Option<Vec<String>>,
+}
+
+/// One chat message; `content` is text or a list of OpenAI content parts.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+pub struct ChatMessage {
+    #[schema(example = "user")]
+    pub role: String,
+    #[schema(value_type = Object)]
+    pub content: Value,
+}
+
+/// An OpenAI-shaped answer (`chat.completion` or `text_completion`), plus the prompt and
+/// response token ids when the client asked for them.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Completion {
+    pub id: String,
+    pub object: String,
+    pub created: i64,
+    pub model: String,
+    pub choices: Vec<Value>,
+    pub usage: Option<Value>,
+}
+
+/// Chat through vLLM (or the embedded engine): the answer with thinking stripped; the
+/// rollout (token ids and log-probs) is cached for feedback on it.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "inference",
+    request_body = ChatCompletionRequest,
+    responses(
+        (status = 200, description = "The answer; `stream: true` answers server-sent events", content(
+            (Completion = "application/json"),
+            (String = "text/event-stream"),
+        )),
+        (status = 502, body = ErrorBody, description = "The inference server failed"),
+        Errors,
+    )
+)]
 pub async fn chat_completions(
     State(state): State<AppState>,
     caller: Caller,
@@ -637,7 +701,36 @@ fn sse_data(event: &str) -> Option<String> {
     (!lines.is_empty()).then(|| lines.join("\n"))
 }
 
+/// An OpenAI text completion request; other fields pass through to vLLM.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"model": "demo/assistant", "prompt": "Once upon a time", "max_tokens": 8}))]
+pub struct CompletionRequest {
+    pub model: Option<String>,
+    /// Text, or token ids.
+    #[schema(value_type = Object)]
+    pub prompt: Value,
+    pub stream: Option<bool>,
+    #[schema(minimum = 1, maximum = 4096)]
+    pub max_tokens: Option<u32>,
+    #[schema(minimum = 0.0, maximum = 2.0)]
+    pub temperature: Option<f64>,
+}
+
 /// `POST /v1/completions`: forwarded as is (not cached, as in CLaaS), streaming included.
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    tag = "inference",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "The completion; `stream: true` answers server-sent events", content(
+            (Completion = "application/json"),
+            (String = "text/event-stream"),
+        )),
+        (status = 502, body = ErrorBody, description = "The inference server failed"),
+        Errors,
+    )
+)]
 pub async fn completions(
     State(state): State<AppState>,
     caller: Caller,
@@ -677,8 +770,31 @@ pub async fn completions(
         .into_response())
 }
 
+/// OpenAI's model list.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ModelList {
+    pub object: String,
+    pub data: Vec<ModelCard>,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: String,
+    pub owned_by: String,
+    pub root: Option<String>,
+    /// The base model of a LoRA; null for a base model.
+    pub parent: Option<String>,
+}
+
 /// `GET /v1/models`: vLLM's list when one is configured; otherwise the base model and the
-/// LoRAs this service knows.
+/// LoRAs this service knows. Only the LoRAs the caller's key covers.
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "inference",
+    responses((status = 200, body = ModelList), (status = 502, body = ErrorBody), Errors)
+)]
 pub async fn models(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
     if state.backends.is_some() {
         let up = backend(&state, "").await?;
@@ -714,13 +830,36 @@ pub async fn models(State(state): State<AppState>, caller: Caller) -> ApiResult<
 
 /// `POST /v1/score` (CLaaS): the log-prob of each token of `completion` as the answer to
 /// `messages` under `model`.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({
+    "model": "demo/assistant",
+    "messages": [{"role": "user", "content": "Say hi."}],
+    "completion": "Hi!"
+}))]
 pub struct ScoreRequest {
     pub model: String,
+    #[schema(min_items = 1, value_type = Vec<ChatMessage>)]
     pub messages: Vec<Value>,
     pub completion: String,
 }
 
+/// The completion's tokens and their log-probs under the model.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ScoreResponse {
+    pub logprobs: Vec<f64>,
+    pub tokens: Vec<String>,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub logprob_sum: f64,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/score",
+    tag = "inference",
+    request_body = ScoreRequest,
+    responses((status = 200, body = ScoreResponse), (status = 502, body = ErrorBody), Errors)
+)]
 pub async fn score(
     State(state): State<AppState>,
     caller: Caller,

@@ -1,16 +1,17 @@
 //! Job polling and control: `GET /v1/jobs/{id}`, `GET /v1/jobs`, `POST /v1/jobs/{id}/cancel`.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use claas_core::queue::{CancelOutcome, JobFilter};
-use claas_core::types::{Job, JobStatus};
-use serde::Deserialize;
+use claas_core::types::{Job, JobEvent, JobStatus};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Caller;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, ErrorBody, Errors, QueryParams};
 use crate::AppState;
 
 /// Default and largest page of `GET /v1/jobs`.
@@ -32,42 +33,70 @@ pub(crate) async fn find(state: &AppState, raw: &str) -> ApiResult<Job> {
         .ok_or_else(|| ApiError::not_found(format!("job not found: {id}")))
 }
 
-/// One job with its timeline.
+/// A job with its timeline.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobDetail {
+    #[serde(flatten)]
+    pub job: Job,
+    pub events: Vec<JobEvent>,
+}
+
+/// A page of jobs, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobPage {
+    pub jobs: Vec<Job>,
+    /// Pass as `cursor` for the next page; null on the last one.
+    pub next_cursor: Option<Uuid>,
+}
+
+/// One job: status, phase, attempt, timings per phase, result or error, the job that
+/// trained it when it was coalesced, and its timeline.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job id (a UUID)")),
+    responses((status = 200, body = JobDetail), Errors)
+)]
 pub async fn get(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<Response> {
+) -> ApiResult<Json<JobDetail>> {
     let job = find(&state, &id).await?;
     caller.check(&job.lora_id)?;
     let events = state.store.job_events(job.id).await?;
-    let mut body =
-        serde_json::to_value(&job).map_err(|e| ApiError::from(claas_core::Error::from(e)))?;
-    if let Some(obj) = body.as_object_mut() {
-        obj.insert(
-            "events".into(),
-            serde_json::to_value(events).unwrap_or_default(),
-        );
-    }
-    Ok(Json(body).into_response())
+    Ok(Json(JobDetail { job, events }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only this LoRA's jobs.
     lora_id: Option<String>,
+    /// `queued`, `running`, `coalesced`, `succeeded`, `failed`, `cancelled`.
     status: Option<String>,
     /// Jobs a worker ran or runs.
     worker_id: Option<String>,
+    /// Page size, 1 to 500 (default 50).
     limit: Option<i64>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
-/// Jobs newest first; `next_cursor` continues the listing.
+/// Jobs newest first (only the caller's LoRAs'); `next_cursor` continues the listing.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    tag = "jobs",
+    params(ListQuery),
+    responses((status = 200, body = JobPage), Errors)
+)]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
-    Query(q): Query<ListQuery>,
-) -> ApiResult<Json<serde_json::Value>> {
+    QueryParams(q): QueryParams<ListQuery>,
+) -> ApiResult<Json<JobPage>> {
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
         return Err(ApiError::bad_request(format!(
@@ -101,12 +130,23 @@ pub async fn list(
     let next_cursor = (jobs.len() as i64 == limit)
         .then(|| jobs.last().map(|j| j.id))
         .flatten();
-    Ok(Json(
-        serde_json::json!({"jobs": jobs, "next_cursor": next_cursor}),
-    ))
+    Ok(Json(JobPage { jobs, next_cursor }))
 }
 
-/// Cancels a queued job at once (200) or asks a running one to stop (202).
+/// Cancels a queued job at once (200) or asks a running one to stop (202); a job past the
+/// point where it can stop answers 409.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/cancel",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job id (a UUID)")),
+    responses(
+        (status = 200, body = Job, description = "Cancelled"),
+        (status = 202, body = Job, description = "Cancel requested; the worker stops at its next phase boundary"),
+        (status = 409, body = ErrorBody, description = "Finished, or too late to cancel"),
+        Errors,
+    )
+)]
 pub async fn cancel(
     State(state): State<AppState>,
     caller: Caller,

@@ -3,15 +3,16 @@
 //! its `config.json`); otherwise the first worker to train it creates the same file. Init
 //! is idempotent: the same parameters answer 200 with the existing LoRA, different ones 409.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use claas_core::types::{validate_lora_id, Lora, NewLora};
-use serde::Deserialize;
+use claas_core::types::{validate_lora_id, Lora, LoraVersion, NewLora};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Caller;
-use crate::error::{ApiError, ApiResult, JsonBody};
+use crate::error::{ApiError, ApiResult, ErrorBody, Errors, JsonBody, QueryParams};
 use crate::AppState;
 
 /// The projections CLaaS adapts by default: attention and MLP.
@@ -26,18 +27,36 @@ const DEFAULT_TARGETS: [&str; 7] = [
 ];
 
 /// CLaaS `LoraInitRequest`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct LoraInitRequest {
+    #[schema(example = "demo/assistant")]
     pub lora_id: String,
+    /// Default: the deployment's base model; must be in `allowed_init_base_models`.
     pub base_model: Option<String>,
     #[serde(default = "default_r")]
+    #[schema(minimum = 4, maximum = 128, default = 32)]
     pub lora_r: i32,
     #[serde(default = "default_alpha")]
+    #[schema(minimum = 8, maximum = 256, default = 64)]
     pub lora_alpha: i32,
+    /// Default: q/k/v/o and the MLP projections.
     pub target_modules: Option<Vec<String>>,
     /// Start an existing LoRA afresh as a new version (its history is kept).
     #[serde(default)]
     pub overwrite: bool,
+}
+
+/// A LoRA after init.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LoraInitResponse {
+    pub lora_id: String,
+    /// False when it existed with the same parameters.
+    pub created: bool,
+    /// Present (true) when `overwrite` started it afresh.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overwritten: Option<bool>,
+    pub current_version: i32,
+    pub base_model: String,
 }
 
 fn default_r() -> i32 {
@@ -48,6 +67,19 @@ fn default_alpha() -> i32 {
     64
 }
 
+/// Registers a LoRA (CLaaS's init). The same parameters again answer 200 with the existing
+/// LoRA; different ones 409 unless `overwrite`.
+#[utoipa::path(
+    post,
+    path = "/v1/lora/init",
+    tag = "lora",
+    request_body = LoraInitRequest,
+    responses(
+        (status = 200, body = LoraInitResponse),
+        (status = 409, body = ErrorBody, description = "It exists with other parameters"),
+        Errors,
+    )
+)]
 pub async fn init(
     State(state): State<AppState>,
     caller: Caller,
@@ -147,16 +179,14 @@ pub async fn init(
 
 /// CLaaS answers init with `{"lora_id"}` and 200 (its clients check for success, not 201).
 fn init_answer(lora: &Lora, created: bool) -> Response {
-    (
-        StatusCode::OK,
-        Json(serde_json::json!({
-            "lora_id": lora.lora_id,
-            "created": created,
-            "current_version": lora.current_version,
-            "base_model": lora.base_model,
-        })),
-    )
-        .into_response()
+    Json(LoraInitResponse {
+        lora_id: lora.lora_id.clone(),
+        created,
+        overwritten: None,
+        current_version: lora.current_version,
+        base_model: lora.base_model.clone(),
+    })
+    .into_response()
 }
 
 /// An init for an existing id: 200 when it asks for what exists (CLaaS clients init
@@ -225,17 +255,14 @@ async fn overwrite(state: &AppState, existing: Lora, wanted: NewLora) -> ApiResu
         )
         .await?;
     serve_in_vllm(state, &lora.lora_id, &uri, &sha, true).await;
-    Ok((
-        StatusCode::OK,
-        Json(serde_json::json!({
-            "lora_id": lora.lora_id,
-            "created": false,
-            "overwritten": true,
-            "current_version": lora.current_version,
-            "base_model": lora.base_model,
-        })),
-    )
-        .into_response())
+    Ok(Json(LoraInitResponse {
+        lora_id: lora.lora_id,
+        created: false,
+        overwritten: Some(true),
+        current_version: lora.current_version,
+        base_model: lora.base_model,
+    })
+    .into_response())
 }
 
 /// Loads a freshly written initial version into every vLLM (`swap`: in place of the
@@ -327,48 +354,85 @@ async fn write_initial_version(
     Ok((format!("file://{}", dir.display()), sha))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only ids starting with this.
     #[serde(default)]
     pub prefix: String,
 }
 
-/// `GET /v1/lora?prefix=`: CLaaS's `{"loras": [ids]}` plus `items` with each LoRA's current
-/// version, base model and last update.
+/// CLaaS's `{"loras": [ids]}` plus each LoRA's current version.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LoraList {
+    pub loras: Vec<String>,
+    pub items: Vec<LoraItem>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LoraItem {
+    pub lora_id: String,
+    pub current_version: i32,
+    pub base_model: String,
+    pub rank: i32,
+    pub alpha: f64,
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// A LoRA's versions, oldest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LoraVersions {
+    pub lora_id: String,
+    pub current_version: i32,
+    pub versions: Vec<LoraVersion>,
+}
+
+/// The caller's LoRAs, optionally under a prefix.
+#[utoipa::path(
+    get,
+    path = "/v1/lora",
+    tag = "lora",
+    params(ListQuery),
+    responses((status = 200, body = LoraList), Errors)
+)]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
-    Query(q): Query<ListQuery>,
-) -> ApiResult<Json<serde_json::Value>> {
+    QueryParams(q): QueryParams<ListQuery>,
+) -> ApiResult<Json<LoraList>> {
     let mut loras = state.store.list_loras(&q.prefix).await?;
     loras.retain(|l| caller.covers(&l.lora_id));
-    let ids: Vec<&str> = loras.iter().map(|l| l.lora_id.as_str()).collect();
-    let items: Vec<serde_json::Value> = loras
-        .iter()
-        .map(|l| {
-            serde_json::json!({
-                "lora_id": l.lora_id,
-                "current_version": l.current_version,
-                "base_model": l.base_model,
-                "rank": l.rank,
-                "alpha": l.alpha,
-                "updated_at": l.updated_at,
+    Ok(Json(LoraList {
+        loras: loras.iter().map(|l| l.lora_id.clone()).collect(),
+        items: loras
+            .into_iter()
+            .map(|l| LoraItem {
+                lora_id: l.lora_id,
+                current_version: l.current_version,
+                base_model: l.base_model,
+                rank: l.rank,
+                alpha: l.alpha,
+                updated_at: l.updated_at,
             })
-        })
-        .collect();
-    Ok(Json(serde_json::json!({"loras": ids, "items": items})))
+            .collect(),
+    }))
 }
 
-/// `GET /v1/lora/{lora_id}/versions` (lora ids contain '/', so the route is a wildcard).
+/// Every version of a LoRA with its metrics, pin and retention state.
+#[utoipa::path(
+    get,
+    path = "/v1/lora/{lora_id}/versions",
+    tag = "lora",
+    params(("lora_id" = String, Path, description = "The LoRA (a `/` in it may be sent raw or as %2F)", example = "demo/assistant")),
+    responses((status = 200, body = LoraVersions), Errors)
+)]
 pub async fn versions(
     State(state): State<AppState>,
     caller: Caller,
-    Path(rest): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
-    let Some(lora_id) = rest.strip_suffix("/versions") else {
-        return Err(ApiError::not_found("no such route"));
-    };
-    let lora_id = &crate::routes::lora_versions::resolve_alias(&state, lora_id).await?;
+    Path(lora_id): Path<String>,
+) -> ApiResult<Json<LoraVersions>> {
+    validate_lora_id(&lora_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let lora_id = &crate::routes::lora_versions::resolve_alias(&state, &lora_id).await?;
     caller.check(lora_id)?;
     let lora = state
         .store
@@ -376,15 +440,17 @@ pub async fn versions(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("LoRA not found: {lora_id}")))?;
     let versions = state.store.lora_versions(lora_id).await?;
-    Ok(Json(serde_json::json!({
-        "lora_id": lora.lora_id,
-        "current_version": lora.current_version,
-        "versions": versions,
-    })))
+    Ok(Json(LoraVersions {
+        lora_id: lora.lora_id,
+        current_version: lora.current_version,
+        versions,
+    }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ExportQuery {
+    #[param(example = "demo/assistant")]
     pub lora_id: String,
     /// Default: the current version.
     pub version: Option<i32>,
@@ -395,10 +461,21 @@ const PEFT_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors
 
 /// `GET /v1/lora/export?lora_id=&version=`: a zip of the version's PEFT files, streamed,
 /// after checking the weights against the sha256 recorded at publish.
+#[utoipa::path(
+    get,
+    path = "/v1/lora/export",
+    tag = "lora",
+    params(ExportQuery),
+    responses(
+        (status = 200, description = "A zip of adapter_config.json and adapter_model.safetensors", content_type = "application/zip", body = Vec<u8>),
+        (status = 500, body = ErrorBody, description = "The stored files do not match their recorded sha256"),
+        Errors,
+    )
+)]
 pub async fn export(
     State(state): State<AppState>,
     caller: Caller,
-    Query(q): Query<ExportQuery>,
+    QueryParams(q): QueryParams<ExportQuery>,
 ) -> ApiResult<Response> {
     validate_lora_id(&q.lora_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let mut q = q;

@@ -5,27 +5,56 @@
 
 use std::time::Duration;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use claas_core::queue::JobFilter;
 use claas_core::types::{local_path, validate_lora_id, JobStatus};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, Errors, QueryParams};
 use crate::AppState;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DeleteQuery {
+    #[param(example = "demo/scratch")]
     pub lora_id: String,
 }
 
+/// What a delete did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Deleted {
+    /// False when there was no such LoRA (CLaaS answers 200 then too).
+    pub deleted: bool,
+    pub lora_id: String,
+    /// Jobs of it that were cancelled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cancelled_jobs: Option<usize>,
+    /// `deleted`, or `stopping` while a running job of it stops (202).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<&'static str>,
+}
+
+/// Deletes a LoRA: cancels its jobs, removes its versions' files and unloads it from vLLM.
+#[utoipa::path(
+    delete,
+    path = "/v1/lora",
+    tag = "lora",
+    params(DeleteQuery),
+    responses(
+        (status = 200, body = Deleted),
+        (status = 202, body = Deleted, description = "A running job of it is still stopping; the clean-up finishes in the background"),
+        Errors,
+    )
+)]
 pub async fn delete(
     State(state): State<AppState>,
     caller: crate::auth::Caller,
-    Query(q): Query<DeleteQuery>,
+    QueryParams(q): QueryParams<DeleteQuery>,
 ) -> ApiResult<Response> {
     validate_lora_id(&q.lora_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let mut q = q;
@@ -40,19 +69,21 @@ pub async fn delete(
         .map(|v| v.storage_uri)
         .collect();
     let Some(token) = state.store.delete_lora(&q.lora_id).await? else {
-        return Ok(
-            Json(serde_json::json!({"deleted": false, "lora_id": q.lora_id})).into_response(),
-        );
+        return Ok(Json(Deleted {
+            deleted: false,
+            lora_id: q.lora_id,
+            cancelled_jobs: None,
+            status: None,
+        })
+        .into_response());
     };
     let cancelled = cancel_jobs(&state, &q.lora_id).await?;
     let cleanup = tokio::spawn(clean_up(state.clone(), q.lora_id.clone(), token, uris));
-    let body = |done: bool| {
-        serde_json::json!({
-            "deleted": true,
-            "lora_id": q.lora_id,
-            "cancelled_jobs": cancelled,
-            "status": if done { "deleted" } else { "stopping" },
-        })
+    let body = |done: bool| Deleted {
+        deleted: true,
+        lora_id: q.lora_id.clone(),
+        cancelled_jobs: Some(cancelled),
+        status: Some(if done { "deleted" } else { "stopping" }),
     };
     // A running job stops at its next phase boundary; wait for it as long as a request may
     // wait on a job (server.feedback_max_wait_s), then answer 202: the clean-up still

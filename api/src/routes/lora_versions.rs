@@ -5,12 +5,12 @@
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use axum::Json;
 use claas_core::types::{validate_lora_id, NewLora};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use crate::error::{ApiError, ApiResult, JsonBody};
+use crate::error::{ApiError, ApiResult, ErrorBody, Errors, JsonBody};
 use crate::AppState;
 
 /// CLaaS names a LoRA's newest version `<id>-latest`; clients written for it (OpenClaw's
@@ -29,8 +29,10 @@ pub async fn resolve_alias(state: &AppState, id: &str) -> ApiResult<String> {
     })
 }
 
-#[derive(Debug, Deserialize)]
+/// Which version a rollback returns to, or a pin keeps.
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct VersionBody {
+    #[schema(example = 0)]
     pub version: i32,
     /// For `pin`: false unpins. Default true.
     #[serde(default = "yes")]
@@ -41,34 +43,91 @@ fn yes() -> bool {
     true
 }
 
-/// `POST /v1/lora/{lora_id}/rollback` and `/pin` (ids contain '/': a wildcard route).
-pub async fn action(
-    State(state): State<AppState>,
-    caller: crate::auth::Caller,
-    Path(rest): Path<String>,
-    JsonBody(body, _): JsonBody<VersionBody>,
-) -> ApiResult<Response> {
-    if let Some(id) = rest
-        .strip_suffix("/rollback")
-        .or_else(|| rest.strip_suffix("/pin"))
-    {
-        let id = resolve_alias(&state, id).await?;
-        caller.check(&id)?;
-    }
-    if let Some(id) = rest.strip_suffix("/rollback") {
-        return rollback(&state, id, body.version).await;
-    }
-    if let Some(id) = rest.strip_suffix("/pin") {
-        return pin(&state, id, body.version, body.pinned).await;
-    }
-    Err(ApiError::not_found(format!(
-        "no route POST /v1/lora/{rest}"
-    )))
+/// The LoRA after a rollback.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RolledBack {
+    pub lora_id: String,
+    /// The new version, pointing at the files of `rolled_back_to`.
+    pub current_version: i32,
+    pub rolled_back_to: i32,
 }
 
-async fn rollback(state: &AppState, id: &str, to: i32) -> ApiResult<Response> {
-    validate_lora_id(id).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let id = resolve_alias(state, id).await?;
+/// A version's pin after `pin`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Pinned {
+    pub lora_id: String,
+    pub version: i32,
+    pub pinned: bool,
+}
+
+/// Makes an older kept version current again, as a new version (loaded into every vLLM).
+#[utoipa::path(
+    post,
+    path = "/v1/lora/{lora_id}/rollback",
+    tag = "lora",
+    params(("lora_id" = String, Path, description = "The LoRA (a `/` in it may be sent raw or as %2F)", example = "fuzz/demo")),
+    request_body = VersionBody,
+    responses(
+        (status = 200, body = RolledBack),
+        (status = 409, body = ErrorBody, description = "Already current, or no longer stored"),
+        Errors,
+    )
+)]
+pub async fn rollback(
+    State(state): State<AppState>,
+    caller: crate::auth::Caller,
+    Path(lora_id): Path<String>,
+    JsonBody(body, _): JsonBody<VersionBody>,
+) -> ApiResult<Json<RolledBack>> {
+    validate_lora_id(&lora_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let id = resolve_alias(&state, &lora_id).await?;
+    caller.check(&id)?;
+    roll_back(&state, &id, body.version).await.map(Json)
+}
+
+/// Keeps a version whatever the retention says (`pinned: false` releases it).
+#[utoipa::path(
+    post,
+    path = "/v1/lora/{lora_id}/pin",
+    tag = "lora",
+    params(("lora_id" = String, Path, description = "The LoRA (a `/` in it may be sent raw or as %2F)", example = "fuzz/demo")),
+    request_body = VersionBody,
+    responses(
+        (status = 200, body = Pinned),
+        Errors,
+    )
+)]
+pub async fn pin(
+    State(state): State<AppState>,
+    caller: crate::auth::Caller,
+    Path(lora_id): Path<String>,
+    JsonBody(body, _): JsonBody<VersionBody>,
+) -> ApiResult<Json<Pinned>> {
+    validate_lora_id(&lora_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let id = resolve_alias(&state, &lora_id).await?;
+    caller.check(&id)?;
+    if state.store.get_lora(&id).await?.is_none() {
+        return Err(ApiError::not_found(format!("LoRA not found: {id}")));
+    }
+    if !state
+        .store
+        .pin_version(&id, body.version, body.pinned)
+        .await?
+    {
+        return Err(ApiError::not_found(format!(
+            "LoRA {id} has no version {}",
+            body.version
+        )));
+    }
+    Ok(Json(Pinned {
+        lora_id: id,
+        version: body.version,
+        pinned: body.pinned,
+    }))
+}
+
+async fn roll_back(state: &AppState, id: &str, to: i32) -> ApiResult<RolledBack> {
+    let id = id.to_owned();
     let lora = state
         .store
         .get_lora(&id)
@@ -131,27 +190,9 @@ async fn rollback(state: &AppState, id: &str, to: i32) -> ApiResult<Response> {
         )
         .await?;
     crate::routes::lora::serve_in_vllm(state, &id, &target.storage_uri, &target.sha256, true).await;
-    Ok(Json(serde_json::json!({
-        "lora_id": id,
-        "current_version": updated.current_version,
-        "rolled_back_to": to,
-    }))
-    .into_response())
-}
-
-async fn pin(state: &AppState, id: &str, version: i32, pinned: bool) -> ApiResult<Response> {
-    validate_lora_id(id).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let id = resolve_alias(state, id).await?;
-    if state.store.get_lora(&id).await?.is_none() {
-        return Err(ApiError::not_found(format!("LoRA not found: {id}")));
-    }
-    if !state.store.pin_version(&id, version, pinned).await? {
-        return Err(ApiError::not_found(format!(
-            "LoRA {id} has no version {version}"
-        )));
-    }
-    Ok(
-        Json(serde_json::json!({"lora_id": id, "version": version, "pinned": pinned}))
-            .into_response(),
-    )
+    Ok(RolledBack {
+        lora_id: id,
+        current_version: updated.current_version,
+        rolled_back_to: to,
+    })
 }

@@ -6,6 +6,7 @@ pub mod inference;
 mod inference_adapters;
 mod inference_local;
 pub mod jobs;
+pub mod keys;
 pub mod lora;
 pub mod lora_delete;
 pub mod lora_versions;
