@@ -92,6 +92,7 @@ claas_core::both_stores!(
     listings_show_only_the_callers_loras_and_jobs,
     queued_jobs_per_key_are_capped_with_429,
     with_no_key_anywhere_the_api_is_open,
+    keys_are_managed_over_http_by_admins,
 );
 
 async fn every_route_answers_401_403_or_200_per_key(db: &TestDb) {
@@ -225,6 +226,33 @@ async fn every_route_answers_401_403_or_200_per_key(db: &TestDb) {
         ("GET", "/metrics".into(), a, None, u),
         ("GET", "/metrics".into(), adm, None, ok),
         ("GET", "/metrics".into(), Some(k.metrics.as_str()), None, ok),
+        // Key management: admins only; the document is public.
+        ("GET", "/v1/keys".into(), a, None, f),
+        ("GET", "/v1/keys".into(), None, None, u),
+        (
+            "POST",
+            "/v1/keys".into(),
+            a,
+            Some(json!({"name": "mine", "admin": true})),
+            f,
+        ),
+        ("DELETE", "/v1/keys/bootstrap".into(), a, None, f),
+        ("GET", "/v1/keys".into(), adm, None, ok),
+        (
+            "POST",
+            "/v1/keys".into(),
+            adm,
+            Some(json!({"name": "carol", "prefixes": ["carol"]})),
+            StatusCode::CREATED,
+        ),
+        (
+            "POST",
+            "/v1/keys".into(),
+            adm,
+            Some(json!({"name": "nobody"})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        ("GET", "/openapi.json".into(), None, None, ok),
         // A tenant may cancel its own job and delete its own LoRA.
         ("POST", format!("/v1/jobs/{alice_job}/cancel"), a, None, ok),
         ("DELETE", "/v1/lora?lora_id=alice/new".into(), a, None, ok),
@@ -349,4 +377,55 @@ async fn with_no_key_anywhere_the_api_is_open(db: &TestDb) {
     tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
     let (s, _) = call(&app, "GET", "/v1/jobs", None, None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
+}
+
+async fn keys_are_managed_over_http_by_admins(db: &TestDb) {
+    let (app, k) = setup(db, 0).await;
+    let adm = Some(k.admin.as_str());
+    let (status, created) = call(
+        &app,
+        "POST",
+        "/v1/keys",
+        adm,
+        Some(json!({"name": "carol", "prefixes": ["carol"]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let secret = created["secret"]
+        .as_str()
+        .expect("the secret, once")
+        .to_owned();
+    let id = created["key"]["id"].as_str().expect("id").to_owned();
+    // The new key works at once, within its prefixes.
+    let (status, _) = call(
+        &app,
+        "GET",
+        "/v1/lora/carol/a/versions",
+        Some(&secret),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "carol's own (missing) LoRA");
+    let (status, _) = call(
+        &app,
+        "GET",
+        "/v1/lora/alice/x/versions",
+        Some(&secret),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // Listed without its secret.
+    let (_, list) = call(&app, "GET", "/v1/keys", adm, None).await;
+    assert!(list["keys"]
+        .as_array()
+        .is_some_and(|ks| ks.iter().any(|x| x["id"] == id.as_str())));
+    assert!(!list.to_string().contains(&secret), "a secret is listed");
+    // Revoked: it stops working; a second revoke is a 404.
+    let (status, _) = call(&app, "DELETE", &format!("/v1/keys/{id}"), adm, None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = call(&app, "GET", "/v1/lora", Some(&secret), None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = call(&app, "DELETE", &format!("/v1/keys/{id}"), adm, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }

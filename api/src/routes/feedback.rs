@@ -30,7 +30,7 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
 #[derive(Debug, Deserialize, ToSchema)]
 #[schema(example = json!({
     "requests": [{
-        "lora_id": "fuzz/demo",
+        "lora_id": "demo/assistant",
         "prompt": "Write a haiku about rain.",
         "response": "Rain on the window",
         "feedback": "Too short; add imagery.",
@@ -50,7 +50,7 @@ pub struct FeedbackBatchRequest {
 /// CLaaS `FeedbackItem`, plus the optional inline rollout.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct FeedbackItem {
-    #[schema(example = "fuzz/demo")]
+    #[schema(example = "demo/assistant")]
     pub lora_id: String,
     #[schema(min_length = 1)]
     pub prompt: String,

@@ -347,8 +347,25 @@ pub struct ChatCompletionRequest {
 pub struct ChatMessage {
     #[schema(example = "user")]
     pub role: String,
-    #[schema(value_type = Object)]
+    #[schema(value_type = MessageContent)]
     pub content: Value,
+}
+
+/// Message text, or OpenAI content parts (`{"type": "text", "text": ...}`).
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<serde_json::Map<String, Value>>),
+}
+
+/// A completion prompt: text, several texts, or token ids.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
 }
 
 /// An OpenAI-shaped answer (`chat.completion` or `text_completion`), plus the prompt and
@@ -363,6 +380,15 @@ pub struct Completion {
     pub usage: Option<Value>,
 }
 
+/// One server-sent event of a streamed answer: `data` is an OpenAI chunk as JSON, then the
+/// literal `[DONE]`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ServerSentEvent {
+    pub data: String,
+    pub event: Option<String>,
+    pub id: Option<String>,
+}
+
 /// Chat through vLLM (or the embedded engine): the answer with thinking stripped; the
 /// rollout (token ids and log-probs) is cached for feedback on it.
 #[utoipa::path(
@@ -373,7 +399,7 @@ pub struct Completion {
     responses(
         (status = 200, description = "The answer; `stream: true` answers server-sent events", content(
             (Completion = "application/json"),
-            (String = "text/event-stream"),
+            (ServerSentEvent = "text/event-stream"),
         )),
         (status = 502, body = ErrorBody, description = "The inference server failed"),
         Errors,
@@ -706,8 +732,7 @@ fn sse_data(event: &str) -> Option<String> {
 #[schema(example = json!({"model": "demo/assistant", "prompt": "Once upon a time", "max_tokens": 8}))]
 pub struct CompletionRequest {
     pub model: Option<String>,
-    /// Text, or token ids.
-    #[schema(value_type = Object)]
+    #[schema(value_type = Prompt)]
     pub prompt: Value,
     pub stream: Option<bool>,
     #[schema(minimum = 1, maximum = 4096)]
@@ -725,7 +750,7 @@ pub struct CompletionRequest {
     responses(
         (status = 200, description = "The completion; `stream: true` answers server-sent events", content(
             (Completion = "application/json"),
-            (String = "text/event-stream"),
+            (ServerSentEvent = "text/event-stream"),
         )),
         (status = 502, body = ErrorBody, description = "The inference server failed"),
         Errors,

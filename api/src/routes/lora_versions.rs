@@ -65,7 +65,7 @@ pub struct Pinned {
     post,
     path = "/v1/lora/{lora_id}/rollback",
     tag = "lora",
-    params(("lora_id" = String, Path, description = "The LoRA (a `/` in it may be sent raw or as %2F)", example = "fuzz/demo")),
+    params(("lora_id" = String, Path, description = "The LoRA (a `/` in it may be sent raw or as %2F)", example = "demo/assistant")),
     request_body = VersionBody,
     responses(
         (status = 200, body = RolledBack),
@@ -90,7 +90,7 @@ pub async fn rollback(
     post,
     path = "/v1/lora/{lora_id}/pin",
     tag = "lora",
-    params(("lora_id" = String, Path, description = "The LoRA (a `/` in it may be sent raw or as %2F)", example = "fuzz/demo")),
+    params(("lora_id" = String, Path, description = "The LoRA (a `/` in it may be sent raw or as %2F)", example = "demo/assistant")),
     request_body = VersionBody,
     responses(
         (status = 200, body = Pinned),
