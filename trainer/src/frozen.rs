@@ -10,7 +10,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 struct FrozenLinear {
-    /// `(out, in)`, as stored in the checkpoint.
+    /// What the output gradient is multiplied by: `W`, of shape `(out, in)`.
     weight: Tensor,
 }
 
@@ -67,14 +67,21 @@ impl CustomOp2 for FrozenLinear {
 /// `x · Wᵀ` for `x` of shape `(.., in)` and `W` of shape `(out, in)`. When `x` is part of a
 /// graph the result carries only the gradient with respect to `x`.
 pub fn linear(x: &Tensor, weight: &Tensor, track: bool) -> candle_core::Result<Tensor> {
-    let y = matmul_2d(&x.detach(), &weight.t()?)?;
+    linear_t(x, &weight.t()?, track)
+}
+
+/// [`linear`] for a weight held transposed, `Wᵀ` of shape `(in, out)`. A contiguous `Wᵀ`
+/// is the layout the CPU GEMM runs fastest on (measured with 256 rows on 2 cores: 227 vs
+/// 118 GFLOP/s for a 3072→1024 projection, 252 vs 225 for 1024→3072).
+pub fn linear_t(x: &Tensor, weight_t: &Tensor, track: bool) -> candle_core::Result<Tensor> {
+    let y = matmul_2d(&x.detach(), weight_t)?;
     if !track {
         return Ok(y);
     }
     x.apply_op2(
         &y,
         FrozenLinear {
-            weight: weight.clone(),
+            weight: weight_t.t()?,
         },
     )
 }

@@ -18,7 +18,8 @@ use crate::lora::{peft_key, LoraAdapter};
 
 #[derive(Clone)]
 struct Layer {
-    /// Indexed by [`Module::index`].
+    /// Indexed by [`Module::index`]; each held transposed, `(in, out)` and contiguous (the
+    /// checkpoint stores `(out, in)`), the layout the CPU GEMM is fastest on.
     proj: [Tensor; 7],
     q_norm: Tensor,
     k_norm: Tensor,
@@ -78,10 +79,11 @@ impl Qwen3 {
             let mut proj = Vec::with_capacity(7);
             for m in Module::ALL {
                 let (inp, out) = c.shape_of(m);
-                proj.push(take(
+                let w = take(
                     &format!("{p}.{}.{}.weight", m.block(), m.name()),
                     &[out, inp],
-                )?);
+                )?;
+                proj.push(w.t()?.contiguous()?);
             }
             let proj: [Tensor; 7] = proj
                 .try_into()
@@ -434,7 +436,7 @@ struct LayerRun {
 
 impl LayerRun {
     fn linear(&self, h: &Tensor, m: Module, track: bool) -> candle_core::Result<Tensor> {
-        let base = frozen::linear(h, &self.layer.proj[m.index()], track)?;
+        let base = frozen::linear_t(h, &self.layer.proj[m.index()], track)?;
         match &self.lora[m.index()] {
             Some((a, b, scale)) => {
                 // The adapter stays in f32 (its master copy); a bf16 base gets its
