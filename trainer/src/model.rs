@@ -500,17 +500,23 @@ impl LayerRun {
         let c = &ctx.config;
         let l = &self.layer;
         let n = x.dim(1)?;
-        let h = rms_norm(x, &l.input_norm, c.rms_norm_eps)?;
+        let h = fused_rms_norm(x, &l.input_norm, c.rms_norm_eps)?;
         let heads = |t: Tensor, k: usize| t.reshape((1, n, k, c.head_dim));
         let q = heads(self.linear(&h, Module::Q, false)?, c.num_attention_heads)?;
         let k = heads(self.linear(&h, Module::K, false)?, c.num_key_value_heads)?;
         let v = heads(self.linear(&h, Module::V, false)?, c.num_key_value_heads)?;
-        let q = rms_norm(&q, &l.q_norm, c.rms_norm_eps)?.transpose(1, 2)?;
-        let k = rms_norm(&k, &l.k_norm, c.rms_norm_eps)?.transpose(1, 2)?;
+        let q = fused_rms_norm(&q, &l.q_norm, c.rms_norm_eps)?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = fused_rms_norm(&k, &l.k_norm, c.rms_norm_eps)?
+            .transpose(1, 2)?
+            .contiguous()?;
         let v = v.transpose(1, 2)?.contiguous()?;
         let (cos, sin) = &ctx.rope;
-        let q = rotate(&q, cos, sin)?;
-        let k = rotate(&k, cos, sin)?.contiguous()?;
+        let half = c.head_dim / 2;
+        let (cos, sin) = (cos.narrow(1, 0, half)?, sin.narrow(1, 0, half)?);
+        let q = candle_nn::rotary_emb::rope(&q, &cos.contiguous()?, &sin.contiguous()?)?;
+        let k = candle_nn::rotary_emb::rope(&k, &cos.contiguous()?, &sin.contiguous()?)?;
         let (k, v) = match kv.take() {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
             None => (k, v),
@@ -525,7 +531,8 @@ impl LayerRun {
         let scores = (scores * (c.head_dim as f64).powf(-0.5))?
             .reshape((1, c.num_attention_heads, n, total))?
             .broadcast_add(&ctx.mask)?;
-        let probs = softmax(&scores.to_dtype(DType::F32)?)?.to_dtype(ctx.dtype)?;
+        let probs =
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(ctx.dtype)?;
         let probs = probs.reshape((1, kvh, group * n, total))?;
         let attn = probs
             .matmul(&v)?
@@ -534,11 +541,26 @@ impl LayerRun {
             .reshape((1, n, c.num_attention_heads * c.head_dim))?;
         *kv = Some((k, v));
         let x = (x + self.linear(&attn, Module::O, false)?)?;
-        let h = rms_norm(&x, &l.post_attention_norm, c.rms_norm_eps)?;
+        let h = fused_rms_norm(&x, &l.post_attention_norm, c.rms_norm_eps)?;
         let gate = self.linear(&h, Module::Gate, false)?.silu()?;
         let mlp = (gate * self.linear(&h, Module::Up, false)?)?;
         x + self.linear(&mlp, Module::Down, false)
     }
+}
+
+/// [`rms_norm`] in one pass per row (candle-nn's kernel; no backward, so inference only).
+/// A half-precision input is normalised in f32, as Hugging Face does.
+fn fused_rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    if dtype == DType::F32 {
+        return candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32);
+    }
+    // Normalise in f32, cast, then scale in the model's dtype (the order PEFT's base uses).
+    let ones = Tensor::ones(weight.dims1()?, DType::F32, x.device())?;
+    let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+    candle_nn::ops::rms_norm(&x32, &ones, eps as f32)?
+        .to_dtype(dtype)?
+        .broadcast_mul(weight)
 }
 
 /// Grouped-query attention without repeating K and V: the query heads that share a KV
