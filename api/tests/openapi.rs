@@ -59,15 +59,8 @@ async fn answer(app: &axum::Router, method: Method, uri: &str) -> (StatusCode, V
     )
 }
 
-fn routed(status: StatusCode, body: &Value) -> bool {
-    let code = body["error"]["code"].as_str().unwrap_or_default();
-    !(status == StatusCode::NOT_FOUND && code == "route_not_found"
-        || status == StatusCode::METHOD_NOT_ALLOWED && code == "method_not_allowed")
-}
-
-#[tokio::test]
-async fn the_router_serves_exactly_the_documented_operations() {
-    let db = TestDb::sqlite().await;
+/// The API, open (no keys), on `db`.
+fn app(db: &TestDb) -> axum::Router {
     let opts = ApiOptions {
         max_body_bytes: 64 * 1024,
         feedback_default_wait_s: 0,
@@ -79,7 +72,19 @@ async fn the_router_serves_exactly_the_documented_operations() {
         data_dir: std::env::temp_dir().join("claas-openapi-test-data"),
         max_lora_rank: None,
     };
-    let app = router(AppState::new(db.store.clone(), opts));
+    router(AppState::new(db.store.clone(), opts))
+}
+
+fn routed(status: StatusCode, body: &Value) -> bool {
+    let code = body["error"]["code"].as_str().unwrap_or_default();
+    !(status == StatusCode::NOT_FOUND && code == "route_not_found"
+        || status == StatusCode::METHOD_NOT_ALLOWED && code == "method_not_allowed")
+}
+
+#[tokio::test]
+async fn the_router_serves_exactly_the_documented_operations() {
+    let db = TestDb::sqlite().await;
+    let app = app(&db);
     let doc = document();
     let ops = operations(&doc);
     assert!(
@@ -141,18 +146,7 @@ async fn the_router_serves_exactly_the_documented_operations() {
 #[tokio::test]
 async fn the_document_is_served_at_openapi_json() {
     let db = TestDb::sqlite().await;
-    let opts = ApiOptions {
-        max_body_bytes: 64 * 1024,
-        feedback_default_wait_s: 0,
-        feedback_max_wait_s: 1,
-        max_attempts: 3,
-        default_base_model: TEST_BASE_MODEL.into(),
-        allowed_init_base_models: vec![TEST_BASE_MODEL.into()],
-        lora_root: "/tmp/claas-openapi-test".into(),
-        data_dir: std::env::temp_dir().join("claas-openapi-test-data"),
-        max_lora_rank: None,
-    };
-    let app = router(AppState::new(db.store.clone(), opts));
+    let app = app(&db);
     let (status, body) = answer(&app, Method::GET, "/openapi.json").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, document());
