@@ -5,6 +5,7 @@ pub mod health;
 pub mod inference;
 mod inference_adapters;
 mod inference_local;
+pub mod inference_schema;
 pub mod jobs;
 pub mod keys;
 pub mod lora;
