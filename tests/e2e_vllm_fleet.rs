@@ -14,8 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use claas_core::testing::TestDb;
-use claas_fake_vllm::{FakeVllm, Options, Tokenizer, Version};
-use claas_trainer::random::{write_checkpoint, Preset};
 use common::{env, eventually, free_port, spawn, wait_http};
 use serde_json::{json, Value};
 
@@ -33,23 +31,13 @@ async fn chat_traffic_never_errors_while_a_node_trains_and_every_node_serves_the
     let root = std::env::temp_dir().join(format!("claas-vllm-fleet-{}", uuid::Uuid::now_v7()));
     let model = root.join("model");
     let adapters = root.join("loras");
-    let m = model.clone();
-    tokio::task::spawn_blocking(move || write_checkpoint(Preset::Tiny, &m, 5))
-        .await
-        .expect("join")
-        .expect("checkpoint");
+    common::tiny_checkpoint(&model).await;
     let model_id = model.display().to_string();
     let adapters_s = adapters.display().to_string();
 
     let mut fakes = Vec::new();
     for _ in 0..2 {
-        let f = FakeVllm::start(Options {
-            version: Version::V015,
-            served_model_name: model_id.clone(),
-            tokenizer: Tokenizer::TinyBytes,
-            ..Options::default()
-        })
-        .await;
+        let f = common::fake_vllm(&model_id).await;
         f.knobs().latency_ms.store(30, Ordering::SeqCst);
         fakes.push(f);
     }

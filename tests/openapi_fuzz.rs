@@ -13,8 +13,6 @@ use std::time::Instant;
 
 use claas_api::routes::keys::{create_key, NewKey};
 use claas_core::testing::TestDb;
-use claas_fake_vllm::{FakeVllm, Options, Tokenizer, Version};
-use claas_trainer::random::{write_checkpoint, Preset};
 use common::{env, free_port, spawn, wait_http};
 use serde_json::{json, Value};
 
@@ -60,20 +58,9 @@ async fn schemathesis_finds_no_5xx_no_schema_break_and_a_2xx_from_every_operatio
     let root = std::env::temp_dir().join(format!("claas-fuzz-{}", uuid::Uuid::now_v7()));
     let model = root.join("model");
     let data = root.join("data");
-    let m = model.clone();
-    tokio::task::spawn_blocking(move || write_checkpoint(Preset::Tiny, &m, 5))
-        .await
-        .expect("join")
-        .expect("checkpoint");
+    common::tiny_checkpoint(&model).await;
     let model_id = model.display().to_string();
-    let vllm = FakeVllm::start(Options {
-        version: Version::V015,
-        served_model_name: model_id.clone(),
-        tokenizer: Tokenizer::TinyBytes,
-        max_lora_rank: 64,
-        ..Options::default()
-    })
-    .await;
+    let vllm = common::fake_vllm(&model_id).await;
 
     // A tenant limited to `demo`, the bootstrap admin, and a key for the fuzzer to revoke.
     let admin = format!("claas_{}", "ad".repeat(32));

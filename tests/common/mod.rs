@@ -171,3 +171,26 @@ pub async fn start_dev(name: &str) -> (Proc, String, std::path::PathBuf) {
     wait_http(&base).await;
     (dev, base, dir)
 }
+
+/// A tiny random Qwen3 checkpoint written to `dir` (the same weights every time).
+pub async fn tiny_checkpoint(dir: &std::path::Path) {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        claas_trainer::random::write_checkpoint(claas_trainer::random::Preset::Tiny, &dir, 5)
+    })
+    .await
+    .expect("join")
+    .expect("checkpoint");
+}
+
+/// A fake vLLM 0.15 serving `model_id` with the tiny checkpoint's byte tokenizer.
+pub async fn fake_vllm(model_id: &str) -> claas_fake_vllm::FakeVllm {
+    claas_fake_vllm::FakeVllm::start(claas_fake_vllm::Options {
+        version: claas_fake_vllm::Version::V015,
+        served_model_name: model_id.to_owned(),
+        tokenizer: claas_fake_vllm::Tokenizer::TinyBytes,
+        max_lora_rank: 64,
+        ..claas_fake_vllm::Options::default()
+    })
+    .await
+}
