@@ -97,7 +97,7 @@ fn encoded(uri: &Uri) -> Option<Uri> {
         let rest = path.strip_prefix(prefix)?;
         suffixes.iter().find_map(|s| {
             let id = rest.strip_suffix(s)?;
-            (id.contains('/') && !id.is_empty()).then_some((*prefix, id, *s))
+            id.contains('/').then_some((*prefix, id, *s))
         })
     })?;
     let mut new = format!("{prefix}{}{suffix}", rest.replace('/', "%2F"));
