@@ -431,9 +431,7 @@ pub async fn versions(
     caller: Caller,
     Path(lora_id): Path<String>,
 ) -> ApiResult<Json<LoraVersions>> {
-    validate_lora_id(&lora_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let lora_id = &crate::routes::lora_versions::resolve_alias(&state, &lora_id).await?;
-    caller.check(lora_id)?;
+    let lora_id = &crate::routes::lora_versions::lora_for(&state, &caller, &lora_id).await?;
     let lora = state
         .store
         .get_lora(lora_id)
@@ -477,10 +475,8 @@ pub async fn export(
     caller: Caller,
     QueryParams(q): QueryParams<ExportQuery>,
 ) -> ApiResult<Response> {
-    validate_lora_id(&q.lora_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let mut q = q;
-    q.lora_id = crate::routes::lora_versions::resolve_alias(&state, &q.lora_id).await?;
-    caller.check(&q.lora_id)?;
+    q.lora_id = crate::routes::lora_versions::lora_for(&state, &caller, &q.lora_id).await?;
     let lora = state
         .store
         .get_lora(&q.lora_id)

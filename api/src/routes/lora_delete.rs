@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use claas_core::queue::JobFilter;
-use claas_core::types::{local_path, validate_lora_id, JobStatus};
+use claas_core::types::{local_path, JobStatus};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -56,10 +56,8 @@ pub async fn delete(
     caller: crate::auth::Caller,
     QueryParams(q): QueryParams<DeleteQuery>,
 ) -> ApiResult<Response> {
-    validate_lora_id(&q.lora_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let mut q = q;
-    q.lora_id = crate::routes::lora_versions::resolve_alias(&state, &q.lora_id).await?;
-    caller.check(&q.lora_id)?;
+    q.lora_id = crate::routes::lora_versions::lora_for(&state, &caller, &q.lora_id).await?;
     // The versions to remove, read before their rows are dropped.
     let uris: Vec<String> = state
         .store

@@ -10,6 +10,7 @@ use claas_core::types::{validate_lora_id, NewLora};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, ErrorBody, Errors, JsonBody};
 use crate::AppState;
 
@@ -27,6 +28,15 @@ pub async fn resolve_alias(state: &AppState, id: &str) -> ApiResult<String> {
         Some(_) => base.to_owned(),
         None => id.to_owned(),
     })
+}
+
+/// The LoRA a request names, as the caller may act on it: 400 for an id that is not one,
+/// CLaaS's `-latest` alias resolved, 403 outside the caller's prefixes.
+pub async fn lora_for(state: &AppState, caller: &Caller, raw: &str) -> ApiResult<String> {
+    validate_lora_id(raw).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let id = resolve_alias(state, raw).await?;
+    caller.check(&id)?;
+    Ok(id)
 }
 
 /// Which version a rollback returns to, or a pin keeps.
@@ -75,13 +85,11 @@ pub struct Pinned {
 )]
 pub async fn rollback(
     State(state): State<AppState>,
-    caller: crate::auth::Caller,
+    caller: Caller,
     Path(lora_id): Path<String>,
     JsonBody(body, _): JsonBody<VersionBody>,
 ) -> ApiResult<Json<RolledBack>> {
-    validate_lora_id(&lora_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let id = resolve_alias(&state, &lora_id).await?;
-    caller.check(&id)?;
+    let id = lora_for(&state, &caller, &lora_id).await?;
     roll_back(&state, &id, body.version).await.map(Json)
 }
 
@@ -99,13 +107,11 @@ pub async fn rollback(
 )]
 pub async fn pin(
     State(state): State<AppState>,
-    caller: crate::auth::Caller,
+    caller: Caller,
     Path(lora_id): Path<String>,
     JsonBody(body, _): JsonBody<VersionBody>,
 ) -> ApiResult<Json<Pinned>> {
-    validate_lora_id(&lora_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let id = resolve_alias(&state, &lora_id).await?;
-    caller.check(&id)?;
+    let id = lora_for(&state, &caller, &lora_id).await?;
     if state.store.get_lora(&id).await?.is_none() {
         return Err(ApiError::not_found(format!("LoRA not found: {id}")));
     }
