@@ -505,7 +505,10 @@ impl LayerRun {
         let q = heads(self.linear(&h, Module::Q, false)?, c.num_attention_heads)?;
         let k = heads(self.linear(&h, Module::K, false)?, c.num_key_value_heads)?;
         let v = heads(self.linear(&h, Module::V, false)?, c.num_key_value_heads)?;
-        let q = fused_rms_norm(&q, &l.q_norm, c.rms_norm_eps)?
+        // The attention's 1/sqrt(head_dim) folded into q's norm weight (RoPE is linear), so
+        // the scores need no separate scaling pass.
+        let scale = (c.head_dim as f64).powf(-0.5);
+        let q = fused_rms_norm(&q, &(&l.q_norm * scale)?, c.rms_norm_eps)?
             .transpose(1, 2)?
             .contiguous()?;
         let k = fused_rms_norm(&k, &l.k_norm, c.rms_norm_eps)?
@@ -527,8 +530,8 @@ impl LayerRun {
             c.num_attention_heads / c.num_key_value_heads,
         );
         let qg = q.contiguous()?.reshape((1, kvh, group * n, c.head_dim))?;
-        let scores = qg.matmul(&k.t()?)?;
-        let scores = (scores * (c.head_dim as f64).powf(-0.5))?
+        let scores = qg
+            .matmul(&k.t()?)?
             .reshape((1, c.num_attention_heads, n, total))?
             .broadcast_add(&ctx.mask)?;
         let probs =
@@ -542,9 +545,62 @@ impl LayerRun {
         *kv = Some((k, v));
         let x = (x + self.linear(&attn, Module::O, false)?)?;
         let h = fused_rms_norm(&x, &l.post_attention_norm, c.rms_norm_eps)?;
-        let gate = self.linear(&h, Module::Gate, false)?.silu()?;
-        let mlp = (gate * self.linear(&h, Module::Up, false)?)?;
+        let gate = self.linear(&h, Module::Gate, false)?;
+        let mlp = swiglu(&gate, &self.linear(&h, Module::Up, false)?)?;
         x + self.linear(&mlp, Module::Down, false)
+    }
+}
+
+/// `silu(gate) · up` (inference only: no backward). On the CPU in f32 it is one pass over
+/// both, split across the thread pool, instead of candle's one-thread SiLU and a second
+/// pass for the product.
+fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    let fused = gate.device().is_cpu()
+        && gate.dtype() == DType::F32
+        && up.dtype() == DType::F32
+        && gate.shape() == up.shape();
+    if fused {
+        gate.contiguous()?
+            .apply_op2_no_bwd(&up.contiguous()?, &SiluMul)
+    } else {
+        gate.silu()? * up
+    }
+}
+
+struct SiluMul;
+
+impl candle_core::CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gate: &CpuStorage,
+        gl: &Layout,
+        up: &CpuStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (CpuStorage::F32(g), CpuStorage::F32(u)) = (gate, up) else {
+            candle_core::bail!("silu-mul: f32 only");
+        };
+        let (Some((g0, g1)), Some((u0, u1))) = (gl.contiguous_offsets(), ul.contiguous_offsets())
+        else {
+            candle_core::bail!("silu-mul: contiguous inputs only");
+        };
+        let (g, u) = (&g[g0..g1], &u[u0..u1]);
+        let mut out = vec![0f32; g.len()];
+        // Chunks big enough to amortise the pool's scheduling, small enough to share.
+        const CHUNK: usize = 1 << 14;
+        out.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+            .for_each(|(o, (g, u))| {
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            });
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
     }
 }
 
