@@ -1,0 +1,150 @@
+//! Signing in and out of the dashboard, and the gate in front of its pages.
+
+use axum::extract::{Form, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Redirect, Response};
+use minijinja::context;
+use serde::Deserialize;
+
+use super::session::{cookie, set_cookie, SESSION_COOKIE, SESSION_TTL_S};
+use super::{check_csrf, render, CsrfForm, PageError, PageErrors, PageResult, LOGIN, PREFIX};
+use crate::auth::{self, Caller};
+use crate::error::ApiError;
+use crate::AppState;
+
+/// The middleware's part for dashboard paths when API keys are on: admins only, by bearer
+/// key or session cookie; a browser without either is sent to the login form.
+pub async fn gate(
+    state: &AppState,
+    mut req: Request,
+    next: Next,
+    bearer: Option<String>,
+) -> Response {
+    if req.uri().path() == LOGIN {
+        req.extensions_mut().insert(Caller::Anonymous);
+        return next.run(req).await;
+    }
+    let key = match (&bearer, cookie(req.headers(), SESSION_COOKIE)) {
+        (Some(secret), _) => auth::resolve(state, secret).await,
+        (None, Some(c)) => match state.sessions.key_hash(c) {
+            Some(hash) => auth::resolve_hash(state, hash).await,
+            None => Ok(None),
+        },
+        (None, None) => Ok(None),
+    };
+    match key {
+        Ok(Some(k)) if k.admin => {
+            req.extensions_mut().insert(Caller::Key(k));
+            next.run(req).await
+        }
+        Ok(Some(_)) => PageError(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the dashboard needs an admin key",
+        ))
+        .into_response(),
+        Ok(None) if bearer.is_none() && req.method() == Method::GET => {
+            Redirect::to(LOGIN).into_response()
+        }
+        Ok(None) => auth::unauthorized("the dashboard needs an admin key: log in first"),
+        Err(e) => PageError(e).into_response(),
+    }
+}
+
+/// A 303 to `to` that sets `cookie`.
+fn redirect_setting(to: &str, cookie: HeaderValue) -> Response {
+    let mut resp = Redirect::to(to).into_response();
+    resp.headers_mut().append(header::SET_COOKIE, cookie);
+    resp
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct LoginForm {
+    #[serde(default)]
+    key: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// The login form.
+#[utoipa::path(get, path = "/v1/dashboard/login", tags = ["dashboard"], security(()),
+    responses((status = 200, description = "The login page", content_type = "text/html", body = String), PageErrors))]
+pub(super) async fn login_form(State(state): State<AppState>, headers: HeaderMap) -> PageResult {
+    render(
+        &state,
+        &headers,
+        &Caller::Anonymous,
+        "login.html",
+        context! { error => "" },
+    )
+}
+
+/// Logs in with an admin key: a signed session cookie, then to the overview.
+#[utoipa::path(post, path = "/v1/dashboard/login", tags = ["dashboard"], security(()),
+    request_body(content = LoginForm, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 303, description = "Logged in: to the overview, with the session cookie",
+            headers(("Location" = String), ("Set-Cookie" = String))),
+        (status = 415, description = "Not a form", content_type = "text/plain", body = String),
+        (status = 422, description = "The form cannot be read", content_type = "text/plain", body = String),
+        PageErrors,
+    ))]
+pub(super) async fn login(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> PageResult {
+    check_csrf(&state, &headers, &form.csrf)?;
+    let hash = auth::secret_hash(form.key.trim());
+    let (status, error) = match auth::resolve_hash(&state, &hash).await? {
+        Some(k) if k.admin => {
+            tracing::info!(key = %k.id, "dashboard login");
+            let session = set_cookie(
+                &headers,
+                SESSION_COOKIE,
+                &state.sessions.issue(&hash),
+                SESSION_TTL_S,
+            );
+            return Ok(redirect_setting(PREFIX, session));
+        }
+        Some(_) => (
+            StatusCode::FORBIDDEN,
+            "this key is not an admin key; the dashboard needs one",
+        ),
+        None => (
+            StatusCode::UNAUTHORIZED,
+            "the key is not valid (unknown or revoked)",
+        ),
+    };
+    let mut resp = render(
+        &state,
+        &headers,
+        &Caller::Anonymous,
+        "login.html",
+        context! { error => error },
+    )?;
+    *resp.status_mut() = status;
+    Ok(resp)
+}
+
+/// Ends the session.
+#[utoipa::path(post, path = "/v1/dashboard/logout", tags = ["dashboard", "admin"],
+    request_body(content = CsrfForm, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 303, description = "To the login form", headers(("Location" = String))),
+        (status = 415, description = "Not a form", content_type = "text/plain", body = String),
+        (status = 422, description = "The form cannot be read", content_type = "text/plain", body = String),
+        PageErrors,
+    ))]
+pub(super) async fn logout(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> PageResult {
+    check_csrf(&state, &headers, &form.csrf)?;
+    Ok(redirect_setting(
+        LOGIN,
+        set_cookie(&headers, SESSION_COOKIE, "", 0),
+    ))
+}
