@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use claas_core::queue::{PgStore, Store};
+use claas_core::queue::prelude::*;
+use claas_core::queue::PgStore;
 use claas_core::testing::{lora, TEST_BASE_MODEL};
 use claas_core::types::JobStatus;
 use common::{env, eventually, feedback, free_port, spawn, wait_http};

@@ -1,0 +1,55 @@
+//! The Postgres store: API keys.
+
+use super::*;
+use crate::queue::prelude::*;
+
+#[async_trait]
+impl KeyStore for PgStore {
+    async fn create_api_key(&self, key: &ApiKey, secret_hash: &str) -> Result<()> {
+        sqlx::query(
+            "insert into api_keys (id, name, prefixes, admin, secret_hash) values ($1, $2, $3, $4, $5)",
+        )
+        .bind(&key.id)
+        .bind(&key.name)
+        .bind(serde_json::to_value(&key.prefixes)?)
+        .bind(key.admin)
+        .bind(secret_hash)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_api_keys(&self) -> Result<Vec<ApiKey>> {
+        let rows = sqlx::query("select * from api_keys order by created_at desc, id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(api_key_from_row).collect()
+    }
+
+    async fn revoke_api_key(&self, id: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "update api_keys set revoked_at = now() where id = $1 and revoked_at is null",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn find_api_key(&self, secret_hash: &str) -> Result<Option<ApiKey>> {
+        let row =
+            sqlx::query("select * from api_keys where secret_hash = $1 and revoked_at is null")
+                .bind(secret_hash)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.as_ref().map(api_key_from_row).transpose()
+    }
+
+    async fn has_api_keys(&self) -> Result<bool> {
+        Ok(
+            sqlx::query_scalar("select exists (select 1 from api_keys where revoked_at is null)")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+}

@@ -1,0 +1,341 @@
+//! The Postgres store: the fleet's queue. Every state change is one SQL statement (CTEs
+//! where it touches several rows), so a crash can never leave half a transition behind.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{ConnectOptions, Row};
+use tokio::sync::{watch, OnceCell};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use super::oldest_first;
+use super::{
+    bump, delete_refusal, retry_refusal, AuditEntry, CancelOutcome, ClaimRequest, Claimed,
+    Enqueued, FailOutcome, JobFilter, Lease, LeaseState, Reaped, RetryPolicy, Store, Wakeups,
+};
+use crate::error::{Error, Result};
+use crate::types::{
+    ApiKey, Job, JobError, JobEvent, JobPayload, JobStatus, Lora, LoraVersion, NewJob, NewLora,
+    NewVersion, Phase, WorkerInfo, WorkerRow, WorkerState,
+};
+
+mod jobs;
+mod keys;
+mod lease;
+mod loras;
+mod ops;
+mod workers;
+
+/// The notification channel the enqueue trigger signals.
+const CHANNEL: &str = "claas_jobs";
+
+/// Columns of `jobs` that make a [`Job`] (everything but the payload).
+const JOB_COLUMNS: &str = "id, lora_id, base_model, caller, status, phase, sample_count, \
+    orchestration, priority, attempt, max_attempts, run_at, worker_id, lease_expires_at, \
+    cancel_requested, idempotency_key, trace_context, timings_ms, result, error, trained_by, \
+    published_version, created_at, started_at, finished_at";
+
+/// The fencing predicate every worker write carries: the job is still running under the
+/// attempt this worker claimed, and the lease has not run out.
+const FENCE: &str = "id = $1 and attempt = $2 and worker_id = $3 and status = 'running' \
+    and lease_expires_at > now()";
+
+/// A claim that loses the race for a LoRA (unique violation) is retried at once, since the
+/// next try sees the winner's running job and skips that LoRA; this bounds a pathological
+/// storm so the caller's poll loop, not this function, waits.
+const CLAIM_RACE_RETRIES: usize = 32;
+
+pub struct PgStore {
+    pool: PgPool,
+    listener_opts: PgConnectOptions,
+    wake_tx: watch::Sender<u64>,
+    wake_rx: Wakeups,
+    listener: OnceCell<JoinHandle<()>>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        if let Some(handle) = self.listener.get() {
+            handle.abort();
+        }
+    }
+}
+
+impl PgStore {
+    /// Connects a pool. With `schema`, every connection uses it as `search_path` (tests give
+    /// each case its own schema). Acquiring a connection gives up after 3 s so callers
+    /// answer "unavailable" quickly while the database is down.
+    pub async fn connect(url: &str, schema: Option<&str>, max_connections: u32) -> Result<Self> {
+        let mut opts: PgConnectOptions = url
+            .parse()
+            .map_err(|e| Error::Config(format!("database.url: {e}")))?;
+        opts = opts
+            .application_name("claas")
+            .log_statements(tracing::log::LevelFilter::Trace);
+        // The queue's statements are parameterised CTEs whose best plan does not depend on the
+        // values; re-planning each (custom plans) cost ~0.8 ms of CPU per claim.
+        opts = opts.options([("plan_cache_mode", "force_generic_plan")]);
+        if let Some(schema) = schema {
+            opts = opts.options([("search_path", schema)]);
+        }
+        let listener_opts = opts
+            .clone()
+            .application_name(&format!("claas-listener-{}", schema.unwrap_or("public")));
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect_lazy_with(opts);
+        let (wake_tx, wake_rx) = Wakeups::channel();
+        Ok(PgStore {
+            pool,
+            listener_opts,
+            wake_tx,
+            wake_rx,
+            listener: OnceCell::new(),
+        })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// Keeps one `LISTEN` connection open for the process. After every (re)connect it wakes
+/// the claimers once: notifications sent while the connection was down are lost, so each
+/// claimer must look at the table after `LISTEN` is in place again.
+async fn listen_forever(opts: PgConnectOptions, tx: watch::Sender<u64>) {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect_lazy_with(opts);
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let listener = async {
+            let mut l = PgListener::connect_with(&pool).await?;
+            l.ignore_pool_close_event(true);
+            l.listen(CHANNEL).await?;
+            Ok::<_, sqlx::Error>(l)
+        }
+        .await;
+        match listener {
+            Ok(mut l) => {
+                delay = Duration::from_millis(100);
+                tracing::debug!("listening for job notifications");
+                bump(&tx);
+                loop {
+                    match l.try_recv().await {
+                        Ok(Some(_)) => bump(&tx),
+                        Ok(None) => {
+                            tracing::warn!("job listener connection lost; reconnecting");
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "job listener failed; reconnecting");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "job listener cannot connect yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn job_from_row(row: &PgRow) -> Result<Job> {
+    let status: String = row.try_get("status")?;
+    let phase: String = row.try_get("phase")?;
+    let orchestration: serde_json::Value = row.try_get("orchestration")?;
+    let timings: serde_json::Value = row.try_get("timings_ms")?;
+    let error: Option<serde_json::Value> = row.try_get("error")?;
+    Ok(Job {
+        id: row.try_get("id")?,
+        lora_id: row.try_get("lora_id")?,
+        base_model: row.try_get("base_model")?,
+        caller: row.try_get("caller")?,
+        status: status.parse().map_err(|_| Error::Corrupt(status))?,
+        phase: phase.parse()?,
+        sample_count: row.try_get("sample_count")?,
+        orchestration: serde_json::from_value(orchestration)?,
+        priority: row.try_get("priority")?,
+        attempt: row.try_get("attempt")?,
+        max_attempts: row.try_get("max_attempts")?,
+        run_at: row.try_get("run_at")?,
+        worker_id: row.try_get("worker_id")?,
+        lease_expires_at: row.try_get("lease_expires_at")?,
+        cancel_requested: row.try_get("cancel_requested")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        trace_context: row.try_get("trace_context")?,
+        timings_ms: serde_json::from_value::<BTreeMap<String, u64>>(timings)?,
+        result: row.try_get("result")?,
+        error: error.map(serde_json::from_value).transpose()?,
+        trained_by: row.try_get("trained_by")?,
+        published_version: row.try_get("published_version")?,
+        created_at: row.try_get("created_at")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
+fn lora_from_row(row: &PgRow) -> Result<Lora> {
+    let modules: serde_json::Value = row.try_get("target_modules")?;
+    Ok(Lora {
+        lora_id: row.try_get("lora_id")?,
+        base_model: row.try_get("base_model")?,
+        rank: row.try_get("rank")?,
+        alpha: row.try_get("alpha")?,
+        target_modules: serde_json::from_value(modules)?,
+        current_version: row.try_get("current_version")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// `(phase name, ms)` of a finished phase as two nullable binds.
+fn timing(finished: Option<(Phase, u64)>) -> (Option<&'static str>, Option<i64>) {
+    match finished {
+        Some((p, t)) => (Some(p.as_str()), Some(i64::try_from(t).unwrap_or(i64::MAX))),
+        None => (None, None),
+    }
+}
+
+/// SQL that adds `$a: $b` (phase, ms) to `timings_ms` when `$a` is not null.
+fn add_timing(a: u8, b: u8) -> String {
+    format!(
+        "case when ${a}::text is null then timings_ms \
+         else timings_ms || jsonb_build_object(${a}::text, ${b}::bigint) end"
+    )
+}
+
+/// The update that settles a batch's members when its lead leaves `running`: they end in
+/// the lead's terminal state, or go back to `queued` (detached) unless already published.
+const MEMBERS_FOLLOW_LEAD: &str = "
+    update jobs m set
+        status = case when lead.status in ('succeeded', 'failed', 'cancelled')
+                       and (lead.status <> 'cancelled' or m.published_version is not null)
+                      then lead.status
+                      when m.published_version is null then 'queued' else 'coalesced' end,
+        trained_by = case when m.published_version is null and lead.status in ('queued', 'cancelled')
+                          then null else m.trained_by end,
+        phase = case when lead.status = 'succeeded' then 'done'
+                     when m.published_version is null then 'queued' else m.phase end,
+        worker_id = null,
+        result = case when lead.status = 'succeeded' then lead.result else m.result end,
+        error = case when lead.status = 'failed' then lead.error
+                     when lead.status = 'succeeded' then null else m.error end,
+        finished_at = case when lead.status in ('succeeded', 'failed') then now()
+                           when lead.status = 'cancelled' and m.published_version is not null then now()
+                           else null end
+    from lead where m.trained_by = lead.id and m.status = 'coalesced'
+    returning m.id, m.status";
+
+/// SQL for `super::next_status` on the lead aliased `j`: the status it takes when it stops
+/// without completing, `retry` being the SQL condition for another run.
+fn next_status(retry: &str) -> String {
+    format!(
+        "(case when j.published_version is not null
+              then case when {retry} then 'queued' else 'failed' end
+              when {retry} then case when j.cancel_requested then 'cancelled' else 'queued' end
+              else 'failed' end)"
+    )
+}
+
+/// The SET list that moves a running lead to `next` (an SQL expression from [`next_status`])
+/// with the error `error` (jsonb), retrying after `delay` (ms).
+fn settle_lead(next: &str, error: &str, delay: &str) -> String {
+    format!(
+        "status = {next},
+         phase = case {next} when 'queued' then 'queued' when 'succeeded' then 'done' else j.phase end,
+         run_at = case when {next} = 'queued' then now() + {delay} * interval '1 millisecond'
+                  else j.run_at end,
+         finished_at = case when {next} = 'queued' then null else now() end,
+         result = case when j.published_version is not null
+                  then coalesce(j.result, jsonb_build_object('version', j.published_version))
+                  else j.result end,
+         error = case when {next} = 'cancelled'
+                 then jsonb_build_object('code', 'cancelled', 'message',
+                      'cancelled by request (the run had stopped: ' || coalesce(({error})->>'message', 'handed back') || ')')
+                 else coalesce({error}, j.error) end,
+         -- A finished job keeps the worker that ran it last (the dashboard filters by it).
+         worker_id = case when {next} = 'queued' then null else j.worker_id end,
+         lease_expires_at = null"
+    )
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        sqlx::migrate!("../migrations/postgres")
+            .run(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("select 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn wakeups(&self) -> Result<Wakeups> {
+        self.listener
+            .get_or_init(|| async {
+                tokio::spawn(listen_forever(
+                    self.listener_opts.clone(),
+                    self.wake_tx.clone(),
+                ))
+            })
+            .await;
+        Ok(self.wake_rx.clone())
+    }
+}
+
+fn api_key_from_row(r: &PgRow) -> Result<ApiKey> {
+    Ok(ApiKey {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        prefixes: serde_json::from_value(r.try_get("prefixes")?)?,
+        admin: r.try_get("admin")?,
+        created_at: r.try_get("created_at")?,
+        revoked_at: r.try_get("revoked_at")?,
+    })
+}
+
+/// Why a job that matched no cancellable state cannot be cancelled.
+pub(crate) fn cancel_refusal(job: &Job) -> Error {
+    if let (Some(v), false) = (job.published_version, job.status.is_terminal()) {
+        return Error::Conflict(format!(
+            "job {} is already trained into version {v} of LoRA {}; it can no longer be cancelled",
+            job.id, job.lora_id
+        ));
+    }
+    match (job.status, job.trained_by) {
+        (JobStatus::Coalesced, Some(lead)) => Error::Conflict(format!(
+            "job {} is already being trained in the batch of job {lead}; it can no longer be cancelled",
+            job.id
+        )),
+        (status, _) => Error::Conflict(format!(
+            "job {} already finished ({}); it can no longer be cancelled",
+            job.id,
+            status.as_str()
+        )),
+    }
+}

@@ -1,0 +1,114 @@
+//! The Postgres store: maintenance and operator actions.
+
+use super::*;
+use crate::queue::prelude::*;
+
+#[async_trait]
+impl OpsStore for PgStore {
+    async fn prune(&self, older_than: Duration, batch: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "delete from jobs where id in (
+                select id from jobs
+                where finished_at < now() - $1 * interval '1 millisecond'
+                order by finished_at limit $2 for update skip locked)",
+        )
+        .bind(ms(older_than))
+        .bind(batch)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn retry_job(&self, id: Uuid, message: &str) -> Result<Job> {
+        let sql = format!(
+            "with r as (
+                update jobs j set status = 'queued', phase = 'queued', attempt = 0,
+                    run_at = now(), worker_id = null, lease_expires_at = null,
+                    cancel_requested = false, finished_at = null, error = null
+                where j.id = $1 and j.status = 'failed' and j.published_version is null
+                  and exists (select 1 from loras l where l.lora_id = j.lora_id and l.deleted_at is null)
+                returning {JOB_COLUMNS}
+            ), ev as (
+                insert into job_events (job_id, phase, message) select id, 'queued', $2 from r
+            )
+            select * from r"
+        );
+        match sqlx::query(&sql)
+            .bind(id)
+            .bind(message)
+            .fetch_optional(&self.pool)
+            .await?
+        {
+            Some(row) => {
+                // Wake idle workers now rather than at their next poll.
+                sqlx::query("select pg_notify($1, '')")
+                    .bind(CHANNEL)
+                    .execute(&self.pool)
+                    .await?;
+                job_from_row(&row)
+            }
+            None => Err(retry_refusal(self.get_job(id).await?, id)),
+        }
+    }
+
+    async fn delete_job(&self, id: Uuid) -> Result<Job> {
+        let sql = format!(
+            "delete from jobs where id = $1 and status in ('succeeded', 'failed', 'cancelled')
+             returning {JOB_COLUMNS}"
+        );
+        match sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+        {
+            Some(row) => job_from_row(&row),
+            None => Err(delete_refusal(self.get_job(id).await?, id)),
+        }
+    }
+
+    async fn add_job_event(&self, id: Uuid, phase: &str, message: &str) -> Result<()> {
+        sqlx::query(
+            "insert into job_events (job_id, phase, message)
+             select id, $2, $3 from jobs where id = $1",
+        )
+        .bind(id)
+        .bind(phase)
+        .bind(message)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn record_audit(&self, entry: &AuditEntry) -> Result<()> {
+        sqlx::query(
+            "insert into audit_log (actor, action, job_id, detail) values ($1, $2, $3, $4)",
+        )
+        .bind(&entry.actor)
+        .bind(&entry.action)
+        .bind(entry.job_id)
+        .bind(&entry.detail)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn recent_audit(&self, limit: i64) -> Result<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "select at, actor, action, job_id, detail from audit_log order by id desc limit $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    at: r.try_get("at")?,
+                    actor: r.try_get("actor")?,
+                    action: r.try_get("action")?,
+                    job_id: r.try_get("job_id")?,
+                    detail: r.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
+}
