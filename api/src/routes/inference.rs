@@ -6,14 +6,13 @@
 //! thinking stripped and only the fields it asked for. Everything else in the client's
 //! request (tools, seed, response_format, …) is passed through untouched.
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
-use tokio::sync::mpsc;
 
 use super::inference_adapters::{reconcile_adapter, Reconciled};
 use super::inference_local as local;
@@ -21,11 +20,12 @@ use super::inference_schema::{
     ChatCompletionRequest, Completion, CompletionRequest, ModelList, ScoreRequest, ScoreResponse,
     ServerSentEvent,
 };
+use super::inference_stream::{relay_chat, sse_chunks};
 use crate::auth::Caller;
 use crate::cache::CachedCompletion;
 use crate::embedded;
 use crate::error::{ApiError, ApiResult, ErrorBody, Errors, JsonBody};
-use crate::thinking::{content_hash, strip_thinking, ThinkFilter};
+use crate::thinking::{content_hash, strip_thinking};
 use crate::upstream::{Upstream, UpstreamError};
 use crate::AppState;
 
@@ -141,9 +141,9 @@ async fn send_generation(
 }
 
 /// What the client asked to see of the answer.
-struct ClientWants {
-    logprobs: bool,
-    token_ids: bool,
+pub(super) struct ClientWants {
+    pub(super) logprobs: bool,
+    pub(super) token_ids: bool,
 }
 
 /// The upstream request: the client's, plus what the cache needs.
@@ -166,7 +166,7 @@ fn upstream_chat_body(mut body: Map<String, Value>) -> (Value, ClientWants) {
     (Value::Object(body), wants)
 }
 
-fn ids_of(v: &Value) -> Option<Vec<u32>> {
+pub(super) fn ids_of(v: &Value) -> Option<Vec<u32>> {
     v.as_array().map(|a| {
         a.iter()
             .filter_map(Value::as_u64)
@@ -175,7 +175,7 @@ fn ids_of(v: &Value) -> Option<Vec<u32>> {
     })
 }
 
-fn logprobs_of(content: &Value) -> Option<Vec<f32>> {
+pub(super) fn logprobs_of(content: &Value) -> Option<Vec<f32>> {
     let entries = content.as_array()?;
     entries
         .iter()
@@ -185,13 +185,13 @@ fn logprobs_of(content: &Value) -> Option<Vec<f32>> {
 
 /// One choice's rollout as it arrives.
 #[derive(Default)]
-struct ChoiceRollout {
-    content: String,
-    reasoning: String,
-    token_ids: Option<Vec<u32>>,
-    logprobs: Option<Vec<f32>>,
+pub(super) struct ChoiceRollout {
+    pub(super) content: String,
+    pub(super) reasoning: String,
+    pub(super) token_ids: Option<Vec<u32>>,
+    pub(super) logprobs: Option<Vec<f32>>,
     /// The `token` string of each log-prob entry (for re-tokenising the stop token).
-    last_token: Option<String>,
+    pub(super) last_token: Option<String>,
 }
 
 impl ChoiceRollout {
@@ -206,7 +206,7 @@ impl ChoiceRollout {
 
 /// Builds the cache entry; asks vLLM's `/tokenize` for ids it did not return (vLLM
 /// before 0.10.2), keeping the log-probs only when they align with those ids.
-async fn rollout_entry(
+pub(super) async fn rollout_entry(
     up: Option<&Upstream>,
     request: &Value,
     scope: &str,
@@ -282,7 +282,12 @@ async fn rollout_entry(
     }
 }
 
-async fn cache_put(state: &AppState, scope: &str, visible: &str, entry: &CachedCompletion) {
+pub(super) async fn cache_put(
+    state: &AppState,
+    scope: &str,
+    visible: &str,
+    entry: &CachedCompletion,
+) {
     let hash = content_hash(visible);
     if let Err(e) = state.cache.put(scope, &hash, entry).await {
         // The answer is still worth giving; feedback on it will be a clear 404.
@@ -291,24 +296,15 @@ async fn cache_put(state: &AppState, scope: &str, visible: &str, entry: &CachedC
 }
 
 /// What a chat answer is post-processed with, whichever engine produced it.
-struct ChatCtx {
-    state: AppState,
+pub(super) struct ChatCtx {
+    pub(super) state: AppState,
     /// The vLLM that answered (for `/tokenize` when it returned no ids); none when the
     /// embedded engine did.
-    up: Option<Upstream>,
-    request: Value,
-    wants: ClientWants,
-    scope: String,
-    system: String,
-}
-
-/// A chat answer's chunks as they arrive, from vLLM's SSE stream or the embedded engine.
-pub(super) enum Chunk {
-    Data(Value),
-    /// Not JSON: relayed as it came.
-    Raw(String),
-    Done,
-    Broken(String),
+    pub(super) up: Option<Upstream>,
+    pub(super) request: Value,
+    pub(super) wants: ClientWants,
+    pub(super) scope: String,
+    pub(super) system: String,
 }
 
 /// 403 when `model` names a LoRA the caller may not use (the base model is everyone's).
@@ -451,210 +447,6 @@ async fn finish_chat(ctx: &ChatCtx, mut answer: Value) -> Value {
         answer["prompt_token_ids"] = Value::Null;
     }
     answer
-}
-
-/// vLLM's SSE stream as chunks.
-fn sse_chunks(resp: reqwest::Response) -> mpsc::Receiver<Chunk> {
-    let (tx, rx) = mpsc::channel(32);
-    tokio::spawn(async move {
-        let mut upstream = resp.bytes_stream();
-        let mut buf: Vec<u8> = Vec::new();
-        while let Some(chunk) = upstream.next().await {
-            let chunk = match chunk {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = tx
-                        .send(Chunk::Broken(format!(
-                            "the inference server broke off the stream: {e}"
-                        )))
-                        .await;
-                    return;
-                }
-            };
-            buf.extend_from_slice(&chunk);
-            while let Some(end) = find_event_end(&buf) {
-                let event: Vec<u8> = buf.drain(..end.0 + end.1).collect();
-                let text = String::from_utf8_lossy(&event[..end.0]).into_owned();
-                let Some(data) = sse_data(&text) else {
-                    continue;
-                };
-                let msg = if data.trim() == "[DONE]" {
-                    Chunk::Done
-                } else {
-                    match serde_json::from_str::<Value>(&data) {
-                        Ok(v) => Chunk::Data(v),
-                        Err(_) => Chunk::Raw(data),
-                    }
-                };
-                let done = matches!(msg, Chunk::Done);
-                if tx.send(msg).await.is_err() || done {
-                    return;
-                }
-            }
-        }
-        let _ = tx
-            .send(Chunk::Broken(
-                "the inference server ended the stream early".into(),
-            ))
-            .await;
-    });
-    rx
-}
-
-/// Relays chunks to the client as SSE, stripping thinking from the deltas and collecting
-/// the rollout; caches it when the answer completes.
-fn relay_chat(ctx: ChatCtx, mut chunks: mpsc::Receiver<Chunk>) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(32);
-    tokio::spawn(async move {
-        let mut prompt_ids: Option<Vec<u32>> = None;
-        let mut choices: Vec<(ChoiceRollout, ThinkFilter, String)> = Vec::new();
-        loop {
-            let line = match chunks.recv().await {
-                Some(Chunk::Data(mut v)) => {
-                    relay_chunk(&mut v, &mut prompt_ids, &mut choices, &ctx.wants);
-                    format!("data: {v}\n\n")
-                }
-                Some(Chunk::Raw(data)) => format!("data: {data}\n\n"),
-                Some(Chunk::Done) => break,
-                Some(Chunk::Broken(message)) => {
-                    let err = json!({"error": {"code": "upstream_error", "message": message}});
-                    let _ = tx.send(Ok(Bytes::from(format!("data: {err}\n\n")))).await;
-                    return;
-                }
-                None => {
-                    let err = json!({"error": {"code": "upstream_error",
-                        "message": "the answer ended early"}});
-                    let _ = tx.send(Ok(Bytes::from(format!("data: {err}\n\n")))).await;
-                    return;
-                }
-            };
-            if tx.send(Ok(Bytes::from(line))).await.is_err() {
-                return; // The client went away; an unfinished answer is not cached.
-            }
-        }
-        for (rollout, _, visible) in choices {
-            let visible = visible.trim().to_owned();
-            let entry = rollout_entry(
-                ctx.up.as_ref(),
-                &ctx.request,
-                &ctx.scope,
-                prompt_ids.clone(),
-                rollout,
-                &ctx.system,
-            )
-            .await;
-            cache_put(&ctx.state, &ctx.scope, &visible, &entry).await;
-        }
-        let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
-    });
-    let body =
-        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
-    (
-        [
-            (header::CONTENT_TYPE, "text/event-stream; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        Body::from_stream(body),
-    )
-        .into_response()
-}
-
-/// Rewrites one chunk for the client and records its tokens.
-fn relay_chunk(
-    v: &mut Value,
-    prompt_ids: &mut Option<Vec<u32>>,
-    choices: &mut Vec<(ChoiceRollout, ThinkFilter, String)>,
-    wants: &ClientWants,
-) {
-    if let Some(ids) = ids_of(&v["prompt_token_ids"]) {
-        *prompt_ids = Some(ids);
-        if !wants.token_ids {
-            if let Some(o) = v.as_object_mut() {
-                o.remove("prompt_token_ids");
-            }
-        }
-    }
-    let Some(cs) = v["choices"].as_array_mut() else {
-        return;
-    };
-    for c in cs {
-        let i = c["index"].as_u64().unwrap_or(0) as usize;
-        while choices.len() <= i {
-            choices.push((ChoiceRollout::default(), ThinkFilter::new(), String::new()));
-        }
-        let (rollout, filter, visible) = &mut choices[i];
-        let delta = &mut c["delta"];
-        for k in ["reasoning", "reasoning_content"] {
-            if let Some(r) = delta.get(k).and_then(Value::as_str) {
-                rollout.reasoning.push_str(r);
-            }
-            if let Some(d) = delta.as_object_mut() {
-                d.remove(k);
-            }
-        }
-        if let Some(text) = delta
-            .get("content")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-        {
-            rollout.content.push_str(&text);
-            let mut shown = filter.push(&text);
-            if !c["finish_reason"].is_null() {
-                shown.push_str(&filter.finish());
-            }
-            visible.push_str(&shown);
-            c["delta"]["content"] = json!(shown);
-        } else if !c["finish_reason"].is_null() {
-            let rest = filter.finish();
-            if !rest.is_empty() {
-                visible.push_str(&rest);
-                c["delta"]["content"] = json!(rest);
-            }
-        }
-        if let Some(ids) = ids_of(&c["token_ids"]) {
-            rollout.token_ids.get_or_insert_with(Vec::new).extend(ids);
-        }
-        if let Some(entries) = c["logprobs"]["content"].as_array() {
-            match logprobs_of(&c["logprobs"]["content"]) {
-                Some(lps) => rollout.logprobs.get_or_insert_with(Vec::new).extend(lps),
-                None => rollout.logprobs = None,
-            }
-            if let Some(t) = entries.last().and_then(|e| e["token"].as_str()) {
-                rollout.last_token = Some(t.to_owned());
-            }
-        }
-        if !wants.logprobs {
-            c["logprobs"] = Value::Null;
-        }
-        if !wants.token_ids {
-            if let Some(o) = c.as_object_mut() {
-                o.remove("token_ids");
-            }
-        }
-    }
-}
-
-/// End of the first SSE event in `buf`: (length of the event, length of its separator).
-fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
-    let crlf = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| (i, 4));
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-        (a, b) => a.or(b),
-    }
-}
-
-/// The `data:` payload of one SSE event (multi-line data joined by newlines).
-fn sse_data(event: &str) -> Option<String> {
-    let lines: Vec<&str> = event
-        .lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .map(|l| l.strip_prefix(' ').unwrap_or(l))
-        .collect();
-    (!lines.is_empty()).then(|| lines.join("\n"))
 }
 
 /// `POST /v1/completions`: forwarded as is (not cached, as in CLaaS), streaming included.

@@ -11,7 +11,7 @@ use axum::Json;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
-use super::inference::Chunk;
+use super::inference_stream::Chunk;
 use crate::embedded::{self, Engine, RunEvent};
 use crate::error::{ApiError, ApiResult};
 

@@ -6,6 +6,7 @@ pub mod inference;
 mod inference_adapters;
 mod inference_local;
 pub mod inference_schema;
+mod inference_stream;
 pub mod jobs;
 pub mod keys;
 pub mod lora;
