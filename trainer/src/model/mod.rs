@@ -5,16 +5,22 @@
 //! only ops with a backward, and computes the base model (adapter off) with exactly the same
 //! ops as the student, so a zero adapter reproduces the base log-probs bit for bit.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::{Module, Qwen3Config};
 use crate::error::{checkpoint, invalid, Result};
 use crate::frozen;
-use crate::lora::{peft_key, LoraAdapter};
+use crate::lora::LoraAdapter;
+
+mod checkpoint;
+mod fused;
+
+use checkpoint::checkpointed;
+pub use checkpoint::GradSink;
+use fused::{fused_rms_norm, swiglu};
 
 #[derive(Clone)]
 struct Layer {
@@ -551,74 +557,6 @@ impl LayerRun {
     }
 }
 
-/// `silu(gate) · up` (inference only: no backward). On the CPU in f32 it is one pass over
-/// both, split across the thread pool, instead of candle's one-thread SiLU and a second
-/// pass for the product.
-fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
-    let fused = gate.device().is_cpu()
-        && gate.dtype() == DType::F32
-        && up.dtype() == DType::F32
-        && gate.shape() == up.shape();
-    if fused {
-        gate.contiguous()?
-            .apply_op2_no_bwd(&up.contiguous()?, &SiluMul)
-    } else {
-        gate.silu()? * up
-    }
-}
-
-struct SiluMul;
-
-impl candle_core::CustomOp2 for SiluMul {
-    fn name(&self) -> &'static str {
-        "silu-mul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        gate: &CpuStorage,
-        gl: &Layout,
-        up: &CpuStorage,
-        ul: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
-        let (CpuStorage::F32(g), CpuStorage::F32(u)) = (gate, up) else {
-            candle_core::bail!("silu-mul: f32 only");
-        };
-        let (Some((g0, g1)), Some((u0, u1))) = (gl.contiguous_offsets(), ul.contiguous_offsets())
-        else {
-            candle_core::bail!("silu-mul: contiguous inputs only");
-        };
-        let (g, u) = (&g[g0..g1], &u[u0..u1]);
-        let mut out = vec![0f32; g.len()];
-        // Chunks big enough to amortise the pool's scheduling, small enough to share.
-        const CHUNK: usize = 1 << 14;
-        out.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(o, (g, u))| {
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g / (1.0 + (-g).exp()) * u;
-                }
-            });
-        Ok((CpuStorage::F32(out), gl.shape().clone()))
-    }
-}
-
-/// [`rms_norm`] in one pass per row (candle-nn's kernel; no backward, so inference only).
-/// A half-precision input is normalised in f32, as Hugging Face does.
-fn fused_rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let dtype = x.dtype();
-    if dtype == DType::F32 {
-        return candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32);
-    }
-    // Normalise in f32, cast, then scale in the model's dtype (the order PEFT's base uses).
-    let ones = Tensor::ones(weight.dims1()?, DType::F32, x.device())?;
-    let x32 = x.to_dtype(DType::F32)?.contiguous()?;
-    candle_nn::ops::rms_norm(&x32, &ones, eps as f32)?
-        .to_dtype(dtype)?
-        .broadcast_mul(weight)
-}
-
 /// Grouped-query attention without repeating K and V: the query heads that share a KV
 /// head are stacked along the sequence axis.
 fn attention(
@@ -643,127 +581,4 @@ fn attention(
     probs
         .matmul(v)?
         .reshape((1, c.num_attention_heads, seq, c.head_dim))
-}
-
-/// Adapter gradients collected by checkpointed layers during backward, by PEFT key.
-#[derive(Clone, Default)]
-pub struct GradSink(Arc<Mutex<BTreeMap<String, Tensor>>>);
-
-impl GradSink {
-    fn add(&self, key: &str, grad: &Tensor) -> candle_core::Result<()> {
-        let mut map = self
-            .0
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("gradient sink poisoned".into()))?;
-        let sum = match map.remove(key) {
-            Some(prev) => (prev + grad)?,
-            None => grad.clone(),
-        };
-        map.insert(key.to_string(), sum);
-        Ok(())
-    }
-
-    /// Takes the collected gradients, leaving the sink empty.
-    pub fn take(&self) -> BTreeMap<String, Tensor> {
-        self.0
-            .lock()
-            .map(|mut m| std::mem::take(&mut *m))
-            .unwrap_or_default()
-    }
-}
-
-/// The checkpointing op: forward passes the layer's output (computed outside the graph)
-/// through; backward re-runs the layer from its input with the graph on, back-propagates
-/// the incoming gradient through it, returns the input's gradient and hands the adapter's
-/// to the sink.
-struct Checkpoint {
-    run: LayerRun,
-    ctx: Context,
-    /// `(PEFT key, tensor)` of this layer's adapter matrices.
-    params: Vec<(String, Tensor)>,
-    sink: GradSink,
-}
-
-impl CustomOp3 for Checkpoint {
-    fn name(&self) -> &'static str {
-        "checkpointed-layer"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _x: &CpuStorage,
-        _xl: &Layout,
-        y: &CpuStorage,
-        yl: &Layout,
-        _a: &CpuStorage,
-        _al: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        frozen::pass_through(y, yl)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _x: &candle_core::CudaStorage,
-        _xl: &Layout,
-        y: &candle_core::CudaStorage,
-        yl: &Layout,
-        _a: &candle_core::CudaStorage,
-        _al: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        frozen::pass_through(y, yl)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        _y: &Tensor,
-        _anchor: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let input = Var::from_tensor(&x.detach())?;
-        let out = self.run.forward(&self.ctx, input.as_tensor(), true)?;
-        let grads = (out * grad.detach())?.sum_all()?.backward()?;
-        for (key, t) in &self.params {
-            if let Some(g) = grads.get(t) {
-                self.sink.add(key, g)?;
-            }
-        }
-        Ok((grads.get(input.as_tensor()).cloned(), None, None))
-    }
-}
-
-/// Runs layer `li` without keeping its activations; see [`Checkpoint`].
-fn checkpointed(
-    run: &LayerRun,
-    ctx: &Context,
-    x: &Tensor,
-    adapter: &LoraAdapter,
-    li: usize,
-    sink: &GradSink,
-) -> Result<Tensor> {
-    let y = run.detached().forward(ctx, &x.detach(), false)?;
-    let params: Vec<(String, Tensor)> = Module::ALL
-        .iter()
-        .filter_map(|&m| adapter.pair(li, m).map(|(a, b, _)| (m, a, b)))
-        .flat_map(|(m, a, b)| {
-            [
-                (peft_key(li, m, 'A'), a.clone()),
-                (peft_key(li, m, 'B'), b.clone()),
-            ]
-        })
-        .collect();
-    // A tracked third operand makes the op part of the graph even for the first layer,
-    // whose input (the embedding) is not tracked.
-    let Some((_, anchor)) = params.first().cloned() else {
-        return Ok(run.forward(ctx, x, true)?);
-    };
-    let op = Checkpoint {
-        run: run.clone(),
-        ctx: ctx.clone(),
-        params,
-        sink: sink.clone(),
-    };
-    Ok(x.apply_op3(&y, &anchor, op)?)
 }
