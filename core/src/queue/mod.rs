@@ -277,6 +277,13 @@ impl Wakeups {
     }
 }
 
+/// `(status, count)` rows from a `group by status` query, as typed statuses.
+pub(crate) fn parse_status_counts(rows: Vec<(String, i64)>) -> Result<Vec<(JobStatus, i64)>> {
+    rows.into_iter()
+        .map(|(status, n)| Ok((status.parse()?, n)))
+        .collect()
+}
+
 pub(crate) fn bump(tx: &watch::Sender<u64>) {
     tx.send_modify(|n| *n = n.wrapping_add(1));
 }

@@ -1,6 +1,7 @@
 //! The Postgres store: intake and reads.
 
 use super::*;
+use crate::queue::parse_status_counts;
 use crate::queue::prelude::*;
 
 #[async_trait]
@@ -15,16 +16,8 @@ impl JobStore for PgStore {
     }
 
     async fn metrics_snapshot(&self, window: Duration) -> Result<crate::queue::MetricsSnapshot> {
-        let status_counts = |rows: Vec<PgRow>| -> Result<Vec<(JobStatus, i64)>> {
-            rows.iter()
-                .map(|r| {
-                    let s: String = r.try_get("status")?;
-                    Ok((s.parse()?, r.try_get("n")?))
-                })
-                .collect()
-        };
-        let live = status_counts(
-            sqlx::query(
+        let live = parse_status_counts(
+            sqlx::query_as(
                 "select status, count(*) as n from jobs
                  where status in ('queued', 'running', 'coalesced') group by status",
             )
@@ -42,8 +35,8 @@ impl JobStore for PgStore {
         // last hour and scans every finished job instead of the finished_at index.
         let cutoff = (Utc::now() - chrono::Duration::milliseconds(ms(window) as i64))
             .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        let finished = status_counts(
-            sqlx::query(&format!(
+        let finished = parse_status_counts(
+            sqlx::query_as(&format!(
                 "select status, count(*) as n from jobs
                  where finished_at > '{cutoff}'::timestamptz group by status"
             ))
@@ -245,15 +238,11 @@ impl JobStore for PgStore {
     }
 
     async fn status_counts(&self) -> Result<Vec<(JobStatus, i64)>> {
-        let rows = sqlx::query("select status, count(*) as n from jobs group by status")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                let s: String = r.try_get("status")?;
-                Ok((s.parse()?, r.try_get("n")?))
-            })
-            .collect()
+        parse_status_counts(
+            sqlx::query_as("select status, count(*) as n from jobs group by status")
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     async fn job_payload(&self, id: Uuid) -> Result<Option<JobPayload>> {

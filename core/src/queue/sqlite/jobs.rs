@@ -1,6 +1,7 @@
 //! The SQLite store: intake and reads.
 
 use super::*;
+use crate::queue::parse_status_counts;
 use crate::queue::prelude::*;
 
 #[async_trait]
@@ -15,17 +16,9 @@ impl JobStore for SqliteStore {
     }
 
     async fn metrics_snapshot(&self, window: Duration) -> Result<crate::queue::MetricsSnapshot> {
-        let status_counts = |rows: Vec<SqliteRow>| -> Result<Vec<(JobStatus, i64)>> {
-            rows.iter()
-                .map(|r| {
-                    let s: String = r.try_get("status")?;
-                    Ok((s.parse()?, r.try_get("n")?))
-                })
-                .collect()
-        };
         let now = now_ms();
-        let live = status_counts(
-            sqlx::query(
+        let live = parse_status_counts(
+            sqlx::query_as(
                 "select status, count(*) as n from jobs
                  where status in ('queued', 'running', 'coalesced') group by status",
             )
@@ -37,8 +30,8 @@ impl JobStore for SqliteStore {
                 .fetch_one(&self.pool)
                 .await?;
         let since = now - i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
-        let finished = status_counts(
-            sqlx::query(
+        let finished = parse_status_counts(
+            sqlx::query_as(
                 "select status, count(*) as n from jobs where finished_at > ? group by status",
             )
             .bind(since)
@@ -239,15 +232,11 @@ impl JobStore for SqliteStore {
     }
 
     async fn status_counts(&self) -> Result<Vec<(JobStatus, i64)>> {
-        let rows = sqlx::query("select status, count(*) as n from jobs group by status")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                let s: String = r.try_get("status")?;
-                Ok((s.parse()?, r.try_get("n")?))
-            })
-            .collect()
+        parse_status_counts(
+            sqlx::query_as("select status, count(*) as n from jobs group by status")
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     async fn job_payload(&self, id: Uuid) -> Result<Option<JobPayload>> {
