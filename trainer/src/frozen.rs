@@ -88,7 +88,8 @@ pub fn linear_t(x: &Tensor, weight_t: &Tensor, track: bool) -> candle_core::Resu
 
 /// `x · m` for `x` of shape `(.., k)` and a 2-D `m` of shape `(k, n)`, computed as one 2-D
 /// GEMM over the flattened leading dimensions: candle's batched path copies a transposed
-/// right-hand side first (measured: 37 vs 59 GFLOP/s for 128×1024×3072 on 2 cores).
+/// right-hand side first (measured: 37 vs 59 GFLOP/s for 128×1024×3072 on 2 cores). One
+/// untracked f32 row on the CPU (decoding) goes to [`crate::gemv::one_row`] instead.
 pub fn matmul_2d(x: &Tensor, m: &Tensor) -> candle_core::Result<Tensor> {
     let dims = x.dims();
     let k = dims[dims.len() - 1];
@@ -96,5 +97,9 @@ pub fn matmul_2d(x: &Tensor, m: &Tensor) -> candle_core::Result<Tensor> {
     let mut out_dims = dims.to_vec();
     let last = out_dims.len() - 1;
     out_dims[last] = m.dim(1)?;
-    x.reshape((rows, k))?.matmul(m)?.reshape(out_dims)
+    let x = x.reshape((rows, k))?;
+    if let Some(y) = crate::gemv::one_row(&x, m) {
+        return y?.reshape(out_dims);
+    }
+    x.matmul(m)?.reshape(out_dims)
 }

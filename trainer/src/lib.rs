@@ -6,6 +6,7 @@ pub mod adamw;
 pub mod config;
 pub mod error;
 pub mod frozen;
+mod gemv;
 pub mod generate;
 pub mod lora;
 pub mod loss;
