@@ -62,7 +62,9 @@ pub fn generate(
         Some(s) => StdRng::seed_from_u64(s),
         None => StdRng::from_entropy(),
     };
-    let mut cache = KvCache::new();
+    // Room for the prompt and the answer up front (within reason: a long `max_tokens` that
+    // is never reached should not allocate; past this the cache grows by doubling).
+    let mut cache = KvCache::with_capacity(prompt.len() + sampling.max_tokens.min(1024));
     let mut logits = model.forward_cached(prompt, &mut cache, lora)?;
     let mut out = Vec::new();
     while out.len() < sampling.max_tokens {

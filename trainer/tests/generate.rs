@@ -54,12 +54,19 @@ fn cached_decoding_matches_the_full_forward_at_every_position() {
     let (model, _) = tiny();
     let lora = adapter(&model);
     let ids: Vec<u32> = vec![257, 10, 72, 101, 108, 108, 111, 258, 10, 257, 97, 115, 115];
-    for lora in [None, Some(&lora)] {
+    // A cache that grows (5 → 10 → 20 positions, copying what it holds) and one with room.
+    let caches = [
+        (None, KvCache::new as fn() -> KvCache),
+        (Some(&lora), KvCache::new),
+    ]
+    .into_iter()
+    .chain([(None, (|| KvCache::with_capacity(64)) as fn() -> KvCache)]);
+    for (lora, new_cache) in caches {
         let full = full_logits(&model, &ids, lora)
             .expect("full")
             .squeeze(0)
             .expect("squeeze");
-        let mut cache = KvCache::new();
+        let mut cache = new_cache();
         // A prompt of 5 at once, then one token at a time.
         let first = model
             .forward_cached(&ids[..5], &mut cache, lora)

@@ -299,7 +299,12 @@ impl Qwen3 {
                         .map(|(a, b, s)| (a.detach(), b.detach(), s))
                 }),
             };
-            x = run.forward_cached(&ctx, &x, &mut cache.layers[li])?;
+            let slot = KvSlot {
+                buffers: &mut cache.layers[li],
+                past,
+                reserve: cache.reserve,
+            };
+            x = run.forward_cached(&ctx, &x, slot)?;
         }
         cache.len = past + n;
         let x = x.narrow(1, n - 1, 1)?;
@@ -400,16 +405,33 @@ struct Context {
 }
 
 /// Keys and values of the tokens a sequence has seen, per layer, for incremental decoding.
-#[derive(Clone, Default)]
+///
+/// Each layer's buffers have room to spare and are filled in place, so a decode step writes
+/// its one position instead of copying the whole cache (which made a step's cost grow with
+/// the context); past their room they grow by doubling. Not `Clone`: a clone would share the
+/// buffers it writes into.
+#[derive(Default)]
 pub struct KvCache {
-    /// `(k, v)` per layer, each `(1, kv_heads, len, head_dim)`.
+    /// `(k, v)` per layer, each `(1, kv_heads, capacity, head_dim)`; the first `len`
+    /// positions hold data.
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
+    /// Positions to make room for at the first append.
+    reserve: usize,
 }
 
 impl KvCache {
     pub fn new() -> KvCache {
         KvCache::default()
+    }
+
+    /// A cache that makes room for `tokens` positions at once (the prompt and the tokens
+    /// expected after it), so it need not grow on the way.
+    pub fn with_capacity(tokens: usize) -> KvCache {
+        KvCache {
+            reserve: tokens,
+            ..KvCache::default()
+        }
     }
 
     /// Tokens held.
@@ -419,6 +441,44 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+}
+
+/// One layer's slot in a [`KvCache`] during a forward pass.
+struct KvSlot<'a> {
+    buffers: &'a mut Option<(Tensor, Tensor)>,
+    /// Positions already held.
+    past: usize,
+    reserve: usize,
+}
+
+impl KvSlot<'_> {
+    /// Writes `k` and `v` `(1, kv_heads, n, head_dim)` after the held positions and returns
+    /// views of all `past + n` of them.
+    fn append(self, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let need = self.past + k.dim(2)?;
+        let room = |held: Option<&Tensor>, new: &Tensor| -> candle_core::Result<Tensor> {
+            let capacity = held.map_or(Ok(0), |t| t.dim(2))?;
+            if let Some(t) = held.filter(|_| capacity >= need) {
+                return Ok(t.clone());
+            }
+            let mut dims = new.dims().to_vec();
+            dims[2] = need.max(self.reserve).max(2 * capacity);
+            let grown = Tensor::zeros(dims, new.dtype(), new.device())?;
+            if let Some(t) = held.filter(|_| self.past > 0) {
+                grown.slice_set(&t.narrow(2, 0, self.past)?.contiguous()?, 2, 0)?;
+            }
+            Ok(grown)
+        };
+        let held = self.buffers.take();
+        let kb = room(held.as_ref().map(|(k, _)| k), k)?;
+        let vb = room(held.as_ref().map(|(_, v)| v), v)?;
+        drop(held);
+        kb.slice_set(&k.contiguous()?, 2, self.past)?;
+        vb.slice_set(&v.contiguous()?, 2, self.past)?;
+        let views = (kb.narrow(2, 0, need)?, vb.narrow(2, 0, need)?);
+        *self.buffers = Some((kb, vb));
+        Ok(views)
     }
 }
 
@@ -501,7 +561,7 @@ impl LayerRun {
         &self,
         ctx: &Context,
         x: &Tensor,
-        kv: &mut Option<(Tensor, Tensor)>,
+        kv: KvSlot<'_>,
     ) -> candle_core::Result<Tensor> {
         let c = &ctx.config;
         let l = &self.layer;
@@ -526,10 +586,7 @@ impl LayerRun {
         let (cos, sin) = (cos.narrow(1, 0, half)?, sin.narrow(1, 0, half)?);
         let q = candle_nn::rotary_emb::rope(&q, &cos.contiguous()?, &sin.contiguous()?)?;
         let k = candle_nn::rotary_emb::rope(&k, &cos.contiguous()?, &sin.contiguous()?)?;
-        let (k, v) = match kv.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
-        };
+        let (k, v) = kv.append(&k, &v)?;
         let total = k.dim(2)?;
         let (kvh, group) = (
             c.num_key_value_heads,
@@ -548,7 +605,6 @@ impl LayerRun {
             .reshape((1, c.num_attention_heads, n, c.head_dim))?
             .transpose(1, 2)?
             .reshape((1, n, c.num_attention_heads * c.head_dim))?;
-        *kv = Some((k, v));
         let x = (x + self.linear(&attn, Module::O, false)?)?;
         let h = fused_rms_norm(&x, &l.post_attention_norm, c.rms_norm_eps)?;
         let gate = self.linear(&h, Module::Gate, false)?;
