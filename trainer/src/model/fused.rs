@@ -1,5 +1,7 @@
-//! One-pass CPU kernels for the cached (inference) forward: candle-nn's RMSNorm, and
-//! SiLU·up split over the thread pool. None has a backward, so training never uses them.
+//! One-pass CPU kernels for the cached (inference) forward, split over the thread pool where
+//! candle's own ops run on one thread: RMSNorm, SiLU·up, the per-head norm with RoPE, the
+//! causal softmax, the residual add and the head transposes. None has a backward, so training
+//! never uses them; each falls back to candle's ops off the CPU or outside f32.
 
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 
@@ -69,4 +71,252 @@ pub(super) fn fused_rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_co
     candle_nn::ops::rms_norm(&x32, &ones, eps as f32)?
         .to_dtype(dtype)?
         .broadcast_mul(weight)
+}
+
+/// Per-head RMSNorm, the move from `(1, n, heads, head_dim)` to `(1, heads, n, head_dim)`,
+/// and RoPE (Hugging Face's rotate-half layout, `cos`/`sin` of shape `(n, head_dim / 2)`), in
+/// one pass split over the thread pool on the CPU in f32; elsewhere candle-nn's kernels one
+/// after the other. Inference only (no backward).
+pub(super) fn norm_heads_rope(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let fused = x.device().is_cpu()
+        && [x, weight, cos, sin]
+            .iter()
+            .all(|t| t.dtype() == DType::F32);
+    if !fused {
+        let x = fused_rms_norm(x, weight, eps)?
+            .transpose(1, 2)?
+            .contiguous()?;
+        return candle_nn::rotary_emb::rope(&x, &cos.contiguous()?, &sin.contiguous()?);
+    }
+    let (_, n, _, d) = x.dims4()?;
+    if cos.dims2()? != (n, d / 2) || sin.dims2()? != (n, d / 2) || weight.dims1()? != d {
+        candle_core::bail!(
+            "norm-heads-rope: cos/sin must be ({n}, {}), weight ({d})",
+            d / 2
+        );
+    }
+    let op = NormHeadsRope {
+        weight: weight.to_vec1()?,
+        cos: cos.flatten_all()?.to_vec1()?,
+        sin: sin.flatten_all()?.to_vec1()?,
+        eps: eps as f32,
+    };
+    x.contiguous()?.apply_op1_no_bwd(&op)
+}
+
+struct NormHeadsRope {
+    weight: Vec<f32>,
+    /// `(n, head_dim / 2)`, row-major.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    eps: f32,
+}
+
+impl candle_core::CustomOp1 for NormHeadsRope {
+    fn name(&self) -> &'static str {
+        "norm-heads-rope"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let CpuStorage::F32(x) = x else {
+            candle_core::bail!("norm-heads-rope: f32 only");
+        };
+        let Some((x0, x1)) = l.contiguous_offsets() else {
+            candle_core::bail!("norm-heads-rope: contiguous input only");
+        };
+        let (b, n, heads, d) = l.shape().dims4()?;
+        let (x, half) = (&x[x0..x1], d / 2);
+        let mut out = vec![0f32; x.len()];
+        // One output row per (batch, head, position); its input row is at (batch, position, head).
+        out.par_chunks_mut(d)
+            .with_min_len(64)
+            .enumerate()
+            .for_each(|(row, o)| {
+                let (bh, i) = (row / n, row % n);
+                let (bi, h) = (bh / heads, bh % heads);
+                let src = &x[((bi * n + i) * heads + h) * d..][..d];
+                let mean = src.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                let inv = 1.0 / (mean + self.eps).sqrt();
+                let (cos, sin) = (&self.cos[i * half..][..half], &self.sin[i * half..][..half]);
+                let (lo, hi) = src.split_at(half);
+                let (wlo, whi) = self.weight.split_at(half);
+                let (olo, ohi) = o.split_at_mut(half);
+                for j in 0..half {
+                    let a = lo[j] * inv * wlo[j];
+                    let b = hi[j] * inv * whi[j];
+                    olo[j] = a * cos[j] - b * sin[j];
+                    ohi[j] = a * sin[j] + b * cos[j];
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((b, heads, n, d))))
+    }
+}
+
+/// Softmax over the last axis of attention scores `(.., n, past + n)` under the causal mask:
+/// query `i` sees keys `0..=past + i` and gives the rest probability 0. On the CPU in f32 it
+/// is one pass per row, split over the thread pool, that never exponentiates the masked part
+/// (half the scores in a prefill); elsewhere the mask is added and candle-nn's softmax runs.
+/// Inference only (no backward).
+pub(super) fn causal_softmax(
+    scores: &Tensor,
+    past: usize,
+    mask: &Tensor,
+) -> candle_core::Result<Tensor> {
+    if scores.device().is_cpu() && scores.dtype() == DType::F32 {
+        return scores
+            .contiguous()?
+            .apply_op1_no_bwd(&CausalSoftmax { past });
+    }
+    let dtype = scores.dtype();
+    let masked = scores.broadcast_add(mask)?.to_dtype(DType::F32)?;
+    candle_nn::ops::softmax_last_dim(&masked)?.to_dtype(dtype)
+}
+
+struct CausalSoftmax {
+    past: usize,
+}
+
+impl candle_core::CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let CpuStorage::F32(s) = s else {
+            candle_core::bail!("causal-softmax: f32 only");
+        };
+        let Some((s0, s1)) = l.contiguous_offsets() else {
+            candle_core::bail!("causal-softmax: contiguous input only");
+        };
+        let dims = l.dims();
+        let (n, total) = match dims {
+            [.., n, total] => (*n, *total),
+            _ => candle_core::bail!("causal-softmax: scores need (.., n, past + n), got {dims:?}"),
+        };
+        if total != self.past + n {
+            candle_core::bail!(
+                "causal-softmax: {total} keys for {n} queries after {}",
+                self.past
+            );
+        }
+        let s = &s[s0..s1];
+        let mut out = vec![0f32; s.len()];
+        out.par_chunks_mut(total)
+            .zip(s.par_chunks(total))
+            .with_min_len(16)
+            .enumerate()
+            .for_each(|(row, (o, s))| {
+                let seen = self.past + row % n + 1;
+                let (o, s) = (&mut o[..seen], &s[..seen]);
+                let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for (o, &v) in o.iter_mut().zip(s) {
+                    *o = (v - max).exp();
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                o.iter_mut().for_each(|o| *o *= inv);
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+}
+
+/// `a + b` for tensors of one shape (the residual adds), split over the thread pool on the
+/// CPU in f32 (candle's binary ops run on one thread). Inference only (no backward).
+pub(super) fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let fused = a.device().is_cpu()
+        && a.dtype() == DType::F32
+        && b.dtype() == DType::F32
+        && a.shape() == b.shape();
+    if fused {
+        a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &Add)
+    } else {
+        a + b
+    }
+}
+
+struct Add;
+
+impl candle_core::CustomOp2 for Add {
+    fn name(&self) -> &'static str {
+        "parallel-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (CpuStorage::F32(a), CpuStorage::F32(b)) = (a, b) else {
+            candle_core::bail!("parallel-add: f32 only");
+        };
+        let (Some((a0, a1)), Some((b0, b1))) = (al.contiguous_offsets(), bl.contiguous_offsets())
+        else {
+            candle_core::bail!("parallel-add: contiguous inputs only");
+        };
+        let (a, b) = (&a[a0..a1], &b[b0..b1]);
+        let mut out = vec![0f32; a.len()];
+        const CHUNK: usize = 1 << 14;
+        out.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .for_each(|(o, (a, b))| {
+                for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                    *o = a + b;
+                }
+            });
+        Ok((CpuStorage::F32(out), al.shape().clone()))
+    }
+}
+
+/// `x.transpose(1, 2)` of a 4-D tensor, made contiguous: the heads moved across the
+/// positions or back. Split over the thread pool on the CPU in f32 (candle's strided copy
+/// runs on one thread).
+pub(super) fn swap_axes_1_2(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        x.contiguous()?.apply_op1_no_bwd(&SwapAxes12)
+    } else {
+        x.transpose(1, 2)?.contiguous()
+    }
+}
+
+struct SwapAxes12;
+
+impl candle_core::CustomOp1 for SwapAxes12 {
+    fn name(&self) -> &'static str {
+        "swap-axes-1-2"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let CpuStorage::F32(x) = x else {
+            candle_core::bail!("swap-axes-1-2: f32 only");
+        };
+        let Some((x0, x1)) = l.contiguous_offsets() else {
+            candle_core::bail!("swap-axes-1-2: contiguous input only");
+        };
+        let (b, p, q, d) = l.shape().dims4()?;
+        let x = &x[x0..x1];
+        let mut out = vec![0f32; x.len()];
+        // Output row (bi, j, i) of `d` values is input row (bi, i, j).
+        out.par_chunks_mut(d)
+            .with_min_len(64)
+            .enumerate()
+            .for_each(|(row, o)| {
+                let (bj, i) = (row / p, row % p);
+                let (bi, j) = (bj / q, bj % q);
+                o.copy_from_slice(&x[((bi * p + i) * q + j) * d..][..d]);
+            });
+        Ok((CpuStorage::F32(out), Shape::from((b, q, p, d))))
+    }
 }

@@ -20,7 +20,7 @@ mod fused;
 
 use checkpoint::checkpointed;
 pub use checkpoint::GradSink;
-use fused::{fused_rms_norm, swiglu};
+use fused::{add, causal_softmax, fused_rms_norm, norm_heads_rope, swap_axes_1_2, swiglu};
 
 #[derive(Clone)]
 struct Layer {
@@ -574,18 +574,12 @@ impl LayerRun {
         // The attention's 1/sqrt(head_dim) folded into q's norm weight (RoPE is linear), so
         // the scores need no separate scaling pass.
         let scale = (c.head_dim as f64).powf(-0.5);
-        let q = fused_rms_norm(&q, &(&l.q_norm * scale)?, c.rms_norm_eps)?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let k = fused_rms_norm(&k, &l.k_norm, c.rms_norm_eps)?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = v.transpose(1, 2)?.contiguous()?;
         let (cos, sin) = &ctx.rope;
         let half = c.head_dim / 2;
         let (cos, sin) = (cos.narrow(1, 0, half)?, sin.narrow(1, 0, half)?);
-        let q = candle_nn::rotary_emb::rope(&q, &cos.contiguous()?, &sin.contiguous()?)?;
-        let k = candle_nn::rotary_emb::rope(&k, &cos.contiguous()?, &sin.contiguous()?)?;
+        let q = norm_heads_rope(&q, &(&l.q_norm * scale)?, c.rms_norm_eps, &cos, &sin)?;
+        let k = norm_heads_rope(&k, &l.k_norm, c.rms_norm_eps, &cos, &sin)?;
+        let v = swap_axes_1_2(&v)?;
         let (k, v) = kv.append(&k, &v)?;
         let total = k.dim(2)?;
         let (kvh, group) = (
@@ -595,21 +589,18 @@ impl LayerRun {
         let qg = q.contiguous()?.reshape((1, kvh, group * n, c.head_dim))?;
         let scores = qg
             .matmul(&k.t()?)?
-            .reshape((1, c.num_attention_heads, n, total))?
-            .broadcast_add(&ctx.mask)?;
-        let probs =
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(ctx.dtype)?;
+            .reshape((1, c.num_attention_heads, n, total))?;
+        let probs = causal_softmax(&scores, total - n, &ctx.mask)?;
         let probs = probs.reshape((1, kvh, group * n, total))?;
         let attn = probs
             .matmul(&v)?
-            .reshape((1, c.num_attention_heads, n, c.head_dim))?
-            .transpose(1, 2)?
-            .reshape((1, n, c.num_attention_heads * c.head_dim))?;
-        let x = (x + self.linear(&attn, Module::O, false)?)?;
+            .reshape((1, c.num_attention_heads, n, c.head_dim))?;
+        let attn = swap_axes_1_2(&attn)?.reshape((1, n, c.num_attention_heads * c.head_dim))?;
+        let x = add(x, &self.linear(&attn, Module::O, false)?)?;
         let h = fused_rms_norm(&x, &l.post_attention_norm, c.rms_norm_eps)?;
         let gate = self.linear(&h, Module::Gate, false)?;
         let mlp = swiglu(&gate, &self.linear(&h, Module::Up, false)?)?;
-        x + self.linear(&mlp, Module::Down, false)
+        add(&x, &self.linear(&mlp, Module::Down, false)?)
     }
 }
 
