@@ -4,16 +4,20 @@
 //! round-robin as a decode step reads its layers; the figure is weight bytes streamed per
 //! second. Thread count: `RAYON_NUM_THREADS` (default: all cores).
 //!
-//! `cargo bench -p claas-trainer --bench gemv`
+//! `cargo bench -p claas-trainer --bench gemv`. Under `cargo test` (no `--bench` argument)
+//! it runs each shape once on one copy and checks the split product against candle's.
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use claas_trainer::frozen::matmul_2d;
 
-const WORKING_SET: usize = 400 << 20;
-
 fn main() -> candle_core::Result<()> {
+    let full = std::env::args().any(|a| a == "--bench");
+    if !full {
+        return smoke();
+    }
+    let working_set: usize = 400 << 20;
     let dev = Device::Cpu;
     println!("threads: {}", rayon::current_num_threads());
     println!(
@@ -31,7 +35,7 @@ fn main() -> candle_core::Result<()> {
     ];
     for (k, n, transposed, label) in shapes {
         let bytes = k * n * 4;
-        let copies = WORKING_SET.div_ceil(bytes).max(3);
+        let copies = working_set.div_ceil(bytes).max(3);
         let mats = (0..copies)
             .map(|i| {
                 let m = Tensor::rand(-1f32, 1f32, if transposed { (n, k) } else { (k, n) }, &dev)?;
@@ -48,6 +52,27 @@ fn main() -> candle_core::Result<()> {
         let candle = rate(&mats, bytes, |m| x.matmul(m))?;
         println!("{label:<34} {split:>12.1} {candle:>12.1}");
     }
+    Ok(())
+}
+
+/// One product per shape and layout, split vs candle, equal within f32 rounding.
+fn smoke() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    for (k, n) in [(1024, 2048), (3072, 1024), (1024, 4099)] {
+        let x = Tensor::rand(-1f32, 1f32, (1, k), &dev)?;
+        let m = Tensor::rand(-1f32, 1f32, (k, n), &dev)?;
+        for m in [m.clone(), m.t()?.contiguous()?.t()?] {
+            let diff = (matmul_2d(&x, &m)? - x.matmul(&m)?)?
+                .abs()?
+                .max_keepdim(1)?
+                .flatten_all()?
+                .to_vec1::<f32>()?[0];
+            if diff > 1e-3 {
+                candle_core::bail!("{k}x{n}: the split product differs from candle's by {diff}");
+            }
+        }
+    }
+    println!("gemv smoke: split products match candle's");
     Ok(())
 }
 
