@@ -9,52 +9,65 @@ use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 /// both, split across the thread pool, instead of candle's one-thread SiLU and a second
 /// pass for the product.
 pub(super) fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
-    let fused = gate.device().is_cpu()
-        && gate.dtype() == DType::F32
-        && up.dtype() == DType::F32
-        && gate.shape() == up.shape();
-    if fused {
-        gate.contiguous()?
-            .apply_op2_no_bwd(&up.contiguous()?, &SiluMul)
-    } else {
-        gate.silu()? * up
-    }
+    let op = Zip2("silu-mul", |g: f32, u: f32| g / (1.0 + (-g).exp()) * u);
+    zip2(gate, up, &op).unwrap_or_else(|| gate.silu()? * up)
 }
 
-struct SiluMul;
+/// `a + b` for tensors of one shape (the residual adds), split over the thread pool on the
+/// CPU in f32 (candle's binary ops run on one thread). Inference only (no backward).
+pub(super) fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    zip2(a, b, &Zip2("parallel-add", |a: f32, b: f32| a + b)).unwrap_or_else(|| a + b)
+}
 
-impl candle_core::CustomOp2 for SiluMul {
+/// `op` applied element by element to two f32 CPU tensors of one shape, in one pass split
+/// over the thread pool; `None` where that does not apply (the caller uses candle's ops).
+fn zip2<F: Fn(f32, f32) -> f32 + Send + Sync>(
+    a: &Tensor,
+    b: &Tensor,
+    op: &Zip2<F>,
+) -> Option<candle_core::Result<Tensor>> {
+    let applies = a.device().is_cpu()
+        && a.dtype() == DType::F32
+        && b.dtype() == DType::F32
+        && a.shape() == b.shape();
+    applies.then(|| a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, op))
+}
+
+/// An element-wise binary op: its name and the function of two elements.
+struct Zip2<F>(&'static str, F);
+
+impl<F: Fn(f32, f32) -> f32 + Send + Sync> candle_core::CustomOp2 for Zip2<F> {
     fn name(&self) -> &'static str {
-        "silu-mul"
+        self.0
     }
 
     fn cpu_fwd(
         &self,
-        gate: &CpuStorage,
-        gl: &Layout,
-        up: &CpuStorage,
-        ul: &Layout,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
-        let (CpuStorage::F32(g), CpuStorage::F32(u)) = (gate, up) else {
-            candle_core::bail!("silu-mul: f32 only");
+        let (CpuStorage::F32(a), CpuStorage::F32(b)) = (a, b) else {
+            candle_core::bail!("{}: f32 only", self.0);
         };
-        let (Some((g0, g1)), Some((u0, u1))) = (gl.contiguous_offsets(), ul.contiguous_offsets())
+        let (Some((a0, a1)), Some((b0, b1))) = (al.contiguous_offsets(), bl.contiguous_offsets())
         else {
-            candle_core::bail!("silu-mul: contiguous inputs only");
+            candle_core::bail!("{}: contiguous inputs only", self.0);
         };
-        let (g, u) = (&g[g0..g1], &u[u0..u1]);
-        let mut out = vec![0f32; g.len()];
+        let (a, b) = (&a[a0..a1], &b[b0..b1]);
+        let mut out = vec![0f32; a.len()];
         // Chunks big enough to amortise the pool's scheduling, small enough to share.
         const CHUNK: usize = 1 << 14;
         out.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(o, (g, u))| {
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g / (1.0 + (-g).exp()) * u;
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .for_each(|(o, (a, b))| {
+                for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                    *o = (self.1)(a, b);
                 }
             });
-        Ok((CpuStorage::F32(out), gl.shape().clone()))
+        Ok((CpuStorage::F32(out), al.shape().clone()))
     }
 }
 
@@ -226,56 +239,6 @@ impl candle_core::CustomOp1 for CausalSoftmax {
                 o.iter_mut().for_each(|o| *o *= inv);
             });
         Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-}
-
-/// `a + b` for tensors of one shape (the residual adds), split over the thread pool on the
-/// CPU in f32 (candle's binary ops run on one thread). Inference only (no backward).
-pub(super) fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    let fused = a.device().is_cpu()
-        && a.dtype() == DType::F32
-        && b.dtype() == DType::F32
-        && a.shape() == b.shape();
-    if fused {
-        a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &Add)
-    } else {
-        a + b
-    }
-}
-
-struct Add;
-
-impl candle_core::CustomOp2 for Add {
-    fn name(&self) -> &'static str {
-        "parallel-add"
-    }
-
-    fn cpu_fwd(
-        &self,
-        a: &CpuStorage,
-        al: &Layout,
-        b: &CpuStorage,
-        bl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
-        let (CpuStorage::F32(a), CpuStorage::F32(b)) = (a, b) else {
-            candle_core::bail!("parallel-add: f32 only");
-        };
-        let (Some((a0, a1)), Some((b0, b1))) = (al.contiguous_offsets(), bl.contiguous_offsets())
-        else {
-            candle_core::bail!("parallel-add: contiguous inputs only");
-        };
-        let (a, b) = (&a[a0..a1], &b[b0..b1]);
-        let mut out = vec![0f32; a.len()];
-        const CHUNK: usize = 1 << 14;
-        out.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .for_each(|(o, (a, b))| {
-                for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
-                    *o = a + b;
-                }
-            });
-        Ok((CpuStorage::F32(out), al.shape().clone()))
     }
 }
 
