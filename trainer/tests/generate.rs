@@ -6,11 +6,13 @@ use claas_trainer::generate::{full_logits, generate, Finish, Sampling};
 use claas_trainer::random::{write_checkpoint, Preset};
 use claas_trainer::{AdapterConfig, KvCache, LoraAdapter, Qwen3};
 
+/// A tiny checkpoint in a directory of its own per call: tests run in parallel, and one
+/// that found another's half-written checkpoint failed to load it.
 fn tiny() -> (Qwen3, std::path::PathBuf) {
-    let dir = std::env::temp_dir().join(format!("claas-gen-{}", std::process::id()));
-    if !dir.join("config.json").is_file() {
-        write_checkpoint(Preset::Tiny, &dir, 11).expect("checkpoint");
-    }
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("claas-gen-{}-{call}", std::process::id()));
+    write_checkpoint(Preset::Tiny, &dir, 11).expect("checkpoint");
     (
         Qwen3::load(&dir, &Device::Cpu, DType::F32).expect("load"),
         dir,
