@@ -9,19 +9,24 @@ use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 /// both, split across the thread pool, instead of candle's one-thread SiLU and a second
 /// pass for the product.
 pub(super) fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
-    let op = Zip2("silu-mul", |g: f32, u: f32| g / (1.0 + (-g).exp()) * u);
+    let op = Zip2("silu-mul", super::simd::silu_mul);
     zip2(gate, up, &op).unwrap_or_else(|| gate.silu()? * up)
 }
 
 /// `a + b` for tensors of one shape (the residual adds), split over the thread pool on the
 /// CPU in f32 (candle's binary ops run on one thread). Inference only (no backward).
 pub(super) fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    zip2(a, b, &Zip2("parallel-add", |a: f32, b: f32| a + b)).unwrap_or_else(|| a + b)
+    let op = Zip2("parallel-add", |o: &mut [f32], a: &[f32], b: &[f32]| {
+        for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+            *o = a + b;
+        }
+    });
+    zip2(a, b, &op).unwrap_or_else(|| a + b)
 }
 
 /// `op` applied element by element to two f32 CPU tensors of one shape, in one pass split
 /// over the thread pool; `None` where that does not apply (the caller uses candle's ops).
-fn zip2<F: Fn(f32, f32) -> f32 + Send + Sync>(
+fn zip2<F: Fn(&mut [f32], &[f32], &[f32]) + Send + Sync>(
     a: &Tensor,
     b: &Tensor,
     op: &Zip2<F>,
@@ -33,10 +38,11 @@ fn zip2<F: Fn(f32, f32) -> f32 + Send + Sync>(
     applies.then(|| a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, op))
 }
 
-/// An element-wise binary op: its name and the function of two elements.
+/// An element-wise binary op: its name and what it does to a chunk (`out`, `a`, `b`, all of
+/// one length).
 struct Zip2<F>(&'static str, F);
 
-impl<F: Fn(f32, f32) -> f32 + Send + Sync> candle_core::CustomOp2 for Zip2<F> {
+impl<F: Fn(&mut [f32], &[f32], &[f32]) + Send + Sync> candle_core::CustomOp2 for Zip2<F> {
     fn name(&self) -> &'static str {
         self.0
     }
@@ -62,11 +68,7 @@ impl<F: Fn(f32, f32) -> f32 + Send + Sync> candle_core::CustomOp2 for Zip2<F> {
         const CHUNK: usize = 1 << 14;
         out.par_chunks_mut(CHUNK)
             .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .for_each(|(o, (a, b))| {
-                for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                    *o = (self.1)(a, b);
-                }
-            });
+            .for_each(|(o, (a, b))| (self.1)(o, a, b));
         Ok((CpuStorage::F32(out), al.shape().clone()))
     }
 }
@@ -228,15 +230,7 @@ impl candle_core::CustomOp1 for CausalSoftmax {
             .enumerate()
             .for_each(|(row, (o, s))| {
                 let seen = self.past + row % n + 1;
-                let (o, s) = (&mut o[..seen], &s[..seen]);
-                let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (o, &v) in o.iter_mut().zip(s) {
-                    *o = (v - max).exp();
-                    sum += *o;
-                }
-                let inv = 1.0 / sum;
-                o.iter_mut().for_each(|o| *o *= inv);
+                super::simd::softmax_row(&mut o[..seen], &s[..seen]);
             });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }

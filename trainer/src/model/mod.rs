@@ -17,6 +17,7 @@ use crate::lora::LoraAdapter;
 
 mod checkpoint;
 mod fused;
+mod simd;
 
 use checkpoint::checkpointed;
 pub use checkpoint::GradSink;
