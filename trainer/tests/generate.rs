@@ -63,30 +63,32 @@ fn cached_decoding_matches_the_full_forward_at_every_position() {
     ]
     .into_iter()
     .chain([(None, (|| KvCache::with_capacity(64)) as fn() -> KvCache)]);
+    // Chunks fed to the cache: a short prompt then one token at a time; a prompt long enough
+    // for the tiled prefill kernel; a prefill after earlier positions.
+    let schedules: [&[usize]; 3] = [&[5, 1, 1, 1, 1, 1, 1, 1, 1], &[9, 1, 1, 1, 1], &[3, 10]];
     for (lora, new_cache) in caches {
         let full = full_logits(&model, &ids, lora)
             .expect("full")
             .squeeze(0)
             .expect("squeeze");
-        let mut cache = new_cache();
-        // A prompt of 5 at once, then one token at a time.
-        let first = model
-            .forward_cached(&ids[..5], &mut cache, lora)
-            .expect("prefill");
-        let d = max_abs_diff(&first, &full.get(4).expect("row"));
-        assert!(d < 1e-4, "prefill differs by {d}");
-        for p in 5..ids.len() {
-            let next = model
-                .forward_cached(&ids[p..=p], &mut cache, lora)
-                .expect("step");
-            let d = max_abs_diff(&next, &full.get(p).expect("row"));
-            assert!(
-                d < 1e-4,
-                "position {p} differs by {d} (adapter: {})",
-                lora.is_some()
-            );
+        for chunks in schedules {
+            let mut cache = new_cache();
+            let mut at = 0;
+            for &len in chunks {
+                let next = model
+                    .forward_cached(&ids[at..at + len], &mut cache, lora)
+                    .expect("forward");
+                at += len;
+                let d = max_abs_diff(&next, &full.get(at - 1).expect("row"));
+                assert!(
+                    d < 1e-4,
+                    "position {} differs by {d} (chunks {chunks:?}, adapter: {})",
+                    at - 1,
+                    lora.is_some()
+                );
+            }
+            assert_eq!(cache.len(), ids.len());
         }
-        assert_eq!(cache.len(), ids.len());
     }
 }
 

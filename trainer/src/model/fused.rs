@@ -1,6 +1,6 @@
 //! One-pass CPU kernels for the cached (inference) forward, split over the thread pool where
 //! candle's own ops run on one thread: RMSNorm, SiLU·up, the per-head norm with RoPE, the
-//! causal softmax, the residual add and the head transposes. None has a backward, so training
+//! residual add and the head transposes. None has a backward, so training
 //! never uses them; each falls back to candle's ops off the CPU or outside f32.
 
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
@@ -174,66 +174,13 @@ impl candle_core::CustomOp1 for NormHeadsRope {
     }
 }
 
-/// Softmax over the last axis of attention scores `(.., n, past + n)` under the causal mask:
-/// query `i` sees keys `0..=past + i` and gives the rest probability 0. On the CPU in f32 it
-/// is one pass per row, split over the thread pool, that never exponentiates the masked part
-/// (half the scores in a prefill); elsewhere the mask is added and candle-nn's softmax runs.
-/// Inference only (no backward).
-pub(super) fn causal_softmax(
-    scores: &Tensor,
-    past: usize,
-    mask: &Tensor,
-) -> candle_core::Result<Tensor> {
-    if scores.device().is_cpu() && scores.dtype() == DType::F32 {
-        return scores
-            .contiguous()?
-            .apply_op1_no_bwd(&CausalSoftmax { past });
-    }
+/// Softmax over the last axis of attention scores `(.., n, past + n)` with the causal mask
+/// `(n, past + n)` added, in f32. The path off the CPU or outside f32; on the CPU in f32 the
+/// whole attention is one kernel (`attend`).
+pub(super) fn masked_softmax(scores: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
     let dtype = scores.dtype();
     let masked = scores.broadcast_add(mask)?.to_dtype(DType::F32)?;
     candle_nn::ops::softmax_last_dim(&masked)?.to_dtype(dtype)
-}
-
-struct CausalSoftmax {
-    past: usize,
-}
-
-impl candle_core::CustomOp1 for CausalSoftmax {
-    fn name(&self) -> &'static str {
-        "causal-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
-        let CpuStorage::F32(s) = s else {
-            candle_core::bail!("causal-softmax: f32 only");
-        };
-        let Some((s0, s1)) = l.contiguous_offsets() else {
-            candle_core::bail!("causal-softmax: contiguous input only");
-        };
-        let dims = l.dims();
-        let (n, total) = match dims {
-            [.., n, total] => (*n, *total),
-            _ => candle_core::bail!("causal-softmax: scores need (.., n, past + n), got {dims:?}"),
-        };
-        if total != self.past + n {
-            candle_core::bail!(
-                "causal-softmax: {total} keys for {n} queries after {}",
-                self.past
-            );
-        }
-        let s = &s[s0..s1];
-        let mut out = vec![0f32; s.len()];
-        out.par_chunks_mut(total)
-            .zip(s.par_chunks(total))
-            .with_min_len(16)
-            .enumerate()
-            .for_each(|(row, (o, s))| {
-                let seen = self.past + row % n + 1;
-                super::simd::softmax_row(&mut o[..seen], &s[..seen]);
-            });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
 }
 
 /// `x.transpose(1, 2)` of a 4-D tensor, made contiguous: the heads moved across the

@@ -15,13 +15,14 @@ use crate::error::{checkpoint, invalid, Result};
 use crate::frozen;
 use crate::lora::LoraAdapter;
 
+mod attend;
 mod checkpoint;
 mod fused;
 mod simd;
 
 use checkpoint::checkpointed;
 pub use checkpoint::GradSink;
-use fused::{add, causal_softmax, fused_rms_norm, norm_heads_rope, swap_axes_1_2, swiglu};
+use fused::{add, fused_rms_norm, masked_softmax, norm_heads_rope, swap_axes_1_2, swiglu};
 
 #[derive(Clone)]
 struct Layer {
@@ -582,27 +583,43 @@ impl LayerRun {
         let k = norm_heads_rope(&k, &l.k_norm, c.rms_norm_eps, &cos, &sin)?;
         let v = swap_axes_1_2(&v)?;
         let (k, v) = kv.append(&k, &v)?;
-        let total = k.dim(2)?;
-        let (kvh, group) = (
-            c.num_key_value_heads,
-            c.num_attention_heads / c.num_key_value_heads,
-        );
-        let qg = q.contiguous()?.reshape((1, kvh, group * n, c.head_dim))?;
-        let scores = qg
-            .matmul(&k.t()?)?
-            .reshape((1, c.num_attention_heads, n, total))?;
-        let probs = causal_softmax(&scores, total - n, &ctx.mask)?;
-        let probs = probs.reshape((1, kvh, group * n, total))?;
-        let attn = probs
-            .matmul(&v)?
-            .reshape((1, c.num_attention_heads, n, c.head_dim))?;
-        let attn = swap_axes_1_2(&attn)?.reshape((1, n, c.num_attention_heads * c.head_dim))?;
+        let attn = match attend::causal_attention(&q, &k, &v) {
+            Some(attn) => attn?,
+            None => grouped_cached_attention(ctx, &q, &k, &v)?,
+        };
         let x = add(x, &self.linear(&attn, Module::O, false)?)?;
         let h = fused_rms_norm(&x, &l.post_attention_norm, c.rms_norm_eps)?;
         let gate = self.linear(&h, Module::Gate, false)?;
         let mlp = swiglu(&gate, &self.linear(&h, Module::Up, false)?)?;
         add(&x, &self.linear(&mlp, Module::Down, false)?)
     }
+}
+
+/// [`attend::causal_attention`] with candle's ops (off the CPU or outside f32): the query
+/// heads that share a KV head stacked along the sequence axis, the mask added.
+fn grouped_cached_attention(
+    ctx: &Context,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let c = &ctx.config;
+    let n = q.dim(2)?;
+    let total = k.dim(2)?;
+    let (kvh, group) = (
+        c.num_key_value_heads,
+        c.num_attention_heads / c.num_key_value_heads,
+    );
+    let qg = q.contiguous()?.reshape((1, kvh, group * n, c.head_dim))?;
+    let scores = qg
+        .matmul(&k.t()?)?
+        .reshape((1, c.num_attention_heads, n, total))?;
+    let probs = masked_softmax(&scores, &ctx.mask)?;
+    let probs = probs.reshape((1, kvh, group * n, total))?;
+    let attn = probs
+        .matmul(v)?
+        .reshape((1, c.num_attention_heads, n, c.head_dim))?;
+    swap_axes_1_2(&attn)?.reshape((1, n, c.num_attention_heads * c.head_dim))
 }
 
 /// Grouped-query attention without repeating K and V: the query heads that share a KV

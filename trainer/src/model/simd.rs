@@ -1,5 +1,5 @@
-//! Vectorised `exp` and the two element-wise kernels of the prefill that need it: SiLU·up
-//! and the softmax of one row. libm's `expf` runs one value at a time; it was 2.5 % of a
+//! Vectorised `exp` and the two kernels of the prefill that need it: SiLU·up and the softmax
+//! of one row (for `attend`). libm's `expf` runs one value at a time; it was 2.5 % of a
 //! prefill's CPU samples (`perf`), behind SiLU·up (41–47 ms of a 1.3 s prefill) and the
 //! causal softmax (45–51 ms).
 //!
@@ -68,57 +68,61 @@ impl WithSimd for SiluMul<'_> {
     }
 }
 
-/// `out = softmax(scores)` for one row (`out` and `scores` of one length).
-pub(super) fn softmax_row(out: &mut [f32], scores: &[f32]) {
-    Arch::new().dispatch(SoftmaxRow { out, scores });
-}
-
-struct SoftmaxRow<'a> {
-    out: &'a mut [f32],
-    scores: &'a [f32],
-}
-
-impl WithSimd for SoftmaxRow<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn with_simd<S: Simd>(self, simd: S) {
-        let SoftmaxRow { out, scores } = self;
-        let (s, s_tail) = S::as_simd_f32s(scores);
-        let mut max = simd.splat_f32s(f32::NEG_INFINITY);
-        for v in s {
-            max = simd.max_f32s(max, *v);
-        }
-        let max = s_tail
-            .iter()
-            .copied()
-            .fold(simd.reduce_max_f32s(max), f32::max);
-        let max_v = simd.splat_f32s(max);
-        let (o, o_tail) = S::as_mut_simd_f32s(out);
-        let mut sum = simd.splat_f32s(0.0);
-        for (o, v) in o.iter_mut().zip(s) {
-            *o = exp(simd, simd.sub_f32s(*v, max_v));
-            sum = simd.add_f32s(sum, *o);
-        }
-        let mut sum = simd.reduce_sum_f32s(sum);
-        for (o, v) in o_tail.iter_mut().zip(s_tail) {
-            *o = (v - max).exp();
-            sum += *o;
-        }
-        let inv = 1.0 / sum;
-        let inv_v = simd.splat_f32s(inv);
-        for o in o.iter_mut() {
-            *o = simd.mul_f32s(*o, inv_v);
-        }
-        for o in o_tail.iter_mut() {
-            *o *= inv;
-        }
+/// `out = softmax(scores)` for one row, inside a caller's SIMD context.
+#[inline(always)]
+pub(super) fn softmax_into<S: Simd>(simd: S, out: &mut [f32], scores: &[f32]) {
+    let (s, s_tail) = S::as_simd_f32s(scores);
+    let mut max = simd.splat_f32s(f32::NEG_INFINITY);
+    for v in s {
+        max = simd.max_f32s(max, *v);
+    }
+    let max = s_tail
+        .iter()
+        .copied()
+        .fold(simd.reduce_max_f32s(max), f32::max);
+    let max_v = simd.splat_f32s(max);
+    let (o, o_tail) = S::as_mut_simd_f32s(out);
+    let mut sum = simd.splat_f32s(0.0);
+    for (o, v) in o.iter_mut().zip(s) {
+        *o = exp(simd, simd.sub_f32s(*v, max_v));
+        sum = simd.add_f32s(sum, *o);
+    }
+    let mut sum = simd.reduce_sum_f32s(sum);
+    for (o, v) in o_tail.iter_mut().zip(s_tail) {
+        *o = (v - max).exp();
+        sum += *o;
+    }
+    let inv = 1.0 / sum;
+    let inv_v = simd.splat_f32s(inv);
+    for o in o.iter_mut() {
+        *o = simd.mul_f32s(*o, inv_v);
+    }
+    for o in o_tail.iter_mut() {
+        *o *= inv;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct SoftmaxRow<'a> {
+        out: &'a mut [f32],
+        scores: &'a [f32],
+    }
+
+    impl WithSimd for SoftmaxRow<'_> {
+        type Output = ();
+
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, simd: S) {
+            softmax_into(simd, self.out, self.scores);
+        }
+    }
+
+    fn softmax_row(out: &mut [f32], scores: &[f32]) {
+        Arch::new().dispatch(SoftmaxRow { out, scores });
+    }
 
     struct ExpAll<'a>(&'a mut [f32]);
 
