@@ -157,20 +157,84 @@ impl candle_core::CustomOp1 for NormHeadsRope {
                 let (bh, i) = (row / n, row % n);
                 let (bi, h) = (bh / heads, bh % heads);
                 let src = &x[((bi * n + i) * heads + h) * d..][..d];
-                let mean = src.iter().map(|v| v * v).sum::<f32>() / d as f32;
-                let inv = 1.0 / (mean + self.eps).sqrt();
-                let (cos, sin) = (&self.cos[i * half..][..half], &self.sin[i * half..][..half]);
-                let (lo, hi) = src.split_at(half);
-                let (wlo, whi) = self.weight.split_at(half);
-                let (olo, ohi) = o.split_at_mut(half);
-                for j in 0..half {
-                    let a = lo[j] * inv * wlo[j];
-                    let b = hi[j] * inv * whi[j];
-                    olo[j] = a * cos[j] - b * sin[j];
-                    ohi[j] = a * sin[j] + b * cos[j];
-                }
+                pulp::Arch::new().dispatch(NormRopeRow {
+                    src,
+                    weight: &self.weight,
+                    cos: &self.cos[i * half..][..half],
+                    sin: &self.sin[i * half..][..half],
+                    eps: self.eps,
+                    out: o,
+                });
             });
         Ok((CpuStorage::F32(out), Shape::from((b, heads, n, d))))
+    }
+}
+
+/// One row of [`NormHeadsRope`]: RMSNorm with `weight`, then RoPE by `cos`/`sin` (`half`
+/// long each), into `out`.
+struct NormRopeRow<'a> {
+    src: &'a [f32],
+    weight: &'a [f32],
+    cos: &'a [f32],
+    sin: &'a [f32],
+    eps: f32,
+    out: &'a mut [f32],
+}
+
+impl pulp::WithSimd for NormRopeRow<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        let NormRopeRow {
+            src,
+            weight,
+            cos,
+            sin,
+            eps,
+            out,
+        } = self;
+        let half = cos.len();
+        let (head, tail) = S::as_simd_f32s(src);
+        let mut acc = simd.splat_f32s(0.0);
+        for v in head {
+            acc = simd.mul_add_e_f32s(*v, *v, acc);
+        }
+        let sum = simd.reduce_sum_f32s(acc) + tail.iter().map(|v| v * v).sum::<f32>();
+        let inv = 1.0 / (sum / src.len() as f32 + eps).sqrt();
+        let (lo, hi) = src.split_at(half);
+        let (wlo, whi) = weight.split_at(half);
+        let (olo, ohi) = out.split_at_mut(half);
+        let inv_v = simd.splat_f32s(inv);
+        let ((lo_v, lo_t), (hi_v, hi_t)) = (S::as_simd_f32s(lo), S::as_simd_f32s(&hi[..half]));
+        let ((wl_v, wl_t), (wh_v, wh_t)) = (S::as_simd_f32s(wlo), S::as_simd_f32s(&whi[..half]));
+        let ((c_v, c_t), (s_v, s_t)) = (S::as_simd_f32s(cos), S::as_simd_f32s(sin));
+        let (ol_v, ol_t) = S::as_mut_simd_f32s(&mut olo[..half]);
+        let (oh_v, oh_t) = S::as_mut_simd_f32s(&mut ohi[..half]);
+        let lanes = lo_v
+            .iter()
+            .zip(hi_v)
+            .zip(wl_v.iter().zip(wh_v))
+            .zip(c_v.iter().zip(s_v))
+            .zip(ol_v.iter_mut().zip(oh_v));
+        for ((((l, h), (wl, wh)), (c, s)), (ol, oh)) in lanes {
+            let a = simd.mul_f32s(simd.mul_f32s(*l, inv_v), *wl);
+            let b = simd.mul_f32s(simd.mul_f32s(*h, inv_v), *wh);
+            *ol = simd.sub_f32s(simd.mul_f32s(a, *c), simd.mul_f32s(b, *s));
+            *oh = simd.mul_add_e_f32s(a, *s, simd.mul_f32s(b, *c));
+        }
+        let rest = lo_t
+            .iter()
+            .zip(hi_t)
+            .zip(wl_t.iter().zip(wh_t))
+            .zip(c_t.iter().zip(s_t))
+            .zip(ol_t.iter_mut().zip(oh_t));
+        for ((((l, h), (wl, wh)), (c, s)), (ol, oh)) in rest {
+            let a = l * inv * wl;
+            let b = h * inv * wh;
+            *ol = a * c - b * s;
+            *oh = a * s + b * c;
+        }
     }
 }
 
