@@ -22,7 +22,9 @@ mod simd;
 
 use checkpoint::checkpointed;
 pub use checkpoint::GradSink;
-use fused::{add, fused_rms_norm, masked_softmax, norm_heads_rope, swap_axes_1_2, swiglu};
+use fused::{
+    add, fused_rms_norm, masked_softmax, norm_heads_rope, swap_axes_1_2, swiglu, transpose_2d,
+};
 
 #[derive(Clone)]
 struct Layer {
@@ -91,7 +93,7 @@ impl Qwen3 {
                     &format!("{p}.{}.{}.weight", m.block(), m.name()),
                     &[out, inp],
                 )?;
-                proj.push(w.t()?.contiguous()?);
+                proj.push(transpose_2d(&w)?);
             }
             let proj: [Tensor; 7] = proj
                 .try_into()
