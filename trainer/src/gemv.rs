@@ -233,6 +233,7 @@ impl WithSimd for Dots<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_values as values;
     use candle_core::Device;
 
     fn reference(x: &[f32], m: &[f32], k: usize, n: usize) -> Vec<f32> {
@@ -241,18 +242,6 @@ mod tests {
                 (0..k)
                     .map(|i| x[i] as f64 * m[i * n + j] as f64)
                     .sum::<f64>() as f32
-            })
-            .collect()
-    }
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
             })
             .collect()
     }

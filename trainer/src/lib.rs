@@ -24,3 +24,17 @@ pub use lora::{AdapterConfig, LoraAdapter};
 pub use model::{KvCache, Qwen3};
 pub use step::{sdpo_step, StepConfig, StepMetrics, StepSample};
 pub use template::{ChatTokenizer, Message};
+
+/// Deterministic values in [-1, 1] (xorshift) for the kernels' tests.
+#[cfg(test)]
+pub(crate) fn test_values(len: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s % 2001) as f32 / 1000.0 - 1.0
+        })
+        .collect()
+}

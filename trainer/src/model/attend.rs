@@ -367,19 +367,8 @@ impl WithSimd for Tile<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_values as values;
     use candle_core::Device;
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
 
     /// Both kernels (a few rows; the tiled prefill) on head sizes on and off the vector
     /// width, groups of 1 to 3 query heads per KV head, with and without earlier positions,
