@@ -131,10 +131,10 @@ fn transposed_form(x: &[f32], w: &[f32], n: usize) -> Vec<f32> {
 
 /// `y += Σᵢ x[i] · m[i]` over the rows of `m` (row-major, `y.len()` columns), four rows per
 /// pass over `y`.
-struct Axpy<'a> {
-    y: &'a mut [f32],
-    x: &'a [f32],
-    m: &'a [f32],
+pub(crate) struct Axpy<'a> {
+    pub(crate) y: &'a mut [f32],
+    pub(crate) x: &'a [f32],
+    pub(crate) m: &'a [f32],
 }
 
 impl WithSimd for Axpy<'_> {
@@ -179,10 +179,10 @@ impl WithSimd for Axpy<'_> {
 
 /// `y[j] = w[j] · x` for the rows of `w` (row-major, `x.len()` columns), four rows at a time
 /// so each load of `x` serves four.
-struct Dots<'a> {
-    y: &'a mut [f32],
-    x: &'a [f32],
-    w: &'a [f32],
+pub(crate) struct Dots<'a> {
+    pub(crate) y: &'a mut [f32],
+    pub(crate) x: &'a [f32],
+    pub(crate) w: &'a [f32],
 }
 
 impl WithSimd for Dots<'_> {

@@ -10,6 +10,8 @@
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 use pulp::{Arch, Simd, WithSimd};
 
+use crate::gemv::{Axpy, Dots};
+
 /// Attention of `q` `(1, heads, n, head_dim)` (already scaled by `1/√head_dim`) over `k`, `v`
 /// `(1, kv_heads, past + n, head_dim)`, query `i` seeing keys `0..=past + i`, as
 /// `(1, n, heads · head_dim)`. `None` off the CPU or outside f32 (the caller uses candle's ops).
@@ -184,73 +186,22 @@ impl WithSimd for Row<'_> {
         scratch.clear();
         scratch.resize(2 * seen, 0.0);
         let (scores, probs) = scratch.split_at_mut(seen);
-        let (qv, q_tail) = S::as_simd_f32s(q);
-        let off = d - q_tail.len();
-        let dot = |key: &[f32]| -> f32 {
-            let (kv, k_tail) = S::as_simd_f32s(key);
-            let mut acc = simd.splat_f32s(0.0);
-            for (a, b) in qv.iter().zip(kv) {
-                acc = simd.mul_add_e_f32s(*a, *b, acc);
-            }
-            let tail: f32 = q_tail.iter().zip(k_tail).map(|(a, b)| a * b).sum();
-            simd.reduce_sum_f32s(acc) + tail
-        };
-        // Four keys per pass: four independent sums in flight.
-        let mut keys4 = k.chunks_exact(4 * d);
-        let mut s4 = scores.chunks_exact_mut(4);
-        for (s, ks) in s4.by_ref().zip(keys4.by_ref()) {
-            let (k0, rest) = ks.split_at(d);
-            let (k1, rest) = rest.split_at(d);
-            let (k2, k3) = rest.split_at(d);
-            let [h0, h1, h2, h3] = [k0, k1, k2, k3].map(|r| S::as_simd_f32s(r).0);
-            let zero = simd.splat_f32s(0.0);
-            let (mut a0, mut a1, mut a2, mut a3) = (zero, zero, zero, zero);
-            for ((((x, y0), y1), y2), y3) in qv.iter().zip(h0).zip(h1).zip(h2).zip(h3) {
-                a0 = simd.mul_add_e_f32s(*x, *y0, a0);
-                a1 = simd.mul_add_e_f32s(*x, *y1, a1);
-                a2 = simd.mul_add_e_f32s(*x, *y2, a2);
-                a3 = simd.mul_add_e_f32s(*x, *y3, a3);
-            }
-            let tail = |r: &[f32]| -> f32 { r[off..].iter().zip(q_tail).map(|(a, b)| a * b).sum() };
-            s[0] = simd.reduce_sum_f32s(a0) + tail(k0);
-            s[1] = simd.reduce_sum_f32s(a1) + tail(k1);
-            s[2] = simd.reduce_sum_f32s(a2) + tail(k2);
-            s[3] = simd.reduce_sum_f32s(a3) + tail(k3);
+        // The same products as a decode step's LM head and its projections, so the same
+        // kernels: a dot product per key, then the value rows weighted and summed.
+        Dots {
+            y: scores,
+            x: q,
+            w: k,
         }
-        for (s, key) in s4
-            .into_remainder()
-            .iter_mut()
-            .zip(keys4.remainder().chunks_exact(d))
-        {
-            *s = dot(key);
-        }
+        .with_simd(simd);
         super::simd::softmax_into(simd, probs, scores);
-        // out = Σ p_j v_j, two value rows per pass over the output.
         out.fill(0.0);
-        let (ov, o_tail) = S::as_mut_simd_f32s(out);
-        let mut vals2 = v.chunks_exact(2 * d);
-        let mut p2 = probs.chunks_exact(2);
-        for (p, vs) in p2.by_ref().zip(vals2.by_ref()) {
-            let (v0, v1) = vs.split_at(d);
-            let (c0, c1) = (simd.splat_f32s(p[0]), simd.splat_f32s(p[1]));
-            let ((h0, t0), (h1, t1)) = (S::as_simd_f32s(v0), S::as_simd_f32s(v1));
-            for ((o, x0), x1) in ov.iter_mut().zip(h0).zip(h1) {
-                *o = simd.mul_add_e_f32s(c1, *x1, simd.mul_add_e_f32s(c0, *x0, *o));
-            }
-            for ((o, x0), x1) in o_tail.iter_mut().zip(t0).zip(t1) {
-                *o += p[0] * x0 + p[1] * x1;
-            }
+        Axpy {
+            y: out,
+            x: probs,
+            m: v,
         }
-        for (p, val) in p2.remainder().iter().zip(vals2.remainder().chunks_exact(d)) {
-            let c = simd.splat_f32s(*p);
-            let (h, t) = S::as_simd_f32s(val);
-            for (o, x) in ov.iter_mut().zip(h) {
-                *o = simd.mul_add_e_f32s(c, *x, *o);
-            }
-            for (o, x) in o_tail.iter_mut().zip(t) {
-                *o += p * x;
-            }
-        }
+        .with_simd(simd);
     }
 }
 
