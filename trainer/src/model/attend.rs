@@ -1,11 +1,12 @@
-//! Causal grouped-query attention over the KV cache in one pass per query row, on the CPU in
-//! f32: `q·kᵀ` against the keys the row may see, the softmax and `p·v`, written straight into
-//! the `(n, heads · head_dim)` layout the output projection reads.
+//! Causal grouped-query attention over the KV cache on the CPU in f32: `q·kᵀ` against only
+//! the keys each query may see, the softmax and `p·v`, written straight into the
+//! `(n, heads · head_dim)` layout the output projection reads.
 //!
 //! candle's batched matmuls computed every score, the masked half too, one head's GEMM at a
 //! time, then the probabilities and a transpose took passes of their own: 150 ms of a 1.25 s
-//! prefill of 256 tokens (28 layers, 2 threads; `q·kᵀ` ran at 107 GFLOP/s). Here each row is
-//! a task for the thread pool, and the work is what the mask leaves.
+//! prefill of 256 tokens (28 layers, 2 threads; `q·kᵀ` ran at 107 GFLOP/s). Here a prefill
+//! runs in tiles of up to [`TILE_ROWS`] query rows that share every key and value load (one
+//! task per block of positions), and decoding runs one task per query row.
 
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 use pulp::{Arch, Simd, WithSimd};

@@ -1,7 +1,8 @@
 //! One-pass CPU kernels for the cached (inference) forward, split over the thread pool where
 //! candle's own ops run on one thread: RMSNorm, SiLU·up, the per-head norm with RoPE, the
-//! residual add and the head transposes. None has a backward, so training
-//! never uses them; each falls back to candle's ops off the CPU or outside f32.
+//! residual add and the head transposes; and the 2-D transpose that holds the projections
+//! `(in, out)` at load. None has a backward, so no training graph contains them; each falls
+//! back to candle's ops off the CPU or outside f32.
 
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 
