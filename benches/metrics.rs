@@ -15,7 +15,9 @@ use sqlx::Connection;
 const QUERIES: [(&str, &str); 12] = [
     (
         "live jobs by status",
-        "select status, count(*) from jobs where status in ('queued', 'running', 'coalesced') group by status",
+        "select 'queued' as status, count(*) as n from jobs where status = 'queued'
+           union all select 'running', count(*) from jobs where status = 'running'
+           union all select 'coalesced', count(*) from jobs where status = 'coalesced'",
     ),
     (
         "oldest queued",
@@ -59,7 +61,13 @@ const QUERIES: [(&str, &str); 12] = [
     ),
     (
         "dashboard: one job's timeline",
-        "select at, phase, message from job_events where job_id = (select id from jobs order by id desc limit 1) order by id",
+        "with j as (select id, trained_by, batch_event from jobs order by id desc limit 1)
+         select at, phase, message from (
+           select e.id, e.at, e.phase, e.message from job_events e, j where e.job_id = j.id
+           union all
+           select e.id, e.at, e.phase, e.message from j join job_events e
+             on e.job_id = j.trained_by and e.id >= j.batch_event
+         ) t order by id",
     ),
 ];
 

@@ -16,13 +16,19 @@ impl JobStore for PgStore {
     }
 
     async fn metrics_snapshot(&self, window: Duration) -> Result<crate::queue::MetricsSnapshot> {
+        // One count per status, each matching a partial index's predicate exactly (there is
+        // no index of every live row: it cost each job two more index entries).
         let live = parse_status_counts(
             sqlx::query_as(
-                "select status, count(*) as n from jobs
-                 where status in ('queued', 'running', 'coalesced') group by status",
+                "select 'queued' as status, count(*) as n from jobs where status = 'queued'
+                 union all select 'running', count(*) from jobs where status = 'running'
+                 union all select 'coalesced', count(*) from jobs where status = 'coalesced'",
             )
             .fetch_all(&self.pool)
-            .await?,
+            .await?
+            .into_iter()
+            .filter(|(_, n): &(String, i64)| *n > 0)
+            .collect(),
         )?;
         let oldest_queued_s: Option<f64> = sqlx::query_scalar(
             "select extract(epoch from now() - min(created_at))::float8 from jobs
@@ -180,11 +186,10 @@ impl JobStore for PgStore {
     }
 
     async fn job_events(&self, id: Uuid) -> Result<Vec<JobEvent>> {
-        let rows =
-            sqlx::query("select at, phase, message from job_events where job_id = $1 order by id")
-                .bind(id)
-                .fetch_all(&self.pool)
-                .await?;
+        let rows = sqlx::query(MEMBER_AWARE_EVENTS)
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(JobEvent {
@@ -205,6 +210,7 @@ impl JobStore for PgStore {
                     status = case when j.status = 'running' then 'running' else 'cancelled' end,
                     cancel_requested = true,
                     trained_by = case when j.status = 'coalesced' then null else j.trained_by end,
+                    batch_event = case when j.status = 'coalesced' then null else j.batch_event end,
                     worker_id = case when j.status = 'running' then j.worker_id else null end,
                     finished_at = case when j.status = 'running' then null else now() end,
                     error = case when j.status = 'running' then j.error
@@ -254,3 +260,18 @@ impl JobStore for PgStore {
         Ok(payload.map(serde_json::from_value).transpose()?)
     }
 }
+
+/// A job's timeline: its own events, then, for a member of a batch, its lead's events from
+/// the `claimed` one at which it joined (`batch_event`), named as the batch's. Ordered by
+/// event id, which is commit order across both jobs.
+const MEMBER_AWARE_EVENTS: &str = "
+    select at, phase, message from (
+        select id, at, phase, message from job_events where job_id = $1
+        union all
+        select e.id, e.at,
+               case when e.id = j.batch_event then 'coalesced' else e.phase end,
+               case when e.id = j.batch_event then 'joined the batch of job ' || e.job_id
+                    else 'batch of job ' || e.job_id || ': ' || e.message end
+        from jobs j join job_events e on e.job_id = j.trained_by and e.id >= j.batch_event
+        where j.id = $1
+    ) t order by id";

@@ -35,16 +35,18 @@ impl LeaseStore for PgStore {
                     from candidates
                 ) t, claimed c
                 where t.total + c.sample_count <= $4
-            ), members as (
-                update jobs m set status = 'coalesced', phase = 'queued', trained_by = c.id,
-                    worker_id = $2, started_at = coalesce(m.started_at, now())
-                from joined, claimed c where m.id = joined.id
-                returning m.*
             ), ev as (
                 insert into job_events (job_id, phase, message)
-                select id, 'claimed', 'claimed by ' || $2 || ' (attempt ' || attempt || ')' from claimed
-                union all
-                select id, 'coalesced', 'joined the batch of job ' || trained_by from members
+                select id, 'claimed', 'claimed by ' || $2 || ' (attempt ' || attempt || ')'
+                    || coalesce(' with ' || nullif((select count(*) from joined), 0) || ' coalesced job(s)', '')
+                from claimed
+                returning id
+            ), members as (
+                -- No event per member: a member's timeline reads its lead's from `ev` on.
+                update jobs m set status = 'coalesced', phase = 'queued', trained_by = c.id,
+                    batch_event = (select id from ev), started_at = coalesce(m.started_at, now())
+                from joined, claimed c where m.id = joined.id
+                returning m.*
             )
             select 0 as ord, {JOB_COLUMNS}, payload from claimed
             union all
@@ -145,7 +147,6 @@ impl LeaseStore for PgStore {
             ), ev as (
                 insert into job_events (job_id, phase, message)
                 select id, 'distill', 'training started' from lead
-                union all select id, 'distill', 'training started in batch of ' || $1 from members
             )
             select (select count(*) from lead) as leads,
                    coalesce((select array_agg(id) from members), '{{}}') as members",
@@ -212,12 +213,16 @@ impl LeaseStore for PgStore {
             "with lead as (
                 update jobs set status = 'succeeded', phase = 'done', result = $4, error = null,
                     finished_at = now(), lease_expires_at = null, timings_ms = {timings}
-                where {FENCE} returning id, status, result, error
-            ), members as ({MEMBERS_FOLLOW_LEAD}
+                where {FENCE} returning id, result
+            ), members as (
+                -- `MEMBERS_FOLLOW_LEAD` for a lead that succeeded, without its cases: this
+                -- runs once per batch on the hot path.
+                update jobs m set status = 'succeeded', phase = 'done', worker_id = null,
+                    result = lead.result, error = null, finished_at = now()
+                from lead where m.trained_by = lead.id and m.status = 'coalesced'
             ), ev as (
                 insert into job_events (job_id, phase, message)
                 select id, 'done', 'succeeded' from lead
-                union all select id, 'done', 'succeeded in the batch of ' || $1 from members
             )
             select (select count(*) from lead) as n",
             timings = add_timing(5, 6)
@@ -251,6 +256,7 @@ impl LeaseStore for PgStore {
             ), ev as (
                 insert into job_events (job_id, phase, message)
                 select id, status, ($5::jsonb)->>'message' from lead
+                {DETACHED_MEMBER_EVENTS}
             ), n as (select pg_notify('{CHANNEL}', '') from lead)
             select (select status from lead) as status, (select count(*) from n) as notified",
             set = settle_lead(&next, "$5::jsonb", "$6::float8"),
@@ -282,6 +288,7 @@ impl LeaseStore for PgStore {
             ), members as ({MEMBERS_FOLLOW_LEAD}
             ), ev as (
                 insert into job_events (job_id, phase, message) select id, 'cancelled', $4 from lead
+                {DETACHED_MEMBER_EVENTS}
             ), n as (select pg_notify('{CHANNEL}', '') from lead)
             select (select count(*) from lead) as n, (select count(*) from n) as notified"
         );
@@ -306,6 +313,7 @@ impl LeaseStore for PgStore {
             ), ev as (
                 insert into job_events (job_id, phase, message)
                 select id, status, 'handed back by ' || $3 || ' on shutdown' from lead
+                {DETACHED_MEMBER_EVENTS}
             ), n as (select pg_notify('{CHANNEL}', '') from lead)
             select (select count(*) from lead) as n, (select count(*) from n) as notified",
             set = settle_lead(&next_status("true"), "null::jsonb", "0"),
@@ -332,6 +340,7 @@ impl LeaseStore for PgStore {
             ), ev as (
                 insert into job_events (job_id, phase, message)
                 select id, status, error->>'message' from lead
+                {DETACHED_MEMBER_EVENTS}
             ), n as (select pg_notify('{CHANNEL}', '') from lead limit 1)
             select (select count(*) from lead where status = 'queued') as requeued,
                    (select count(*) from lead where status = 'failed') as failed,

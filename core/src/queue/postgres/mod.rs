@@ -232,6 +232,8 @@ const MEMBERS_FOLLOW_LEAD: &str = "
                       when m.published_version is null then 'queued' else 'coalesced' end,
         trained_by = case when m.published_version is null and lead.status in ('queued', 'cancelled')
                           then null else m.trained_by end,
+        batch_event = case when m.published_version is null and lead.status in ('queued', 'cancelled')
+                           then null else m.batch_event end,
         phase = case when lead.status = 'succeeded' then 'done'
                      when m.published_version is null then 'queued' else m.phase end,
         worker_id = null,
@@ -242,7 +244,15 @@ const MEMBERS_FOLLOW_LEAD: &str = "
                            when lead.status = 'cancelled' and m.published_version is not null then now()
                            else null end
     from lead where m.trained_by = lead.id and m.status = 'coalesced'
-    returning m.id, m.status";
+    returning m.id, m.status, lead.id as lead_id, lead.status as lead_status";
+
+/// Events for the members [`MEMBERS_FOLLOW_LEAD`] sent back to the queue: once detached,
+/// a member's timeline no longer reads its lead's, so it says itself where it went.
+const DETACHED_MEMBER_EVENTS: &str = "
+    union all
+    select id, 'queued', 'left the batch of job ' || lead_id || ' before training (its lead is now '
+        || lead_status || '); back in the queue'
+    from members where status = 'queued'";
 
 /// SQL for `super::next_status` on the lead aliased `j`: the status it takes when it stops
 /// without completing, `retry` being the SQL condition for another run.

@@ -19,11 +19,15 @@ impl JobStore for SqliteStore {
         let now = now_ms();
         let live = parse_status_counts(
             sqlx::query_as(
-                "select status, count(*) as n from jobs
-                 where status in ('queued', 'running', 'coalesced') group by status",
+                "select 'queued' as status, count(*) as n from jobs where status = 'queued'
+                 union all select 'running', count(*) from jobs where status = 'running'
+                 union all select 'coalesced', count(*) from jobs where status = 'coalesced'",
             )
             .fetch_all(&self.pool)
-            .await?,
+            .await?
+            .into_iter()
+            .filter(|(_, n): &(String, i64)| *n > 0)
+            .collect(),
         )?;
         let oldest: Option<i64> =
             sqlx::query_scalar("select min(created_at) from jobs where status = 'queued'")
@@ -171,11 +175,10 @@ impl JobStore for SqliteStore {
     }
 
     async fn job_events(&self, id: Uuid) -> Result<Vec<JobEvent>> {
-        let rows =
-            sqlx::query("select at, phase, message from job_events where job_id = ? order by id")
-                .bind(id.to_string())
-                .fetch_all(&self.pool)
-                .await?;
+        let rows = sqlx::query(MEMBER_AWARE_EVENTS)
+            .bind(id.to_string())
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(JobEvent {
@@ -195,6 +198,7 @@ impl JobStore for SqliteStore {
                 status = case when status = 'running' then 'running' else 'cancelled' end,
                 cancel_requested = 1,
                 trained_by = case when status = 'coalesced' then null else trained_by end,
+                batch_event = case when status = 'coalesced' then null else batch_event end,
                 worker_id = case when status = 'running' then worker_id else null end,
                 finished_at = case when status = 'running' then null else ?2 end,
                 error = case when status = 'running' then error
@@ -247,3 +251,17 @@ impl JobStore for SqliteStore {
         Ok(payload.map(|p| serde_json::from_str(&p)).transpose()?)
     }
 }
+
+/// A job's timeline, as on Postgres: its own events, then, for a member of a batch, its
+/// lead's events from the `claimed` one at which it joined (`batch_event`).
+const MEMBER_AWARE_EVENTS: &str = "
+    select at, phase, message from (
+        select id, at, phase, message from job_events where job_id = ?1
+        union all
+        select e.id, e.at,
+               case when e.id = j.batch_event then 'coalesced' else e.phase end,
+               case when e.id = j.batch_event then 'joined the batch of job ' || e.job_id
+                    else 'batch of job ' || e.job_id || ': ' || e.message end
+        from jobs j join job_events e on e.job_id = j.trained_by and e.id >= j.batch_event
+        where j.id = ?1
+    ) order by id";

@@ -33,29 +33,47 @@ impl LeaseStore for SqliteStore {
         let payload: JobPayload = required(json_col(&row, "payload")?, "payload")?;
         let coalesce_key: String = row.try_get("coalesce_key")?;
         let lead_id = lead.id.to_string();
+        // The batch: queued jobs of this LoRA with the same coalesce key, in claim order,
+        // while their samples fit.
+        let joining: Vec<String> = if lead.published_version.is_none() {
+            sqlx::query_scalar(
+                "select id from (
+                    select id, sum(sample_count) over (order by priority desc, run_at, id) as total
+                    from jobs
+                    where status = 'queued' and lora_id = ?1 and coalesce_key = ?2 and run_at <= ?3
+                      and published_version is null and not cancel_requested
+                    order by priority desc, run_at, id limit ?4)
+                 where total + ?5 <= ?4",
+            )
+            .bind(&lead.lora_id)
+            .bind(&coalesce_key)
+            .bind(now)
+            .bind(req.max_batch_samples)
+            .bind(lead.sample_count)
+            .fetch_all(&mut *tx)
+            .await?
+        } else {
+            Vec::new()
+        };
+        let mut message = format!("claimed by {} (attempt {})", req.worker_id, lead.attempt);
+        if !joining.is_empty() {
+            message.push_str(&format!(" with {} coalesced job(s)", joining.len()));
+        }
+        let batch_event = event(&mut tx, &lead_id, now, "claimed", &message).await?;
         let mut members = Vec::new();
-        if lead.published_version.is_none() {
+        if !joining.is_empty() {
+            // No event per member: a member's timeline reads its lead's from `batch_event` on.
             let sql = format!(
                 "update jobs set status = 'coalesced', phase = 'queued', trained_by = ?1,
-                    worker_id = ?2, started_at = coalesce(started_at, ?3)
-                 where id in (
-                    select id from (
-                        select id, sum(sample_count) over (order by priority desc, run_at, id) as total
-                        from jobs
-                        where status = 'queued' and lora_id = ?4 and coalesce_key = ?5 and run_at <= ?3
-                          and published_version is null and not cancel_requested
-                        order by priority desc, run_at, id limit ?6)
-                    where total + ?7 <= ?6)
+                    batch_event = ?2, started_at = coalesce(started_at, ?3)
+                 where id in (select value from json_each(?4))
                  returning {JOB_COLUMNS}, payload"
             );
             let rows = sqlx::query(&sql)
                 .bind(&lead_id)
-                .bind(&req.worker_id)
+                .bind(batch_event)
                 .bind(now)
-                .bind(&lead.lora_id)
-                .bind(&coalesce_key)
-                .bind(req.max_batch_samples)
-                .bind(lead.sample_count)
+                .bind(serde_json::to_string(&joining)?)
                 .fetch_all(&mut *tx)
                 .await?;
             for r in &rows {
@@ -66,12 +84,6 @@ impl LeaseStore for SqliteStore {
             }
         }
         members.sort_by_key(|m| (m.0.run_at, m.0.id));
-        let message = format!("claimed by {} (attempt {})", req.worker_id, lead.attempt);
-        event(&mut tx, &lead_id, now, "claimed", &message).await?;
-        for (m, _) in &members {
-            let message = format!("joined the batch of job {lead_id}");
-            event(&mut tx, &m.id.to_string(), now, "coalesced", &message).await?;
-        }
         tx.commit().await?;
         Ok(Some(Claimed {
             job: lead,
@@ -142,13 +154,10 @@ impl LeaseStore for SqliteStore {
         .fetch_all(&mut *tx)
         .await?;
         event(&mut tx, &lead, now, "distill", "training started").await?;
-        let mut ids = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let id = required(uuid_col(r, "id")?, "id")?;
-            let message = format!("training started in batch of {lead}");
-            event(&mut tx, &id.to_string(), now, "distill", &message).await?;
-            ids.push(id);
-        }
+        let ids = rows
+            .iter()
+            .map(|r| required(uuid_col(r, "id")?, "id"))
+            .collect::<Result<Vec<_>>>()?;
         tx.commit().await?;
         Ok(Some(ids))
     }
@@ -221,12 +230,8 @@ impl LeaseStore for SqliteStore {
             return Ok(false);
         };
         let lead = lease.job_id.to_string();
-        let members = members_follow_lead(&mut tx, &lead, JobStatus::Succeeded, now).await?;
+        members_follow_lead(&mut tx, &lead, JobStatus::Succeeded, now).await?;
         event(&mut tx, &lead, now, "done", "succeeded").await?;
-        for m in &members {
-            let message = format!("succeeded in the batch of {lead}");
-            event(&mut tx, m, now, "done", &message).await?;
-        }
         tx.commit().await?;
         bump(&self.wake_tx);
         Ok(true)

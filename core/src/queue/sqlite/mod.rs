@@ -142,25 +142,28 @@ async fn event(
     now: i64,
     phase: &str,
     message: &str,
-) -> Result<()> {
-    sqlx::query("insert into job_events (job_id, at, phase, message) values (?, ?, ?, ?)")
-        .bind(job_id)
-        .bind(now)
-        .bind(phase)
-        .bind(message)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
+) -> Result<i64> {
+    let id = sqlx::query_scalar(
+        "insert into job_events (job_id, at, phase, message) values (?, ?, ?, ?) returning id",
+    )
+    .bind(job_id)
+    .bind(now)
+    .bind(phase)
+    .bind(message)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(id)
 }
 
-/// Mirror of Postgres' `MEMBERS_FOLLOW_LEAD`: settle the members of `lead` after the lead
-/// moved to `status` (its result and error are copied when it ends).
+/// Mirror of Postgres' `MEMBERS_FOLLOW_LEAD` and `DETACHED_MEMBER_EVENTS`: settle the
+/// members of `lead` after the lead moved to `status` (its result and error are copied when
+/// it ends); a member sent back to the queue gets an event saying so.
 async fn members_follow_lead(
     tx: &mut Transaction<'_, Sqlite>,
     lead: &str,
     status: JobStatus,
     now: i64,
-) -> Result<Vec<String>> {
+) -> Result<()> {
     let rows = sqlx::query(
         "update jobs set
             status = case when ?2 in ('succeeded', 'failed', 'cancelled')
@@ -168,6 +171,8 @@ async fn members_follow_lead(
                           when published_version is null then 'queued' else 'coalesced' end,
             trained_by = case when published_version is null and ?2 in ('queued', 'cancelled')
                               then null else trained_by end,
+            batch_event = case when published_version is null and ?2 in ('queued', 'cancelled')
+                               then null else batch_event end,
             phase = case when ?2 = 'succeeded' then 'done'
                          when published_version is null then 'queued' else phase end,
             worker_id = null,
@@ -178,16 +183,23 @@ async fn members_follow_lead(
                                when ?2 = 'cancelled' and published_version is not null then ?3
                                else null end
          where trained_by = ?1 and status = 'coalesced'
-         returning id",
+         returning id, status",
     )
     .bind(lead)
     .bind(status.as_str())
     .bind(now)
     .fetch_all(&mut **tx)
     .await?;
-    rows.iter()
-        .map(|r| r.try_get::<String, _>("id").map_err(Error::from))
-        .collect()
+    for r in &rows {
+        if r.try_get::<String, _>("status")? == "queued" {
+            let message = format!(
+                "left the batch of job {lead} before training (its lead is now {}); back in the queue",
+                status.as_str()
+            );
+            event(tx, &r.try_get::<String, _>("id")?, now, "queued", &message).await?;
+        }
+    }
+    Ok(())
 }
 
 /// The running lead `id` as it stops without completing: what [`super::next_status`] needs.
@@ -240,7 +252,7 @@ async fn settle_lead(
     now: i64,
     run_at: i64,
     extra_attempts: i32,
-) -> Result<Vec<String>> {
+) -> Result<()> {
     let error = match next {
         JobStatus::Cancelled => Some(serde_json::json!({
             "code": "cancelled",

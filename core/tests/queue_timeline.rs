@@ -1,0 +1,178 @@
+//! What a job's timeline and the live counts say about a batch, on both stores: a member's
+//! timeline is its own events and then its lead's (no event row per member per phase), and
+//! a member sent back to the queue says so and stops following the lead.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use claas_core::queue::{Claimed, RetryPolicy, SharedStore};
+use claas_core::testing::{claim_request, job, lora, TestDb};
+use claas_core::types::{JobEvent, JobStatus, NewVersion, Phase};
+use uuid::Uuid;
+
+async fn claim(store: &SharedStore, worker: &str, lease: Duration) -> Claimed {
+    let mut req = claim_request(worker);
+    req.lease = lease;
+    store
+        .claim(&req)
+        .await
+        .expect("claim")
+        .expect("a job to claim")
+}
+
+async fn timeline(store: &SharedStore, id: Uuid) -> Vec<JobEvent> {
+    store.job_events(id).await.expect("events")
+}
+
+fn phases(events: &[JobEvent]) -> Vec<&str> {
+    events.iter().map(|e| e.phase.as_str()).collect()
+}
+
+claas_core::both_stores!(
+    a_members_timeline_follows_its_batch_to_the_end,
+    a_member_sent_back_says_so_and_stops_following_its_lead,
+    live_counts_show_each_state_of_a_batch,
+);
+
+async fn a_members_timeline_follows_its_batch_to_the_end(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    let lead = job("a", 1);
+    let member = job("a", 1);
+    s.enqueue(&lead).await.expect("enqueue");
+    s.enqueue(&member).await.expect("enqueue");
+    let c = claim(s, "w", Duration::from_secs(60)).await;
+    assert_eq!(c.job.id, lead.id);
+    let joined = &c.members[0].0;
+    assert_eq!(joined.id, member.id);
+    // The worker is the lead's; a member carries only the job that trains it.
+    assert_eq!(joined.worker_id, None);
+    assert_eq!(joined.trained_by, Some(lead.id));
+
+    let lease = c.lease();
+    assert!(s
+        .enter_phase(&lease, Phase::Drain, None)
+        .await
+        .expect("phase"));
+    let attached = s.begin_training(&lease, None).await.expect("begin");
+    assert_eq!(attached, Some(vec![member.id]));
+    let v1 = NewVersion {
+        version: 1,
+        storage_uri: "file:///loras/a/v1".into(),
+        sha256: "ab".repeat(32),
+        metrics: serde_json::json!({}),
+    };
+    assert!(s.publish(&lease, &v1).await.expect("publish"));
+    assert!(s
+        .complete(&lease, &serde_json::json!({"version": 1}), None)
+        .await
+        .expect("complete"));
+
+    let lead_events = timeline(s, lead.id).await;
+    assert_eq!(
+        phases(&lead_events),
+        ["queued", "claimed", "drain", "distill", "publish", "done"]
+    );
+    assert_eq!(
+        lead_events[1].message,
+        "claimed by w (attempt 1) with 1 coalesced job(s)"
+    );
+
+    let member_events = timeline(s, member.id).await;
+    assert_eq!(
+        phases(&member_events),
+        ["queued", "coalesced", "drain", "distill", "publish", "done"],
+        "{member_events:?}"
+    );
+    assert_eq!(
+        member_events[1].message,
+        format!("joined the batch of job {}", lead.id)
+    );
+    assert_eq!(
+        member_events[5].message,
+        format!("batch of job {}: succeeded", lead.id)
+    );
+    // The lead's events are the member's, at the same times.
+    for (m, l) in member_events[2..].iter().zip(&lead_events[2..]) {
+        assert_eq!(m.at, l.at);
+    }
+}
+
+async fn a_member_sent_back_says_so_and_stops_following_its_lead(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    let lead = job("a", 1);
+    let member = job("a", 1);
+    s.enqueue(&lead).await.expect("enqueue");
+    s.enqueue(&member).await.expect("enqueue");
+    claim(s, "w1", Duration::from_millis(1)).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let retry = RetryPolicy {
+        base: Duration::from_millis(1),
+        max: Duration::from_millis(2),
+    };
+    assert_eq!(s.reap_expired(retry).await.expect("reap").requeued, 1);
+
+    let events = timeline(s, member.id).await;
+    assert_eq!(phases(&events), ["queued", "queued"], "{events:?}");
+    assert_eq!(
+        events[1].message,
+        format!(
+            "left the batch of job {} before training (its lead is now queued); back in the queue",
+            lead.id
+        )
+    );
+
+    // The member, older in the queue than its old lead's retry, now leads; the old lead's
+    // later events no longer show in the member's timeline, and the old lead follows it.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let c = claim(s, "w2", Duration::from_secs(60)).await;
+    assert_eq!(c.job.id, member.id);
+    assert_eq!(c.members[0].0.id, lead.id);
+    let events = timeline(s, member.id).await;
+    assert_eq!(phases(&events), ["queued", "queued", "claimed"]);
+    let old_lead = timeline(s, lead.id).await;
+    assert_eq!(
+        phases(&old_lead),
+        ["queued", "claimed", "queued", "coalesced"],
+        "{old_lead:?}"
+    );
+    assert_eq!(
+        old_lead[3].message,
+        format!("joined the batch of job {}", member.id)
+    );
+}
+
+async fn live_counts_show_each_state_of_a_batch(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    s.create_lora(&lora("b")).await.expect("lora");
+    for l in ["a", "a", "a", "b"] {
+        s.enqueue(&job(l, 1)).await.expect("enqueue");
+    }
+    let c = claim(s, "w", Duration::from_secs(60)).await;
+    assert_eq!(c.members.len(), 2);
+    let snapshot = s
+        .metrics_snapshot(Duration::from_secs(3600))
+        .await
+        .expect("metrics");
+    let live: HashMap<JobStatus, i64> = snapshot.live.into_iter().collect();
+    let expected = HashMap::from([
+        (JobStatus::Queued, 1),
+        (JobStatus::Running, 1),
+        (JobStatus::Coalesced, 2),
+    ]);
+    assert_eq!(live, expected);
+    assert!(snapshot.oldest_queued_s.is_some_and(|s| s >= 0.0));
+
+    assert!(s
+        .complete(&c.lease(), &serde_json::json!({}), None)
+        .await
+        .expect("complete"));
+    let snapshot = s
+        .metrics_snapshot(Duration::from_secs(3600))
+        .await
+        .expect("metrics");
+    // No zero counts: a status with no live job is absent, as before.
+    assert_eq!(snapshot.live, [(JobStatus::Queued, 1)]);
+}
