@@ -311,6 +311,8 @@ pub struct Job {
     pub attempt: i32,
     pub max_attempts: i32,
     pub run_at: DateTime<Utc>,
+    /// The worker running this job, or that ran it last. A member of a batch (`coalesced`,
+    /// or finished with its batch) has none: its worker is the one of `trained_by`.
     pub worker_id: Option<String>,
     pub lease_expires_at: Option<DateTime<Utc>>,
     pub cancel_requested: bool,
@@ -319,6 +321,8 @@ pub struct Job {
     pub timings_ms: BTreeMap<String, u64>,
     pub result: Option<serde_json::Value>,
     pub error: Option<JobError>,
+    /// The job whose batch this one joined (or trained in); its events continue this
+    /// job's timeline from the moment it joined.
     pub trained_by: Option<Uuid>,
     pub published_version: Option<i32>,
     pub created_at: DateTime<Utc>,
