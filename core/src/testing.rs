@@ -159,6 +159,47 @@ pub fn job(lora_id: &str, n: usize) -> NewJob {
     )
 }
 
+/// Creates LoRA `lora_id` and enqueues two one-sample jobs on it: the first is claimed as
+/// a batch's lead, the second joins it.
+pub async fn lead_and_member(store: &SharedStore, lora_id: &str) -> (NewJob, NewJob) {
+    store.create_lora(&lora(lora_id)).await.expect("lora");
+    let (lead, member) = (job(lora_id, 1), job(lora_id, 1));
+    store.enqueue(&lead).await.expect("enqueue");
+    store.enqueue(&member).await.expect("enqueue");
+    (lead, member)
+}
+
+/// Claims for `worker` with a lease of `lease`; panics when nothing is claimable.
+pub async fn claimed(
+    store: &SharedStore,
+    worker: &str,
+    lease: std::time::Duration,
+) -> crate::queue::Claimed {
+    let mut req = claim_request(worker);
+    req.lease = lease;
+    store
+        .claim(&req)
+        .await
+        .expect("claim")
+        .expect("a job to claim")
+}
+
+/// Adapter version `v` as a worker publishes it.
+pub fn version(v: i32) -> crate::types::NewVersion {
+    crate::types::NewVersion {
+        version: v,
+        storage_uri: format!("file:///loras/x/v{v}"),
+        sha256: "ab".repeat(32),
+        metrics: serde_json::json!({"total_loss": 0.5}),
+    }
+}
+
+/// Retries after 1–2 ms, so tests see a requeued job claimable at once.
+pub const FAST_RETRY: crate::queue::RetryPolicy = crate::queue::RetryPolicy {
+    base: std::time::Duration::from_millis(1),
+    max: std::time::Duration::from_millis(2),
+};
+
 /// moto's S3-compatible server (`CLAAS_TEST_PYTHON` with `moto[server]`; `make test`
 /// provides it), killed on drop, with the AWS environment pointed at it.
 pub struct S3Server {

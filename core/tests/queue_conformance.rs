@@ -9,18 +9,11 @@ use std::time::Duration;
 use claas_core::queue::{
     CancelOutcome, Claimed, FailOutcome, JobFilter, LeaseState, RetryPolicy, SharedStore,
 };
-use claas_core::testing::{claim_request, job, lora, TestDb, TEST_BASE_MODEL};
-use claas_core::types::{JobError, JobStatus, NewVersion, Phase};
+use claas_core::testing::{
+    claim_request, claimed, job, lora, version, TestDb, FAST_RETRY, TEST_BASE_MODEL,
+};
+use claas_core::types::{JobError, JobStatus, Phase};
 use claas_core::Error;
-
-fn version(v: i32) -> NewVersion {
-    NewVersion {
-        version: v,
-        storage_uri: format!("file:///loras/x/v{v}"),
-        sha256: "ab".repeat(32),
-        metrics: serde_json::json!({"total_loss": 0.5}),
-    }
-}
 
 fn fatal(msg: &str) -> JobError {
     JobError {
@@ -30,24 +23,13 @@ fn fatal(msg: &str) -> JobError {
     }
 }
 
-const FAST_RETRY: RetryPolicy = RetryPolicy {
-    base: Duration::from_millis(1),
-    max: Duration::from_millis(2),
-};
-
 async fn claim(store: &SharedStore, worker: &str) -> Claimed {
-    store
-        .claim(&claim_request(worker))
-        .await
-        .expect("claim")
-        .expect("a job to claim")
+    claimed(store, worker, Duration::from_secs(60)).await
 }
 
 /// Claims with a lease that has already run out by the time the call returns.
 async fn claim_expiring(store: &SharedStore, worker: &str) -> Claimed {
-    let mut req = claim_request(worker);
-    req.lease = Duration::from_millis(1);
-    let c = store.claim(&req).await.expect("claim").expect("a job");
+    let c = claimed(store, worker, Duration::from_millis(1)).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     c
 }

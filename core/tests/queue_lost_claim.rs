@@ -5,25 +5,19 @@
 
 use std::time::Duration;
 
-use claas_core::queue::{FailOutcome, LeaseState, RetryPolicy};
-use claas_core::testing::{claim_request, job, lora, TestDb};
-use claas_core::types::{JobError, JobStatus, NewVersion, Phase};
+use claas_core::queue::{FailOutcome, LeaseState};
+use claas_core::testing::{claimed, lead_and_member, version, TestDb, FAST_RETRY};
+use claas_core::types::{JobError, JobStatus, Phase};
 use sqlx::Connection;
+
+const LEASE: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_lost_in_a_crash_leaves_its_claimer_fenced_out() {
     let db = TestDb::postgres().await;
     let s = &db.store;
-    s.create_lora(&lora("a")).await.expect("lora");
-    let lead = job("a", 1);
-    let member = job("a", 1);
-    s.enqueue(&lead).await.expect("enqueue");
-    s.enqueue(&member).await.expect("enqueue");
-    let lost = s
-        .claim(&claim_request("w1"))
-        .await
-        .expect("claim")
-        .expect("a job");
+    let (lead, member) = lead_and_member(s, "a").await;
+    let lost = claimed(s, "w1", LEASE).await;
     assert_eq!(lost.members.len(), 1);
 
     // What the database holds after a crash took the claim's commit with it.
@@ -41,20 +35,11 @@ async fn a_claim_lost_in_a_crash_leaves_its_claimer_fenced_out() {
     conn.close().await.ok();
 
     let stale = lost.lease();
-    let v1 = NewVersion {
-        version: 1,
-        storage_uri: "file:///loras/a/v1".into(),
-        sha256: "ab".repeat(32),
-        metrics: serde_json::json!({}),
-    };
+    let v1 = version(1);
     let error = JobError {
         code: "io".into(),
         message: "late".into(),
         phase: Some(Phase::Distill),
-    };
-    let retry = RetryPolicy {
-        base: Duration::from_millis(1),
-        max: Duration::from_millis(2),
     };
     let fenced_out = |label: &str| format!("{label}: a lost claim must not write");
     // Its first write after the claim (the worker enters `drain` at once) is refused.
@@ -66,18 +51,12 @@ async fn a_claim_lost_in_a_crash_leaves_its_claimer_fenced_out() {
         fenced_out("enter_phase")
     );
     assert_eq!(
-        s.heartbeat(&stale, Duration::from_secs(60))
-            .await
-            .expect("heartbeat"),
+        s.heartbeat(&stale, LEASE).await.expect("heartbeat"),
         LeaseState::Lost
     );
 
     // The job is claimed again, at the same attempt number, by another worker.
-    let again = s
-        .claim(&claim_request("w2"))
-        .await
-        .expect("claim")
-        .expect("the job is queued again");
+    let again = claimed(s, "w2", LEASE).await;
     assert_eq!((again.job.id, again.job.attempt), (lead.id, 1));
     assert_eq!(again.members[0].0.id, member.id);
 
@@ -93,7 +72,9 @@ async fn a_claim_lost_in_a_crash_leaves_its_claimer_fenced_out() {
         .await
         .expect("complete"));
     assert!(matches!(
-        s.fail(&stale, &error, true, retry).await.expect("fail"),
+        s.fail(&stale, &error, true, FAST_RETRY)
+            .await
+            .expect("fail"),
         FailOutcome::LeaseLost
     ));
     let j = s.get_job(lead.id).await.expect("get").expect("job");

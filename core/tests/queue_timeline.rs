@@ -5,20 +5,12 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use claas_core::queue::{Claimed, RetryPolicy, SharedStore};
-use claas_core::testing::{claim_request, job, lora, TestDb};
-use claas_core::types::{JobEvent, JobStatus, NewVersion, Phase};
+use claas_core::queue::SharedStore;
+use claas_core::testing::{claimed, job, lead_and_member, lora, version, TestDb, FAST_RETRY};
+use claas_core::types::{JobEvent, JobStatus, Phase};
 use uuid::Uuid;
 
-async fn claim(store: &SharedStore, worker: &str, lease: Duration) -> Claimed {
-    let mut req = claim_request(worker);
-    req.lease = lease;
-    store
-        .claim(&req)
-        .await
-        .expect("claim")
-        .expect("a job to claim")
-}
+const LEASE: Duration = Duration::from_secs(60);
 
 async fn timeline(store: &SharedStore, id: Uuid) -> Vec<JobEvent> {
     store.job_events(id).await.expect("events")
@@ -36,12 +28,8 @@ claas_core::both_stores!(
 
 async fn a_members_timeline_follows_its_batch_to_the_end(db: &TestDb) {
     let s = &db.store;
-    s.create_lora(&lora("a")).await.expect("lora");
-    let lead = job("a", 1);
-    let member = job("a", 1);
-    s.enqueue(&lead).await.expect("enqueue");
-    s.enqueue(&member).await.expect("enqueue");
-    let c = claim(s, "w", Duration::from_secs(60)).await;
+    let (lead, member) = lead_and_member(s, "a").await;
+    let c = claimed(s, "w", LEASE).await;
     assert_eq!(c.job.id, lead.id);
     let joined = &c.members[0].0;
     assert_eq!(joined.id, member.id);
@@ -56,13 +44,7 @@ async fn a_members_timeline_follows_its_batch_to_the_end(db: &TestDb) {
         .expect("phase"));
     let attached = s.begin_training(&lease, None).await.expect("begin");
     assert_eq!(attached, Some(vec![member.id]));
-    let v1 = NewVersion {
-        version: 1,
-        storage_uri: "file:///loras/a/v1".into(),
-        sha256: "ab".repeat(32),
-        metrics: serde_json::json!({}),
-    };
-    assert!(s.publish(&lease, &v1).await.expect("publish"));
+    assert!(s.publish(&lease, &version(1)).await.expect("publish"));
     assert!(s
         .complete(&lease, &serde_json::json!({"version": 1}), None)
         .await
@@ -100,18 +82,10 @@ async fn a_members_timeline_follows_its_batch_to_the_end(db: &TestDb) {
 
 async fn a_member_sent_back_says_so_and_stops_following_its_lead(db: &TestDb) {
     let s = &db.store;
-    s.create_lora(&lora("a")).await.expect("lora");
-    let lead = job("a", 1);
-    let member = job("a", 1);
-    s.enqueue(&lead).await.expect("enqueue");
-    s.enqueue(&member).await.expect("enqueue");
-    claim(s, "w1", Duration::from_millis(1)).await;
+    let (lead, member) = lead_and_member(s, "a").await;
+    claimed(s, "w1", Duration::from_millis(1)).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let retry = RetryPolicy {
-        base: Duration::from_millis(1),
-        max: Duration::from_millis(2),
-    };
-    assert_eq!(s.reap_expired(retry).await.expect("reap").requeued, 1);
+    assert_eq!(s.reap_expired(FAST_RETRY).await.expect("reap").requeued, 1);
 
     let events = timeline(s, member.id).await;
     assert_eq!(phases(&events), ["queued", "queued"], "{events:?}");
@@ -126,7 +100,7 @@ async fn a_member_sent_back_says_so_and_stops_following_its_lead(db: &TestDb) {
     // The member, older in the queue than its old lead's retry, now leads; the old lead's
     // later events no longer show in the member's timeline, and the old lead follows it.
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let c = claim(s, "w2", Duration::from_secs(60)).await;
+    let c = claimed(s, "w2", LEASE).await;
     assert_eq!(c.job.id, member.id);
     assert_eq!(c.members[0].0.id, lead.id);
     let events = timeline(s, member.id).await;
@@ -150,7 +124,7 @@ async fn live_counts_show_each_state_of_a_batch(db: &TestDb) {
     for l in ["a", "a", "a", "b"] {
         s.enqueue(&job(l, 1)).await.expect("enqueue");
     }
-    let c = claim(s, "w", Duration::from_secs(60)).await;
+    let c = claimed(s, "w", LEASE).await;
     assert_eq!(c.members.len(), 2);
     let snapshot = s
         .metrics_snapshot(Duration::from_secs(3600))

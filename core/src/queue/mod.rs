@@ -342,6 +342,22 @@ pub(crate) fn ms_to_datetime(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }
 
+/// A job's timeline: its own events, then, for a member of a batch, its lead's events from
+/// the `claimed` one at which it joined (`batch_event`), named as the batch's. Ordered by
+/// event id (insertion order across both jobs). The same text serves both stores
+/// (SQLite reads `$1` as one named parameter, bound first).
+pub(crate) const MEMBER_AWARE_EVENTS: &str = "
+    select at, phase, message from (
+        select id, at, phase, message from job_events where job_id = $1
+        union all
+        select e.id, e.at,
+               case when e.id = j.batch_event then 'coalesced' else e.phase end,
+               case when e.id = j.batch_event then 'joined the batch of job ' || e.job_id
+                    else 'batch of job ' || e.job_id || ': ' || e.message end
+        from jobs j join job_events e on e.job_id = j.trained_by and e.id >= j.batch_event
+        where j.id = $1
+    ) t order by id";
+
 #[cfg(test)]
 mod tests {
     use super::*;

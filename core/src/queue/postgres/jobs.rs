@@ -1,8 +1,8 @@
 //! The Postgres store: intake and reads.
 
 use super::*;
-use crate::queue::parse_status_counts;
 use crate::queue::prelude::*;
+use crate::queue::{parse_status_counts, MEMBER_AWARE_EVENTS};
 
 #[async_trait]
 impl JobStore for PgStore {
@@ -260,18 +260,3 @@ impl JobStore for PgStore {
         Ok(payload.map(serde_json::from_value).transpose()?)
     }
 }
-
-/// A job's timeline: its own events, then, for a member of a batch, its lead's events from
-/// the `claimed` one at which it joined (`batch_event`), named as the batch's. Ordered by
-/// event id, which is commit order across both jobs.
-const MEMBER_AWARE_EVENTS: &str = "
-    select at, phase, message from (
-        select id, at, phase, message from job_events where job_id = $1
-        union all
-        select e.id, e.at,
-               case when e.id = j.batch_event then 'coalesced' else e.phase end,
-               case when e.id = j.batch_event then 'joined the batch of job ' || e.job_id
-                    else 'batch of job ' || e.job_id || ': ' || e.message end
-        from jobs j join job_events e on e.job_id = j.trained_by and e.id >= j.batch_event
-        where j.id = $1
-    ) t order by id";

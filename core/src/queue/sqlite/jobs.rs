@@ -1,8 +1,8 @@
 //! The SQLite store: intake and reads.
 
 use super::*;
-use crate::queue::parse_status_counts;
 use crate::queue::prelude::*;
+use crate::queue::{parse_status_counts, MEMBER_AWARE_EVENTS};
 
 #[async_trait]
 impl JobStore for SqliteStore {
@@ -251,17 +251,3 @@ impl JobStore for SqliteStore {
         Ok(payload.map(|p| serde_json::from_str(&p)).transpose()?)
     }
 }
-
-/// A job's timeline, as on Postgres: its own events, then, for a member of a batch, its
-/// lead's events from the `claimed` one at which it joined (`batch_event`).
-const MEMBER_AWARE_EVENTS: &str = "
-    select at, phase, message from (
-        select id, at, phase, message from job_events where job_id = ?1
-        union all
-        select e.id, e.at,
-               case when e.id = j.batch_event then 'coalesced' else e.phase end,
-               case when e.id = j.batch_event then 'joined the batch of job ' || e.job_id
-                    else 'batch of job ' || e.job_id || ': ' || e.message end
-        from jobs j join job_events e on e.job_id = j.trained_by and e.id >= j.batch_event
-        where j.id = ?1
-    ) order by id";
