@@ -47,15 +47,8 @@ impl LeaseStore for PgStore {
                     batch_event = (select id from ev), started_at = coalesce(m.started_at, now())
                 from joined, claimed c where m.id = joined.id
                 returning m.*
-            ), async_commit as (
-                -- The claim commits without waiting for its WAL flush. Losing it in a crash
-                -- is safe: the job is then still queued at its old attempt, so the claimer's
-                -- next fenced write (enter_phase, straight after the claim) fails and it drops
-                -- the job before doing anything; and every later commit, the claimer's or
-                -- anyone's, flushes the claim with it. Halves the flushes a job waits for.
-                select set_config('synchronous_commit', 'off', true) as v
             )
-            select 0 as ord, {JOB_COLUMNS}, payload from claimed, async_commit
+            select 0 as ord, {JOB_COLUMNS}, payload from claimed
             union all
             select 1 as ord, {JOB_COLUMNS}, payload from members
             order by ord, run_at, id"
