@@ -61,12 +61,13 @@ const QUERIES: [(&str, &str); 12] = [
     ),
     (
         "dashboard: one job's timeline",
-        "with j as (select id, trained_by, batch_event from jobs order by id desc limit 1)
+        "with j as (select id, trained_by, batch_event, finished_at from jobs order by id desc limit 1)
          select at, phase, message from (
            select e.id, e.at, e.phase, e.message from job_events e, j where e.job_id = j.id
            union all
            select e.id, e.at, e.phase, e.message from j join job_events e
              on e.job_id = j.trained_by and e.id >= j.batch_event
+             where j.finished_at is null or e.at <= j.finished_at
          ) t order by id",
     ),
 ];

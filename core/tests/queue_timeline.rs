@@ -5,9 +5,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use claas_core::queue::FailOutcome;
 use claas_core::queue::SharedStore;
 use claas_core::testing::{claimed, job, lead_and_member, lora, version, TestDb, FAST_RETRY};
-use claas_core::types::{JobEvent, JobStatus, Phase};
+use claas_core::types::{JobError, JobEvent, JobStatus, Phase};
 use uuid::Uuid;
 
 const LEASE: Duration = Duration::from_secs(60);
@@ -24,6 +25,8 @@ claas_core::both_stores!(
     a_members_timeline_follows_its_batch_to_the_end,
     a_member_sent_back_says_so_and_stops_following_its_lead,
     live_counts_show_each_state_of_a_batch,
+    a_failed_members_timeline_ends_with_its_batch_and_a_retry_unlinks_it,
+    deleting_a_finished_lead_unlinks_its_members,
 );
 
 async fn a_members_timeline_follows_its_batch_to_the_end(db: &TestDb) {
@@ -92,7 +95,7 @@ async fn a_member_sent_back_says_so_and_stops_following_its_lead(db: &TestDb) {
     assert_eq!(
         events[1].message,
         format!(
-            "left the batch of job {} before training (its lead is now queued); back in the queue",
+            "left the batch of job {} unpublished (its lead is now queued); back in the queue",
             lead.id
         )
     );
@@ -149,4 +152,62 @@ async fn live_counts_show_each_state_of_a_batch(db: &TestDb) {
         .expect("metrics");
     // No zero counts: a status with no live job is absent, as before.
     assert_eq!(snapshot.live, [(JobStatus::Queued, 1)]);
+}
+
+async fn a_failed_members_timeline_ends_with_its_batch_and_a_retry_unlinks_it(db: &TestDb) {
+    let s = &db.store;
+    let (lead, member) = lead_and_member(s, "a").await;
+    let c = claimed(s, "w1", LEASE).await;
+    let bad = JobError {
+        code: "invalid_input".into(),
+        message: "token id 999999 is outside the vocabulary".into(),
+        phase: Some(Phase::Distill),
+    };
+    let failed = s.fail(&c.lease(), &bad, false, FAST_RETRY).await;
+    assert!(matches!(failed.expect("fail"), FailOutcome::Failed));
+    let ended = timeline(s, member.id).await;
+    assert_eq!(
+        phases(&ended),
+        ["queued", "coalesced", "failed"],
+        "{ended:?}"
+    );
+
+    // An operator retries the lead: its new run is not the member's.
+    s.retry_job(lead.id, "retried by an operator")
+        .await
+        .expect("retry lead");
+    let again = claimed(s, "w2", LEASE).await;
+    assert_eq!((again.job.id, again.members.len()), (lead.id, 0));
+    assert_eq!(timeline(s, member.id).await, ended);
+
+    // Retrying the member takes it out of the failed batch for good, saying so.
+    let retried = s
+        .retry_job(member.id, "retried by an operator")
+        .await
+        .expect("retry member");
+    assert_eq!(retried.trained_by, None);
+    let events = timeline(s, member.id).await;
+    assert_eq!(
+        phases(&events),
+        ["queued", "failed", "queued"],
+        "{events:?}"
+    );
+    assert_eq!(
+        events[1].message,
+        format!("had failed in the batch of job {}", lead.id)
+    );
+}
+
+async fn deleting_a_finished_lead_unlinks_its_members(db: &TestDb) {
+    let s = &db.store;
+    let (lead, member) = lead_and_member(s, "a").await;
+    let c = claimed(s, "w", LEASE).await;
+    assert!(s
+        .complete(&c.lease(), &serde_json::json!({}), None)
+        .await
+        .expect("complete"));
+    s.delete_job(lead.id).await.expect("delete the lead");
+    let m = s.get_job(member.id).await.expect("get").expect("member");
+    assert_eq!((m.status, m.trained_by), (JobStatus::Succeeded, None));
+    assert_eq!(phases(&timeline(s, member.id).await), ["queued"]);
 }

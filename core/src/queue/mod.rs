@@ -343,7 +343,8 @@ pub(crate) fn ms_to_datetime(ms: i64) -> DateTime<Utc> {
 }
 
 /// A job's timeline: its own events, then, for a member of a batch, its lead's events from
-/// the `claimed` one at which it joined (`batch_event`), named as the batch's. Ordered by
+/// the `claimed` one at which it joined (`batch_event`) until it finished with them (a
+/// batch's jobs finish in one transaction, at one time), named as the batch's. Ordered by
 /// event id (insertion order across both jobs). The same text serves both stores
 /// (SQLite reads `$1` as one named parameter, bound first).
 pub(crate) const MEMBER_AWARE_EVENTS: &str = "
@@ -355,7 +356,7 @@ pub(crate) const MEMBER_AWARE_EVENTS: &str = "
                case when e.id = j.batch_event then 'joined the batch of job ' || e.job_id
                     else 'batch of job ' || e.job_id || ': ' || e.message end
         from jobs j join job_events e on e.job_id = j.trained_by and e.id >= j.batch_event
-        where j.id = $1
+        where j.id = $1 and (j.finished_at is null or e.at <= j.finished_at)
     ) t order by id";
 
 #[cfg(test)]

@@ -250,7 +250,7 @@ const MEMBERS_FOLLOW_LEAD: &str = "
 /// a member's timeline no longer reads its lead's, so it says itself where it went.
 const DETACHED_MEMBER_EVENTS: &str = "
     union all
-    select id, 'queued', 'left the batch of job ' || lead_id || ' before training (its lead is now '
+    select id, 'queued', 'left the batch of job ' || lead_id || ' unpublished (its lead is now '
         || lead_status || '); back in the queue'
     from members where status = 'queued'";
 

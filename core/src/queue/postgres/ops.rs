@@ -20,20 +20,28 @@ impl OpsStore for PgStore {
     }
 
     async fn retry_job(&self, id: Uuid, message: &str) -> Result<Job> {
-        let sql = format!(
-            "with r as (
+        let sql = "with old as (
+                select id, trained_by from jobs where id = $1
+            ), r as (
+                -- A retried member leaves its failed batch: it trains again on its own or in
+                -- a new batch, and its timeline stops following the old lead.
                 update jobs j set status = 'queued', phase = 'queued', attempt = 0,
                     run_at = now(), worker_id = null, lease_expires_at = null,
-                    cancel_requested = false, finished_at = null, error = null
-                where j.id = $1 and j.status = 'failed' and j.published_version is null
+                    cancel_requested = false, finished_at = null, error = null,
+                    trained_by = null, batch_event = null
+                from old
+                where j.id = old.id and j.status = 'failed' and j.published_version is null
                   and exists (select 1 from loras l where l.lora_id = j.lora_id and l.deleted_at is null)
-                returning {JOB_COLUMNS}
+                returning j.*, old.trained_by as left_batch
             ), ev as (
-                insert into job_events (job_id, phase, message) select id, 'queued', $2 from r
+                insert into job_events (job_id, phase, message)
+                select id, 'failed', 'had failed in the batch of job ' || left_batch
+                from r where left_batch is not null
+                union all
+                select id, 'queued', $2 from r
             )
-            select * from r"
-        );
-        match sqlx::query(&sql)
+            select * from r";
+        match sqlx::query(sql)
             .bind(id)
             .bind(message)
             .fetch_optional(&self.pool)
@@ -53,8 +61,15 @@ impl OpsStore for PgStore {
 
     async fn delete_job(&self, id: Uuid) -> Result<Job> {
         let sql = format!(
-            "delete from jobs where id = $1 and status in ('succeeded', 'failed', 'cancelled')
-             returning {JOB_COLUMNS}"
+            "with d as (
+                delete from jobs where id = $1 and status in ('succeeded', 'failed', 'cancelled')
+                returning {JOB_COLUMNS}
+            ), members as (
+                -- What the foreign key's `on delete set null` did (migration 0009).
+                update jobs m set trained_by = null, batch_event = null
+                from d where m.lora_id = d.lora_id and m.trained_by = d.id
+            )
+            select * from d"
         );
         match sqlx::query(&sql)
             .bind(id)

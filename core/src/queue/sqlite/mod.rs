@@ -193,7 +193,7 @@ async fn members_follow_lead(
     for r in &rows {
         if r.try_get::<String, _>("status")? == "queued" {
             let message = format!(
-                "left the batch of job {lead} before training (its lead is now {}); back in the queue",
+                "left the batch of job {lead} unpublished (its lead is now {}); back in the queue",
                 status.as_str()
             );
             event(tx, &r.try_get::<String, _>("id")?, now, "queued", &message).await?;

@@ -20,10 +20,17 @@ impl OpsStore for SqliteStore {
     async fn retry_job(&self, id: Uuid, message: &str) -> Result<Job> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
+        let left_batch: Option<String> =
+            sqlx::query_scalar("select trained_by from jobs where id = ? and status = 'failed'")
+                .bind(id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?
+                .flatten();
+        // A retried member leaves its failed batch (as on Postgres).
         let sql = format!(
             "update jobs set status = 'queued', phase = 'queued', attempt = 0, run_at = ?2,
                 worker_id = null, lease_expires_at = null, cancel_requested = 0,
-                finished_at = null, error = null
+                finished_at = null, error = null, trained_by = null, batch_event = null
              where id = ?1 and status = 'failed' and published_version is null
                and exists (select 1 from loras l where l.lora_id = jobs.lora_id and l.deleted_at is null)
              returning {JOB_COLUMNS}"
@@ -38,6 +45,10 @@ impl OpsStore for SqliteStore {
             return Err(retry_refusal(self.get_job(id).await?, id));
         };
         let job = job_from_row(&row)?;
+        if let Some(lead) = left_batch {
+            let note = format!("had failed in the batch of job {lead}");
+            event(&mut tx, &id.to_string(), now, "failed", &note).await?;
+        }
         event(&mut tx, &id.to_string(), now, "queued", message).await?;
         tx.commit().await?;
         bump(&self.wake_tx);
