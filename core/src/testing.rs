@@ -169,6 +169,27 @@ pub async fn lead_and_member(store: &SharedStore, lora_id: &str) -> (NewJob, New
     (lead, member)
 }
 
+/// Claims for `worker` with a 60 s lease; panics when nothing is claimable.
+pub async fn claim(store: &SharedStore, worker: &str) -> crate::queue::Claimed {
+    claimed(store, worker, std::time::Duration::from_secs(60)).await
+}
+
+/// Claims with a lease that has already run out by the time the call returns.
+pub async fn claim_expiring(store: &SharedStore, worker: &str) -> crate::queue::Claimed {
+    let c = claimed(store, worker, std::time::Duration::from_millis(1)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    c
+}
+
+/// A failure that no retry can mend (bad input), in the distill phase.
+pub fn fatal(msg: &str) -> crate::types::JobError {
+    crate::types::JobError {
+        code: "invalid_input".into(),
+        message: msg.into(),
+        phase: Some(crate::types::Phase::Distill),
+    }
+}
+
 /// Claims for `worker` with a lease of `lease`; panics when nothing is claimable.
 pub async fn claimed(
     store: &SharedStore,

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use claas_core::queue::{AuditEntry, FailOutcome, JobFilter, RetryPolicy};
-use claas_core::testing::{claim_request, job, lora, TestDb};
-use claas_core::types::{JobError, JobStatus, Phase};
+use claas_core::testing::{claim_request, fatal, job, lora, TestDb};
+use claas_core::types::JobStatus;
 use claas_core::Error;
 
 claas_core::both_stores!(
@@ -18,14 +18,6 @@ claas_core::both_stores!(
     a_jobs_samples_are_readable,
     adapter_requests_are_taken_once_per_vllm_and_wake_workers,
 );
-
-fn fatal() -> JobError {
-    JobError {
-        code: "invalid_input".into(),
-        message: "token id outside the vocabulary".into(),
-        phase: Some(Phase::Distill),
-    }
-}
 
 /// Enqueues a job for `lora_id` and fails it for good on `worker`.
 async fn failed_job(db: &TestDb, lora_id: &str, worker: &str) -> uuid::Uuid {
@@ -39,7 +31,12 @@ async fn failed_job(db: &TestDb, lora_id: &str, worker: &str) -> uuid::Uuid {
         .expect("a job");
     assert_eq!(c.job.id, j.id);
     let outcome = s
-        .fail(&c.lease(), &fatal(), false, RetryPolicy::default())
+        .fail(
+            &c.lease(),
+            &fatal("token id outside the vocabulary"),
+            false,
+            RetryPolicy::default(),
+        )
         .await
         .expect("fail");
     assert_eq!(outcome, FailOutcome::Failed);

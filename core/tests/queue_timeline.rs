@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use claas_core::queue::FailOutcome;
 use claas_core::queue::SharedStore;
-use claas_core::testing::{claimed, job, lead_and_member, lora, version, TestDb, FAST_RETRY};
-use claas_core::types::{JobError, JobEvent, JobStatus, Phase};
+use claas_core::testing::{
+    claimed, fatal, job, lead_and_member, lora, version, TestDb, FAST_RETRY,
+};
+use claas_core::types::{JobEvent, JobStatus, Phase};
 use uuid::Uuid;
 
 const LEASE: Duration = Duration::from_secs(60);
@@ -158,11 +160,7 @@ async fn a_failed_members_timeline_ends_with_its_batch_and_a_retry_unlinks_it(db
     let s = &db.store;
     let (lead, member) = lead_and_member(s, "a").await;
     let c = claimed(s, "w1", LEASE).await;
-    let bad = JobError {
-        code: "invalid_input".into(),
-        message: "token id 999999 is outside the vocabulary".into(),
-        phase: Some(Phase::Distill),
-    };
+    let bad = fatal("token id 999999 is outside the vocabulary");
     let failed = s.fail(&c.lease(), &bad, false, FAST_RETRY).await;
     assert!(matches!(failed.expect("fail"), FailOutcome::Failed));
     let ended = timeline(s, member.id).await;
