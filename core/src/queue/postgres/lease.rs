@@ -53,19 +53,21 @@ impl LeaseStore for PgStore {
             select 1 as ord, {JOB_COLUMNS}, payload from members
             order by ord, run_at, id"
         );
+        let mut conn = self.hot.get(&self.pool).await?;
         for _ in 0..CLAIM_RACE_RETRIES {
             let rows = sqlx::query(&sql)
                 .bind(&req.base_models)
                 .bind(&req.worker_id)
                 .bind(ms(req.lease))
                 .bind(req.max_batch_samples)
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *conn)
                 .await;
             let rows = match rows {
                 Ok(rows) => rows,
                 Err(e) if is_unique_violation(&e) => continue,
                 Err(e) => return Err(e.into()),
             };
+            conn.keep();
             let mut decoded = rows.iter().map(|row| {
                 let payload: serde_json::Value = row.try_get("payload")?;
                 Ok::<_, Error>((
@@ -91,13 +93,15 @@ impl LeaseStore for PgStore {
             "update jobs set lease_expires_at = now() + $4 * interval '1 millisecond'
              where {FENCE} returning cancel_requested"
         );
+        let mut conn = self.hot.get(&self.pool).await?;
         let row = sqlx::query(&sql)
             .bind(lease.job_id)
             .bind(lease.attempt)
             .bind(&lease.worker_id)
             .bind(ms(extend))
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *conn)
             .await?;
+        conn.keep();
         Ok(match row {
             Some(row) => LeaseState::Held {
                 cancel_requested: row.try_get("cancel_requested")?,
@@ -120,6 +124,7 @@ impl LeaseStore for PgStore {
             insert into job_events (job_id, phase, message) select id, $4, 'entered ' || $4 from j",
             timings = add_timing(5, 6)
         );
+        let mut conn = self.hot.get(&self.pool).await?;
         let done = sqlx::query(&sql)
             .bind(lease.job_id)
             .bind(lease.attempt)
@@ -127,8 +132,9 @@ impl LeaseStore for PgStore {
             .bind(phase.as_str())
             .bind(prev)
             .bind(took)
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await?;
+        conn.keep();
         Ok(done.rows_affected() == 1)
     }
 
@@ -152,14 +158,16 @@ impl LeaseStore for PgStore {
                    coalesce((select array_agg(id) from members), '{{}}') as members",
             timings = add_timing(4, 5)
         );
+        let mut conn = self.hot.get(&self.pool).await?;
         let row = sqlx::query(&sql)
             .bind(lease.job_id)
             .bind(lease.attempt)
             .bind(&lease.worker_id)
             .bind(prev)
             .bind(took)
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *conn)
             .await?;
+        conn.keep();
         let leads: i64 = row.try_get("leads")?;
         Ok((leads == 1).then(|| row.try_get("members")).transpose()?)
     }
@@ -186,6 +194,7 @@ impl LeaseStore for PgStore {
             )
             select count(*) as n from lead"
         );
+        let mut conn = self.hot.get(&self.pool).await?;
         let row = sqlx::query(&sql)
             .bind(lease.job_id)
             .bind(lease.attempt)
@@ -194,8 +203,9 @@ impl LeaseStore for PgStore {
             .bind(&v.storage_uri)
             .bind(&v.sha256)
             .bind(&v.metrics)
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *conn)
             .await?;
+        conn.keep();
         Ok(row.try_get::<i64, _>("n")? == 1)
     }
 
@@ -227,6 +237,7 @@ impl LeaseStore for PgStore {
             select (select count(*) from lead) as n",
             timings = add_timing(5, 6)
         );
+        let mut conn = self.hot.get(&self.pool).await?;
         let row = sqlx::query(&sql)
             .bind(lease.job_id)
             .bind(lease.attempt)
@@ -234,8 +245,9 @@ impl LeaseStore for PgStore {
             .bind(result)
             .bind(prev)
             .bind(took)
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *conn)
             .await?;
+        conn.keep();
         Ok(row.try_get::<i64, _>("n")? == 1)
     }
 
@@ -261,6 +273,7 @@ impl LeaseStore for PgStore {
             select (select status from lead) as status, (select count(*) from n) as notified",
             set = settle_lead(&next, "$5::jsonb", "$6::float8"),
         );
+        let mut conn = self.hot.get(&self.pool).await?;
         let row = sqlx::query(&sql)
             .bind(lease.job_id)
             .bind(lease.attempt)
@@ -268,8 +281,9 @@ impl LeaseStore for PgStore {
             .bind(retryable)
             .bind(serde_json::to_value(error)?)
             .bind(ms(delay))
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *conn)
             .await?;
+        conn.keep();
         let status: Option<String> = row.try_get("status")?;
         Ok(match status.as_deref() {
             Some("queued") => FailOutcome::Retrying,
@@ -292,13 +306,15 @@ impl LeaseStore for PgStore {
             ), n as (select pg_notify('{CHANNEL}', '') from lead)
             select (select count(*) from lead) as n, (select count(*) from n) as notified"
         );
+        let mut conn = self.hot.get(&self.pool).await?;
         let row = sqlx::query(&sql)
             .bind(lease.job_id)
             .bind(lease.attempt)
             .bind(&lease.worker_id)
             .bind(message)
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *conn)
             .await?;
+        conn.keep();
         Ok(row.try_get::<i64, _>("n")? == 1)
     }
 
@@ -318,12 +334,14 @@ impl LeaseStore for PgStore {
             select (select count(*) from lead) as n, (select count(*) from n) as notified",
             set = settle_lead(&next_status("true"), "null::jsonb", "0"),
         );
+        let mut conn = self.hot.get(&self.pool).await?;
         let row = sqlx::query(&sql)
             .bind(lease.job_id)
             .bind(lease.attempt)
             .bind(&lease.worker_id)
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *conn)
             .await?;
+        conn.keep();
         Ok(row.try_get::<i64, _>("n")? == 1)
     }
 
@@ -354,11 +372,13 @@ impl LeaseStore for PgStore {
                 "(least($2::float8, $1::float8 * power(2, greatest(j.attempt - 1, 0))) * (0.5 + random() / 2))",
             ),
         );
+        let mut conn = self.hot.get(&self.pool).await?;
         let row = sqlx::query(&sql)
             .bind(ms(retry.base))
             .bind(ms(retry.max))
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *conn)
             .await?;
+        conn.keep();
         Ok(Reaped {
             requeued: row.try_get::<i64, _>("requeued")?.unsigned_abs(),
             failed: row.try_get::<i64, _>("failed")?.unsigned_abs(),

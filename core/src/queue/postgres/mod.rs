@@ -2,6 +2,7 @@
 //! where it touches several rows), so a crash can never leave half a transition behind.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -23,6 +24,7 @@ use crate::types::{
     NewVersion, Phase, WorkerInfo, WorkerRow, WorkerState,
 };
 
+mod hot;
 mod jobs;
 mod keys;
 mod lease;
@@ -55,10 +57,13 @@ pub struct PgStore {
     wake_tx: watch::Sender<u64>,
     wake_rx: Wakeups,
     listener: OnceCell<JoinHandle<()>>,
+    hot: Arc<hot::HotConnections>,
+    sweeper: JoinHandle<()>,
 }
 
 impl Drop for PgStore {
     fn drop(&mut self) {
+        self.sweeper.abort();
         if let Some(handle) = self.listener.get() {
             handle.abort();
         }
@@ -88,19 +93,47 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(3))
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| Box::pin(ping_if_idle(conn, meta)))
             .connect_lazy_with(opts);
         let (wake_tx, wake_rx) = Wakeups::channel();
+        let hot = hot::HotConnections::new(max_connections as usize);
         Ok(PgStore {
             pool,
             listener_opts,
             wake_tx,
             wake_rx,
             listener: OnceCell::new(),
+            sweeper: hot.sweep(),
+            hot,
         })
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+}
+
+/// How long a pooled connection may sit idle before it is pinged on acquire.
+const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
+
+/// sqlx pings every connection when it goes back to the pool and, by default, again when it
+/// comes out: three round trips per statement. A connection released
+/// less than [`PING_IDLE_AFTER`] ago answered its release ping, so only one idle for longer
+/// (across a database restart, say) is pinged; one that fails is dropped and another tried.
+async fn ping_if_idle(
+    conn: &mut sqlx::PgConnection,
+    meta: sqlx::pool::PoolConnectionMetadata,
+) -> std::result::Result<bool, sqlx::Error> {
+    if meta.idle_for < PING_IDLE_AFTER {
+        return Ok(true);
+    }
+    match sqlx::Connection::ping(conn).await {
+        Ok(()) => Ok(true),
+        Err(error) => {
+            tracing::info!(%error, "an idle database connection is gone; opening another");
+            Ok(false)
+        }
     }
 }
 
