@@ -1,7 +1,8 @@
-//! How the Postgres store uses its connections (Postgres only: SQLite has one connection).
-//! The worker path keeps its connections between statements without sqlx's ping; these
-//! tests hold it to what the pool promised before: nobody waits behind a parked
-//! connection, and a connection the server dropped is never handed out again.
+//! How the Postgres store uses its connections and notifications (Postgres only). The
+//! worker path keeps its connections between statements without sqlx's ping; these tests
+//! hold it to what the pool promised before: nobody waits behind a parked connection, and
+//! a connection the server dropped is never handed out again. Enqueues wake workers with
+//! a few notifications sent after their commits, not one inside each.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -111,6 +112,51 @@ async fn a_connection_the_server_dropped_is_not_handed_out_again() {
         .await
         .expect("pid");
     assert_ne!(now, pid);
+    drop(s);
+    drop(pg);
+    drop_schema(&schema).await;
+}
+
+#[tokio::test]
+async fn a_burst_of_enqueues_wakes_workers_with_few_notifications_the_last_after_it() {
+    let (pg, schema) = store(8).await;
+    let s: SharedStore = pg.clone();
+    s.create_lora(&lora("a")).await.expect("lora");
+    let mut listener = sqlx::postgres::PgListener::connect(&database_url())
+        .await
+        .expect("listener");
+    listener.listen("claas_jobs").await.expect("listen");
+
+    const JOBS: usize = 200;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                for _ in 0..JOBS / 8 {
+                    s.enqueue(&job("a", 1)).await.expect("enqueue");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("enqueuer");
+    }
+    let burst = started.elapsed();
+    let mut received = 0usize;
+    let mut after_burst = false;
+    while let Ok(n) = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await {
+        n.expect("notification");
+        received += 1;
+        after_burst |= started.elapsed() > burst;
+    }
+    assert!(after_burst, "a notification followed the last enqueue");
+    // One per 10 ms at most, where a trigger sent one per enqueue.
+    let bound = (burst.as_millis() / 10) as usize + 2;
+    assert!(
+        received <= bound.min(JOBS / 2),
+        "{received} notifications for {JOBS} enqueues in {burst:?}"
+    );
     drop(s);
     drop(pg);
     drop_schema(&schema).await;

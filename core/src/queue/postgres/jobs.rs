@@ -115,6 +115,7 @@ impl JobStore for PgStore {
             .fetch_optional(&self.pool)
             .await?;
         if let Some(row) = row {
+            self.enqueued.notify_one();
             return Ok(Enqueued {
                 job: job_from_row(&row)?,
                 created: true,

@@ -59,11 +59,14 @@ pub struct PgStore {
     listener: OnceCell<JoinHandle<()>>,
     hot: Arc<hot::HotConnections>,
     sweeper: JoinHandle<()>,
+    enqueued: Arc<tokio::sync::Notify>,
+    notifier: JoinHandle<()>,
 }
 
 impl Drop for PgStore {
     fn drop(&mut self) {
         self.sweeper.abort();
+        self.notifier.abort();
         if let Some(handle) = self.listener.get() {
             handle.abort();
         }
@@ -98,7 +101,10 @@ impl PgStore {
             .connect_lazy_with(opts);
         let (wake_tx, wake_rx) = Wakeups::channel();
         let hot = hot::HotConnections::new(max_connections as usize);
+        let enqueued = Arc::new(tokio::sync::Notify::new());
         Ok(PgStore {
+            notifier: tokio::spawn(notify_enqueues(pool.clone(), enqueued.clone())),
+            enqueued,
             pool,
             listener_opts,
             wake_tx,
@@ -134,6 +140,28 @@ async fn ping_if_idle(
             tracing::info!(%error, "an idle database connection is gone; opening another");
             Ok(false)
         }
+    }
+}
+
+/// At most one wake-up notification per this long from one process.
+const NOTIFY_EVERY: Duration = Duration::from_millis(10);
+
+/// Sends `NOTIFY` after enqueues commit, one for any number of them within [`NOTIFY_EVERY`].
+/// A transaction that notifies holds a database-wide lock from its commit until the commit
+/// record is flushed, so notifying inside every enqueue made concurrent enqueues wait for
+/// each other's WAL flushes. Each poke is answered by a notification sent after it.
+async fn notify_enqueues(pool: PgPool, enqueued: Arc<tokio::sync::Notify>) {
+    loop {
+        enqueued.notified().await;
+        if let Err(error) = sqlx::query("select pg_notify($1, '')")
+            .bind(CHANNEL)
+            .execute(&pool)
+            .await
+        {
+            // Workers poll as well: a lost wake-up only delays a claim.
+            tracing::debug!(%error, "could not send the enqueue notification");
+        }
+        tokio::time::sleep(NOTIFY_EVERY).await;
     }
 }
 

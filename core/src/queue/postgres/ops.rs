@@ -49,10 +49,7 @@ impl OpsStore for PgStore {
         {
             Some(row) => {
                 // Wake idle workers now rather than at their next poll.
-                sqlx::query("select pg_notify($1, '')")
-                    .bind(CHANNEL)
-                    .execute(&self.pool)
-                    .await?;
+                self.enqueued.notify_one();
                 job_from_row(&row)
             }
             None => Err(retry_refusal(self.get_job(id).await?, id)),
