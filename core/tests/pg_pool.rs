@@ -4,6 +4,7 @@
 //! a connection the server dropped is never handed out again. Enqueues wake workers with
 //! a few notifications sent after their commits, not one inside each.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,6 +68,38 @@ async fn parked_worker_connections_do_not_starve_other_callers() {
     // Left alone, parked connections go back to the pool.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(pg.pool().num_idle(), 2);
+    drop(s);
+    drop(pg);
+    drop_schema(&schema).await;
+}
+
+#[tokio::test]
+async fn other_callers_get_a_connection_while_the_worker_path_keeps_every_one_busy() {
+    let (pg, schema) = store(2).await;
+    let s: SharedStore = pg.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Two claimers polling an empty queue back to back hold both connections between them.
+    let claimers: Vec<_> = (0..2)
+        .map(|w| {
+            let (s, stop) = (s.clone(), stop.clone());
+            tokio::spawn(async move {
+                let req = claim_request(&format!("w{w}"));
+                while !stop.load(Ordering::Relaxed) {
+                    assert!(s.claim(&req).await.expect("claim").is_none());
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let counts = s.status_counts().await;
+    let waited = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for c in claimers {
+        c.await.expect("claimer");
+    }
+    assert!(counts.expect("not starved").is_empty());
+    assert!(waited < Duration::from_millis(500), "waited {waited:?}");
     drop(s);
     drop(pg);
     drop_schema(&schema).await;

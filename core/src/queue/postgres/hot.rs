@@ -6,7 +6,9 @@
 //! instead, for at most `cap` of them; everything else uses the pool as it is. A connection
 //! goes back here only after a statement succeeded on it; after an error it returns to the
 //! pool, whose ping closes it if it is broken. One idle here for [`PARK_FOR`] goes back to
-//! the pool (see [`HotConnections::sweep`]), so other callers never wait long behind it.
+//! the pool (see [`HotConnections::sweep`]), and so does one that has gone from statement
+//! to statement here for [`PARK_FOR`]: a caller waiting on a full pool gets a connection
+//! within about that long even while the worker path keeps every connection busy.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
@@ -19,11 +21,15 @@ use tokio::task::JoinHandle;
 
 use crate::error::Result;
 
-/// How long a connection stays parked here before it goes back to the pool.
+/// How long a connection stays parked here, or goes from statement to statement without
+/// passing through the pool, before it goes back to the pool.
 const PARK_FOR: Duration = Duration::from_millis(50);
 
+/// A parked connection, when it was parked, and when it last came out of the pool.
+type Parked = (PoolConnection<Postgres>, Instant, Instant);
+
 pub(super) struct HotConnections {
-    idle: Mutex<Vec<(PoolConnection<Postgres>, Instant)>>,
+    idle: Mutex<Vec<Parked>>,
     parked: Notify,
     cap: usize,
 }
@@ -38,14 +44,14 @@ impl HotConnections {
         })
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<(PoolConnection<Postgres>, Instant)>> {
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Parked>> {
         // Nothing panics while holding the lock; a poisoned vector is still consistent.
         self.idle
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn pop(&self) -> Option<(PoolConnection<Postgres>, Instant)> {
+    fn pop(&self) -> Option<Parked> {
         self.idle().pop()
     }
 
@@ -63,7 +69,7 @@ impl HotConnections {
                     let mut idle = hot.idle();
                     let keep = idle
                         .iter()
-                        .filter(|(_, at)| at.elapsed() < PARK_FOR)
+                        .filter(|(_, at, _)| at.elapsed() < PARK_FOR)
                         .count();
                     // Oldest first in the vector: the newest are at the end.
                     let n = idle.len() - keep;
@@ -77,20 +83,21 @@ impl HotConnections {
     /// A connection from here, or from the pool when none is idle, whichever comes first:
     /// a caller waiting on a full pool takes the next connection parked here.
     pub(super) async fn get<'a>(&'a self, pool: &PgPool) -> Result<HotConnection<'a>> {
-        let conn = loop {
+        let (conn, from_pool) = loop {
             let parked = self.parked.notified();
             tokio::pin!(parked);
             parked.as_mut().enable();
-            if let Some((conn, _)) = self.pop() {
-                break conn;
+            if let Some((conn, _, from_pool)) = self.pop() {
+                break (conn, from_pool);
             }
             tokio::select! {
-                conn = pool.acquire() => break conn?,
+                conn = pool.acquire() => break (conn?, Instant::now()),
                 () = parked => {}
             }
         };
         Ok(HotConnection {
             conn: Some(conn),
+            from_pool,
             home: self,
         })
     }
@@ -100,19 +107,23 @@ impl HotConnections {
 /// [`HotConnection::keep`] after a successful statement parks it for the next one instead.
 pub(super) struct HotConnection<'a> {
     conn: Option<PoolConnection<Postgres>>,
+    from_pool: Instant,
     home: &'a HotConnections,
 }
 
 impl HotConnection<'_> {
     pub(super) fn keep(mut self) {
         let Some(conn) = self.conn.take() else { return };
+        if self.from_pool.elapsed() >= PARK_FOR {
+            return; // back through the pool, where a waiting caller may take it
+        }
         let mut idle = self
             .home
             .idle
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if idle.len() < self.home.cap {
-            idle.push((conn, Instant::now()));
+            idle.push((conn, Instant::now(), self.from_pool));
             drop(idle);
             self.home.parked.notify_one();
         }
