@@ -60,15 +60,7 @@ pub struct TestDb {
 impl TestDb {
     pub async fn postgres() -> TestDb {
         let url = database_url();
-        let schema = format!("t_{}", Uuid::new_v4().simple());
-        let mut conn = sqlx::PgConnection::connect(&url)
-            .await
-            .unwrap_or_else(|e| panic!("tests need Postgres at {url}: {e}"));
-        sqlx::query(&format!("create schema {schema}"))
-            .execute(&mut conn)
-            .await
-            .expect("create test schema");
-        conn.close().await.ok();
+        let schema = create_schema(&url).await;
         let store = PgStore::connect(&url, Some(&schema), 20)
             .await
             .expect("connect test store");
@@ -110,6 +102,20 @@ impl TestDb {
             }
         }
     }
+}
+
+/// Creates a schema with a fresh name in the test database and returns its name.
+pub async fn create_schema(url: &str) -> String {
+    let schema = format!("t_{}", Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("tests need Postgres at {url}: {e}"));
+    sqlx::query(&format!("create schema {schema}"))
+        .execute(&mut conn)
+        .await
+        .expect("create test schema");
+    conn.close().await.ok();
+    schema
 }
 
 /// The URL with `options=-c search_path=…`, for child processes that must use the schema.

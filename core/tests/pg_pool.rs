@@ -9,21 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use claas_core::queue::{PgStore, SharedStore};
-use claas_core::testing::{claim_request, database_url, job, lora};
+use claas_core::testing::{claim_request, create_schema, database_url, job, lora};
 use sqlx::Connection;
-use uuid::Uuid;
 
 /// A store on a schema of its own with a pool of `connections`; [`drop_schema`] removes it.
 async fn store(connections: u32) -> (Arc<PgStore>, String) {
     let url = database_url();
-    let schema = format!("t_{}", Uuid::new_v4().simple());
-    let mut conn = sqlx::PgConnection::connect(&url)
-        .await
-        .unwrap_or_else(|e| panic!("tests need Postgres at {url}: {e}"));
-    sqlx::query(&format!("create schema {schema}"))
-        .execute(&mut conn)
-        .await
-        .expect("create schema");
+    let schema = create_schema(&url).await;
     let store = PgStore::connect(&url, Some(&schema), connections)
         .await
         .expect("connect");
