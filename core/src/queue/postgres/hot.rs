@@ -117,11 +117,7 @@ impl HotConnection<'_> {
         if self.from_pool.elapsed() >= PARK_FOR {
             return; // back through the pool, where a waiting caller may take it
         }
-        let mut idle = self
-            .home
-            .idle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut idle = self.home.idle();
         if idle.len() < self.home.cap {
             idle.push((conn, Instant::now(), self.from_pool));
             drop(idle);
