@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use claas_core::queue::{CancelOutcome, FailOutcome, LeaseState};
-use claas_core::testing::{claim, claim_expiring, claim_request, job, lora, TestDb, FAST_RETRY};
+use claas_core::testing::{
+    claim, claim_expiring, claim_request, job, lead_and_member, lora, TestDb, FAST_RETRY,
+};
 use claas_core::types::{JobError, JobStatus, Phase};
 use claas_core::Error;
 
@@ -93,11 +95,7 @@ async fn requeue_of_a_cancel_requested_job_cancels_it(db: &TestDb) {
     let s = &db.store;
     // A retryable failure after a cancel request ends the job instead of retrying it; the
     // members it carried go back to the queue (nobody cancelled them).
-    s.create_lora(&lora("a")).await.expect("lora");
-    let lead = job("a", 1);
-    let member = job("a", 1);
-    s.enqueue(&lead).await.expect("enqueue");
-    s.enqueue(&member).await.expect("enqueue");
+    let (lead, member) = lead_and_member(s, "a").await;
     let c = claim(s, "w").await;
     assert_eq!(c.members.len(), 1);
     assert!(matches!(

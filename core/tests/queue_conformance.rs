@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use claas_core::queue::{FailOutcome, JobFilter, LeaseState, RetryPolicy};
 use claas_core::testing::{
-    claim, claim_expiring, claim_request, fatal, job, lora, version, TestDb, FAST_RETRY,
-    TEST_BASE_MODEL,
+    claim, claim_expiring, claim_request, fatal, job, lead_and_member, lora, version, TestDb,
+    FAST_RETRY, TEST_BASE_MODEL,
 };
 use claas_core::types::{JobError, JobStatus, Phase};
 use claas_core::Error;
@@ -167,11 +167,7 @@ async fn coalescing_joins_same_config_jobs_up_to_max_samples(db: &TestDb) {
 
 async fn completion_settles_the_whole_batch(db: &TestDb) {
     let s = &db.store;
-    s.create_lora(&lora("a")).await.expect("lora");
-    let lead = job("a", 1);
-    let member = job("a", 1);
-    s.enqueue(&lead).await.expect("enqueue");
-    s.enqueue(&member).await.expect("enqueue");
+    let (lead, member) = lead_and_member(s, "a").await;
     let c = claim(s, "w").await;
     assert_eq!(c.members.len(), 1);
     let lease = c.lease();
@@ -322,11 +318,7 @@ async fn expired_lease_requeues_then_fails_after_max_attempts(db: &TestDb) {
 
 async fn members_return_to_queue_when_lead_lease_is_lost(db: &TestDb) {
     let s = &db.store;
-    s.create_lora(&lora("a")).await.expect("lora");
-    let lead = job("a", 1);
-    let member = job("a", 1);
-    s.enqueue(&lead).await.expect("enqueue");
-    s.enqueue(&member).await.expect("enqueue");
+    let (_, member) = lead_and_member(s, "a").await;
     let c = claim_expiring(s, "w").await;
     assert_eq!(c.members.len(), 1);
     s.reap_expired(FAST_RETRY).await.expect("reap");

@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use claas_core::queue::FailOutcome;
-use claas_core::testing::{claim, claim_request, job, lora, version, TestDb, FAST_RETRY};
+use claas_core::testing::{
+    claim, claim_request, job, lead_and_member, lora, version, TestDb, FAST_RETRY,
+};
 use claas_core::types::{JobError, JobStatus, Phase};
 use claas_core::Error;
 
@@ -21,11 +23,7 @@ claas_core::both_stores!(
 
 async fn retry_after_publish_resumes_without_training_again(db: &TestDb) {
     let s = &db.store;
-    s.create_lora(&lora("a")).await.expect("lora");
-    let lead = job("a", 1);
-    let member = job("a", 1);
-    s.enqueue(&lead).await.expect("enqueue");
-    s.enqueue(&member).await.expect("enqueue");
+    let (lead, member) = lead_and_member(s, "a").await;
     let mut req = claim_request("w1");
     req.lease = Duration::from_millis(400);
     let c = s.claim(&req).await.expect("claim").expect("job");
@@ -136,11 +134,7 @@ async fn published_job_never_trains_again_nor_joins_a_batch(db: &TestDb) {
 
 async fn failure_after_publish_ends_failed_keeping_the_version(db: &TestDb) {
     let s = &db.store;
-    s.create_lora(&lora("a")).await.expect("lora");
-    let lead = job("a", 1);
-    let member = job("a", 1);
-    s.enqueue(&lead).await.expect("enqueue");
-    s.enqueue(&member).await.expect("enqueue");
+    let (lead, member) = lead_and_member(s, "a").await;
     let c = claim(s, "w").await;
     s.begin_training(&c.lease(), None).await.expect("begin");
     assert!(s.publish(&c.lease(), &version(1)).await.expect("publish"));
