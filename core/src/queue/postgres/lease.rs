@@ -6,23 +6,21 @@ use crate::queue::prelude::*;
 #[async_trait]
 impl LeaseStore for PgStore {
     async fn claim(&self, req: &ClaimRequest) -> Result<Option<Claimed>> {
+        // One update writes the lead and its members: each statement that writes `jobs`
+        // pays for opening its indexes and preparing its check constraints, and that
+        // set-up cost about as much as the members' rows.
         let sql = format!(
             "with lead as (
-                select j.id from jobs j
+                select j.id, j.lora_id, j.coalesce_key, j.sample_count, j.published_version, j.attempt
+                from jobs j
                 where j.status = 'queued' and j.run_at <= now() and j.base_model = any($1)
                   and not exists (select 1 from jobs r where r.lora_id = j.lora_id and r.status = 'running')
                 order by j.priority desc, j.run_at, j.id
                 limit 1
                 for update of j skip locked
-            ), claimed as (
-                update jobs j set status = 'running', phase = 'claimed', attempt = j.attempt + 1,
-                    worker_id = $2, lease_expires_at = now() + $3 * interval '1 millisecond',
-                    started_at = coalesce(j.started_at, now())
-                from lead where j.id = lead.id
-                returning j.*
             ), candidates as (
                 select q.id, q.sample_count, q.priority, q.run_at
-                from jobs q join claimed c on q.lora_id = c.lora_id and q.coalesce_key = c.coalesce_key
+                from jobs q join lead c on q.lora_id = c.lora_id and q.coalesce_key = c.coalesce_key
                 where q.status = 'queued' and q.id <> c.id and q.run_at <= now()
                   and c.published_version is null and q.published_version is null
                   and not q.cancel_requested
@@ -33,25 +31,32 @@ impl LeaseStore for PgStore {
                 select t.id from (
                     select id, sum(sample_count) over (order by priority desc, run_at, id) as total
                     from candidates
-                ) t, claimed c
+                ) t, lead c
                 where t.total + c.sample_count <= $4
             ), ev as (
                 insert into job_events (job_id, phase, message)
-                select id, 'claimed', 'claimed by ' || $2 || ' (attempt ' || attempt || ')'
+                select id, 'claimed', 'claimed by ' || $2 || ' (attempt ' || (attempt + 1) || ')'
                     || coalesce(' with ' || nullif((select count(*) from joined), 0) || ' coalesced job(s)', '')
-                from claimed
+                from lead
                 returning id
-            ), members as (
-                -- No event per member: a member's timeline reads its lead's from `ev` on.
-                update jobs m set status = 'coalesced', phase = 'queued', trained_by = c.id,
-                    batch_event = (select id from ev), started_at = coalesce(m.started_at, now())
-                from joined, claimed c where m.id = joined.id
-                returning m.*
+            ), batch as (
+                -- The lead runs; its members join it. No event per member: a member's
+                -- timeline reads its lead's from `ev` on.
+                update jobs j set
+                    status = case when t.lead then 'running' else 'coalesced' end,
+                    phase = case when t.lead then 'claimed' else 'queued' end,
+                    attempt = j.attempt + t.lead::int,
+                    worker_id = case when t.lead then $2 else j.worker_id end,
+                    lease_expires_at = case when t.lead
+                        then now() + $3 * interval '1 millisecond' else j.lease_expires_at end,
+                    trained_by = case when t.lead then j.trained_by else lead.id end,
+                    batch_event = case when t.lead then j.batch_event else (select id from ev) end,
+                    started_at = coalesce(j.started_at, now())
+                from lead, (select id, true as lead from lead union all select id, false from joined) t
+                where j.id = t.id
+                returning (not t.lead)::int as ord, j.*
             )
-            select 0 as ord, {JOB_COLUMNS}, payload from claimed
-            union all
-            select 1 as ord, {JOB_COLUMNS}, payload from members
-            order by ord, run_at, id"
+            select ord, {JOB_COLUMNS}, payload from batch order by ord, run_at, id"
         );
         let mut conn = self.hot.get(&self.pool).await?;
         for _ in 0..CLAIM_RACE_RETRIES {
