@@ -35,6 +35,7 @@ claas_core::both_stores!(
     listing_filters_and_paginates_newest_first,
     enqueue_wakes_a_waiting_claimer,
     concurrent_claimers_never_run_one_lora_twice,
+    database_refuses_impossible_job_states,
 );
 
 async fn enqueued_job_is_claimed_with_its_payload(db: &TestDb) {
@@ -599,4 +600,41 @@ async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
     for t in tasks {
         t.await.expect("claimer panicked");
     }
+}
+
+/// The store's own checks, not just the code that writes through it: an unknown status,
+/// a finished job without `finished_at` and a live job with one are refused, and the row
+/// keeps its state.
+async fn database_refuses_impossible_job_states(db: &TestDb) {
+    use sqlx::Connection;
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    let new = job("a", 1);
+    s.enqueue(&new).await.expect("enqueue");
+    let id = new.id.to_string();
+    let writes = [
+        "update jobs set status = 'paused' where id = $1",
+        "update jobs set status = 'succeeded' where id = $1",
+        "update jobs set finished_at = current_timestamp where id = $1",
+        "update jobs set status = 'running', finished_at = current_timestamp where id = $1",
+    ];
+    for sql in writes {
+        let refused = if db.schema.is_some() {
+            let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+            sqlx::query(&sql.replace("$1", "$1::uuid"))
+                .bind(&id)
+                .execute(&mut conn)
+                .await
+                .is_err()
+        } else {
+            let mut conn = sqlx::SqliteConnection::connect(&db.url)
+                .await
+                .expect("open");
+            sqlx::query(sql).bind(&id).execute(&mut conn).await.is_err()
+        };
+        assert!(refused, "the store accepted: {sql}");
+    }
+    let job = s.get_job(new.id).await.expect("job").expect("exists");
+    assert_eq!(job.status, JobStatus::Queued);
+    assert!(job.finished_at.is_none());
 }
