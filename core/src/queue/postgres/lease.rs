@@ -6,9 +6,9 @@ use crate::queue::prelude::*;
 #[async_trait]
 impl LeaseStore for PgStore {
     async fn claim(&self, req: &ClaimRequest) -> Result<Option<Claimed>> {
-        // One update writes the lead and its members: each statement that writes `jobs`
-        // pays for opening its indexes and preparing its check constraints, and that
-        // set-up cost about as much as the members' rows.
+        // One update writes the lead and its members: every node that writes `jobs` opens
+        // its eleven indexes and prepares its check constraints, once per statement (one
+        // node instead of two: +5 % on `claas bench queue`).
         let sql = format!(
             "with lead as (
                 select j.id, j.lora_id, j.coalesce_key, j.sample_count, j.published_version, j.attempt
