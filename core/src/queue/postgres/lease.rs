@@ -19,10 +19,15 @@ impl LeaseStore for PgStore {
                 limit 1
                 for update of j skip locked
             ), candidates as (
+                -- The lead's values as parameters, not a join: then `jobs_queued_by_lora`
+                -- hands rows over in claim order and the scan stops at the limit, where a
+                -- join read and sorted every queued job of the LoRA on each claim.
                 select q.id, q.sample_count, q.priority, q.run_at
-                from jobs q join lead c on q.lora_id = c.lora_id and q.coalesce_key = c.coalesce_key
-                where q.status = 'queued' and q.id <> c.id and q.run_at <= now()
-                  and c.published_version is null and q.published_version is null
+                from jobs q
+                where q.lora_id = (select lora_id from lead)
+                  and q.coalesce_key = (select coalesce_key from lead)
+                  and q.status = 'queued' and q.id <> (select id from lead) and q.run_at <= now()
+                  and (select published_version from lead) is null and q.published_version is null
                   and not q.cancel_requested
                 order by q.priority desc, q.run_at, q.id
                 limit $4
