@@ -160,7 +160,9 @@ async fn burn_down(store: &SharedStore, b: &QueueBench, pool_size: u32) -> Resul
     let done = Arc::new(AtomicUsize::new(0));
     let claims = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
-    let mut tasks = Vec::new();
+    // A claimer that fails ends the run at once (dropping the set aborts the others): its
+    // job would stay running until its lease ran out, and the rest would wait for it.
+    let mut tasks = tokio::task::JoinSet::new();
     for w in 0..b.workers {
         let (store, done, claims, total) = (store.clone(), done.clone(), claims.clone(), b.jobs);
         let req = ClaimRequest {
@@ -169,7 +171,7 @@ async fn burn_down(store: &SharedStore, b: &QueueBench, pool_size: u32) -> Resul
             lease: Duration::from_secs(60),
             max_batch_samples: b.batch_size,
         };
-        tasks.push(tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut latencies = Vec::new();
             let mut completes = Vec::new();
             while done.load(Ordering::Relaxed) < total {
@@ -195,12 +197,12 @@ async fn burn_down(store: &SharedStore, b: &QueueBench, pool_size: u32) -> Resul
                 done.fetch_add(1 + c.members.len(), Ordering::Relaxed);
             }
             Ok((latencies, completes))
-        }));
+        });
     }
     let mut latencies = Vec::new();
     let mut completes = Vec::new();
-    for t in tasks {
-        let (l, c) = t.await??;
+    while let Some(t) = tasks.join_next().await {
+        let (l, c) = t??;
         latencies.extend(l);
         completes.extend(c);
     }
