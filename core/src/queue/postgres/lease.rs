@@ -155,8 +155,9 @@ impl LeaseStore for PgStore {
     ) -> Result<Option<Vec<Uuid>>> {
         let (prev, took) = timing(finished);
         let sql = format!(
-            "with lead as (
-                update jobs set phase = 'distill', timings_ms = {timings} where {FENCE} returning id
+            "with {HOLD_MEMBERS}, lead as (
+                update jobs set phase = 'distill', timings_ms = {timings}
+                where {FENCE} and {MEMBERS_HELD} returning id
             ), members as (
                 update jobs m set phase = 'distill' from lead
                 where m.trained_by = lead.id and m.status = 'coalesced' returning m.id
@@ -184,9 +185,9 @@ impl LeaseStore for PgStore {
 
     async fn publish(&self, lease: &Lease, v: &NewVersion) -> Result<bool> {
         let sql = format!(
-            "with lead as (
+            "with {HOLD_MEMBERS}, lead as (
                 update jobs j set published_version = $4
-                where {FENCE} and j.published_version is null
+                where {FENCE} and {MEMBERS_HELD} and j.published_version is null
                   and exists (select 1 from loras l where l.lora_id = j.lora_id and l.current_version = $4 - 1)
                 returning j.id, j.lora_id
             ), members as (
@@ -230,16 +231,22 @@ impl LeaseStore for PgStore {
         // that completes claims again at once, and idle workers poll.
         let (prev, took) = timing(finished);
         let sql = format!(
-            "with lead as (
-                update jobs set status = 'succeeded', phase = 'done', result = $4, error = null,
-                    finished_at = now(), lease_expires_at = null, timings_ms = {timings}
-                where {FENCE} returning id, result
+            "with fence as (
+                -- The members before the lead (see `HOLD_MEMBERS`), and locking the lead
+                -- first is one row lock where holding the members is one per member.
+                select id from jobs where {FENCE} for update
             ), members as (
                 -- `MEMBERS_FOLLOW_LEAD` for a lead that succeeded, without its cases: this
                 -- runs once per batch on the hot path.
                 update jobs m set status = 'succeeded', phase = 'done', worker_id = null,
-                    result = lead.result, error = null, finished_at = now()
-                from lead where m.trained_by = lead.id and m.status = 'coalesced'
+                    result = $4, error = null, finished_at = now()
+                from fence where m.trained_by = fence.id and m.status = 'coalesced'
+                returning m.id
+            ), lead as (
+                update jobs set status = 'succeeded', phase = 'done', result = $4, error = null,
+                    finished_at = now(), lease_expires_at = null, timings_ms = {timings}
+                where id = (select id from fence) and (select count(*) from members) >= 0
+                returning id
             ), ev as (
                 insert into job_events (job_id, phase, message)
                 select id, 'done', 'succeeded' from lead
@@ -271,9 +278,9 @@ impl LeaseStore for PgStore {
         let delay = crate::queue::backoff(lease.attempt, retry.base, retry.max);
         let next = next_status("$4 and j.attempt < j.max_attempts");
         let sql = format!(
-            "with lead as (
+            "with {HOLD_MEMBERS}, lead as (
                 update jobs j set {set}
-                where {FENCE} returning j.id, j.status, j.result, j.error
+                where {FENCE} and {MEMBERS_HELD} returning j.id, j.status, j.result, j.error
             ), members as ({MEMBERS_FOLLOW_LEAD}
             ), ev as (
                 insert into job_events (job_id, phase, message)
@@ -305,10 +312,10 @@ impl LeaseStore for PgStore {
 
     async fn finish_cancelled(&self, lease: &Lease, message: &str) -> Result<bool> {
         let sql = format!(
-            "with lead as (
+            "with {HOLD_MEMBERS}, lead as (
                 update jobs set status = 'cancelled', finished_at = now(), lease_expires_at = null,
                     error = jsonb_build_object('code', 'cancelled', 'message', $4::text)
-                where {FENCE} returning id, status, result, error
+                where {FENCE} and {MEMBERS_HELD} returning id, status, result, error
             ), members as ({MEMBERS_FOLLOW_LEAD}
             ), ev as (
                 insert into job_events (job_id, phase, message) select id, 'cancelled', $4 from lead
@@ -332,9 +339,9 @@ impl LeaseStore for PgStore {
         // max_attempts grows with the attempt so a hand-back costs nothing, while `attempt`
         // keeps rising and still fences this worker out.
         let sql = format!(
-            "with lead as (
+            "with {HOLD_MEMBERS}, lead as (
                 update jobs j set {set}, max_attempts = j.max_attempts + 1
-                where {FENCE} returning j.id, j.status, j.result, j.error
+                where {FENCE} and {MEMBERS_HELD} returning j.id, j.status, j.result, j.error
             ), members as ({MEMBERS_FOLLOW_LEAD}
             ), ev as (
                 insert into job_events (job_id, phase, message)
@@ -360,9 +367,13 @@ impl LeaseStore for PgStore {
             "with expired as (
                 select id from jobs where status = 'running' and lease_expires_at <= now()
                 order by lease_expires_at limit 100 for update skip locked
+            ), held as (
+                -- As `HOLD_MEMBERS`, for every expired lead.
+                select m.id from jobs m join expired e on m.trained_by = e.id
+                where m.status = 'coalesced' for update of m
             ), lead as (
                 update jobs j set {set}
-                from expired where j.id = expired.id
+                from expired where j.id = expired.id and {MEMBERS_HELD}
                 returning j.id, j.status, j.result, j.error
             ), members as ({MEMBERS_FOLLOW_LEAD}
             ), ev as (

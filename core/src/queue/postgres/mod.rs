@@ -283,6 +283,19 @@ fn add_timing(a: u8, b: u8) -> String {
     )
 }
 
+/// A CTE that locks the members of the running lead `$1`, for statements that write the
+/// lead and then its members; [`MEMBERS_HELD`] makes the lead's write wait for it. A claim
+/// can hold a member's row lock while it runs (Postgres keeps the lock on a row it re-checked
+/// and skipped), and a claim whose new lead is of the same LoRA waits for whoever is writing
+/// the LoRA's running row, to learn whether its unique entry stays. Writing the lead and only
+/// then waiting for a member closed that cycle: deadlocks under `claas bench queue --loras 10`.
+const HOLD_MEMBERS: &str =
+    "held as (select id from jobs where trained_by = $1 and status = 'coalesced' for update)";
+
+/// The condition that orders a lead's write after `held` (a one-time filter: Postgres
+/// evaluates it before the scan returns the lead's row).
+const MEMBERS_HELD: &str = "(select count(*) from held) >= 0";
+
 /// The update that settles a batch's members when its lead leaves `running`: they end in
 /// the lead's terminal state, or go back to `queued` (detached) unless already published.
 const MEMBERS_FOLLOW_LEAD: &str = "
