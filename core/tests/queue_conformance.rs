@@ -36,6 +36,7 @@ claas_core::both_stores!(
     enqueue_wakes_a_waiting_claimer,
     concurrent_claimers_never_run_one_lora_twice,
     database_refuses_impossible_job_states,
+    claims_look_past_a_busy_loras_backlog,
     claims_and_completions_on_few_loras_never_deadlock,
 );
 
@@ -638,6 +639,49 @@ async fn database_refuses_impossible_job_states(db: &TestDb) {
     let job = s.get_job(new.id).await.expect("job").expect("exists");
     assert_eq!(job.status, JobStatus::Queued);
     assert!(job.finished_at.is_none());
+}
+
+/// A busy LoRA's backlog at the head of the queue, longer than a claim's walk in claim
+/// order (64 jobs on Postgres): the claim still finds the oldest job of an idle LoRA it
+/// may run, skips a LoRA of another base model, and comes back empty only when every queued
+/// job belongs to a busy LoRA.
+async fn claims_look_past_a_busy_loras_backlog(db: &TestDb) {
+    let s = &db.store;
+    for id in ["hot", "x", "y"] {
+        s.create_lora(&lora(id)).await.expect("lora");
+    }
+    let mut other = lora("other");
+    other.base_model = "other/base".into();
+    s.create_lora(&other).await.expect("lora");
+    let mut backlog = Vec::new();
+    for _ in 0..150 {
+        let j = job("hot", 1);
+        s.enqueue(&j).await.expect("enqueue");
+        backlog.push(j.id);
+    }
+    let x = job("x", 1);
+    s.enqueue(&x).await.expect("enqueue");
+    s.enqueue(&job("other", 1)).await.expect("enqueue");
+    let y = job("y", 1);
+    s.enqueue(&y).await.expect("enqueue");
+
+    let mut req = claim_request("w");
+    req.max_batch_samples = 1;
+    let next = || s.claim(&req);
+    let hot = next().await.expect("claim").expect("the oldest job");
+    assert_eq!(hot.job.id, backlog[0]);
+    let claimed = next().await.expect("claim").expect("x behind the backlog");
+    assert_eq!(claimed.job.id, x.id);
+    let claimed = next().await.expect("claim").expect("y, not other's job");
+    assert_eq!(claimed.job.id, y.id);
+    let claimed = next().await.expect("claim");
+    assert!(claimed.is_none(), "only the busy LoRA's jobs are left");
+    assert!(s
+        .complete(&hot.lease(), &serde_json::json!({}), None)
+        .await
+        .expect("complete"));
+    let claimed = next().await.expect("claim").expect("hot is idle again");
+    assert_eq!(claimed.job.id, backlog[1]);
 }
 
 /// Claims race the worker path (training starts, completion) on the same few LoRAs with
