@@ -1,12 +1,10 @@
 //! One conformance suite for both queue stores: every test below runs against Postgres
 //! (its own schema) and SQLite (its own file). The rules are DESIGN.md "The queue". This
 //! file holds intake, claims, batches, leases and fencing; `queue_versions.rs` holds
-//! exactly-once publishing and a LoRA's versions, `queue_cancel.rs` cancellation, and
-//! `queue_timeline.rs` what a job's timeline says.
+//! exactly-once publishing and a LoRA's versions, `queue_cancel.rs` cancellation,
+//! `queue_timeline.rs` what a job's timeline says, and `queue_contention.rs` many claimers
+//! at once.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use claas_core::queue::{FailOutcome, JobFilter, LeaseState, RetryPolicy};
@@ -34,10 +32,8 @@ claas_core::both_stores!(
     retention_prunes_old_finished_jobs_only,
     listing_filters_and_paginates_newest_first,
     enqueue_wakes_a_waiting_claimer,
-    concurrent_claimers_never_run_one_lora_twice,
     database_refuses_impossible_job_states,
     claims_look_past_a_busy_loras_backlog,
-    claims_and_completions_on_few_loras_never_deadlock,
 );
 
 async fn enqueued_job_is_claimed_with_its_payload(db: &TestDb) {
@@ -522,88 +518,6 @@ async fn enqueue_wakes_a_waiting_claimer(db: &TestDb) {
     assert!(took < Duration::from_secs(2), "{took:?}");
 }
 
-/// The exclusivity proof: 8 claimers race over 1,000 jobs on 40 LoRAs. A LoRA never has two
-/// running jobs, nobody stalls behind a busy LoRA, and many LoRAs run at once.
-async fn concurrent_claimers_never_run_one_lora_twice(db: &TestDb) {
-    const CLAIMERS: usize = 8;
-    const LORAS: usize = 40;
-    const JOBS: usize = 1000;
-    let s = &db.store;
-    for l in 0..LORAS {
-        s.create_lora(&lora(&format!("l{l}"))).await.expect("lora");
-    }
-    // Runs of the same LoRA at the head of the queue: the case that blocks naive claims.
-    for i in 0..JOBS {
-        s.enqueue(&job(&format!("l{}", (i / 5) % LORAS), 1))
-            .await
-            .expect("enqueue");
-    }
-    let running: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let peak = Arc::new(AtomicUsize::new(0));
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for w in 0..CLAIMERS {
-        let (s, running, done) = (s.clone(), running.clone(), done.clone());
-        let (peak, in_flight) = (peak.clone(), in_flight.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut req = claim_request(&format!("w{w}"));
-            req.max_batch_samples = 1;
-            let mut idle = 0;
-            while idle < 50 {
-                let Some(c) = s.claim(&req).await.expect("claim") else {
-                    idle += 1;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                    continue;
-                };
-                idle = 0;
-                assert!(
-                    running.lock().expect("lock").insert(c.job.lora_id.clone()),
-                    "two running jobs for {}",
-                    c.job.lora_id
-                );
-                // Jobs held between claim and completion (an upper bound of what is running).
-                let held = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-                peak.fetch_max(held, Ordering::SeqCst);
-                // Hold the job until every claimer holds one at once (or 500 ms pass): with
-                // no global lock this happens early; with one it never does.
-                let until = std::time::Instant::now() + Duration::from_millis(500);
-                while peak.load(Ordering::SeqCst) < CLAIMERS.min(LORAS)
-                    && std::time::Instant::now() < until
-                {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                running.lock().expect("lock").remove(&c.job.lora_id);
-                assert!(s
-                    .complete(&c.lease(), &serde_json::json!({}), None)
-                    .await
-                    .expect("complete"));
-                in_flight.fetch_sub(1, Ordering::SeqCst);
-                done.fetch_add(1, Ordering::SeqCst);
-            }
-        }));
-    }
-    let all = futures_join(tasks);
-    tokio::time::timeout(Duration::from_secs(240), all)
-        .await
-        .expect("burn-down finished in time");
-    assert_eq!(done.load(Ordering::SeqCst), JOBS);
-    let counts = s.status_counts().await.expect("counts");
-    assert_eq!(counts, vec![(JobStatus::Succeeded, JOBS as i64)]);
-    let peak = peak.load(Ordering::SeqCst);
-    assert!(
-        peak >= CLAIMERS.min(LORAS),
-        "no global lock: peak concurrency {peak}"
-    );
-}
-
-async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
-    for t in tasks {
-        t.await.expect("claimer panicked");
-    }
-}
-
 /// The store's own checks, not just the code that writes through it: an unknown status,
 /// a finished job without `finished_at` and a live job with one are refused, and the row
 /// keeps its state.
@@ -682,54 +596,4 @@ async fn claims_look_past_a_busy_loras_backlog(db: &TestDb) {
         .expect("complete"));
     let claimed = next().await.expect("claim").expect("hot is idle again");
     assert_eq!(claimed.job.id, backlog[1]);
-}
-
-/// Claims race the worker path (training starts, completion) on the same few LoRAs with
-/// deep backlogs: a claim may briefly hold the lock of a row it skipped, and a write to a
-/// batch must never end up waiting for it while the claim waits for that write (a deadlock
-/// fails one of them; before the fix this failed in 3 of 3 runs). Every claim and write
-/// succeeds, and every job succeeds exactly once.
-async fn claims_and_completions_on_few_loras_never_deadlock(db: &TestDb) {
-    const CLAIMERS: usize = 16;
-    const LORAS: usize = 5;
-    const JOBS: usize = 3000;
-    let s = &db.store;
-    for l in 0..LORAS {
-        s.create_lora(&lora(&format!("l{l}"))).await.expect("lora");
-    }
-    for i in 0..JOBS {
-        s.enqueue(&job(&format!("l{}", i % LORAS), 1))
-            .await
-            .expect("enqueue");
-    }
-    let done = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for w in 0..CLAIMERS {
-        let (s, done) = (s.clone(), done.clone());
-        tasks.push(tokio::spawn(async move {
-            let req = claim_request(&format!("w{w}"));
-            while done.load(Ordering::SeqCst) < JOBS {
-                let Some(c) = s.claim(&req).await.expect("claim") else {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                    continue;
-                };
-                let members = s
-                    .begin_training(&c.lease(), None)
-                    .await
-                    .expect("begin training")
-                    .expect("lease held");
-                assert_eq!(members.len(), c.members.len());
-                assert!(s
-                    .complete(&c.lease(), &serde_json::json!({}), None)
-                    .await
-                    .expect("complete"));
-                done.fetch_add(1 + c.members.len(), Ordering::SeqCst);
-            }
-        }));
-    }
-    tokio::time::timeout(Duration::from_secs(120), futures_join(tasks))
-        .await
-        .expect("burn-down finished in time");
-    let counts = s.status_counts().await.expect("counts");
-    assert_eq!(counts, vec![(JobStatus::Succeeded, JOBS as i64)]);
 }

@@ -76,7 +76,7 @@ const IDLE: &str =
 /// The claim around a `lead` CTE: lock the lead's batch, write lead and members in one
 /// `update` (every node that writes `jobs` opens its eleven indexes and prepares its check
 /// constraints, once per statement: one node instead of two was +5 % on `claas bench
-/// queue`), and return the lead first.
+/// queue`), and return the lead first. (`recursive` is for the per-LoRA lead's skip scan.)
 fn claim_sql(lead: &str) -> String {
     format!(
         "with recursive {lead}, candidates as (
