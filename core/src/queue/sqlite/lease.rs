@@ -3,6 +3,10 @@
 use super::*;
 use crate::queue::prelude::*;
 
+/// How many queued jobs, in claim order, a claim looks at before it looks at each LoRA's
+/// first job instead (the Postgres store's `CLAIM_WINDOW`, for the same reason).
+const CLAIM_WINDOW: u32 = 64;
+
 #[async_trait]
 impl LeaseStore for SqliteStore {
     async fn claim(&self, req: &ClaimRequest) -> Result<Option<Claimed>> {
@@ -11,12 +15,33 @@ impl LeaseStore for SqliteStore {
         let sql = format!(
             "update jobs set status = 'running', phase = 'claimed', attempt = attempt + 1,
                 worker_id = ?2, lease_expires_at = ?3 + ?4, started_at = coalesce(started_at, ?3)
-             where id = (
-                select j.id from jobs j
-                where j.status = 'queued' and j.run_at <= ?3
-                  and j.base_model in (select value from json_each(?1))
-                  and not exists (select 1 from jobs r where r.lora_id = j.lora_id and r.status = 'running')
-                order by j.priority desc, j.run_at, j.id limit 1)
+             where id = coalesce(
+                -- The first {CLAIM_WINDOW} queued jobs in claim order, as on Postgres.
+                (select j.id from (
+                    select id, lora_id, base_model, priority, run_at from jobs
+                    where status = 'queued' order by priority desc, run_at, id limit {CLAIM_WINDOW}
+                 ) j
+                 where j.run_at <= ?3 and j.base_model in (select value from json_each(?1))
+                   and not exists (select 1 from jobs r where r.lora_id = j.lora_id and r.status = 'running')
+                 order by j.priority desc, j.run_at, j.id limit 1),
+                -- Only when busy LoRAs hold all of them: each idle LoRA's best first job,
+                -- through a skip scan over `jobs_queued_by_lora`.
+                (with recursive queued_loras(lora_id) as (
+                    select (select lora_id from jobs where status = 'queued' order by lora_id limit 1)
+                    union all
+                    select (select q.lora_id from jobs q
+                            where q.status = 'queued' and q.lora_id > l.lora_id
+                            order by q.lora_id limit 1)
+                    from queued_loras l where l.lora_id is not null
+                 )
+                 select h.id from queued_loras l join jobs h on h.id = (
+                    select x.id from jobs x
+                    where x.lora_id = l.lora_id and x.status = 'queued' and x.run_at <= ?3
+                      and x.base_model in (select value from json_each(?1))
+                    order by x.priority desc, x.run_at, x.id limit 1)
+                 where l.lora_id is not null
+                   and not exists (select 1 from jobs r where r.lora_id = l.lora_id and r.status = 'running')
+                 order by h.priority desc, h.run_at, h.id limit 1))
              returning {JOB_COLUMNS}, payload, coalesce_key"
         );
         let row = sqlx::query(&sql)
