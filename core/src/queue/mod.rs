@@ -139,6 +139,13 @@ pub struct Reaped {
     pub settled: u64,
 }
 
+/// How many queued jobs, in claim order, a claim looks at before it looks at each idle
+/// LoRA's first job instead (both stores). When busy LoRAs hold the head of the queue,
+/// reading on in order would cost a row visit (and a probe for a running job) per queued
+/// job of theirs on every claim: with 20,000 jobs over 10 LoRAs and 16 claimers, an empty
+/// Postgres claim read 119,000 buffers.
+pub(crate) const CLAIM_WINDOW: u32 = 64;
+
 /// The status a running lead takes when it stops without completing; `retry` says whether
 /// its error and attempts allow another run. A published lead never trains again: it
 /// resumes (reload and wake only) or ends `failed`, keeping `published_version` and its

@@ -4,12 +4,7 @@ use std::sync::LazyLock;
 
 use super::*;
 use crate::queue::prelude::*;
-
-/// How many queued jobs, in claim order, the first claim query looks at. When busy LoRAs
-/// hold the head of the queue, reading on in order would cost a row visit (and a probe of
-/// the running-job index) per queued job of theirs on every claim: with 20,000 jobs over
-/// 10 LoRAs and 16 claimers, an empty claim read 119,000 buffers.
-const CLAIM_WINDOW: u32 = 64;
+use crate::queue::CLAIM_WINDOW;
 
 /// The claim in claim order, among the first [`CLAIM_WINDOW`] queued jobs. The window is
 /// read lazily: a claim whose first job can run reads one row. Each job is locked through

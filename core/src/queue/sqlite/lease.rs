@@ -2,10 +2,7 @@
 
 use super::*;
 use crate::queue::prelude::*;
-
-/// How many queued jobs, in claim order, a claim looks at before it looks at each LoRA's
-/// first job instead (the Postgres store's `CLAIM_WINDOW`, for the same reason).
-const CLAIM_WINDOW: u32 = 64;
+use crate::queue::CLAIM_WINDOW;
 
 #[async_trait]
 impl LeaseStore for SqliteStore {
