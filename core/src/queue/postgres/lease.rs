@@ -47,12 +47,14 @@ static CLAIM_PAST_BUSY_LORAS: LazyLock<String> = LazyLock::new(|| {
                       and h.base_model = any($1)
                     order by priority desc, run_at, id limit 1
                 ) h
+                -- Idle LoRAs only, checked once per LoRA (the lock below re-checks nothing
+                -- that this statement's snapshot could see differently).
                 where l.lora_id is not null
                   and not exists (select 1 from jobs r where r.lora_id = l.lora_id and r.status = 'running')
                 order by h.priority desc, h.run_at, h.id
             ) w cross join lateral (
                 select {LEAD} from jobs j
-                where j.id = w.id and j.status = 'queued' and {IDLE}
+                where j.id = w.id and j.status = 'queued'
                 for update of j skip locked
             ) x
             limit 1
