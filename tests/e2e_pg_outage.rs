@@ -7,11 +7,14 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use claas_core::queue::prelude::*;
-use claas_core::queue::PgStore;
-use claas_core::testing::{lora, TEST_BASE_MODEL};
+use claas_core::queue::{PgStore, SharedStore};
+use claas_core::testing::{
+    claim, claim_request, claimed, job, lora, version, FAST_RETRY, TEST_BASE_MODEL,
+};
 use claas_core::types::JobStatus;
 use common::{env, eventually, feedback, free_port, spawn, wait_http};
 
@@ -21,6 +24,8 @@ const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 struct Cluster {
     dir: PathBuf,
     port: u16,
+    /// More server options (`-c name=value ...`).
+    options: &'static str,
 }
 
 fn as_postgres(program: &str, args: &[&str]) -> bool {
@@ -39,7 +44,7 @@ fn as_postgres(program: &str, args: &[&str]) -> bool {
 }
 
 impl Cluster {
-    fn create() -> Cluster {
+    fn create(options: &'static str) -> Cluster {
         let dir = std::env::temp_dir().join(format!("claas-pg-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("cluster dir");
         let ok = Command::new("chown")
@@ -60,6 +65,7 @@ impl Cluster {
         let cluster = Cluster {
             dir,
             port: free_port(),
+            options,
         };
         cluster.start();
         cluster
@@ -75,9 +81,10 @@ impl Cluster {
 
     fn start(&self) {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off {}",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            self.options
         );
         let log = self.dir.join("server.log").display().to_string();
         assert!(
@@ -95,6 +102,19 @@ impl Cluster {
             "pg_ctl stop"
         );
     }
+
+    /// Kills the server as a crash would (what was not written from its WAL buffers is
+    /// lost) and starts it again, which replays the WAL.
+    fn crash_and_restart(&self) {
+        assert!(
+            as_postgres(
+                "pg_ctl",
+                &["-D", &self.data(), "-m", "immediate", "-w", "stop"]
+            ),
+            "pg_ctl stop -m immediate"
+        );
+        self.start();
+    }
 }
 
 impl Drop for Cluster {
@@ -109,7 +129,7 @@ impl Drop for Cluster {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_and_worker_ride_out_a_database_outage() {
-    let cluster = Cluster::create();
+    let cluster = Cluster::create("");
     let url = cluster.url();
     let port = free_port().to_string();
     let adapters = cluster.dir.join("adapters");
@@ -227,4 +247,97 @@ async fn api_and_worker_ride_out_a_database_outage() {
     drop(worker);
     drop(api);
     drop(cluster);
+}
+
+/// Claims and completions commit without waiting for their WAL flush: a crash can undo
+/// them. An undone claim leaves the job queued, and the worker that went on with it is
+/// fenced out at publish; an undone completion leaves the job running until its lease runs
+/// out, and the retry resumes after the version it published. Either way the job trains
+/// once and yields one version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_and_completions_undone_by_a_crash_still_train_once() {
+    // The WAL writer waits 10 s between writes and nothing else commits, so what committed
+    // without a flush is still in the WAL buffers when the server is killed.
+    let cluster = Cluster::create("-c wal_writer_delay=10s -c autovacuum=off");
+    let url = cluster.url();
+    let connect = || async {
+        let store: SharedStore = Arc::new(PgStore::connect(&url, None, 2).await.expect("store"));
+        store
+    };
+    let store = connect().await;
+    store.migrate().await.expect("migrate");
+    store.create_lora(&lora("a")).await.expect("lora");
+    let j = job("a", 1);
+    store.enqueue(&j).await.expect("enqueue");
+    let first = claim(&store, "w1").await;
+    assert_eq!(first.job.attempt, 1);
+
+    cluster.crash_and_restart();
+    let store = connect().await;
+    let after = store.get_job(j.id).await.expect("get").expect("job");
+    assert_eq!(
+        (after.status, after.attempt),
+        (JobStatus::Queued, 0),
+        "the enqueue waited for its flush and is kept; the claim did not and is undone"
+    );
+    assert!(
+        !store
+            .publish(&first.lease(), &version(1))
+            .await
+            .expect("publish"),
+        "the worker of the undone claim cannot publish"
+    );
+    let second = claimed(&store, "w2", Duration::from_secs(3)).await;
+    assert_eq!(second.job.attempt, 1, "the undone attempt is claimed again");
+    assert!(store
+        .publish(&second.lease(), &version(1))
+        .await
+        .expect("publish"));
+    assert!(store
+        .complete(&second.lease(), &serde_json::json!({}), None)
+        .await
+        .expect("complete"));
+
+    cluster.crash_and_restart();
+    let store = connect().await;
+    let after = store.get_job(j.id).await.expect("get").expect("job");
+    assert_eq!(
+        (after.status, after.published_version),
+        (JobStatus::Running, Some(1)),
+        "the publish waited for its flush and is kept; the completion did not and is undone"
+    );
+    assert!(!store
+        .complete(&first.lease(), &serde_json::json!({}), None)
+        .await
+        .expect("complete"));
+    // The worker of the undone completion has moved on; its lease runs out.
+    eventually(Duration::from_secs(30), "the lease to run out", || async {
+        let reaped = store.reap_expired(FAST_RETRY).await.expect("reap");
+        (reaped.requeued == 1).then_some(())
+    })
+    .await;
+    let resumed = eventually(Duration::from_secs(5), "the retry", || async {
+        store.claim(&claim_request("w3")).await.expect("claim")
+    })
+    .await;
+    assert_eq!(
+        resumed.job.published_version,
+        Some(1),
+        "the retry resumes after the version it published (no second training)"
+    );
+    assert!(store
+        .complete(&resumed.lease(), &serde_json::json!({}), None)
+        .await
+        .expect("complete"));
+    let done = store.get_job(j.id).await.expect("get").expect("job");
+    assert_eq!(done.status, JobStatus::Succeeded);
+    assert_eq!(
+        store
+            .get_lora("a")
+            .await
+            .expect("lora")
+            .map(|l| l.current_version),
+        Some(1),
+        "one job, one version"
+    );
 }

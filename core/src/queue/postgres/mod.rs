@@ -267,6 +267,19 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// A CTE that commits its statement without waiting for the WAL flush
+/// (`synchronous_commit = off` for this transaction only), for claims and completions.
+/// Postgres recovers a consistent prefix of commits, so a crash can undo at most the last
+/// few hundred milliseconds of them, and each undo is one the queue already recovers from:
+/// an undone claim leaves the job queued, and the worker that ran it is fenced out at
+/// `publish`; an undone completion leaves the job running until its lease expires, and its
+/// retry resumes after the version it published. `publish`, which records what training
+/// produced, and enqueue, which accepts feedback, still wait for the flush; either flush
+/// also makes every earlier commit durable. Reference it from the statement's final
+/// `select` (an unreferenced CTE that writes nothing is never run).
+const COMMIT_WITHOUT_FLUSH: &str =
+    "no_flush as (select set_config('synchronous_commit', 'off', true) as setting)";
+
 /// `(phase name, ms)` of a finished phase as two nullable binds.
 fn timing(finished: Option<(Phase, u64)>) -> (Option<&'static str>, Option<i64>) {
     match finished {
