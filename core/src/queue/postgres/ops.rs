@@ -6,17 +6,24 @@ use crate::queue::prelude::*;
 #[async_trait]
 impl OpsStore for PgStore {
     async fn prune(&self, older_than: Duration, batch: i64) -> Result<u64> {
-        let done = sqlx::query(
-            "delete from jobs where id in (
-                select id from jobs
-                where finished_at < now() - $1 * interval '1 millisecond'
-                order by finished_at limit $2 for update skip locked)",
+        // The jobs' events go with them (what `on delete cascade` did before migration 0012).
+        let row = sqlx::query(
+            "with d as (
+                delete from jobs where id in (
+                    select id from jobs
+                    where finished_at < now() - $1 * interval '1 millisecond'
+                    order by finished_at limit $2 for update skip locked)
+                returning id
+            ), ev as (
+                delete from job_events e using d where e.job_id = d.id
+            )
+            select count(*) as n from d",
         )
         .bind(ms(older_than))
         .bind(batch)
-        .execute(&self.pool)
+        .fetch_one(&self.pool)
         .await?;
-        Ok(done.rows_affected())
+        Ok(row.try_get::<i64, _>("n")?.unsigned_abs())
     }
 
     async fn retry_job(&self, id: Uuid, message: &str) -> Result<Job> {
@@ -65,6 +72,9 @@ impl OpsStore for PgStore {
                 -- What the foreign key's `on delete set null` did (migration 0009).
                 update jobs m set trained_by = null, batch_event = null
                 from d where m.lora_id = d.lora_id and m.trained_by = d.id
+            ), ev as (
+                -- And its events' `on delete cascade` (migration 0012).
+                delete from job_events e using d where e.job_id = d.id
             )
             select * from d"
         );
@@ -81,7 +91,7 @@ impl OpsStore for PgStore {
     async fn add_job_event(&self, id: Uuid, phase: &str, message: &str) -> Result<()> {
         sqlx::query(
             "insert into job_events (job_id, phase, message)
-             select id, $2, $3 from jobs where id = $1",
+             select id, $2, $3 from jobs where id = $1 for key share",
         )
         .bind(id)
         .bind(phase)
