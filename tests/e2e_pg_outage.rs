@@ -287,8 +287,14 @@ async fn claims_and_completions_undone_by_a_crash_still_train_once() {
             .expect("publish"),
         "the worker of the undone claim cannot publish"
     );
-    let second = claimed(&store, "w2", Duration::from_secs(3)).await;
+    // Claimed again at the same attempt, even by a process with the same worker id (an old
+    // one in its shutdown grace beside a new one): the first lease stays fenced out.
+    let second = claimed(&store, "w1", Duration::from_secs(3)).await;
     assert_eq!(second.job.attempt, 1, "the undone attempt is claimed again");
+    assert!(!store
+        .publish(&first.lease(), &version(1))
+        .await
+        .expect("publish"));
     assert!(store
         .publish(&second.lease(), &version(1))
         .await

@@ -24,6 +24,7 @@ claas_core::both_stores!(
     coalescing_joins_same_config_jobs_up_to_max_samples,
     completion_settles_the_whole_batch,
     stale_worker_cannot_write_after_reclaim,
+    a_claim_made_again_at_the_same_attempt_does_not_share_its_lease,
     expired_lease_requeues_then_fails_after_max_attempts,
     members_return_to_queue_when_lead_lease_is_lost,
     fatal_failure_fails_at_once_and_retryable_backs_off,
@@ -521,8 +522,64 @@ async fn enqueue_wakes_a_waiting_claimer(db: &TestDb) {
 /// The store's own checks, not just the code that writes through it: an unknown status,
 /// a finished job without `finished_at` and a live job with one are refused, and the row
 /// keeps its state.
-async fn database_refuses_impossible_job_states(db: &TestDb) {
+/// Runs one write with the job id bound as `$1`, behind the store's back; `false` when the
+/// database refused it.
+async fn write_behind_the_store(db: &TestDb, sql: &str, id: &str) -> bool {
     use sqlx::Connection;
+    if db.schema.is_some() {
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+        sqlx::query(&sql.replace("$1", "$1::uuid"))
+            .bind(id)
+            .execute(&mut conn)
+            .await
+            .is_ok()
+    } else {
+        let mut conn = sqlx::SqliteConnection::connect(&db.url)
+            .await
+            .expect("open");
+        sqlx::query(sql).bind(id).execute(&mut conn).await.is_ok()
+    }
+}
+
+/// A claim that a database crash undid (claims commit without waiting for their flush) is
+/// made again at the same attempt, here by a process with the same worker id: the first
+/// process's lease is fenced out all the same.
+async fn a_claim_made_again_at_the_same_attempt_does_not_share_its_lease(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    let new = job("a", 1);
+    s.enqueue(&new).await.expect("enqueue");
+    let first = claim(s, "w").await.lease();
+    // What recovery from the crash leaves: the row as it was before the claim.
+    let undo = "update jobs set status = 'queued', phase = 'queued', attempt = 0,
+        worker_id = null, lease_expires_at = null, lease_token = null, started_at = null
+        where id = $1";
+    assert!(write_behind_the_store(db, undo, &new.id.to_string()).await);
+    let second = claim(s, "w").await.lease();
+    assert_eq!(
+        (second.attempt, &second.worker_id),
+        (first.attempt, &first.worker_id)
+    );
+    assert_ne!(first, second);
+    assert_eq!(
+        s.heartbeat(&first, Duration::from_secs(60))
+            .await
+            .expect("hb"),
+        LeaseState::Lost
+    );
+    assert!(!s.publish(&first, &version(1)).await.expect("publish"));
+    assert!(!s
+        .complete(&first, &serde_json::json!({}), None)
+        .await
+        .expect("complete"));
+    assert!(s.publish(&second, &version(1)).await.expect("publish"));
+    assert!(s
+        .complete(&second, &serde_json::json!({}), None)
+        .await
+        .expect("complete"));
+}
+
+async fn database_refuses_impossible_job_states(db: &TestDb) {
     let s = &db.store;
     s.create_lora(&lora("a")).await.expect("lora");
     let new = job("a", 1);
@@ -535,19 +592,7 @@ async fn database_refuses_impossible_job_states(db: &TestDb) {
         "update jobs set status = 'running', finished_at = current_timestamp where id = $1",
     ];
     for sql in writes {
-        let refused = if db.schema.is_some() {
-            let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
-            sqlx::query(&sql.replace("$1", "$1::uuid"))
-                .bind(&id)
-                .execute(&mut conn)
-                .await
-                .is_err()
-        } else {
-            let mut conn = sqlx::SqliteConnection::connect(&db.url)
-                .await
-                .expect("open");
-            sqlx::query(sql).bind(&id).execute(&mut conn).await.is_err()
-        };
+        let refused = !write_behind_the_store(db, sql, &id).await;
         assert!(refused, "the store accepted: {sql}");
     }
     let job = s.get_job(new.id).await.expect("job").expect("exists");

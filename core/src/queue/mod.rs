@@ -45,6 +45,11 @@ pub struct Lease {
     pub job_id: Uuid,
     pub attempt: i32,
     pub worker_id: String,
+    /// Drawn at random by each claim and written with it; the fence compares it, so two
+    /// claims of one attempt by one worker id (a claim a database crash undid, made again
+    /// by another process configured with the same id) never share a lease.
+    #[serde(skip)]
+    pub token: Uuid,
 }
 
 /// A claimed job with the jobs coalesced into its batch.
@@ -54,6 +59,8 @@ pub struct Claimed {
     pub payload: JobPayload,
     /// Jobs that joined this batch (status `coalesced`, `trained_by` = `job.id`).
     pub members: Vec<(Job, JobPayload)>,
+    /// This claim's fencing token (see [`Lease::token`]).
+    pub token: Uuid,
 }
 
 impl Claimed {
@@ -62,6 +69,7 @@ impl Claimed {
             job_id: self.job.id,
             attempt: self.job.attempt,
             worker_id: self.job.worker_id.clone().unwrap_or_default(),
+            token: self.token,
         }
     }
 

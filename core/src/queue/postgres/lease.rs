@@ -110,6 +110,7 @@ fn claim_sql(lead: &str) -> String {
                 phase = case when t.lead then 'claimed' else 'queued' end,
                 attempt = j.attempt + t.lead::int,
                 worker_id = case when t.lead then $2 else j.worker_id end,
+                lease_token = case when t.lead then $5 else j.lease_token end,
                 lease_expires_at = case when t.lead
                     then now() + $3 * interval '1 millisecond' else j.lease_expires_at end,
                 trained_by = case when t.lead then j.trained_by else lead.id end,
@@ -126,6 +127,7 @@ fn claim_sql(lead: &str) -> String {
 #[async_trait]
 impl LeaseStore for PgStore {
     async fn claim(&self, req: &ClaimRequest) -> Result<Option<Claimed>> {
+        let token = Uuid::new_v4();
         let mut conn = self.hot.get(&self.pool).await?;
         'race: for _ in 0..CLAIM_RACE_RETRIES {
             // The window in claim order holds the lead unless busy LoRAs hold the head of
@@ -137,6 +139,7 @@ impl LeaseStore for PgStore {
                     .bind(&req.worker_id)
                     .bind(ms(req.lease))
                     .bind(req.max_batch_samples)
+                    .bind(token)
                     .fetch_all(&mut *conn)
                     .await
                 {
@@ -164,6 +167,7 @@ impl LeaseStore for PgStore {
                 job: lead.0,
                 payload: lead.1,
                 members,
+                token,
             }));
         }
         Ok(None)
@@ -177,7 +181,7 @@ impl LeaseStore for PgStore {
         let mut conn = self.hot.get(&self.pool).await?;
         let row = sqlx::query(&sql)
             .bind(lease.job_id)
-            .bind(lease.attempt)
+            .bind(lease.token)
             .bind(&lease.worker_id)
             .bind(ms(extend))
             .fetch_optional(&mut *conn)
@@ -208,7 +212,7 @@ impl LeaseStore for PgStore {
         let mut conn = self.hot.get(&self.pool).await?;
         let done = sqlx::query(&sql)
             .bind(lease.job_id)
-            .bind(lease.attempt)
+            .bind(lease.token)
             .bind(&lease.worker_id)
             .bind(phase.as_str())
             .bind(prev)
@@ -243,7 +247,7 @@ impl LeaseStore for PgStore {
         let mut conn = self.hot.get(&self.pool).await?;
         let row = sqlx::query(&sql)
             .bind(lease.job_id)
-            .bind(lease.attempt)
+            .bind(lease.token)
             .bind(&lease.worker_id)
             .bind(prev)
             .bind(took)
@@ -279,7 +283,7 @@ impl LeaseStore for PgStore {
         let mut conn = self.hot.get(&self.pool).await?;
         let row = sqlx::query(&sql)
             .bind(lease.job_id)
-            .bind(lease.attempt)
+            .bind(lease.token)
             .bind(&lease.worker_id)
             .bind(v.version)
             .bind(&v.storage_uri)
@@ -329,7 +333,7 @@ impl LeaseStore for PgStore {
         let mut conn = self.hot.get(&self.pool).await?;
         let row = sqlx::query(&sql)
             .bind(lease.job_id)
-            .bind(lease.attempt)
+            .bind(lease.token)
             .bind(&lease.worker_id)
             .bind(result)
             .bind(prev)
@@ -365,7 +369,7 @@ impl LeaseStore for PgStore {
         let mut conn = self.hot.get(&self.pool).await?;
         let row = sqlx::query(&sql)
             .bind(lease.job_id)
-            .bind(lease.attempt)
+            .bind(lease.token)
             .bind(&lease.worker_id)
             .bind(retryable)
             .bind(serde_json::to_value(error)?)
@@ -398,7 +402,7 @@ impl LeaseStore for PgStore {
         let mut conn = self.hot.get(&self.pool).await?;
         let row = sqlx::query(&sql)
             .bind(lease.job_id)
-            .bind(lease.attempt)
+            .bind(lease.token)
             .bind(&lease.worker_id)
             .bind(message)
             .fetch_one(&mut *conn)
@@ -426,7 +430,7 @@ impl LeaseStore for PgStore {
         let mut conn = self.hot.get(&self.pool).await?;
         let row = sqlx::query(&sql)
             .bind(lease.job_id)
-            .bind(lease.attempt)
+            .bind(lease.token)
             .bind(&lease.worker_id)
             .fetch_one(&mut *conn)
             .await?;

@@ -43,7 +43,7 @@ const JOB_COLUMNS: &str = "id, lora_id, base_model, caller, status, phase, sampl
 
 /// The fencing predicate every worker write carries: the job is still running under the
 /// attempt this worker claimed, and the lease has not run out.
-const FENCE: &str = "id = $1 and attempt = $2 and worker_id = $3 and status = 'running' \
+const FENCE: &str = "id = $1 and lease_token = $2 and worker_id = $3 and status = 'running' \
     and lease_expires_at > now()";
 
 /// A claim that loses the race for a LoRA (unique violation) is retried at once, since the

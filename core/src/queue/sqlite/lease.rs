@@ -8,10 +8,12 @@ use crate::queue::CLAIM_WINDOW;
 impl LeaseStore for SqliteStore {
     async fn claim(&self, req: &ClaimRequest) -> Result<Option<Claimed>> {
         let now = now_ms();
+        let token = Uuid::new_v4();
         let mut tx = self.pool.begin().await?;
         let sql = format!(
             "update jobs set status = 'running', phase = 'claimed', attempt = attempt + 1,
-                worker_id = ?2, lease_expires_at = ?3 + ?4, started_at = coalesce(started_at, ?3)
+                worker_id = ?2, lease_expires_at = ?3 + ?4, started_at = coalesce(started_at, ?3),
+                lease_token = ?5
              where id = coalesce(
                 -- The first {CLAIM_WINDOW} queued jobs in claim order, as on Postgres.
                 (select j.id from (
@@ -46,6 +48,7 @@ impl LeaseStore for SqliteStore {
             .bind(&req.worker_id)
             .bind(now)
             .bind(ms(req.lease))
+            .bind(token.to_string())
             .fetch_optional(&mut *tx)
             .await?;
         let Some(row) = row else {
@@ -111,6 +114,7 @@ impl LeaseStore for SqliteStore {
             job: lead,
             payload,
             members,
+            token,
         }))
     }
 
@@ -120,7 +124,7 @@ impl LeaseStore for SqliteStore {
         );
         let row = sqlx::query(&sql)
             .bind(lease.job_id.to_string())
-            .bind(lease.attempt)
+            .bind(lease.token.to_string())
             .bind(&lease.worker_id)
             .bind(now_ms())
             .bind(ms(extend))
@@ -193,7 +197,7 @@ impl LeaseStore for SqliteStore {
         let sql = format!("update jobs set {set} where {FENCE} and {cond} returning lora_id");
         let row = sqlx::query(&sql)
             .bind(lease.job_id.to_string())
-            .bind(lease.attempt)
+            .bind(lease.token.to_string())
             .bind(&lease.worker_id)
             .bind(now)
             .bind(v.version)

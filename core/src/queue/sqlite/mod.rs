@@ -43,7 +43,7 @@ const JOB_COLUMNS: &str = "id, lora_id, base_model, caller, status, phase, sampl
     published_version, created_at, started_at, finished_at";
 
 /// Same predicate as Postgres' fence; `?4` is now.
-const FENCE: &str = "id = ?1 and attempt = ?2 and worker_id = ?3 and status = 'running' \
+const FENCE: &str = "id = ?1 and lease_token = ?2 and worker_id = ?3 and status = 'running' \
     and lease_expires_at > ?4";
 
 pub struct SqliteStore {
@@ -223,7 +223,7 @@ async fn fenced_lead(
     );
     let row = sqlx::query(&sql)
         .bind(lease.job_id.to_string())
-        .bind(lease.attempt)
+        .bind(lease.token.to_string())
         .bind(&lease.worker_id)
         .bind(now)
         .fetch_optional(&mut **tx)
@@ -325,7 +325,7 @@ impl SqliteStore {
         let sql = format!("update jobs set {set} where {FENCE}");
         let mut q = sqlx::query(&sql)
             .bind(lease.job_id.to_string())
-            .bind(lease.attempt)
+            .bind(lease.token.to_string())
             .bind(&lease.worker_id)
             .bind(now);
         for b in extra_binds {
