@@ -8,16 +8,17 @@ use crate::queue::CLAIM_WINDOW;
 
 /// The claim in claim order, among the first [`CLAIM_WINDOW`] queued jobs. The window is
 /// read lazily: a claim whose first job can run reads one row. Each job is locked through
-/// a lateral lookup by primary key, after the checks, so only the lead is locked.
+/// a lateral lookup of its row version (see [`LEAD`]), after the checks, so only the lead
+/// is locked.
 static CLAIM_IN_ORDER: LazyLock<String> = LazyLock::new(|| {
     claim_sql(&format!(
         "lead as (
             select x.* from (
-                select id from jobs where status = 'queued'
+                select id, ctid as tid from jobs where status = 'queued'
                 order by priority desc, run_at, id limit {CLAIM_WINDOW}
             ) w cross join lateral (
                 select {LEAD} from jobs j
-                where j.id = w.id and j.status = 'queued' and j.run_at <= now()
+                where j.ctid = w.tid and j.id = w.id and j.status = 'queued' and j.run_at <= now()
                   and j.base_model = any($1) and {IDLE}
                 for update of j skip locked
             ) x
@@ -42,7 +43,7 @@ static CLAIM_PAST_BUSY_LORAS: LazyLock<String> = LazyLock::new(|| {
         ), lead as (
             select x.* from (
                 select h.* from queued_loras l cross join lateral (
-                    select id, priority, run_at from jobs h
+                    select id, ctid as tid, priority, run_at from jobs h
                     where h.lora_id = l.lora_id and h.status = 'queued' and h.run_at <= now()
                       and h.base_model = any($1)
                     order by priority desc, run_at, id limit 1
@@ -54,7 +55,7 @@ static CLAIM_PAST_BUSY_LORAS: LazyLock<String> = LazyLock::new(|| {
                 order by h.priority desc, h.run_at, h.id
             ) w cross join lateral (
                 select {LEAD} from jobs j
-                where j.id = w.id and j.status = 'queued'
+                where j.ctid = w.tid and j.id = w.id and j.status = 'queued'
                 for update of j skip locked
             ) x
             limit 1
@@ -62,9 +63,18 @@ static CLAIM_PAST_BUSY_LORAS: LazyLock<String> = LazyLock::new(|| {
     ))
 });
 
-/// The lead's columns the rest of the claim reads.
+/// The lead's columns the rest of the claim reads, and `tid`, the `ctid` of the version this
+/// statement's snapshot saw. Rows are found again by that `ctid` (with the id re-checked)
+/// rather than by primary key: these statements run as generic plans cached per connection,
+/// and one planned while `jobs` was empty looked a job up by scanning a partial index (the
+/// whole queue) and wrote the batch through a sequential scan of the table, a plan kept
+/// until something invalidates it. A TID lookup is the one plan for `ctid = ...` at any
+/// size. A row written since the snapshot is followed to its newest version by the row
+/// lock and by the update, which re-check their conditions on it. (A member's `tid` comes
+/// from its row lock; if that lock followed a newer version, the update does not see the
+/// member, which stays queued, outside the batch.)
 const LEAD: &str =
-    "j.id, j.lora_id, j.coalesce_key, j.sample_count, j.published_version, j.attempt";
+    "j.id, j.lora_id, j.coalesce_key, j.sample_count, j.published_version, j.attempt, w.tid";
 
 /// No job of the row's LoRA is running.
 const IDLE: &str =
@@ -80,7 +90,7 @@ fn claim_sql(lead: &str) -> String {
             -- The lead's values as parameters, not a join: then `jobs_queued_by_lora`
             -- hands rows over in claim order and the scan stops at the limit, where a
             -- join read and sorted every queued job of the LoRA on each claim.
-            select q.id, q.sample_count, q.priority, q.run_at
+            select q.id, q.ctid as tid, q.sample_count, q.priority, q.run_at
             from jobs q
             where q.lora_id = (select lora_id from lead)
               and q.coalesce_key = (select coalesce_key from lead)
@@ -91,8 +101,8 @@ fn claim_sql(lead: &str) -> String {
             limit $4
             for update of q skip locked
         ), joined as (
-            select t.id from (
-                select id, sum(sample_count) over (order by priority desc, run_at, id) as total
+            select t.id, t.tid from (
+                select id, tid, sum(sample_count) over (order by priority desc, run_at, id) as total
                 from candidates
             ) t, lead c
             where t.total + c.sample_count <= $4
@@ -116,8 +126,8 @@ fn claim_sql(lead: &str) -> String {
                 trained_by = case when t.lead then j.trained_by else lead.id end,
                 batch_event = case when t.lead then j.batch_event else (select id from ev) end,
                 started_at = coalesce(j.started_at, now())
-            from lead, (select id, true as lead from lead union all select id, false from joined) t
-            where j.id = t.id
+            from lead, (select id, tid, true as lead from lead union all select id, tid, false from joined) t
+            where j.ctid = t.tid and j.id = t.id
             returning (not t.lead)::int as ord, j.*
         ), {COMMIT_WITHOUT_FLUSH}
         select ord, {JOB_COLUMNS}, payload from batch, no_flush order by ord, run_at, id"
@@ -314,9 +324,11 @@ impl LeaseStore for PgStore {
             ), members as (
                 -- `MEMBERS_FOLLOW_LEAD` for a lead that succeeded, without its cases: this
                 -- runs once per batch on the hot path.
+                -- By `$1`, not a join with `fence`: a generic plan made on an empty table
+                -- joined by scanning every member of every batch.
                 update jobs m set status = 'succeeded', phase = 'done', worker_id = null,
                     result = $4, error = null, finished_at = now()
-                from fence where m.trained_by = fence.id and m.status = 'coalesced'
+                where m.trained_by = $1 and m.status = 'coalesced' and (select count(*) from fence) = 1
                 returning m.id
             ), lead as (
                 update jobs set status = 'succeeded', phase = 'done', result = $4, error = null,
@@ -481,5 +493,64 @@ impl LeaseStore for PgStore {
             failed: row.try_get::<i64, _>("failed")?.unsigned_abs(),
             settled: row.try_get::<i64, _>("settled")?.unsigned_abs(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::Connection;
+
+    use super::*;
+
+    /// A claim's generic plan is made on its connection's first claim, often while `jobs` is
+    /// still empty (a fresh deployment), and kept until something invalidates it. Made then,
+    /// it must still find rows by TID: no sequential scan of `jobs`, no scan of a partial
+    /// index standing in for a primary-key lookup.
+    #[tokio::test]
+    async fn claim_plans_made_on_an_empty_table_find_rows_by_tid() {
+        let url = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@localhost/test".into());
+        let schema = format!("t_{}", Uuid::new_v4().simple());
+        let mut admin = sqlx::PgConnection::connect(&url).await.expect("connect");
+        sqlx::query(&format!("create schema {schema}"))
+            .execute(&mut admin)
+            .await
+            .expect("schema");
+        let store = PgStore::connect(&url, Some(&schema), 1)
+            .await
+            .expect("store");
+        store.migrate().await.expect("migrate");
+        let mut conn = store.pool().acquire().await.expect("connection");
+        for (name, sql) in [
+            ("in_order", &*CLAIM_IN_ORDER),
+            ("past_busy", &*CLAIM_PAST_BUSY_LORAS),
+        ] {
+            sqlx::query(&format!(
+                "prepare {name}(text[], text, float8, int, uuid) as {sql}"
+            ))
+            .execute(&mut *conn)
+            .await
+            .expect("prepare");
+            let plan: Vec<String> = sqlx::query_scalar(&format!(
+                "explain (costs off) execute {name}('{{m}}', 'w', 1000, 8, gen_random_uuid())"
+            ))
+            .fetch_all(&mut *conn)
+            .await
+            .expect("explain");
+            let plan = plan.join("\n");
+            assert!(!plan.contains("Seq Scan"), "{name}:\n{plan}");
+            assert!(!plan.contains("jobs_queued_age"), "{name}:\n{plan}");
+            assert_eq!(
+                plan.matches("Tid Scan on jobs").count(),
+                2,
+                "{name}: the lead's lock and the batch's update\n{plan}"
+            );
+        }
+        drop(conn);
+        drop(store);
+        sqlx::query(&format!("drop schema {schema} cascade"))
+            .execute(&mut admin)
+            .await
+            .expect("drop schema");
     }
 }
