@@ -323,9 +323,9 @@ impl LeaseStore for PgStore {
                 select id from jobs where {FENCE} for update
             ), members as (
                 -- `MEMBERS_FOLLOW_LEAD` for a lead that succeeded, without its cases: this
-                -- runs once per batch on the hot path.
-                -- By `$1`, not a join with `fence`: a generic plan made on an empty table
-                -- joined by scanning every member of every batch.
+                -- runs once per batch on the hot path. Members are found by `$1`, not by a
+                -- join with `fence`, whose generic plan made on an empty table scanned
+                -- every member of every batch.
                 update jobs m set status = 'succeeded', phase = 'done', worker_id = null,
                     result = $4, error = null, finished_at = now()
                 where m.trained_by = $1 and m.status = 'coalesced' and (select count(*) from fence) = 1

@@ -42,7 +42,8 @@ const JOB_COLUMNS: &str = "id, lora_id, base_model, caller, status, phase, sampl
     published_version, created_at, started_at, finished_at";
 
 /// The fencing predicate every worker write carries: the job is still running under the
-/// attempt this worker claimed, and the lease has not run out.
+/// claim this worker made (the token it drew, see `Lease::token`), and the lease has not
+/// run out.
 const FENCE: &str = "id = $1 and lease_token = $2 and worker_id = $3 and status = 'running' \
     and lease_expires_at > now()";
 
