@@ -248,3 +248,38 @@ async fn adapter_requests_are_taken_once_per_vllm_and_wake_workers(db: &TestDb) 
     assert!(s.take_adapter_requests(one).await.expect("take").is_empty());
     assert_eq!(s.take_adapter_requests(two).await.expect("take"), ["a"]);
 }
+
+/// Postgres only (SQLite keeps the foreign key's cascade and has one writer at a time): an
+/// event committed while a delete waited for its job's row still goes with the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_written_while_its_job_is_deleted_goes_with_it() {
+    use sqlx::Connection;
+    let db = TestDb::postgres().await;
+    let s = db.store.clone();
+    s.create_lora(&lora("a")).await.expect("lora");
+    let id = failed_job(&db, "a", "w").await;
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    let mut late = conn.begin().await.expect("begin");
+    // What `add_job_event` writes, held open: it locks the job's row.
+    sqlx::query(
+        "insert into job_events (job_id, phase, message)
+         select id, 'failed', 'late' from jobs where id = $1 for key share",
+    )
+    .bind(id)
+    .execute(&mut *late)
+    .await
+    .expect("event");
+    let delete = tokio::spawn(async move { s.delete_job(id).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!delete.is_finished(), "the delete waits for the row lock");
+    late.commit().await.expect("commit");
+    delete.await.expect("join").expect("delete");
+    let left: i64 = sqlx::query_scalar("select count(*) from job_events where job_id = $1")
+        .bind(id)
+        .fetch_one(&mut conn)
+        .await
+        .expect("count");
+    assert_eq!(left, 0, "no event outlives its job");
+    drop(conn);
+    db.cleanup().await;
+}

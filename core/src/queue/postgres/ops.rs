@@ -6,24 +6,21 @@ use crate::queue::prelude::*;
 #[async_trait]
 impl OpsStore for PgStore {
     async fn prune(&self, older_than: Duration, batch: i64) -> Result<u64> {
-        // The jobs' events go with them (what `on delete cascade` did before migration 0012).
-        let row = sqlx::query(
-            "with d as (
-                delete from jobs where id in (
-                    select id from jobs
-                    where finished_at < now() - $1 * interval '1 millisecond'
-                    order by finished_at limit $2 for update skip locked)
-                returning id
-            ), ev as (
-                delete from job_events e using d where e.job_id = d.id
-            )
-            select count(*) as n from d",
+        let mut tx = self.pool.begin().await?;
+        let ids: Vec<Uuid> = sqlx::query_scalar(
+            "delete from jobs where id in (
+                select id from jobs
+                where finished_at < now() - $1 * interval '1 millisecond'
+                order by finished_at limit $2 for update skip locked)
+             returning id",
         )
         .bind(ms(older_than))
         .bind(batch)
-        .fetch_one(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
-        Ok(row.try_get::<i64, _>("n")?.unsigned_abs())
+        delete_events(&mut tx, &ids).await?;
+        tx.commit().await?;
+        Ok(ids.len() as u64)
     }
 
     async fn retry_job(&self, id: Uuid, message: &str) -> Result<Job> {
@@ -72,19 +69,21 @@ impl OpsStore for PgStore {
                 -- What the foreign key's `on delete set null` did (migration 0009).
                 update jobs m set trained_by = null, batch_event = null
                 from d where m.lora_id = d.lora_id and m.trained_by = d.id
-            ), ev as (
-                -- And its events' `on delete cascade` (migration 0012).
-                delete from job_events e using d where e.job_id = d.id
             )
             select * from d"
         );
-        match sqlx::query(&sql)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-        {
-            Some(row) => job_from_row(&row),
-            None => Err(delete_refusal(self.get_job(id).await?, id)),
+        let mut tx = self.pool.begin().await?;
+        match sqlx::query(&sql).bind(id).fetch_optional(&mut *tx).await? {
+            Some(row) => {
+                let job = job_from_row(&row)?;
+                delete_events(&mut tx, &[id]).await?;
+                tx.commit().await?;
+                Ok(job)
+            }
+            None => {
+                drop(tx);
+                Err(delete_refusal(self.get_job(id).await?, id))
+            }
         }
     }
 
@@ -133,4 +132,16 @@ impl OpsStore for PgStore {
             })
             .collect()
     }
+}
+
+/// Deletes the events of jobs this transaction deleted, as the foreign key's `on delete
+/// cascade` did before migration 0012. A statement of its own, after the jobs' delete: its
+/// snapshot also holds an event committed while that delete waited for the job's row
+/// (`add_job_event` locks it), which the delete's own snapshot would miss.
+async fn delete_events(tx: &mut sqlx::PgConnection, ids: &[Uuid]) -> Result<()> {
+    sqlx::query("delete from job_events where job_id = any($1)")
+        .bind(ids)
+        .execute(tx)
+        .await?;
+    Ok(())
 }
