@@ -25,6 +25,7 @@ claas_core::both_stores!(
     completion_settles_the_whole_batch,
     stale_worker_cannot_write_after_reclaim,
     a_claim_made_again_at_the_same_attempt_does_not_share_its_lease,
+    a_job_that_stops_running_keeps_no_lease_token,
     expired_lease_requeues_then_fails_after_max_attempts,
     members_return_to_queue_when_lead_lease_is_lost,
     fatal_failure_fails_at_once_and_retryable_backs_off,
@@ -522,23 +523,28 @@ async fn enqueue_wakes_a_waiting_claimer(db: &TestDb) {
 /// The store's own checks, not just the code that writes through it: an unknown status,
 /// a finished job without `finished_at` and a live job with one are refused, and the row
 /// keeps its state.
-/// Runs one write with the job id bound as `$1`, behind the store's back; `false` when the
-/// database refused it.
-async fn write_behind_the_store(db: &TestDb, sql: &str, id: &str) -> bool {
+/// Runs one write with the job id bound as `$1`, behind the store's back: the rows it
+/// changed, or `None` when the database refused it.
+async fn write_behind_the_store(db: &TestDb, sql: &str, id: &str) -> Option<u64> {
     use sqlx::Connection;
-    if db.schema.is_some() {
+    let done = if db.schema.is_some() {
         let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
         sqlx::query(&sql.replace("$1", "$1::uuid"))
             .bind(id)
             .execute(&mut conn)
             .await
-            .is_ok()
+            .map(|d| d.rows_affected())
     } else {
         let mut conn = sqlx::SqliteConnection::connect(&db.url)
             .await
             .expect("open");
-        sqlx::query(sql).bind(id).execute(&mut conn).await.is_ok()
-    }
+        sqlx::query(sql)
+            .bind(id)
+            .execute(&mut conn)
+            .await
+            .map(|d| d.rows_affected())
+    };
+    done.ok()
 }
 
 /// A claim that a database crash undid (claims commit without waiting for their flush) is
@@ -554,7 +560,10 @@ async fn a_claim_made_again_at_the_same_attempt_does_not_share_its_lease(db: &Te
     let undo = "update jobs set status = 'queued', phase = 'queued', attempt = 0,
         worker_id = null, lease_expires_at = null, lease_token = null, started_at = null
         where id = $1";
-    assert!(write_behind_the_store(db, undo, &new.id.to_string()).await);
+    assert_eq!(
+        write_behind_the_store(db, undo, &new.id.to_string()).await,
+        Some(1)
+    );
     let second = claim(s, "w").await.lease();
     assert_eq!(
         (second.attempt, &second.worker_id),
@@ -579,6 +588,37 @@ async fn a_claim_made_again_at_the_same_attempt_does_not_share_its_lease(db: &Te
         .expect("complete"));
 }
 
+/// A job that leaves `running` keeps no token, so a later claim that writes none (an older
+/// binary during an upgrade fences by attempt) cannot hand a stalled worker's token back
+/// to it: that worker stays fenced out.
+async fn a_job_that_stops_running_keeps_no_lease_token(db: &TestDb) {
+    let s = &db.store;
+    s.create_lora(&lora("a")).await.expect("lora");
+    let new = job("a", 1);
+    s.enqueue(&new).await.expect("enqueue");
+    let id = new.id.to_string();
+    let stalled = claim_expiring(s, "w").await.lease();
+    assert_eq!(s.reap_expired(FAST_RETRY).await.expect("reap").requeued, 1);
+    let no_token = "update jobs set phase = phase where id = $1 and lease_token is null";
+    assert_eq!(write_behind_the_store(db, no_token, &id).await, Some(1));
+    // An older binary's claim, which sets no token.
+    let old_claim = if db.schema.is_some() {
+        "update jobs set status = 'running', attempt = attempt + 1, worker_id = 'w',
+            lease_expires_at = now() + interval '1 hour' where id = $1"
+    } else {
+        "update jobs set status = 'running', attempt = attempt + 1, worker_id = 'w',
+            lease_expires_at = 32503680000000 where id = $1"
+    };
+    assert_eq!(write_behind_the_store(db, old_claim, &id).await, Some(1));
+    assert_eq!(
+        s.heartbeat(&stalled, Duration::from_secs(60))
+            .await
+            .expect("hb"),
+        LeaseState::Lost
+    );
+    assert!(!s.publish(&stalled, &version(1)).await.expect("publish"));
+}
+
 async fn database_refuses_impossible_job_states(db: &TestDb) {
     let s = &db.store;
     s.create_lora(&lora("a")).await.expect("lora");
@@ -592,7 +632,7 @@ async fn database_refuses_impossible_job_states(db: &TestDb) {
         "update jobs set status = 'running', finished_at = current_timestamp where id = $1",
     ];
     for sql in writes {
-        let refused = !write_behind_the_store(db, sql, &id).await;
+        let refused = write_behind_the_store(db, sql, &id).await.is_none();
         assert!(refused, "the store accepted: {sql}");
     }
     let job = s.get_job(new.id).await.expect("job").expect("exists");

@@ -332,7 +332,7 @@ impl LeaseStore for PgStore {
                 returning m.id
             ), lead as (
                 update jobs set status = 'succeeded', phase = 'done', result = $4, error = null,
-                    finished_at = now(), lease_expires_at = null, timings_ms = {timings}
+                    finished_at = now(), lease_expires_at = null, lease_token = null, timings_ms = {timings}
                 where id = (select id from fence) and (select count(*) from members) >= 0
                 returning id
             ), ev as (
@@ -401,7 +401,7 @@ impl LeaseStore for PgStore {
     async fn finish_cancelled(&self, lease: &Lease, message: &str) -> Result<bool> {
         let sql = format!(
             "with {HOLD_MEMBERS}, lead as (
-                update jobs set status = 'cancelled', finished_at = now(), lease_expires_at = null,
+                update jobs set status = 'cancelled', finished_at = now(), lease_expires_at = null, lease_token = null,
                     error = jsonb_build_object('code', 'cancelled', 'message', $4::text)
                 where {FENCE} and {MEMBERS_HELD} returning id, status, result, error
             ), members as ({MEMBERS_FOLLOW_LEAD}

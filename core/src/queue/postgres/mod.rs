@@ -371,7 +371,7 @@ fn settle_lead(next: &str, error: &str, delay: &str) -> String {
                  else coalesce({error}, j.error) end,
          -- A finished job keeps the worker that ran it last (the dashboard filters by it).
          worker_id = case when {next} = 'queued' then null else j.worker_id end,
-         lease_expires_at = null"
+         lease_expires_at = null, lease_token = null"
     )
 }
 

@@ -30,7 +30,7 @@ impl OpsStore for PgStore {
                 -- A retried member leaves its failed batch: it trains again on its own or in
                 -- a new batch, and its timeline stops following the old lead.
                 update jobs j set status = 'queued', phase = 'queued', attempt = 0,
-                    run_at = now(), worker_id = null, lease_expires_at = null,
+                    run_at = now(), worker_id = null, lease_expires_at = null, lease_token = null,
                     cancel_requested = false, finished_at = null, error = null,
                     trained_by = null, batch_event = null
                 from old

@@ -249,7 +249,7 @@ impl LeaseStore for SqliteStore {
         let [name, took] = timing(finished);
         let set = format!(
             "status = 'succeeded', phase = 'done', result = ?7, error = null, finished_at = ?4, \
-             lease_expires_at = null, {ADD_TIMING}"
+             lease_expires_at = null, lease_token = null, {ADD_TIMING}"
         );
         let binds = [name, took, Some(result.to_string())];
         let Some((mut tx, now)) = self.fenced_update(lease, &set, &binds).await? else {
@@ -293,7 +293,8 @@ impl LeaseStore for SqliteStore {
     }
 
     async fn finish_cancelled(&self, lease: &Lease, message: &str) -> Result<bool> {
-        let set = "status = 'cancelled', finished_at = ?4, lease_expires_at = null, \
+        let set =
+            "status = 'cancelled', finished_at = ?4, lease_expires_at = null, lease_token = null, \
                    error = json_object('code', 'cancelled', 'message', ?5)";
         let binds = [Some(message.to_string())];
         let Some((mut tx, now)) = self.fenced_update(lease, set, &binds).await? else {

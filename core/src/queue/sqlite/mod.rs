@@ -273,7 +273,7 @@ async fn settle_lead(
             finished_at = case when ?2 = 'queued' then null else ?4 end,
             result = case when published_version is not null
                      then coalesce(result, json_object('version', published_version)) else result end,
-            error = coalesce(?5, error), lease_expires_at = null,
+            error = coalesce(?5, error), lease_expires_at = null, lease_token = null,
             worker_id = case when ?2 = 'queued' then null else worker_id end,
             max_attempts = max_attempts + ?6
          where id = ?1",

@@ -29,7 +29,7 @@ impl OpsStore for SqliteStore {
         // A retried member leaves its failed batch (as on Postgres).
         let sql = format!(
             "update jobs set status = 'queued', phase = 'queued', attempt = 0, run_at = ?2,
-                worker_id = null, lease_expires_at = null, cancel_requested = 0,
+                worker_id = null, lease_expires_at = null, lease_token = null, cancel_requested = 0,
                 finished_at = null, error = null, trained_by = null, batch_event = null
              where id = ?1 and status = 'failed' and published_version is null
                and exists (select 1 from loras l where l.lora_id = jobs.lora_id and l.deleted_at is null)
