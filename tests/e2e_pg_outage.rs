@@ -346,4 +346,23 @@ async fn claims_and_completions_undone_by_a_crash_still_train_once() {
         Some(1),
         "one job, one version"
     );
+
+    // On a job's last attempt the completion waits for its flush: undone, it would leave
+    // the reaper no attempt to resume with, and a job seen `succeeded` would end `failed`.
+    let mut last = job("a", 1);
+    last.max_attempts = 1;
+    store.enqueue(&last).await.expect("enqueue");
+    let only = claim(&store, "w4").await;
+    assert!(store
+        .publish(&only.lease(), &version(2))
+        .await
+        .expect("publish"));
+    assert!(store
+        .complete(&only.lease(), &serde_json::json!({}), None)
+        .await
+        .expect("complete"));
+    cluster.crash_and_restart();
+    let store = connect().await;
+    let after = store.get_job(last.id).await.expect("get").expect("job");
+    assert_eq!(after.status, JobStatus::Succeeded, "kept through the crash");
 }

@@ -129,8 +129,9 @@ fn claim_sql(lead: &str) -> String {
             from lead, (select id, tid, true as lead from lead union all select id, tid, false from joined) t
             where j.ctid = t.tid and j.id = t.id
             returning (not t.lead)::int as ord, j.*
-        ), {COMMIT_WITHOUT_FLUSH}
-        select ord, {JOB_COLUMNS}, payload from batch, no_flush order by ord, run_at, id"
+        ), {no_flush}
+        select ord, {JOB_COLUMNS}, payload from batch, no_flush order by ord, run_at, id",
+        no_flush = commit_without_flush("false")
     )
 }
 
@@ -314,13 +315,14 @@ impl LeaseStore for PgStore {
         // No NOTIFY here: a notifying commit takes a database-wide lock until it is flushed,
         // which serialised every completion (complete p50 13 ms at 16 workers). The worker
         // that completes claims again at once, and idle workers poll. The commit does not
-        // wait for its flush: see `COMMIT_WITHOUT_FLUSH`.
+        // wait for its flush unless this is the job's last attempt: see
+        // `commit_without_flush`.
         let (prev, took) = timing(finished);
         let sql = format!(
             "with fence as (
                 -- The members before the lead (see `HOLD_MEMBERS`), and locking the lead
                 -- first is one row lock where holding the members is one per member.
-                select id from jobs where {FENCE} for update
+                select id, attempt >= max_attempts as last_attempt from jobs where {FENCE} for update
             ), members as (
                 -- `MEMBERS_FOLLOW_LEAD` for a lead that succeeded, without its cases: this
                 -- runs once per batch on the hot path. Members are found by `$1`, not by a
@@ -338,9 +340,10 @@ impl LeaseStore for PgStore {
             ), ev as (
                 insert into job_events (job_id, phase, message)
                 select id, 'done', 'succeeded' from lead
-            ), {COMMIT_WITHOUT_FLUSH}
+            ), {no_flush}
             select (select count(*) from lead) as n from no_flush",
-            timings = add_timing(5, 6)
+            timings = add_timing(5, 6),
+            no_flush = commit_without_flush("(select last_attempt from fence)")
         );
         let mut conn = self.hot.get(&self.pool).await?;
         let row = sqlx::query(&sql)

@@ -276,10 +276,17 @@ fn ms(d: Duration) -> f64 {
 /// `publish`; an undone completion leaves the job running until its lease expires, and its
 /// retry resumes after the version it published. `publish`, which records what training
 /// produced, and enqueue, which accepts feedback, still wait for the flush; either flush
-/// also makes every earlier commit durable. Reference it from the statement's final
-/// `select` (an unreferenced CTE that writes nothing is never run).
-const COMMIT_WITHOUT_FLUSH: &str =
-    "no_flush as (select set_config('synchronous_commit', 'off', true) as setting)";
+/// also makes every earlier commit durable. The commit still waits when `unless` (an SQL
+/// condition) holds: a completion on the job's last attempt, whose undo would leave the
+/// lease reaper no attempt to resume with, so a job seen `succeeded` would end `failed`.
+/// Reference the CTE from the statement's final `select` (an unreferenced CTE that writes
+/// nothing is never run).
+fn commit_without_flush(unless: &str) -> String {
+    format!(
+        "no_flush as (select set_config('synchronous_commit', case when {unless} \
+         then current_setting('synchronous_commit') else 'off' end, true) as setting)"
+    )
+}
 
 /// `(phase name, ms)` of a finished phase as two nullable binds.
 fn timing(finished: Option<(Phase, u64)>) -> (Option<&'static str>, Option<i64>) {
