@@ -272,8 +272,8 @@ fn ms(d: Duration) -> f64 {
 /// (`synchronous_commit = off` for this transaction only), for claims and completions.
 /// Postgres recovers a consistent prefix of commits, so a crash can undo at most the last
 /// few hundred milliseconds of them, and each undo is one the queue already recovers from:
-/// an undone claim leaves the job queued, and the worker that ran it is fenced out at
-/// `publish`; an undone completion leaves the job running until its lease expires, and its
+/// an undone claim leaves the job queued, and the worker that ran it is fenced out at its
+/// next write (`publish` at the latest); an undone completion leaves the job running until its lease expires, and its
 /// retry resumes after the version it published. `publish`, which records what training
 /// produced, and enqueue, which accepts feedback, still wait for the flush; either flush
 /// also makes every earlier commit durable. The commit still waits when `unless` (an SQL
