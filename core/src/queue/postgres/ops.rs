@@ -6,7 +6,7 @@ use crate::queue::prelude::*;
 #[async_trait]
 impl OpsStore for PgStore {
     async fn prune(&self, older_than: Duration, batch: i64) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = begin_read_committed(&self.pool).await?;
         let ids: Vec<Uuid> = sqlx::query_scalar(
             "delete from jobs where id in (
                 select id from jobs
@@ -72,7 +72,7 @@ impl OpsStore for PgStore {
             )
             select * from d"
         );
-        let mut tx = self.pool.begin().await?;
+        let mut tx = begin_read_committed(&self.pool).await?;
         match sqlx::query(&sql).bind(id).fetch_optional(&mut *tx).await? {
             Some(row) => {
                 let job = job_from_row(&row)?;
@@ -138,10 +138,21 @@ impl OpsStore for PgStore {
 /// cascade` did before migration 0012. A statement of its own, after the jobs' delete: its
 /// snapshot also holds an event committed while that delete waited for the job's row
 /// (`add_job_event` locks it), which the delete's own snapshot would miss.
+/// The transaction must be read committed (see [`begin_read_committed`]).
 async fn delete_events(tx: &mut sqlx::PgConnection, ids: &[Uuid]) -> Result<()> {
     sqlx::query("delete from job_events where job_id = any($1)")
         .bind(ids)
         .execute(tx)
         .await?;
     Ok(())
+}
+
+/// A transaction in which each statement takes a snapshot of its own, whatever the
+/// database's `default_transaction_isolation` says: [`delete_events`] relies on it.
+async fn begin_read_committed(pool: &PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("set transaction isolation level read committed")
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
 }
