@@ -570,20 +570,26 @@ async fn a_claim_made_again_at_the_same_attempt_does_not_share_its_lease(db: &Te
         (first.attempt, &first.worker_id)
     );
     assert_ne!(first, second);
+    assert_fenced_out(db, &first).await;
+    assert!(s.publish(&second, &version(1)).await.expect("publish"));
+    assert!(s
+        .complete(&second, &serde_json::json!({}), None)
+        .await
+        .expect("complete"));
+}
+
+/// The lease can no longer heartbeat, publish or complete.
+async fn assert_fenced_out(db: &TestDb, lease: &claas_core::queue::Lease) {
+    let s = &db.store;
     assert_eq!(
-        s.heartbeat(&first, Duration::from_secs(60))
+        s.heartbeat(lease, Duration::from_secs(60))
             .await
             .expect("hb"),
         LeaseState::Lost
     );
-    assert!(!s.publish(&first, &version(1)).await.expect("publish"));
+    assert!(!s.publish(lease, &version(1)).await.expect("publish"));
     assert!(!s
-        .complete(&first, &serde_json::json!({}), None)
-        .await
-        .expect("complete"));
-    assert!(s.publish(&second, &version(1)).await.expect("publish"));
-    assert!(s
-        .complete(&second, &serde_json::json!({}), None)
+        .complete(lease, &serde_json::json!({}), None)
         .await
         .expect("complete"));
 }
@@ -610,13 +616,7 @@ async fn a_job_that_stops_running_keeps_no_lease_token(db: &TestDb) {
             lease_expires_at = 32503680000000 where id = $1"
     };
     assert_eq!(write_behind_the_store(db, old_claim, &id).await, Some(1));
-    assert_eq!(
-        s.heartbeat(&stalled, Duration::from_secs(60))
-            .await
-            .expect("hb"),
-        LeaseState::Lost
-    );
-    assert!(!s.publish(&stalled, &version(1)).await.expect("publish"));
+    assert_fenced_out(db, &stalled).await;
     if db.schema.is_some() {
         // On Postgres the database clears it too, for writers that do not: an older
         // binary's lease reaper puts a job back as below.
