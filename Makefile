@@ -8,10 +8,12 @@ dev:
 # The whole test suite (needs Postgres at $$DATABASE_URL, default postgres://postgres@localhost/test,
 # and Redis at $$REDIS_URL, default redis://127.0.0.1:6379; installs the python `openai` client
 # into target/py for the proxy's client test, and Debian's chromium + chromedriver for the
-# dashboard's browser test, and schemathesis into target/schemathesis-venv for the OpenAPI fuzz).
+# dashboard's browser test, schemathesis into target/schemathesis-venv for the OpenAPI fuzz, and
+# Debian's bubblewrap for the eval's coding-probe sandbox).
 test:
 	CLAAS_TEST_PYTHON="$$(scripts/test-python.sh)" CLAAS_TEST_CHROMEDRIVER="$$(scripts/test-browser.sh)" \
 	  CLAAS_TEST_SCHEMATHESIS="$$(scripts/test-schemathesis.sh)" \
+	  CLAAS_EVAL_BWRAP="$$(scripts/test-sandbox.sh)" \
 	  cargo test --workspace --all-targets
 
 lint:

@@ -1,13 +1,16 @@
 //! The text measurements of CLaaS's eval metrics: sentences, word-level ROUGE-L, the
 //! entropy of top log-probs, the IFEval-style checks and the coding probe (its Python run
-//! by `python3 -I` in a subprocess with a time and memory limit).
+//! by `python3 -I` with limited builtins inside the bubblewrap sandbox of [`crate::sandbox`],
+//! and never outside it).
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 use regex::Regex;
+
+use crate::sandbox::{self, Outcome};
+
+/// Limits of one run of answer code (see [`crate::sandbox`]).
+pub use crate::sandbox::Limits as Sandbox;
 
 fn sentence_end() -> &'static Regex {
     static RE: OnceLock<Regex> = OnceLock::new();
@@ -152,33 +155,15 @@ pub enum CodeVerdict {
     /// `fibonacci(0) == 0`, `fibonacci(1) == 1` and `fibonacci(10) == 55`.
     Correct,
     Incorrect(String),
-    /// The check could not run (no python3 here): reported, not counted as a failure.
+    /// The check could not run (no sandbox here, or no python3 inside it): reported, not
+    /// counted as a failure, and the code was not run.
     Unavailable(String),
 }
 
-/// Limits of one run of answer code.
-#[derive(Debug, Clone, Copy)]
-pub struct Sandbox {
-    pub timeout: Duration,
-    pub memory_bytes: u64,
-}
-
-impl Default for Sandbox {
-    fn default() -> Self {
-        Sandbox {
-            timeout: Duration::from_secs(5),
-            memory_bytes: 256 << 20,
-        }
-    }
-}
-
-/// Runs with the address space and CPU time capped, the code from stdin, the builtins
-/// limited to what CLaaS allows; prints `ok` or the reason it is wrong.
+/// Runs the code from stdin with the builtins limited to what CLaaS allows (an inner layer:
+/// the sandbox is the boundary); prints `ok` or the reason it is wrong.
 const FIB_CHECK: &str = r#"
-import resource, sys
-mem, cpu = int(sys.argv[1]), int(sys.argv[2])
-resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+import sys
 code = sys.stdin.read()
 allowed = {n: __builtins__.__dict__[n] for n in ("abs", "int", "len", "max", "min", "range", "sum")}
 env = {"__builtins__": allowed}
@@ -194,55 +179,28 @@ except BaseException as e:
     print("raised %s: %s" % (type(e).__name__, e))
 "#;
 
-/// Runs `code` under `python` (normally `python3`) in isolated mode and checks its
-/// `fibonacci`.
+/// Runs `code` under `python` (normally `python3`, looked up in the sandbox's `/usr/bin`)
+/// in isolated mode inside the sandbox and checks its `fibonacci`.
 pub fn check_fibonacci(python: &str, code: &str, sandbox: Sandbox) -> CodeVerdict {
-    let cpu_s = sandbox.timeout.as_secs().max(1);
-    let child = Command::new(python)
-        .args(["-I", "-c", FIB_CHECK])
-        .arg(sandbox.memory_bytes.to_string())
-        .arg(cpu_s.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) => return CodeVerdict::Unavailable(format!("{python} could not start: {e}")),
-    };
-    if let Some(mut stdin) = child.stdin.take() {
-        // A program that exits before reading its input is judged by its output below.
-        let _ = stdin.write_all(code.as_bytes());
-    }
-    let started = Instant::now();
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if started.elapsed() > sandbox.timeout => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return CodeVerdict::Incorrect(format!(
-                    "did not finish within {} s",
-                    sandbox.timeout.as_secs_f64()
-                ));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => return CodeVerdict::Unavailable(format!("waiting for {python}: {e}")),
-        }
-    }
-    let out = match child.wait_with_output() {
-        Ok(o) => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
-        Err(e) => return CodeVerdict::Unavailable(format!("reading {python}'s output: {e}")),
-    };
-    match out.as_str() {
-        "ok" => CodeVerdict::Correct,
-        "" => CodeVerdict::Incorrect("killed (time or memory limit)".into()),
-        other => CodeVerdict::Incorrect(other.to_owned()),
+    match sandbox::run(python, &["-I", "-c", FIB_CHECK], code.as_bytes(), sandbox) {
+        Outcome::Unavailable(why) => CodeVerdict::Unavailable(why),
+        Outcome::TimedOut => CodeVerdict::Incorrect(format!(
+            "did not finish within {} s",
+            sandbox.timeout.as_secs_f64()
+        )),
+        Outcome::Finished(out) => match out.trim() {
+            "ok" => CodeVerdict::Correct,
+            "" => CodeVerdict::Incorrect("killed (time or memory limit)".into()),
+            other => CodeVerdict::Incorrect(other.to_owned()),
+        },
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::process::Command;
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -328,12 +286,18 @@ mod tests {
         assert_eq!(extract_code("no code here"), None);
     }
 
+    /// Whether a sandbox must work here: a bwrap named in `CLAAS_EVAL_BWRAP`, or one on `PATH`.
+    fn bwrap_expected() -> bool {
+        let on_path = || Command::new("bwrap").arg("--version").output().is_ok();
+        std::env::var_os(sandbox::BWRAP_ENV).is_some() || on_path()
+    }
+
     #[test]
     fn fibonacci_answers_are_run_in_a_sandbox() {
         let python = "python3";
-        if Command::new(python).arg("--version").output().is_err() {
+        if !bwrap_expected() {
             // The harness reports the probe unavailable then; that path is checked below.
-            eprintln!("python3 is absent: only the unavailable verdict is checked");
+            eprintln!("bwrap is absent (scripts/test-sandbox.sh installs it): only the unavailable verdict is checked");
         } else {
             let good = "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n";
             assert_eq!(
