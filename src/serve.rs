@@ -226,8 +226,13 @@ async fn listen(cfg: &Config) -> Result<tokio::net::TcpListener> {
 }
 
 async fn app_state(cfg: &Config, store: SharedStore) -> Result<AppState> {
-    let keys = store.has_api_keys().await.unwrap_or(false);
-    if keys
+    let keys = store.any_api_key_created().await.unwrap_or(false);
+    if cfg.server.auth == claas_core::config::AuthMode::Open {
+        tracing::warn!(
+            "server.auth is open (CLAAS_API_AUTH=open): the API asks for no key, and anyone who \
+             can reach it may act on every LoRA and mint admin keys"
+        );
+    } else if keys
         || cfg
             .server
             .admin_key

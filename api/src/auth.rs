@@ -1,6 +1,8 @@
-//! API keys. With no key anywhere (no live key in the database, no bootstrap key) the API
-//! is open, as the embedded default is; with any, every route but `/v1/health` needs
+//! API keys. Until the first key is created (and with no bootstrap key) the API is open, as
+//! the embedded default is; from then on every route but `/v1/health` needs
 //! `Authorization: Bearer <secret>` and `/metrics` needs an admin key or the metrics token.
+//! Revoking keys never opens it again (the last admin key cannot be revoked); only the
+//! explicit setting `server.auth: open` does.
 //! Keys live in the database as the SHA-256 of their secret, so every replica agrees; a
 //! key limited to LoRA id prefixes acts only on those LoRAs and their jobs.
 //!
@@ -20,6 +22,7 @@ use claas_core::types::ApiKey;
 use sha2::{Digest, Sha256};
 
 use crate::error::{ApiError, ApiResult};
+use crate::open_guard::AllowedHosts;
 use crate::AppState;
 
 /// Who is calling.
@@ -92,12 +95,18 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     }
 }
 
-/// Auth settings and the cached "is any key configured" answer.
+/// Auth settings and the cached "was any key ever created" answer.
 pub struct Auth {
     bootstrap_admin: Option<String>,
     metrics_token: Option<String>,
     /// Queued jobs one key may have before feedback answers 429 (0: no limit).
     pub max_queued_per_key: i64,
+    /// `server.auth: open`: no key is ever asked for.
+    open: bool,
+    /// The `Host` names (and `Origin`s) an open API answers.
+    pub allowed_hosts: AllowedHosts,
+    /// When the database last said no key exists yet. Once one does, auth stays on for
+    /// good and the database is not asked again.
     enabled: Mutex<Option<(Instant, bool)>>,
 }
 
@@ -114,25 +123,47 @@ impl Auth {
             bootstrap_admin: bootstrap_admin.filter(|k| !k.is_empty()),
             metrics_token: metrics_token.filter(|k| !k.is_empty()),
             max_queued_per_key,
+            open: false,
+            allowed_hosts: AllowedHosts::new([]),
             enabled: Mutex::new(None),
         }
     }
 
-    /// Open: no key anywhere.
+    /// `server.auth: open`: every request is let in, keys or not.
     pub fn open() -> Auth {
-        Auth::new(None, None, 0)
+        Auth {
+            open: true,
+            ..Auth::new(None, None, 0)
+        }
+    }
+
+    /// Settings from `server`: `auth`, `admin_key`, `metrics_token`, the queued-jobs cap.
+    pub fn from_config(server: &claas_core::config::ServerConfig) -> Auth {
+        let hosts = server.allowed_hosts.iter().map(String::as_str);
+        Auth {
+            open: server.auth == claas_core::config::AuthMode::Open,
+            allowed_hosts: AllowedHosts::new(hosts.chain([server.host.as_str()])),
+            ..Auth::new(
+                server.admin_key.clone(),
+                server.metrics_token.clone(),
+                server.max_queued_jobs_per_key,
+            )
+        }
     }
 
     async fn enabled(&self, state: &AppState) -> ApiResult<bool> {
+        if self.open {
+            return Ok(false);
+        }
         if self.bootstrap_admin.is_some() {
             return Ok(true);
         }
         if let Some((at, on)) = *self.enabled.lock().unwrap_or_else(|e| e.into_inner()) {
-            if at.elapsed() < ENABLED_TTL {
+            if on || at.elapsed() < ENABLED_TTL {
                 return Ok(on);
             }
         }
-        let on = state.store.has_api_keys().await?;
+        let on = state.store.any_api_key_created().await?;
         *self.enabled.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), on));
         Ok(on)
     }
@@ -218,12 +249,19 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
         Err(e) => return e.into_response(),
     };
     if !enabled {
+        if let Some(refusal) = state
+            .auth
+            .allowed_hosts
+            .refusal(req.method(), req.headers())
+        {
+            return refusal.into_response();
+        }
         req.extensions_mut().insert(Caller::Open);
         return next.run(req).await;
     }
     let path = req.uri().path().to_owned();
     let secret = bearer(&req);
-    if path.starts_with(crate::dashboard::PREFIX) {
+    if crate::dashboard::is_gated(&path) {
         return crate::dashboard::gate(&state, req, next, secret).await;
     }
     if path == "/metrics" {

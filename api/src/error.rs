@@ -48,6 +48,39 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
+    /// 415: a JSON route got a body that does not say `Content-Type: application/json`.
+    pub fn unsupported_media_type(got: &str) -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("the body must be JSON sent as Content-Type: application/json (got {got:?})"),
+        )
+    }
+
+    /// 403: an open API was reached under a name it does not answer to (DNS rebinding).
+    pub fn host_not_allowed(host: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "host_not_allowed",
+            format!(
+                "this API has no keys and answers only its own host names, not {host:?}; \
+                 add the name to server.allowed_hosts (CLAAS_ALLOWED_HOSTS) or create an API key"
+            ),
+        )
+    }
+
+    /// 403: a state-changing request to an open API from another site's page.
+    pub fn origin_not_allowed(origin: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            format!(
+                "this API has no keys and refuses changes requested by another site's page \
+                 (Origin {origin:?})"
+            ),
+        )
+    }
+
     pub fn with_retry_after(mut self, seconds: u64) -> Self {
         self.retry_after = Some(seconds);
         self
@@ -119,6 +152,15 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let content_type = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap_or("?"));
+        if !content_type.is_some_and(is_json) {
+            return Err(ApiError::unsupported_media_type(
+                content_type.unwrap_or("none"),
+            ));
+        }
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
             .map_err(|rejection| {
@@ -146,6 +188,20 @@ where
         })?;
         Ok(JsonBody(value, bytes))
     }
+}
+
+/// `application/json` or `application/<anything>+json`, with any parameters (`charset`).
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || essence
+            .strip_prefix("application/")
+            .is_some_and(|sub| sub.ends_with("+json"))
 }
 
 /// 404 for unknown routes, in the envelope.
@@ -216,7 +272,7 @@ pub enum Errors {
     /// No valid API key (keys are configured).
     #[response(status = 401)]
     Unauthorized(ErrorBody),
-    /// The key may not act on this LoRA, or the route needs an admin key.
+    /// The key may not act on this LoRA or the route needs an admin key (open API: a foreign `Host` or `Origin`).
     #[response(status = 403)]
     Forbidden(ErrorBody),
     #[response(status = 404)]
@@ -224,6 +280,9 @@ pub enum Errors {
     /// The body is over `server.max_body_bytes`.
     #[response(status = 413)]
     PayloadTooLarge(ErrorBody),
+    /// A body that is not sent as `Content-Type: application/json`.
+    #[response(status = 415)]
+    UnsupportedMediaType(ErrorBody),
     /// Well-formed but invalid: a field of the wrong type or out of range.
     #[response(status = 422)]
     Invalid(ErrorBody),

@@ -7,6 +7,7 @@ pub mod dashboard;
 pub mod embedded;
 pub mod error;
 pub mod metrics;
+pub mod open_guard;
 pub mod openapi;
 pub mod routes;
 /// Kept at its old path for the API's handlers and tests.
@@ -90,11 +91,14 @@ impl AppState {
             store,
             adapters,
             options: Arc::new(options),
-            cache: Arc::new(MemoryCache::new(100, Duration::from_secs(3600))),
+            cache: Arc::new(MemoryCache::new(
+                cache::Bounds::new(100, 10_000),
+                Duration::from_secs(3600),
+            )),
             backends: None,
             engine: None,
             http_metrics: Arc::new(metrics::HttpMetrics::new()),
-            auth: Arc::new(auth::Auth::open()),
+            auth: Arc::new(auth::Auth::new(None, None, 0)),
             sessions: Arc::new(dashboard::session::Sessions::new(None)),
         }
     }
@@ -143,7 +147,10 @@ impl AppState {
         store: SharedStore,
     ) -> Result<AppState, claas_core::Error> {
         let adapters = AdapterStore::from_config(&cfg.storage)?;
-        let size = cfg.cache.completion_cache_size;
+        let size = cache::Bounds::new(
+            cfg.cache.completion_cache_size,
+            cfg.cache.completion_cache_total,
+        );
         let ttl = Duration::from_secs(cfg.cache.completion_cache_ttl_s);
         let cache: Arc<dyn CompletionCache> = match &cfg.cache.redis_url {
             Some(url) => Arc::new(
@@ -166,11 +173,7 @@ impl AppState {
             .with_backends(backends)
             .with_adapters(adapters)
             .with_session_secret(cfg.server.session_secret.as_deref())
-            .with_auth(auth::Auth::new(
-                cfg.server.admin_key.clone(),
-                cfg.server.metrics_token.clone(),
-                cfg.server.max_queued_jobs_per_key,
-            )))
+            .with_auth(auth::Auth::from_config(&cfg.server)))
     }
 }
 

@@ -93,6 +93,11 @@ claas_core::both_stores!(
     queued_jobs_per_key_are_capped_with_429,
     with_no_key_anywhere_the_api_is_open,
     keys_are_managed_over_http_by_admins,
+    revoking_every_key_leaves_the_api_closed,
+    the_last_admin_key_cannot_be_revoked,
+    an_explicit_open_setting_opens_the_api,
+    eval_runs_are_for_admins_only,
+    an_open_api_is_not_a_target_for_other_sites_pages,
 );
 
 async fn every_route_answers_401_403_or_200_per_key(db: &TestDb) {
@@ -428,4 +433,260 @@ async fn keys_are_managed_over_http_by_admins(db: &TestDb) {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, _) = call(&app, "DELETE", &format!("/v1/keys/{id}"), adm, None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+async fn revoking_every_key_leaves_the_api_closed(db: &TestDb) {
+    db.store.create_lora(&lora("anyone/a")).await.expect("lora");
+    let app = router(AppState::new(db.store.clone(), options()));
+    let (id, _) = common::create_key(db, "only", &["anyone"], false).await;
+    let (status, _) = call(&app, "GET", "/v1/jobs", None, None).await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "the first key closes the API"
+    );
+    assert!(db.store.revoke_api_key(&id).await.expect("revoke"));
+    // Past the 2 s the "keys exist" answer was trusted for: still closed.
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let (status, _) = call(&app, "GET", "/v1/jobs", None, None).await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "no live key must not reopen it"
+    );
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/keys",
+        None,
+        Some(json!({"name": "mallory", "admin": true})),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "anonymous admin key: {body}"
+    );
+    // A fresh replica (no cached answer) agrees.
+    let fresh = router(AppState::new(db.store.clone(), options()));
+    let (status, _) = call(
+        &fresh,
+        "POST",
+        "/v1/feedback",
+        None,
+        Some(feedback("anyone/a")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+async fn the_last_admin_key_cannot_be_revoked(db: &TestDb) {
+    let (app, k) = setup(db, 0).await;
+    let adm = Some(k.admin.as_str());
+    let (_, list) = call(&app, "GET", "/v1/keys", adm, None).await;
+    let admin_id = list["keys"]
+        .as_array()
+        .and_then(|ks| ks.iter().find(|x| x["admin"] == true))
+        .and_then(|x| x["id"].as_str())
+        .expect("the admin key is listed")
+        .to_owned();
+    let (status, body) = call(&app, "DELETE", &format!("/v1/keys/{admin_id}"), adm, None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("last admin")),
+        "{body}"
+    );
+    let (status, _) = call(&app, "GET", "/v1/keys", adm, None).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the refused revoke left the key working"
+    );
+    // With a second admin, the first may go; then the second is the last.
+    let (status, created) = call(
+        &app,
+        "POST",
+        "/v1/keys",
+        adm,
+        Some(json!({"name": "ops2", "admin": true})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let second = created["secret"].as_str().expect("secret").to_owned();
+    let second_id = created["key"]["id"].as_str().expect("id").to_owned();
+    let (status, _) = call(&app, "DELETE", &format!("/v1/keys/{admin_id}"), adm, None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = call(
+        &app,
+        "DELETE",
+        &format!("/v1/keys/{second_id}"),
+        Some(&second),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    // The store refuses it too (the CLI's path).
+    assert!(matches!(
+        db.store.revoke_api_key(&second_id).await,
+        Err(claas_core::Error::Conflict(_))
+    ));
+}
+
+async fn an_explicit_open_setting_opens_the_api(db: &TestDb) {
+    db.store.create_lora(&lora("anyone/a")).await.expect("lora");
+    common::create_key(db, "ops", &[], true).await;
+    let open = AppState::new(db.store.clone(), options()).with_auth(Auth::open());
+    let (status, body) = call(
+        &router(open),
+        "POST",
+        "/v1/feedback",
+        None,
+        Some(feedback("anyone/a")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "server.auth: open, {body}");
+    let auto = AppState::new(db.store.clone(), options()).with_auth(Auth::new(None, None, 0));
+    let (status, _) = call(&router(auto), "GET", "/v1/jobs", None, None).await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "server.auth: auto with a key"
+    );
+}
+
+async fn eval_runs_are_for_admins_only(db: &TestDb) {
+    let (app, k) = setup(db, 0).await;
+    for path in ["/v1/eval", "/v1/eval/run/plots/learning_curves.png"] {
+        let (status, _) = call(&app, "GET", path, Some(&k.alice), None).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "a tenant key on {path}");
+        let (status, _) = call(&app, "GET", path, None, None).await;
+        assert!(
+            status == StatusCode::UNAUTHORIZED || status == StatusCode::SEE_OTHER,
+            "no key on {path}: {status}"
+        );
+    }
+    let (status, _) = call(&app, "GET", "/v1/eval", Some(&k.admin), None).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+/// One request with raw headers; returns the status and the error code, if any.
+async fn raw(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, String) {
+    let mut req = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let body = if method == "POST" {
+        Body::from(feedback("anyone/a").to_string())
+    } else {
+        Body::empty()
+    };
+    let resp = app
+        .clone()
+        .oneshot(req.body(body).expect("request"))
+        .await
+        .expect("answer");
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, v["error"]["code"].as_str().unwrap_or("").to_owned())
+}
+
+async fn an_open_api_is_not_a_target_for_other_sites_pages(db: &TestDb) {
+    db.store.create_lora(&lora("anyone/a")).await.expect("lora");
+    let app = router(AppState::new(db.store.clone(), options()));
+    let json = ("content-type", "application/json");
+    let local = ("host", "127.0.0.1:8080");
+    // A form or a no-cors fetch can only send text/plain, a form encoding or multipart.
+    for ct in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+    ] {
+        let (s, code) = raw(&app, "POST", "/v1/feedback", &[local, ("content-type", ct)]).await;
+        assert_eq!(
+            (s, code.as_str()),
+            (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            "{ct}"
+        );
+    }
+    let (s, code) = raw(&app, "POST", "/v1/feedback", &[local]).await;
+    assert_eq!(
+        (s, code.as_str()),
+        (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+    );
+    let (s, _) = raw(
+        &app,
+        "POST",
+        "/v1/feedback",
+        &[local, ("content-type", "application/json; charset=utf-8")],
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    // DNS rebinding: the page's own name arrives as Host.
+    let (s, code) = raw(
+        &app,
+        "GET",
+        "/v1/dashboard",
+        &[("host", "rebind.evil.example:8080")],
+    )
+    .await;
+    assert_eq!(
+        (s, code.as_str()),
+        (StatusCode::FORBIDDEN, "host_not_allowed")
+    );
+    let (s, _) = raw(&app, "GET", "/v1/lora", &[("host", "localhost:8080")]).await;
+    assert_eq!(s, StatusCode::OK);
+    // A write from another site's page is refused; the API's own pages may write.
+    let evil = ("origin", "https://evil.example");
+    let (s, code) = raw(&app, "POST", "/v1/feedback", &[local, json, evil]).await;
+    assert_eq!(
+        (s, code.as_str()),
+        (StatusCode::FORBIDDEN, "origin_not_allowed")
+    );
+    let (s, _) = raw(
+        &app,
+        "POST",
+        "/v1/feedback",
+        &[local, json, ("origin", "http://127.0.0.1:8080")],
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let (s, _) = raw(&app, "GET", "/v1/lora", &[local, evil]).await;
+    assert_eq!(
+        s,
+        StatusCode::OK,
+        "reads without the answer being readable cross-site are harmless"
+    );
+    // Names added by configuration are answered.
+    let mut server = claas_core::config::Config::default().server;
+    server.allowed_hosts = vec!["claas.internal".into()];
+    let named =
+        router(AppState::new(db.store.clone(), options()).with_auth(Auth::from_config(&server)));
+    let (s, _) = raw(
+        &named,
+        "GET",
+        "/v1/lora",
+        &[("host", "claas.internal:8080")],
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    // With keys on, a bearer key is what counts, whatever the Host.
+    let (_, secret) = common::create_key(db, "ops", &[], true).await;
+    let keyed = router(AppState::new(db.store.clone(), options()));
+    let bearer = format!("Bearer {secret}");
+    let (s, _) = raw(
+        &keyed,
+        "GET",
+        "/v1/lora",
+        &[("host", "api.example.com"), ("authorization", &bearer)],
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
 }

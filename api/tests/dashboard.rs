@@ -327,12 +327,7 @@ async fn with_keys_on_only_admins_get_in(db: &TestDb) {
     let r = post_form(&http, &login, &nonce, &[("key", &admin), ("csrf", &token)]).await;
     assert_eq!(r.status(), 303);
     let (session, attrs) = set_cookie(&r, "claas_session").expect("a session cookie");
-    for attr in [
-        "HttpOnly",
-        "SameSite=Strict",
-        "Path=/v1/dashboard",
-        "Max-Age=43200",
-    ] {
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/;", "Max-Age=43200"] {
         assert!(attrs.contains(attr), "{attrs} lacks {attr}");
     }
     assert!(
@@ -342,6 +337,16 @@ async fn with_keys_on_only_admins_get_in(db: &TestDb) {
     let (status, html, _) = page(&http, &dash, Some(&session)).await;
     assert_eq!(status, 200);
     assert!(html.contains("ops"), "the page says who is logged in");
+    // The eval runs are admin pages too, reached with the same login.
+    let (status, _, _) = page(&http, &format!("{base}/v1/eval"), Some(&session)).await;
+    assert_eq!(status, 200, "the session opens /v1/eval");
+    let r = http
+        .get(format!("{base}/v1/eval"))
+        .bearer_auth(&tenant)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 403, "a tenant key reads no eval run");
 
     // A tampered cookie, or one signed by another secret, is no session.
     let last = if session.ends_with('0') { '1' } else { '0' };

@@ -13,7 +13,7 @@ use claas_api::{ApiOptions, AppState};
 use claas_core::queue::ClaimRequest;
 use claas_core::testing::{TestDb, TEST_BASE_MODEL};
 use claas_core::types::{NewLora, WorkerInfo, WorkerState};
-use claas_fake_vllm::{encode, logprob, FakeVllm, Options, IM_END};
+use claas_fake_vllm::{decode, encode, logprob, FakeVllm, Options, IM_END};
 use serde_json::{json, Value};
 
 struct Env {
@@ -56,7 +56,10 @@ async fn start() -> Env {
             api_key: Some("vllm-secret".into()),
             ..Options::default()
         },
-        Arc::new(MemoryCache::new(100, Duration::from_secs(3600))),
+        Arc::new(MemoryCache::new(
+            claas_api::cache::Bounds::new(100, 10_000),
+            Duration::from_secs(3600),
+        )),
     )
     .await;
     make_lora(&env, "me/a", 8).await;
@@ -250,6 +253,73 @@ async fn the_same_text_from_two_adapters_is_cached_apart_and_feedback_finds_its_
         .post("/v1/feedback", &feedback("u/one", "From the base."))
         .await;
     assert_eq!(status, 202, "{body}");
+}
+
+#[tokio::test]
+async fn one_tenants_answers_can_neither_be_trained_on_nor_planted_by_another() {
+    let env = start().await;
+    for lora in ["alice/a", "bob/b"] {
+        make_lora(&env, lora, 8).await;
+    }
+    let (_, alice) = common::create_key(&env.db, "alice", &["alice"], false).await;
+    let (_, bob) = common::create_key(&env.db, "bob", &["bob"], false).await;
+    let post = |key: String, path: &'static str, body: Value| {
+        let (http, url) = (env.http.clone(), format!("{}{path}", env.api));
+        async move {
+            let r = http
+                .post(url)
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .expect("API answers");
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    // Bob's answer from the shared base model is not Alice's to train on.
+    env.fake.set_reply(Some("Shared words."));
+    let (status, _) = post(
+        bob.clone(),
+        "/v1/chat/completions",
+        chat(None, "bob asks privately"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, body) = post(
+        alice.clone(),
+        "/v1/feedback",
+        feedback("alice/a", "Shared words."),
+    )
+    .await;
+    assert_eq!(status, 404, "alice resolved bob's rollout: {body}");
+    // Alice answering the same text afterwards does not replace what Bob's feedback trains on.
+    let (status, _) = post(
+        alice.clone(),
+        "/v1/chat/completions",
+        chat(None, "alice plants this"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, body) = post(
+        bob.clone(),
+        "/v1/feedback",
+        feedback("bob/b", "Shared words."),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let payload = env
+        .job_payload(body["job_id"].as_str().expect("job_id"))
+        .await;
+    let ids: Vec<u32> =
+        serde_json::from_value(payload["samples"][0]["rollout"]["prompt_token_ids"].clone())
+            .expect("prompt ids");
+    let prompt = decode(&ids);
+    assert!(
+        prompt.contains("bob asks privately"),
+        "bob trains on his own prompt: {prompt}"
+    );
+    assert!(!prompt.contains("alice plants this"), "{prompt}");
 }
 
 #[tokio::test]

@@ -39,6 +39,18 @@ use views::{JobRow, WorkerView};
 
 /// Every dashboard path starts with this.
 pub const PREFIX: &str = "/v1/dashboard";
+/// The eval runs and their plots: admin pages like the dashboard's.
+const EVALS: &str = "/v1/eval";
+
+/// Whether `path` is a page behind the dashboard's login (admin keys or a session).
+pub fn is_gated(path: &str) -> bool {
+    [PREFIX, EVALS].iter().any(|p| {
+        path == *p
+            || path
+                .strip_prefix(p)
+                .is_some_and(|rest| rest.starts_with('/'))
+    })
+}
 const LOGIN: &str = "/v1/dashboard/login";
 /// Rows per jobs page.
 const PAGE: i64 = 50;

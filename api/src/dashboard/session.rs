@@ -17,8 +17,14 @@ pub const SESSION_COOKIE: &str = "claas_session";
 pub const NONCE_COOKIE: &str = "claas_csrf";
 /// How long a login lasts.
 pub const SESSION_TTL_S: i64 = 12 * 3600;
-/// The cookies' path: only the dashboard sees them.
-const COOKIE_PATH: &str = "/v1/dashboard";
+/// The cookies' path: the whole site, so the eval pages (`/v1/eval`) see the session too,
+/// and so the `__Host-` prefix (which requires `Path=/`) can be used over TLS. The API's
+/// other routes ignore the cookies: they authenticate by bearer key only.
+const COOKIE_PATH: &str = "/";
+/// Over TLS the cookies' names carry this prefix: browsers then accept them only when set
+/// by this exact host over HTTPS, so a sibling subdomain or a plain-HTTP hop cannot plant
+/// one.
+const HOST_PREFIX: &str = "__Host-";
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -85,8 +91,10 @@ impl Sessions {
     }
 }
 
-/// The value of cookie `name` in the request's `Cookie` headers.
+/// The value of cookie `name` in the request's `Cookie` headers (its `__Host-` name when
+/// the request came over HTTPS).
 pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    let name = &wire_name(headers, name);
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -107,9 +115,19 @@ fn is_https(headers: &HeaderMap) -> bool {
         .is_some_and(|p| p.eq_ignore_ascii_case("https"))
 }
 
-/// A `Set-Cookie` value: HttpOnly, SameSite=Strict, scoped to the dashboard.
+/// A cookie's name on the wire: `__Host-<name>` over HTTPS, else `name`.
+fn wire_name(headers: &HeaderMap, name: &str) -> String {
+    if is_https(headers) {
+        format!("{HOST_PREFIX}{name}")
+    } else {
+        name.to_owned()
+    }
+}
+
+/// A `Set-Cookie` value: HttpOnly, SameSite=Strict, `Secure` and `__Host-` over HTTPS.
 pub fn set_cookie(headers: &HeaderMap, name: &str, value: &str, max_age_s: i64) -> HeaderValue {
     let secure = if is_https(headers) { "; Secure" } else { "" };
+    let name = wire_name(headers, name);
     let v = format!(
         "{name}={value}; Path={COOKIE_PATH}; Max-Age={max_age_s}; HttpOnly; SameSite=Strict{secure}"
     );
@@ -160,5 +178,31 @@ mod tests {
         assert_eq!(cookie(&h, NONCE_COOKIE), Some("n"));
         assert_eq!(cookie(&h, SESSION_COOKIE), Some("s"));
         assert_eq!(cookie(&h, "b"), None);
+    }
+
+    #[test]
+    fn over_tls_cookies_are_host_prefixed_site_wide() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        let set = set_cookie(&h, SESSION_COOKIE, "v", 60);
+        let set = set.to_str().expect("ascii");
+        assert!(set.starts_with("__Host-claas_session=v; Path=/;"), "{set}");
+        assert!(set.contains("; Secure"), "{set}");
+        // Over TLS an unprefixed cookie (which a sibling host could plant) is not read.
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("claas_session=planted"),
+        );
+        assert_eq!(cookie(&h, SESSION_COOKIE), None);
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("__Host-claas_session=v"),
+        );
+        assert_eq!(cookie(&h, SESSION_COOKIE), Some("v"));
+        let plain = set_cookie(&HeaderMap::new(), SESSION_COOKIE, "v", 60);
+        assert!(plain
+            .to_str()
+            .expect("ascii")
+            .starts_with("claas_session=v; Path=/;"));
     }
 }

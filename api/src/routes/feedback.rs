@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::auth::Caller;
 use crate::thinking::content_hash;
 
 use crate::error::{ApiError, ApiResult, ErrorBody, Errors, JsonBody};
@@ -195,6 +196,7 @@ async fn lookup_scopes(state: &AppState, lora_id: &str) -> ApiResult<Vec<String>
 /// The rollout of one item: inline, or the cached completion its response names.
 async fn resolve_rollout(
     state: &AppState,
+    owner: &str,
     scopes: &[String],
     item: &FeedbackItem,
     index: usize,
@@ -206,7 +208,7 @@ async fn resolve_rollout(
     let short = &hash[..16];
     let mut found = None;
     for scope in scopes {
-        let entry = state.cache.get(scope, &hash).await.map_err(|e| {
+        let entry = state.cache.get(owner, scope, &hash).await.map_err(|e| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "cache_unavailable",
@@ -244,9 +246,13 @@ async fn resolve_rollout(
     ))
 }
 
-/// Checks the batch in CLaaS's order, resolves each item's rollout, and builds the job's
-/// payload.
-async fn validate(state: &AppState, req: &FeedbackBatchRequest) -> ApiResult<JobPayload> {
+/// Checks the batch in CLaaS's order, resolves each item's rollout among `caller`'s own
+/// cached answers (or takes it inline), and builds the job's payload.
+async fn validate(
+    state: &AppState,
+    caller: &Caller,
+    req: &FeedbackBatchRequest,
+) -> ApiResult<JobPayload> {
     let Some(first) = req.requests.first() else {
         return Err(ApiError::invalid("requests must contain at least one item"));
     };
@@ -295,7 +301,7 @@ async fn validate(state: &AppState, req: &FeedbackBatchRequest) -> ApiResult<Job
     let scopes = lookup_scopes(state, &first.lora_id).await?;
     let mut samples = Vec::with_capacity(req.requests.len());
     for (i, item) in req.requests.iter().enumerate() {
-        let (rollout, raw_response) = resolve_rollout(state, &scopes, item, i).await?;
+        let (rollout, raw_response) = resolve_rollout(state, caller.id(), &scopes, item, i).await?;
         samples.push(Sample {
             prompt: item.prompt.clone(),
             // The answer as generated (thinking included) when it came from the cache.
@@ -370,7 +376,7 @@ pub async fn submit(
             .with_retry_after(30));
         }
     }
-    let payload = validate(&state, &req).await?;
+    let payload = validate(&state, &caller, &req).await?;
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => {

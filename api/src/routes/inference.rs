@@ -282,14 +282,10 @@ pub(super) async fn rollout_entry(
     }
 }
 
-pub(super) async fn cache_put(
-    state: &AppState,
-    scope: &str,
-    visible: &str,
-    entry: &CachedCompletion,
-) {
+pub(super) async fn cache_put(ctx: &ChatCtx, visible: &str, entry: &CachedCompletion) {
+    let (state, scope) = (&ctx.state, ctx.scope.as_str());
     let hash = content_hash(visible);
-    if let Err(e) = state.cache.put(scope, &hash, entry).await {
+    if let Err(e) = state.cache.put(&ctx.owner, scope, &hash, entry).await {
         // The answer is still worth giving; feedback on it will be a clear 404.
         tracing::error!(error = %e, scope, "could not cache a completion");
     }
@@ -304,6 +300,8 @@ pub(super) struct ChatCtx {
     pub(super) request: Value,
     pub(super) wants: ClientWants,
     pub(super) scope: String,
+    /// The caller whose rollout this is (its key's id): only its feedback may use it.
+    pub(super) owner: String,
     pub(super) system: String,
 }
 
@@ -353,6 +351,7 @@ pub async fn chat_completions(
         request,
         wants,
         scope,
+        owner: caller.id().to_owned(),
         system,
     };
     if state.backends.is_none() {
@@ -425,7 +424,7 @@ async fn finish_chat(ctx: &ChatCtx, mut answer: Value) -> Value {
             &ctx.system,
         )
         .await;
-        cache_put(&ctx.state, &ctx.scope, &visible, &entry).await;
+        cache_put(ctx, &visible, &entry).await;
         choice["message"]["content"] = json!(visible);
         for k in ["reasoning", "reasoning_content"] {
             if let Some(m) = choice["message"].as_object_mut() {

@@ -113,7 +113,7 @@ pub(super) fn relay_chat(ctx: ChatCtx, mut chunks: mpsc::Receiver<Chunk>) -> Res
                 &ctx.system,
             )
             .await;
-            cache_put(&ctx.state, &ctx.scope, &visible, &entry).await;
+            cache_put(&ctx, &visible, &entry).await;
         }
         let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
     });

@@ -117,7 +117,7 @@ pub async fn create(
 #[utoipa::path(delete, path = "/v1/keys/{id}", tags = ["admin"],
     params(("id" = String, Path, description = "The key's id (`key_...`), not its secret")),
     responses((status = 204, description = "Revoked"),
-        (status = 409, body = ErrorBody, description = "The bootstrap key is configured, not stored"),
+        (status = 409, body = ErrorBody, description = "The bootstrap key is configured, not stored; or it is the last admin key"),
         Errors))]
 pub async fn revoke(
     State(state): State<AppState>,

@@ -38,6 +38,30 @@ pub struct ServerConfig {
     /// Default 1000. Env `CLAAS_MAX_QUEUED_JOBS_PER_KEY`.
     #[serde(default = "default_max_queued")]
     pub max_queued_jobs_per_key: i64,
+    /// Whether requests need an API key. Default `auto`. Env `CLAAS_API_AUTH`.
+    #[serde(default)]
+    pub auth: AuthMode,
+    /// While the API is open (no key), the `Host` names it answers besides `localhost`,
+    /// `127.0.0.1`, `[::1]` and `server.host`: a web page that rebinds its own name to this
+    /// address is refused. Env `CLAAS_ALLOWED_HOSTS` (comma-separated).
+    #[serde(deserialize_with = "string_or_list", default)]
+    pub allowed_hosts: Vec<String>,
+}
+
+/// Whether the API asks for keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// Open until the first key is created (or while `CLAAS_ADMIN_KEY` is unset and no key
+    /// ever existed); closed from then on, even when every key is revoked.
+    #[default]
+    Auto,
+    /// Open to anyone who can reach it, keys or not (logged as a warning at start-up).
+    Open,
+}
+
+fn default_cache_total() -> usize {
+    10_000
 }
 
 fn default_max_queued() -> i64 {
@@ -237,8 +261,13 @@ pub struct StorageConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
-    /// Completions kept for feedback. Default 100. Env `CLAAS_COMPLETION_CACHE_SIZE`.
+    /// Completions kept for feedback per caller (API key; everyone together on an open
+    /// API). Default 100. Env `CLAAS_COMPLETION_CACHE_SIZE`.
     pub completion_cache_size: usize,
+    /// Completions kept for feedback in all, every caller together. Default 10000.
+    /// Env `CLAAS_COMPLETION_CACHE_TOTAL`.
+    #[serde(default = "default_cache_total")]
+    pub completion_cache_total: usize,
     /// How long a completion stays available for feedback. Default 3600 (CLaaS's fixed
     /// TTL). Env `CLAAS_COMPLETION_CACHE_TTL_S`.
     pub completion_cache_ttl_s: u64,

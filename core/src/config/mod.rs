@@ -68,6 +68,8 @@ pub const ENV_NAMES: &[(&str, &str)] = &[
         "worker.feedback_wake_on_failure",
     ),
     ("CLAAS_ADMIN_KEY", "server.admin_key"),
+    ("CLAAS_API_AUTH", "server.auth"),
+    ("CLAAS_ALLOWED_HOSTS", "server.allowed_hosts"),
     ("CLAAS_METRICS_TOKEN", "server.metrics_token"),
     ("CLAAS_SESSION_SECRET", "server.session_secret"),
     (
@@ -93,6 +95,10 @@ pub const ENV_NAMES: &[(&str, &str)] = &[
         "storage.adapter_versions_keep",
     ),
     ("CLAAS_COMPLETION_CACHE_SIZE", "cache.completion_cache_size"),
+    (
+        "CLAAS_COMPLETION_CACHE_TOTAL",
+        "cache.completion_cache_total",
+    ),
     (
         "CLAAS_COMPLETION_CACHE_TTL_S",
         "cache.completion_cache_ttl_s",
@@ -150,6 +156,8 @@ impl Default for Config {
                 metrics_token: None,
                 session_secret: None,
                 max_queued_jobs_per_key: 1000,
+                auth: AuthMode::Auto,
+                allowed_hosts: vec![],
             },
             database: DatabaseConfig {
                 url: "postgres://postgres@localhost/claas".into(),
@@ -201,6 +209,7 @@ impl Default for Config {
             },
             cache: CacheConfig {
                 completion_cache_size: 100,
+                completion_cache_total: 10_000,
                 completion_cache_ttl_s: 3600,
                 redis_url: None,
             },

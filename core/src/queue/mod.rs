@@ -237,6 +237,14 @@ pub(crate) fn delete_refusal(job: Option<Job>, id: Uuid) -> crate::error::Error 
     }
 }
 
+/// Why [`Store::revoke_api_key`] refused: `id` is the last live admin key.
+pub(crate) fn last_admin(id: &str) -> crate::error::Error {
+    crate::error::Error::Conflict(format!(
+        "key {id} is the last admin key: create another admin key before revoking it \
+         (without one nobody could manage keys, and the API never opens itself again)"
+    ))
+}
+
 /// LoRA ids of taken adapter requests, oldest request first (`DELETE … RETURNING` has no
 /// order of its own).
 pub(crate) fn oldest_first<T: Ord>(mut rows: Vec<(String, T)>) -> Vec<String> {

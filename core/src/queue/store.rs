@@ -95,14 +95,16 @@ pub trait KeyStore: Send + Sync {
     /// Every key, newest first, revoked ones included.
     async fn list_api_keys(&self) -> Result<Vec<ApiKey>>;
 
-    /// Revokes a key; false when there is no such live key.
+    /// Revokes a key; false when there is no such live key. Refuses (`Conflict`) to revoke
+    /// the last live admin key, in the same statement, so no race leaves none.
     async fn revoke_api_key(&self, id: &str) -> Result<bool>;
 
     /// The live key whose secret hashes to `secret_hash`.
     async fn find_api_key(&self, secret_hash: &str) -> Result<Option<ApiKey>>;
 
-    /// Whether any live key exists (then the API requires one).
-    async fn has_api_keys(&self) -> Result<bool>;
+    /// Whether a key was ever created, revoked ones included: from then on the API
+    /// requires one (revoking keys never opens it again).
+    async fn any_api_key_created(&self) -> Result<bool>;
 }
 
 /// Intake and reads: enqueue, look up, list, cancel, count.

@@ -1,6 +1,7 @@
 //! The Postgres store: API keys.
 
 use super::*;
+use crate::queue::last_admin;
 use crate::queue::prelude::*;
 
 #[async_trait]
@@ -27,13 +28,32 @@ impl KeyStore for PgStore {
     }
 
     async fn revoke_api_key(&self, id: &str) -> Result<bool> {
+        // Locking every live admin row makes two concurrent revokes of the last two admins
+        // wait for each other; the second then re-reads the rows and sees one admin left.
         let done = sqlx::query(
-            "update api_keys set revoked_at = now() where id = $1 and revoked_at is null",
+            "with admins as (
+                 select id from api_keys where admin and revoked_at is null for update
+             )
+             update api_keys set revoked_at = now()
+             where id = $1 and revoked_at is null
+               and (not admin or (select count(*) from admins where admins.id <> $1) > 0)",
         )
         .bind(id)
         .execute(&self.pool)
         .await?;
-        Ok(done.rows_affected() == 1)
+        if done.rows_affected() == 1 {
+            return Ok(true);
+        }
+        let live_admin: bool = sqlx::query_scalar(
+            "select exists (select 1 from api_keys where id = $1 and admin and revoked_at is null)",
+        )
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await?;
+        if live_admin {
+            return Err(last_admin(id));
+        }
+        Ok(false)
     }
 
     async fn find_api_key(&self, secret_hash: &str) -> Result<Option<ApiKey>> {
@@ -45,11 +65,9 @@ impl KeyStore for PgStore {
         row.as_ref().map(api_key_from_row).transpose()
     }
 
-    async fn has_api_keys(&self) -> Result<bool> {
-        Ok(
-            sqlx::query_scalar("select exists (select 1 from api_keys where revoked_at is null)")
-                .fetch_one(&self.pool)
-                .await?,
-        )
+    async fn any_api_key_created(&self) -> Result<bool> {
+        Ok(sqlx::query_scalar("select exists (select 1 from api_keys)")
+            .fetch_one(&self.pool)
+            .await?)
     }
 }

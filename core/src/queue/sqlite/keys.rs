@@ -1,6 +1,7 @@
 //! The SQLite store: API keys.
 
 use super::*;
+use crate::queue::last_admin;
 use crate::queue::prelude::*;
 
 #[async_trait]
@@ -29,13 +30,30 @@ impl KeyStore for SqliteStore {
     }
 
     async fn revoke_api_key(&self, id: &str) -> Result<bool> {
-        let done =
-            sqlx::query("update api_keys set revoked_at = ? where id = ? and revoked_at is null")
-                .bind(now_ms())
-                .bind(id)
-                .execute(&self.pool)
-                .await?;
-        Ok(done.rows_affected() == 1)
+        // SQLite has one writer at a time, so the count cannot change under the statement.
+        let done = sqlx::query(
+            "update api_keys set revoked_at = ?1
+             where id = ?2 and revoked_at is null
+               and (not admin or exists (
+                   select 1 from api_keys k where k.admin and k.revoked_at is null and k.id <> ?2))",
+        )
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 1 {
+            return Ok(true);
+        }
+        let live_admin: i64 = sqlx::query_scalar(
+            "select count(*) from api_keys where id = ? and admin and revoked_at is null",
+        )
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await?;
+        if live_admin > 0 {
+            return Err(last_admin(id));
+        }
+        Ok(false)
     }
 
     async fn find_api_key(&self, secret_hash: &str) -> Result<Option<ApiKey>> {
@@ -47,8 +65,8 @@ impl KeyStore for SqliteStore {
         row.as_ref().map(api_key_from_row).transpose()
     }
 
-    async fn has_api_keys(&self) -> Result<bool> {
-        let n: i64 = sqlx::query_scalar("select count(*) from api_keys where revoked_at is null")
+    async fn any_api_key_created(&self) -> Result<bool> {
+        let n: i64 = sqlx::query_scalar("select count(*) from api_keys")
             .fetch_one(&self.pool)
             .await?;
         Ok(n > 0)
