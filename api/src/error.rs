@@ -81,6 +81,20 @@ impl ApiError {
         )
     }
 
+    /// 503: this process already holds `limit` feedback requests open while their jobs run.
+    pub fn too_many_waiting(limit: usize) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_waiting_requests",
+            format!(
+                "this API process already holds {limit} feedback requests open \
+                 (server.max_waiting_feedback); nothing was enqueued: retry, or send \
+                 Prefer: respond-async and poll the job"
+            ),
+        )
+        .with_retry_after(5)
+    }
+
     pub fn with_retry_after(mut self, seconds: u64) -> Self {
         self.retry_after = Some(seconds);
         self

@@ -81,7 +81,30 @@ pub struct AppState {
     pub adapters: AdapterStore,
     /// Signs dashboard sessions and CSRF tokens.
     pub sessions: Arc<dashboard::session::Sessions>,
+    /// One permit per feedback request this process may hold open while its job runs
+    /// (`server.max_waiting_feedback`); past it a waiting request is refused before it
+    /// enqueues anything.
+    pub waiting: WaitSlots,
 }
+
+/// The feedback requests a process may hold open, and how many it may.
+#[derive(Clone)]
+pub struct WaitSlots {
+    pub permits: Arc<tokio::sync::Semaphore>,
+    pub limit: usize,
+}
+
+impl WaitSlots {
+    pub fn new(limit: usize) -> WaitSlots {
+        WaitSlots {
+            permits: Arc::new(tokio::sync::Semaphore::new(limit)),
+            limit,
+        }
+    }
+}
+
+/// Feedback requests one process holds open by default (`server.max_waiting_feedback`).
+pub const DEFAULT_MAX_WAITING: usize = 10_000;
 
 impl AppState {
     /// State with an in-process completion cache and no inference server.
@@ -100,7 +123,14 @@ impl AppState {
             http_metrics: Arc::new(metrics::HttpMetrics::new()),
             auth: Arc::new(auth::Auth::new(None, None, 0)),
             sessions: Arc::new(dashboard::session::Sessions::new(None)),
+            waiting: WaitSlots::new(DEFAULT_MAX_WAITING),
         }
+    }
+
+    /// At most `n` feedback requests held open at once while their jobs run.
+    pub fn with_max_waiting(mut self, n: usize) -> AppState {
+        self.waiting = WaitSlots::new(n);
+        self
     }
 
     /// Dashboard sessions signed with `secret` (every replica needs the same one).
@@ -173,7 +203,8 @@ impl AppState {
             .with_backends(backends)
             .with_adapters(adapters)
             .with_session_secret(cfg.server.session_secret.as_deref())
-            .with_auth(auth::Auth::from_config(&cfg.server)))
+            .with_auth(auth::Auth::from_config(&cfg.server))
+            .with_max_waiting(cfg.server.max_waiting_feedback))
     }
 }
 

@@ -146,6 +146,7 @@ claas_core::both_stores!(
     hostile_lora_ids_are_rejected_before_touching_storage,
     loras_are_listed_by_literal_prefix,
     metrics_report_queue_jobs_phases_losses_workers_and_requests,
+    waiting_requests_past_the_limit_get_503_and_enqueue_nothing,
 );
 
 async fn lora_init_registers_and_lists_versions(db: &TestDb) {
@@ -633,4 +634,51 @@ async fn metrics_report_queue_jobs_phases_losses_workers_and_requests(db: &TestD
         Some(1.0)
     );
     let _ = stop.send(true);
+}
+
+async fn waiting_requests_past_the_limit_get_503_and_enqueue_nothing(db: &TestDb) {
+    db.store.create_lora(&lora("a")).await.expect("lora");
+    // No worker: a waiting request stays open for its whole wait.
+    let state = AppState::new(db.store.clone(), options()).with_max_waiting(1);
+    let app = router(state);
+    let wait = [("prefer", "wait=3")];
+    let first = {
+        let (app, body) = (app.clone(), batch(vec![item("a", "first")]).to_string());
+        tokio::spawn(async move { call(&app, post_raw("/v1/feedback", body, &wait)).await })
+    };
+    // Until the first request holds its place, a second could take it.
+    let queued = || async {
+        let counts = db.store.status_counts().await.expect("counts");
+        counts.iter().map(|c| c.1).sum::<i64>()
+    };
+    for _ in 0..100 {
+        if queued().await == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let second = batch(vec![item("a", "second")]).to_string();
+    let req = post_raw("/v1/feedback", second.clone(), &wait);
+    let resp = app.clone().oneshot(req).await.expect("answer");
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.headers()["retry-after"], "5");
+    assert_eq!(queued().await, 1, "the refused request enqueued nothing");
+    // Asking not to wait needs no place.
+    let asynchronous = [("prefer", "respond-async")];
+    let (status, _) = call(&app, post_raw("/v1/feedback", second, &asynchronous)).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (status, _) = first.await.expect("first request");
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "the first waited, then got its job"
+    );
+    // Its place is free again.
+    let third = batch(vec![item("a", "third")]).to_string();
+    let (status, _) = call(
+        &app,
+        post_raw("/v1/feedback", third, &[("prefer", "wait=1")]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
 }

@@ -335,6 +335,8 @@ async fn validate(
         (status = 429, body = ErrorBody, description = "The key has too many queued jobs",
             headers(("Retry-After" = u64, description = "Seconds"))),
         (status = 500, body = ErrorBody, description = "The job failed during the wait"),
+        (status = 503, body = ErrorBody, description = "Too many feedback requests are waiting on this process (nothing was enqueued), or the database is unavailable",
+            headers(("Retry-After" = u64, description = "Seconds"))),
         Errors,
     )
 )]
@@ -349,6 +351,14 @@ pub async fn submit(
         state.options.feedback_default_wait_s,
         state.options.feedback_max_wait_s,
     )?;
+    // A request that will wait takes its place first, so one refused enqueues nothing.
+    let _waiting = if wait.is_zero() {
+        None
+    } else {
+        let slots = &state.waiting;
+        let permit = slots.permits.clone().try_acquire_owned();
+        Some(permit.map_err(|_| ApiError::too_many_waiting(slots.limit))?)
+    };
     // CLaaS's `<id>-latest` names the LoRA `<id>`.
     let mut req = req;
     if let Some(first) = req.requests.first().map(|i| i.lora_id.clone()) {

@@ -46,6 +46,15 @@ pub struct ServerConfig {
     /// address is refused. Env `CLAAS_ALLOWED_HOSTS` (comma-separated).
     #[serde(deserialize_with = "string_or_list", default)]
     pub allowed_hosts: Vec<String>,
+    /// Feedback requests one API process holds open while their jobs run (`Prefer: wait`
+    /// or `feedback_default_wait_s`); more get 503 with `Retry-After` and enqueue nothing.
+    /// Default 10000. Env `CLAAS_MAX_WAITING_FEEDBACK`.
+    #[serde(default = "default_max_waiting")]
+    pub max_waiting_feedback: usize,
+}
+
+fn default_max_waiting() -> usize {
+    10_000
 }
 
 /// Whether the API asks for keys.

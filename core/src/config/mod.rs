@@ -70,6 +70,7 @@ pub const ENV_NAMES: &[(&str, &str)] = &[
     ("CLAAS_ADMIN_KEY", "server.admin_key"),
     ("CLAAS_API_AUTH", "server.auth"),
     ("CLAAS_ALLOWED_HOSTS", "server.allowed_hosts"),
+    ("CLAAS_MAX_WAITING_FEEDBACK", "server.max_waiting_feedback"),
     ("CLAAS_METRICS_TOKEN", "server.metrics_token"),
     ("CLAAS_SESSION_SECRET", "server.session_secret"),
     (
@@ -158,6 +159,7 @@ impl Default for Config {
                 max_queued_jobs_per_key: 1000,
                 auth: AuthMode::Auto,
                 allowed_hosts: vec![],
+                max_waiting_feedback: 10_000,
             },
             database: DatabaseConfig {
                 url: "postgres://postgres@localhost/claas".into(),
