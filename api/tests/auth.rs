@@ -98,6 +98,7 @@ claas_core::both_stores!(
     an_explicit_open_setting_opens_the_api,
     eval_runs_are_for_admins_only,
     an_open_api_is_not_a_target_for_other_sites_pages,
+    a_tenants_job_pages_are_full_and_the_cursor_continues,
 );
 
 async fn every_route_answers_401_403_or_200_per_key(db: &TestDb) {
@@ -689,4 +690,38 @@ async fn an_open_api_is_not_a_target_for_other_sites_pages(db: &TestDb) {
     )
     .await;
     assert_eq!(s, StatusCode::OK);
+}
+
+async fn a_tenants_job_pages_are_full_and_the_cursor_continues(db: &TestDb) {
+    let (app, k) = setup(db, 0).await;
+    let adm = Some(k.admin.as_str());
+    // Alice's three jobs, then newer ones of `alice2/x` that her prefix does not cover.
+    for lora_id in [
+        "alice/x", "alice", "alice/x", "alice2/x", "alice2/x", "alice2/x",
+    ] {
+        let (status, body) = call(&app, "POST", "/v1/feedback", adm, Some(feedback(lora_id))).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+    let (status, page) = call(&app, "GET", "/v1/jobs?limit=2", Some(&k.alice), None).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let ids = |p: &Value| -> Vec<String> {
+        p["jobs"].as_array().map_or(vec![], |js| {
+            js.iter()
+                .map(|j| j["lora_id"].as_str().unwrap_or("").to_owned())
+                .collect()
+        })
+    };
+    assert_eq!(
+        ids(&page),
+        ["alice/x", "alice"],
+        "a full first page: {page}"
+    );
+    let cursor = page["next_cursor"]
+        .as_str()
+        .expect("a cursor after a full page")
+        .to_owned();
+    let uri = format!("/v1/jobs?limit=2&cursor={cursor}");
+    let (_, page) = call(&app, "GET", &uri, Some(&k.alice), None).await;
+    assert_eq!(ids(&page), ["alice/x"], "{page}");
+    assert!(page["next_cursor"].is_null(), "{page}");
 }

@@ -177,9 +177,15 @@ impl JobStore for PgStore {
             q.push(" and id >= ").push_bind(after);
         }
         if let Some(prefixes) = &filter.lora_prefixes {
+            // `types::prefix_covers` in SQL: whole path segments, unless the prefix ends in
+            // `/` or `-`; filtering here (not after the limit) keeps pages full.
             q.push(" and exists (select 1 from unnest(")
                 .push_bind(prefixes)
-                .push("::text[]) p where starts_with(lora_id, p))");
+                .push(
+                    "::text[]) p where p <> '' and (lora_id = p \
+                     or starts_with(lora_id, p || '/') \
+                     or (right(p, 1) in ('/', '-') and starts_with(lora_id, p))))",
+                );
         }
         q.push(" order by id desc limit ").push_bind(filter.limit);
         let rows = q.build().fetch_all(&self.pool).await?;

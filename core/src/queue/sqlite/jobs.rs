@@ -165,9 +165,16 @@ impl JobStore for SqliteStore {
             q.push(" and id >= ").push_bind(after.to_string());
         }
         if let Some(prefixes) = &filter.lora_prefixes {
+            // `types::prefix_covers` in SQL: whole path segments, unless the prefix ends in
+            // `/` or `-`; filtering here (not after the limit) keeps pages full.
             q.push(" and exists (select 1 from json_each(")
                 .push_bind(serde_json::to_string(prefixes)?)
-                .push(") p where substr(lora_id, 1, length(p.value)) = p.value)");
+                .push(
+                    ") p where p.value <> '' and (lora_id = p.value \
+                     or substr(lora_id, 1, length(p.value) + 1) = p.value || '/' \
+                     or (substr(p.value, -1) in ('/', '-') \
+                         and substr(lora_id, 1, length(p.value)) = p.value)))",
+                );
         }
         q.push(" order by id desc limit ").push_bind(filter.limit);
         let rows = q.build().fetch_all(&self.pool).await?;
