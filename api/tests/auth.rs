@@ -644,6 +644,9 @@ async fn an_open_api_is_not_a_target_for_other_sites_pages(db: &TestDb) {
     );
     let (s, _) = raw(&app, "GET", "/v1/lora", &[("host", "localhost:8080")]).await;
     assert_eq!(s, StatusCode::OK);
+    // Probes ask for health by a pod's address.
+    let (s, _) = raw(&app, "GET", "/v1/health", &[("host", "10.1.2.3:8080")]).await;
+    assert_eq!(s, StatusCode::OK);
     // A write from another site's page is refused; the API's own pages may write.
     let evil = ("origin", "https://evil.example");
     let (s, code) = raw(&app, "POST", "/v1/feedback", &[local, json, evil]).await;
