@@ -38,7 +38,8 @@ fn engine_error(e: impl std::fmt::Display) -> ApiError {
 
 fn bad(e: claas_trainer::Error) -> ApiError {
     match e {
-        claas_trainer::Error::InvalidInput(m) => ApiError::invalid(m),
+        claas_trainer::Error::InvalidInput(m)
+        | claas_trainer::Error::InvalidSample { message: m, .. } => ApiError::invalid(m),
         other => engine_error(other),
     }
 }

@@ -7,6 +7,10 @@ pub enum Error {
     /// response, log-probs that do not match the response, a sequence over the limit.
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// One sample of the batch is invalid (`index` counts from 0 in batch order); the
+    /// others may still train without it.
+    #[error("invalid input: {message}")]
+    InvalidSample { index: usize, message: String },
     /// A checkpoint, adapter or optimizer state on disk is missing or malformed.
     #[error("{0}")]
     Checkpoint(String),

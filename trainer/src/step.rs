@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::adamw::AdamW;
-use crate::error::{invalid, Result};
+use crate::error::{invalid, Error, Result};
 use crate::lora::LoraAdapter;
 use crate::loss::{log_softmax, sdpo_loss, LossConfig, LossInputs, LossOutput};
 use crate::model::{GradSink, Qwen3};
@@ -113,7 +113,10 @@ pub fn sdpo_step(
         return Err(invalid("the batch has no samples"));
     }
     for (i, s) in samples.iter().enumerate() {
-        s.check(i, model, cfg.max_seq_len)?;
+        s.check(i, model, cfg.max_seq_len).map_err(|e| match e {
+            Error::InvalidInput(message) => Error::InvalidSample { index: i, message },
+            other => other,
+        })?;
     }
 
     let n = samples.len() as f64;

@@ -174,9 +174,10 @@ fn bad_input_is_a_clear_error() {
         let before = snapshot(&adapter);
         let mut opt = AdamW::default();
         match sdpo_step(&model, &adapter, &mut opt, &[good.clone(), sample], &cfg) {
-            Err(Error::InvalidInput(msg)) => {
-                assert!(msg.contains(expect), "{expect:?} not in {msg:?}");
-                assert!(msg.contains("sample 1"), "names the sample: {msg}");
+            Err(Error::InvalidSample { index, message }) => {
+                assert!(message.contains(expect), "{expect:?} not in {message:?}");
+                assert!(message.contains("sample 1"), "names the sample: {message}");
+                assert_eq!(index, 1, "says which sample, for the worker to drop it");
             }
             other => panic!("{expect}: expected invalid input, got {other:?}"),
         }

@@ -92,6 +92,9 @@ fn storage_error(e: claas_core::Error) -> PhaseError {
 fn trainer_error(e: claas_trainer::Error) -> PhaseError {
     match e {
         claas_trainer::Error::InvalidInput(m) => PhaseError::fatal("invalid_input", m),
+        claas_trainer::Error::InvalidSample { index, message } => {
+            PhaseError::bad_sample(index, message)
+        }
         claas_trainer::Error::Checkpoint(m) => PhaseError::fatal("adapter_unreadable", m),
         claas_trainer::Error::Io(e) => PhaseError::retryable("storage_error", e.to_string()),
         other => PhaseError::retryable("trainer_error", other.to_string()),

@@ -56,6 +56,9 @@ pub struct PhaseError {
     pub message: String,
     /// Retrying may help (timeouts, network, vLLM errors); `false` fails the job at once.
     pub retryable: bool,
+    /// The batch sample (0-based, in [`claas_core::queue::Claimed::samples`] order) that
+    /// alone caused a fatal failure: its job fails and the rest of the batch trains without it.
+    pub sample: Option<usize>,
 }
 
 impl PhaseError {
@@ -65,6 +68,15 @@ impl PhaseError {
             code: code.into(),
             message: message.into(),
             retryable: false,
+            sample: None,
+        }
+    }
+
+    /// Bad input in one sample of the batch: that sample's job fails, the others train.
+    pub fn bad_sample(index: usize, message: impl Into<String>) -> Self {
+        PhaseError {
+            sample: Some(index),
+            ..PhaseError::fatal("invalid_input", message)
         }
     }
 
@@ -74,6 +86,7 @@ impl PhaseError {
             code: code.into(),
             message: message.into(),
             retryable: true,
+            sample: None,
         }
     }
 }

@@ -4,8 +4,9 @@
 //! and exactly-once publishing are observable. Queue tests, end-to-end tests and the
 //! benchmark use it; the embedded default uses it until the trainer lands.
 //!
-//! Fault injection for tests: a sample whose feedback contains `[simulate:fatal]` fails the
-//! distill phase as bad input; `[simulate:retry]` fails it as a transient error.
+//! Fault injection for tests: a sample whose feedback contains `[simulate:fatal]` is bad
+//! input (its job fails; the rest of its batch trains without it); `[simulate:retry]` fails
+//! the distill phase as a transient error.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -35,14 +36,14 @@ pub fn validate_batch(samples: &[Sample]) -> PhaseResult<()> {
     for (i, s) in samples.iter().enumerate() {
         let r = &s.rollout;
         if r.response_token_ids.is_empty() {
-            return Err(PhaseError::fatal(
-                "invalid_input",
+            return Err(PhaseError::bad_sample(
+                i,
                 format!("sample {i}: empty response"),
             ));
         }
         if r.response_logprobs.len() != r.response_token_ids.len() {
-            return Err(PhaseError::fatal(
-                "invalid_input",
+            return Err(PhaseError::bad_sample(
+                i,
                 format!(
                     "sample {i}: {} log-probs for {} response tokens",
                     r.response_logprobs.len(),
@@ -54,8 +55,8 @@ pub fn validate_batch(samples: &[Sample]) -> PhaseResult<()> {
             .iter()
             .any(|l| !l.is_finite() || *l > 0.0)
         {
-            return Err(PhaseError::fatal(
-                "invalid_input",
+            return Err(PhaseError::bad_sample(
+                i,
                 format!("sample {i}: log-probs must be finite and <= 0"),
             ));
         }
@@ -96,11 +97,14 @@ impl Executor for SimulatedExecutor {
         training: &TrainingConfig,
     ) -> PhaseResult<Distilled> {
         validate_batch(samples)?;
-        if samples
+        if let Some(i) = samples
             .iter()
-            .any(|s| s.feedback.contains("[simulate:fatal]"))
+            .position(|s| s.feedback.contains("[simulate:fatal]"))
         {
-            return Err(PhaseError::fatal("invalid_input", "simulated bad input"));
+            return Err(PhaseError::bad_sample(
+                i,
+                format!("sample {i}: simulated bad input"),
+            ));
         }
         if samples
             .iter()

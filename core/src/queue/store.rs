@@ -192,6 +192,17 @@ pub trait LeaseStore: Send + Sync {
         finished: Option<(Phase, u64)>,
     ) -> Result<Option<Vec<Uuid>>>;
 
+    /// Takes `member` out of the running batch before it trains, fenced by the lead's lease:
+    /// with `error` the member fails alone (its own sample cannot train); with `None` it goes
+    /// back to the queue (the lead is about to fail for its own sample). One statement;
+    /// `false` when the lease is lost or `member` is not a waiting member of this batch.
+    async fn leave_batch(
+        &self,
+        lease: &Lease,
+        member: Uuid,
+        error: Option<&JobError>,
+    ) -> Result<bool>;
+
     /// Records the new adapter version, moves the LoRA's current version and marks the job
     /// and its members as trained, in one transaction. `false` if the lease was lost or the
     /// LoRA's current version is not `version - 1`.

@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use claas_core::queue::{Claimed, FailOutcome, Lease, LeaseState, SharedStore};
-use claas_core::types::{JobError, NewVersion, Phase, WorkerState};
+use claas_core::types::{JobError, NewVersion, Phase, Sample, WorkerState};
 use tokio::sync::watch;
 use tracing::Instrument;
+use uuid::Uuid;
 
 use super::Worker;
-use crate::executor::{AdapterSource, JobContext, PhaseError};
+use crate::executor::{AdapterSource, Distilled, JobContext, PhaseError};
 
 /// How a job's run ended, for logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,6 +195,63 @@ impl Worker {
                 tracing::error!(error = %e, "store unavailable mid-job; leaving it to the lease");
                 Outcome::LeaseLost
             }
+        }
+    }
+
+    /// The distill phase on the lead's samples and its `attached` members'. A sample the
+    /// trainer refuses as bad input fails only its own job: a member's leaves the batch
+    /// failed and the rest trains without it; the lead's own sends its members back to the
+    /// queue before the lead fails. Returns the result and how many samples it trained on.
+    async fn distill_batch(
+        &self,
+        claimed: &Claimed,
+        attached: &[Uuid],
+        ctx: &JobContext,
+        lease: &Lease,
+        watch: &LeaseWatch,
+        from: &AdapterSource,
+    ) -> Result<(Distilled, usize), Stop> {
+        let mut batch: Vec<(Uuid, Sample)> = std::iter::once((claimed.job.id, &claimed.payload))
+            .chain(
+                (claimed.members.iter())
+                    .filter(|(m, _)| attached.contains(&m.id))
+                    .map(|(m, p)| (m.id, p)),
+            )
+            .flat_map(|(id, p)| p.samples.iter().map(move |s| (id, s.clone())))
+            .collect();
+        let training = &claimed.payload.training;
+        loop {
+            let samples: Vec<Sample> = batch.iter().map(|(_, s)| s.clone()).collect();
+            let step = self.executor.distill(ctx, from, &samples, training);
+            let (phase, err) = match self.guarded(watch, Phase::Distill, step).await {
+                Ok(distilled) => return Ok((distilled, samples.len())),
+                Err(Stop::Failed(phase, e)) => (phase, e),
+                Err(other) => return Err(other),
+            };
+            let Some(owner) = err.sample.and_then(|i| batch.get(i)).map(|(id, _)| *id) else {
+                return Err(Stop::Failed(phase, err));
+            };
+            if owner == claimed.job.id {
+                let mut members: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
+                members.dedup();
+                for m in members.into_iter().filter(|m| *m != owner) {
+                    if !self.store.leave_batch(lease, m, None).await? {
+                        return Err(Stop::LeaseLost);
+                    }
+                }
+                return Err(Stop::Failed(phase, err));
+            }
+            let job_err = JobError {
+                code: err.code.clone(),
+                message: err.message.clone(),
+                phase: Some(phase),
+            };
+            if !self.store.leave_batch(lease, owner, Some(&job_err)).await? {
+                return Err(Stop::LeaseLost);
+            }
+            tracing::warn!(job = %owner, error = %err.message,
+                "a member's sample is bad input: it fails alone, the batch trains without it");
+            batch.retain(|(id, _)| *id != owner);
         }
     }
 
@@ -425,20 +483,9 @@ impl Worker {
                     .begin_training(lease, clock.next(Phase::Distill))
                     .await?
                     .ok_or(Stop::LeaseLost)?;
-                let mut samples = claimed.payload.samples.clone();
-                for (member, payload) in &claimed.members {
-                    if attached.contains(&member.id) {
-                        samples.extend(payload.samples.iter().cloned());
-                    }
-                }
-                let training = &claimed.payload.training;
                 let from = self.adapter_source(ctx).await?;
-                let distilled = self
-                    .guarded(
-                        watch,
-                        Phase::Distill,
-                        exec.distill(ctx, &from, &samples, training),
-                    )
+                let (distilled, samples) = self
+                    .distill_batch(claimed, &attached, ctx, lease, watch, &from)
                     .await?;
                 cancel_point(watch)?;
                 let metrics = distilled.metrics.clone();
@@ -463,7 +510,7 @@ impl Worker {
                     return Err(self.publish_refused(lease, version).await);
                 }
                 self.prune_old_versions(&ctx.lora_id).await;
-                let batch = i32::try_from(samples.len()).unwrap_or(i32::MAX);
+                let batch = i32::try_from(samples).unwrap_or(i32::MAX);
                 (version, version, metrics, batch)
             }
         };

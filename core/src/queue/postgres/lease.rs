@@ -269,6 +269,51 @@ impl LeaseStore for PgStore {
         Ok((leads == 1).then(|| row.try_get("members")).transpose()?)
     }
 
+    async fn leave_batch(
+        &self,
+        lease: &Lease,
+        member: Uuid,
+        error: Option<&JobError>,
+    ) -> Result<bool> {
+        // The member's row is locked before the lead's, as on every write to a batch.
+        let sql = format!(
+            "with held as (
+                select id from jobs where id = $4 and trained_by = $1 and status = 'coalesced'
+                  and published_version is null
+                for update
+            ), lead as (
+                select id from jobs where {FENCE} and (select count(*) from held) >= 0 for update
+            ), gone as (
+                update jobs m set
+                    status = case when $5::jsonb is null then 'queued' else 'failed' end,
+                    phase = case when $5::jsonb is null then 'queued' else m.phase end,
+                    trained_by = null, batch_event = null, worker_id = null, error = $5::jsonb,
+                    finished_at = case when $5::jsonb is null then null else now() end
+                from lead where m.id in (select id from held)
+                returning m.id, m.status
+            ), ev as (
+                insert into job_events (job_id, phase, message)
+                select id, status, case when status = 'failed'
+                    then 'failed alone, out of the batch of job ' || $1::text || ': '
+                         || (($5::jsonb)->>'message')
+                    else 'left the batch of job ' || $1::text
+                         || ', which fails for its own sample; back in the queue' end
+                from gone
+            ), n as (select pg_notify('{CHANNEL}', '') from gone where status = 'queued')
+            select (select count(*) from gone) as n, (select count(*) from n) as notified"
+        );
+        let error = error.map(serde_json::to_value).transpose()?;
+        let row = sqlx::query(&sql)
+            .bind(lease.job_id)
+            .bind(lease.token)
+            .bind(&lease.worker_id)
+            .bind(member)
+            .bind(error)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<i64, _>("n")? == 1)
+    }
+
     async fn publish(&self, lease: &Lease, v: &NewVersion) -> Result<bool> {
         let sql = format!(
             "with {HOLD_MEMBERS}, lead as (

@@ -188,6 +188,52 @@ impl LeaseStore for SqliteStore {
         Ok(Some(ids))
     }
 
+    async fn leave_batch(
+        &self,
+        lease: &Lease,
+        member: Uuid,
+        error: Option<&JobError>,
+    ) -> Result<bool> {
+        // The fence first: a write to the lead that changes nothing, in the same transaction.
+        let Some((mut tx, now)) = self.fenced_update(lease, "phase = phase", &[]).await? else {
+            return Ok(false);
+        };
+        let lead = lease.job_id.to_string();
+        let reason = error.map(|e| e.message.clone());
+        let error = error.map(serde_json::to_string).transpose()?;
+        let status: Option<String> = sqlx::query_scalar(
+            "update jobs set
+                status = case when ?3 is null then 'queued' else 'failed' end,
+                phase = case when ?3 is null then 'queued' else phase end,
+                trained_by = null, batch_event = null, worker_id = null, error = ?3,
+                finished_at = case when ?3 is null then null else ?4 end
+             where id = ?1 and trained_by = ?2 and status = 'coalesced'
+               and published_version is null
+             returning status",
+        )
+        .bind(member.to_string())
+        .bind(&lead)
+        .bind(&error)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(status) = status else {
+            return Ok(false);
+        };
+        let message = match reason {
+            Some(why) => format!("failed alone, out of the batch of job {lead}: {why}"),
+            None => format!(
+                "left the batch of job {lead}, which fails for its own sample; back in the queue"
+            ),
+        };
+        event(&mut tx, &member.to_string(), now, &status, &message).await?;
+        tx.commit().await?;
+        if status == "queued" {
+            bump(&self.wake_tx);
+        }
+        Ok(true)
+    }
+
     async fn publish(&self, lease: &Lease, v: &NewVersion) -> Result<bool> {
         let set = "published_version = cast(?5 as integer)";
         let cond = "published_version is null and exists (select 1 from loras l \
