@@ -85,6 +85,8 @@ pub struct AppState {
     /// (`server.max_waiting_feedback`); past it a waiting request is refused before it
     /// enqueues anything.
     pub waiting: WaitSlots,
+    /// The trainer's `max_seq_len`: longer samples are refused at intake.
+    pub max_seq_len: usize,
 }
 
 /// The feedback requests a process may hold open, and how many it may.
@@ -102,6 +104,9 @@ impl WaitSlots {
         }
     }
 }
+
+/// The trainer's default `max_seq_len` (tokens of prompt + response).
+pub const DEFAULT_MAX_SEQ_LEN: usize = 8192;
 
 /// Feedback requests one process holds open by default (`server.max_waiting_feedback`).
 pub const DEFAULT_MAX_WAITING: usize = 10_000;
@@ -124,7 +129,14 @@ impl AppState {
             auth: Arc::new(auth::Auth::new(None, None, 0)),
             sessions: Arc::new(dashboard::session::Sessions::new(None)),
             waiting: WaitSlots::new(DEFAULT_MAX_WAITING),
+            max_seq_len: DEFAULT_MAX_SEQ_LEN,
         }
+    }
+
+    /// Samples longer than `n` tokens (prompt + response) are refused at intake.
+    pub fn with_max_seq_len(mut self, n: usize) -> AppState {
+        self.max_seq_len = n;
+        self
     }
 
     /// At most `n` feedback requests held open at once while their jobs run.
@@ -204,7 +216,8 @@ impl AppState {
             .with_adapters(adapters)
             .with_session_secret(cfg.server.session_secret.as_deref())
             .with_auth(auth::Auth::from_config(&cfg.server))
-            .with_max_waiting(cfg.server.max_waiting_feedback))
+            .with_max_waiting(cfg.server.max_waiting_feedback)
+            .with_max_seq_len(cfg.trainer.max_seq_len))
     }
 }
 

@@ -183,14 +183,59 @@ fn inline_rollout(item: &FeedbackItem, index: usize) -> ApiResult<Option<Rollout
 
 /// The models whose answers feedback for `lora_id` may be about, in lookup order: the
 /// LoRA itself, then its base model (an answer given before the LoRA served anything).
-async fn lookup_scopes(state: &AppState, lora_id: &str) -> ApiResult<Vec<String>> {
+/// Also returns the base model the LoRA trains on.
+async fn lookup_scopes(state: &AppState, lora_id: &str) -> ApiResult<(Vec<String>, String)> {
     let mut scopes = vec![lora_id.to_owned()];
-    if let Some(l) = state.store.get_lora(lora_id).await? {
-        scopes.push(l.base_model);
-    }
+    let base = match state.store.get_lora(lora_id).await? {
+        Some(l) => l.base_model,
+        None => state.options.default_base_model.clone(),
+    };
+    scopes.push(base.clone());
     scopes.push(state.options.default_base_model.clone());
     scopes.dedup();
-    Ok(scopes)
+    Ok((scopes, base))
+}
+
+/// The vocabulary size of `base_model` when its checkpoint is on this machine (read from
+/// its `config.json`); `None` when it is not, and the worker checks the ids instead.
+fn vocab_size(state: &AppState, base_model: &str) -> Option<u64> {
+    let dir = claas_trainer::resolve::existing_model_dir(base_model, &state.options.data_dir)?;
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    serde_json::from_str::<serde_json::Value>(&text).ok()?["vocab_size"].as_u64()
+}
+
+/// What the trainer would refuse in a rollout, checked at intake so a bad sample is a 422
+/// naming it instead of a failed job: empty prompt ids, a sequence over the trainer's
+/// `max_seq_len`, token ids outside the base model's vocabulary (when it is known here).
+fn check_rollout(
+    r: &Rollout,
+    index: usize,
+    max_seq_len: usize,
+    vocab: Option<u64>,
+) -> ApiResult<()> {
+    if r.prompt_token_ids.is_empty() {
+        return Err(ApiError::invalid(format!(
+            "requests[{index}]: the prompt has no token ids"
+        )));
+    }
+    let len = r.prompt_token_ids.len() + r.response_token_ids.len();
+    if len > max_seq_len {
+        return Err(ApiError::invalid(format!(
+            "requests[{index}]: prompt + response are {len} tokens, over the trainer's maximum \
+             sequence length {max_seq_len} (trainer.max_seq_len)"
+        )));
+    }
+    let ids = r.prompt_token_ids.iter().chain(&r.response_token_ids);
+    if let Some((v, id)) = vocab.and_then(|v| {
+        ids.clone()
+            .find(|&&id| u64::from(id) >= v)
+            .map(|id| (v, id))
+    }) {
+        return Err(ApiError::invalid(format!(
+            "requests[{index}]: token id {id} is outside the base model's vocabulary (size {v})"
+        )));
+    }
+    Ok(())
 }
 
 /// The rollout of one item: inline, or the cached completion its response names.
@@ -298,10 +343,12 @@ async fn validate(
             "all requests must use the same training config",
         ));
     }
-    let scopes = lookup_scopes(state, &first.lora_id).await?;
+    let (scopes, base_model) = lookup_scopes(state, &first.lora_id).await?;
+    let vocab = vocab_size(state, &base_model);
     let mut samples = Vec::with_capacity(req.requests.len());
     for (i, item) in req.requests.iter().enumerate() {
         let (rollout, raw_response) = resolve_rollout(state, caller.id(), &scopes, item, i).await?;
+        check_rollout(&rollout, i, state.max_seq_len, vocab)?;
         samples.push(Sample {
             prompt: item.prompt.clone(),
             // The answer as generated (thinking included) when it came from the cache.
