@@ -170,6 +170,10 @@ pub enum RunEvent {
     Failed(String),
 }
 
+/// The most tokens (prompt + answer) one embedded request may span, whatever the model's
+/// own context: the trainer's default `max_seq_len`.
+pub const MAX_CONTEXT: usize = 8192;
+
 impl Engine {
     pub fn new(
         model: Arc<Qwen3>,
@@ -194,6 +198,20 @@ impl Engine {
 
     pub fn base_name(&self) -> &str {
         &self.base_name
+    }
+
+    /// 422 unless `prompt` tokens plus `max_tokens` fit the model's context, capped at
+    /// [`MAX_CONTEXT`]: requests take turns on one CPU, so one very long prompt would hold
+    /// everyone else's answers back for minutes.
+    fn check_context(&self, prompt: usize, max_tokens: usize) -> ApiResult<()> {
+        let limit = self.model.config.max_position_embeddings.min(MAX_CONTEXT);
+        if prompt + max_tokens <= limit {
+            return Ok(());
+        }
+        Err(ApiError::invalid(format!(
+            "the prompt is {prompt} tokens; with max_tokens {max_tokens} it exceeds the \
+             embedded engine's context of {limit} tokens: shorten it or lower max_tokens"
+        )))
     }
 
     /// The adapter `model` names at its current version; `None` for the base model.
@@ -289,6 +307,7 @@ impl Engine {
     ) -> ApiResult<Run> {
         let adapter = self.adapter(model).await?;
         let sampling = sampling(body, &self.stop_ids, 256)?;
+        self.check_context(prompt_ids.len(), sampling.max_tokens)?;
         let stops = stop_strings(body)?;
         self.model.check_ids("prompt", &prompt_ids).map_err(bad)?;
         let (tx, rx) = mpsc::channel(64);
@@ -377,6 +396,7 @@ impl Engine {
         let mut full_messages = messages.to_vec();
         full_messages.push(json!({"role": "assistant", "content": completion}));
         let full = self.chat_prompt(&full_messages, false, &Map::new())?;
+        self.check_context(full.len(), 0)?;
         let completion_ids: Vec<u32> = full.get(prompt.len()..).unwrap_or_default().to_vec();
         if completion_ids.is_empty() {
             return Ok(

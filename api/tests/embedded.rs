@@ -292,6 +292,14 @@ async fn completions_score_models_and_errors() {
     bad["top_logprobs"] = json!(50);
     let (status, _) = env.post("/v1/chat/completions", &bad).await;
     assert_eq!(status, 422);
+    // A prompt past the engine's context is refused before it takes the one turn.
+    let long = "x".repeat(9_000);
+    let (status, e) = env.post("/v1/chat/completions", &chat(BASE, &long)).await;
+    assert_eq!(status, 422, "{e}");
+    assert!(e.to_string().contains("context of 8192 tokens"), "{e}");
+    let scored = json!({"model": "me/a", "messages": messages, "completion": long});
+    let (status, e) = env.post("/v1/score", &scored).await;
+    assert_eq!(status, 422, "{e}");
 }
 
 /// Chat keeps answering while the same process trains on the same weights, and never mixes
