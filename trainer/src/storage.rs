@@ -63,7 +63,10 @@ pub fn remove_stale_temp_dirs(parent: &Path, older_than: std::time::Duration) ->
 
 /// Hex sha256 of a file.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    Ok(hex::encode(Sha256::digest(std::fs::read(path)?)))
+    // Streamed: an 8B model's rank-64 weights are hundreds of MB.
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
+    Ok(hex::encode(hasher.finalize()))
 }
 
 /// Hex sha256 of an adapter directory's weights (`adapter_model.safetensors`).

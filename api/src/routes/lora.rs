@@ -542,7 +542,7 @@ pub async fn export(
 /// Zips the PEFT files of `dir` into an anonymous temporary file (unlinked at once) after
 /// checking the weights' sha256 against `expected` (when one was recorded).
 fn write_zip(dir: &std::path::Path, expected: &str) -> ApiResult<std::fs::File> {
-    use std::io::{Seek, Write};
+    use std::io::Seek;
     let io = |e: std::io::Error| ApiError::internal(format!("export: {e}"));
     if !expected.is_empty() {
         let actual = claas_trainer::storage::adapter_sha256(dir)
@@ -568,10 +568,11 @@ fn write_zip(dir: &std::path::Path, expected: &str) -> ApiResult<std::fs::File> 
         .compression_method(zip::CompressionMethod::Stored)
         .large_file(true);
     for name in PEFT_FILES {
-        let bytes = std::fs::read(dir.join(name)).map_err(io)?;
+        // Copied through a buffer, never read whole: weights can be hundreds of MB.
+        let mut source = std::fs::File::open(dir.join(name)).map_err(io)?;
         zip.start_file(name, opts)
             .map_err(|e| ApiError::internal(format!("export: {e}")))?;
-        zip.write_all(&bytes).map_err(io)?;
+        std::io::copy(&mut source, &mut zip).map_err(io)?;
     }
     let mut file = zip
         .finish()
