@@ -233,6 +233,23 @@ pub(crate) async fn resolve_hash(state: &AppState, hash: &str) -> ApiResult<Opti
     Ok(state.store.find_api_key(hash).await?)
 }
 
+/// The live key a dashboard session cookie was issued for, if the cookie still holds.
+pub(crate) async fn resolve_session(state: &AppState, cookie: &str) -> ApiResult<Option<ApiKey>> {
+    let Some(id) = state.sessions.key_id(cookie) else {
+        return Ok(None);
+    };
+    if let (Some(boot), "bootstrap") = (&state.auth.bootstrap_admin, id) {
+        let hash = secret_hash(boot);
+        return resolve_hash(state, &hash)
+            .await
+            .map(|k| k.filter(|_| state.sessions.holds(cookie, &hash)));
+    }
+    Ok(match state.store.find_api_key_by_id(id).await? {
+        Some((key, hash)) if state.sessions.holds(cookie, &hash) => Some(key),
+        _ => None,
+    })
+}
+
 /// Middleware: authenticates every request and leaves the [`Caller`] for the handlers.
 pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     // The API's description is public: clients generate code from it before they hold a key.

@@ -95,6 +95,16 @@ impl ApiError {
         .with_retry_after(5)
     }
 
+    /// 429: this address failed to log in to the dashboard too often; retry after `wait_s`.
+    pub fn too_many_login_failures(wait_s: u64) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_login_failures",
+            format!("too many failed logins from this address; retry in {wait_s} s"),
+        )
+        .with_retry_after(wait_s)
+    }
+
     pub fn with_retry_after(mut self, seconds: u64) -> Self {
         self.retry_after = Some(seconds);
         self

@@ -81,6 +81,8 @@ pub struct AppState {
     pub adapters: AdapterStore,
     /// Signs dashboard sessions and CSRF tokens.
     pub sessions: Arc<dashboard::session::Sessions>,
+    /// Failed dashboard logins per client address.
+    pub logins: Arc<dashboard::throttle::LoginThrottle>,
     /// One permit per feedback request this process may hold open while its job runs
     /// (`server.max_waiting_feedback`); past it a waiting request is refused before it
     /// enqueues anything.
@@ -128,6 +130,7 @@ impl AppState {
             http_metrics: Arc::new(metrics::HttpMetrics::new()),
             auth: Arc::new(auth::Auth::new(None, None, 0)),
             sessions: Arc::new(dashboard::session::Sessions::new(None)),
+            logins: Arc::default(),
             waiting: WaitSlots::new(DEFAULT_MAX_WAITING),
             max_seq_len: DEFAULT_MAX_SEQ_LEN,
         }
@@ -294,7 +297,9 @@ pub async fn serve(
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    // The client's address reaches handlers (failed logins are throttled per address).
+    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -16,6 +16,7 @@ claas_core::both_stores!(
     pages_show_the_queue_and_actions_need_the_csrf_token,
     retry_and_delete_are_recorded,
     with_keys_on_only_admins_get_in,
+    failed_logins_are_throttled_per_address,
 );
 
 fn client() -> Client {
@@ -334,6 +335,10 @@ async fn with_keys_on_only_admins_get_in(db: &TestDb) {
         !session.contains(&admin),
         "the cookie never carries the key"
     );
+    assert!(
+        !session.contains(&claas_api::auth::secret_hash(&admin)),
+        "nor the key's SHA-256"
+    );
     let (status, html, _) = page(&http, &dash, Some(&session)).await;
     assert_eq!(status, 200);
     assert!(html.contains("ops"), "the page says who is logged in");
@@ -370,4 +375,39 @@ async fn with_keys_on_only_admins_get_in(db: &TestDb) {
     assert_eq!(r.status(), 303);
     let (_, attrs) = set_cookie(&r, "claas_session").expect("cleared");
     assert!(attrs.contains("Max-Age=0"));
+}
+
+async fn failed_logins_are_throttled_per_address(db: &TestDb) {
+    let (_, admin) = common::create_key(db, "ops", &[], true).await;
+    let state = AppState::new(db.store.clone(), common::options("dashboard"))
+        .with_auth(Auth::new(None, None, 0))
+        .with_session_secret(Some("test secret"));
+    let base = common::serve(state).await;
+    let http = client();
+    let login = format!("{base}/v1/dashboard/login");
+    let (_, form, nonce) = page(&http, &login, None).await;
+    let nonce = nonce.expect("the login form sets the nonce cookie");
+    let token = csrf(&form);
+    for n in 0..10 {
+        let wrong = format!("claas_guess{n}");
+        let r = post_form(&http, &login, &nonce, &[("key", &wrong), ("csrf", &token)]).await;
+        assert_eq!(r.status(), 401, "guess {n}");
+    }
+    // Now even the right key waits: the guesser cannot tell which guess was right.
+    let r = post_form(&http, &login, &nonce, &[("key", &admin), ("csrf", &token)]).await;
+    assert_eq!(r.status(), 429);
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!(wait > 0 && wait <= 900, "{wait}");
+    // Bearer keys on the API are not login attempts and are not throttled.
+    let r = http
+        .get(format!("{base}/v1/dashboard"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 200);
 }

@@ -1,9 +1,12 @@
 //! Signing in and out of the dashboard, and the gate in front of its pages.
 
-use axum::extract::{Form, Request, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Form, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
+use axum::Extension;
 use minijinja::context;
 use serde::Deserialize;
 
@@ -27,10 +30,7 @@ pub async fn gate(
     }
     let key = match (&bearer, cookie(req.headers(), SESSION_COOKIE)) {
         (Some(secret), _) => auth::resolve(state, secret).await,
-        (None, Some(c)) => match state.sessions.key_hash(c) {
-            Some(hash) => auth::resolve_hash(state, hash).await,
-            None => Ok(None),
-        },
+        (None, Some(c)) => auth::resolve_session(state, c).await,
         (None, None) => Ok(None),
     };
     match key {
@@ -88,22 +88,36 @@ pub(super) async fn login_form(State(state): State<AppState>, headers: HeaderMap
             headers(("Location" = String), ("Set-Cookie" = String))),
         (status = 415, description = "Not a form", content_type = "text/plain", body = String),
         (status = 422, description = "The form cannot be read", content_type = "text/plain", body = String),
+        (status = 429, description = "Too many failed logins from this address; retry later",
+            headers(("Retry-After" = u64, description = "Seconds"))),
         PageErrors,
     ))]
 pub(super) async fn login(
     State(state): State<AppState>,
     headers: HeaderMap,
+    client: Option<Extension<ConnectInfo<SocketAddr>>>,
     Form(form): Form<LoginForm>,
 ) -> PageResult {
     check_csrf(&state, &headers, &form.csrf)?;
+    let ip = client.map(|Extension(ConnectInfo(addr))| addr.ip());
+    if let Some(wait) = ip.and_then(|ip| state.logins.blocked_for(ip)) {
+        return Err(ApiError::too_many_login_failures(wait).into());
+    }
     let hash = auth::secret_hash(form.key.trim());
-    let (status, error) = match auth::resolve_hash(&state, &hash).await? {
+    let key = auth::resolve_hash(&state, &hash).await?;
+    if let Some(ip) = ip {
+        match &key {
+            Some(_) => state.logins.succeeded(ip),
+            None => state.logins.failed(ip),
+        }
+    }
+    let (status, error) = match key {
         Some(k) if k.admin => {
             tracing::info!(key = %k.id, "dashboard login");
             let session = set_cookie(
                 &headers,
                 SESSION_COOKIE,
-                &state.sessions.issue(&hash),
+                &state.sessions.issue(&k.id, &hash),
                 SESSION_TTL_S,
             );
             return Ok(redirect_setting(PREFIX, session));

@@ -9,6 +9,7 @@
 pub mod evals;
 mod login;
 pub mod session;
+pub mod throttle;
 pub mod views;
 
 pub use login::gate;
@@ -147,7 +148,11 @@ impl IntoResponse for PageError {
                 })
             })
             .unwrap_or_else(|e| format!("template error: {e}"));
-        (self.0.status, Html(body)).into_response()
+        let mut resp = (self.0.status, Html(body)).into_response();
+        if let Some(s) = self.0.retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, s.into());
+        }
+        resp
     }
 }
 

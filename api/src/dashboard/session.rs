@@ -63,20 +63,31 @@ impl Sessions {
         mac.verify_slice(&sig).is_ok()
     }
 
-    /// A session cookie value for the key whose secret hashes to `key_hash`.
-    pub fn issue(&self, key_hash: &str) -> String {
-        let data = format!("{}.{key_hash}", Utc::now().timestamp() + SESSION_TTL_S);
-        let sig = self.sign("session", &data);
+    /// A session cookie value for key `key_id`, whose secret hashes to `key_hash`: the
+    /// expiry, the key's id and an HMAC over both and the hash. The hash itself never
+    /// leaves the server.
+    pub fn issue(&self, key_id: &str, key_hash: &str) -> String {
+        let data = format!("{}.{key_id}", Utc::now().timestamp() + SESSION_TTL_S);
+        let sig = self.sign("session", &format!("{data}.{key_hash}"));
         format!("{data}.{sig}")
     }
 
-    /// The key hash a session cookie carries, when its signature holds and it has not
-    /// expired.
-    pub fn key_hash<'a>(&self, cookie: &'a str) -> Option<&'a str> {
-        let (data, sig) = cookie.rsplit_once('.')?;
-        let (expiry, hash) = data.split_once('.')?;
+    /// The key id a session cookie names, when it has not expired; the signature is checked
+    /// by [`Sessions::holds`] once the key's hash is looked up.
+    pub fn key_id<'a>(&self, cookie: &'a str) -> Option<&'a str> {
+        let (data, _) = cookie.rsplit_once('.')?;
+        let (expiry, id) = data.split_once('.')?;
         let expiry: i64 = expiry.parse().ok()?;
-        (self.verify("session", data, sig) && expiry > Utc::now().timestamp()).then_some(hash)
+        (expiry > Utc::now().timestamp()).then_some(id)
+    }
+
+    /// Whether `cookie` was issued by [`Sessions::issue`] for the key whose hash is
+    /// `key_hash` (and has not expired).
+    pub fn holds(&self, cookie: &str, key_hash: &str) -> bool {
+        let Some((data, sig)) = cookie.rsplit_once('.') else {
+            return false;
+        };
+        self.key_id(cookie).is_some() && self.verify("session", &format!("{data}.{key_hash}"), sig)
     }
 
     /// The CSRF token for a page whose forms are bound to `binding` (the session cookie or
@@ -144,17 +155,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_session_carries_its_key_hash_until_it_expires_or_is_tampered_with() {
+    fn a_session_names_its_key_holds_for_its_hash_and_never_carries_the_hash() {
         let s = Sessions::new(Some("secret"));
-        let cookie = s.issue("abc123");
-        assert_eq!(s.key_hash(&cookie), Some("abc123"));
-        assert_eq!(Sessions::new(Some("other")).key_hash(&cookie), None);
-        let forged = cookie.replace("abc123", "abc124");
-        assert_eq!(s.key_hash(&forged), None);
-        let expired = format!("{}.abc123", Utc::now().timestamp() - 1);
-        let expired = format!("{expired}.{}", s.sign("session", &expired));
-        assert_eq!(s.key_hash(&expired), None);
-        assert_eq!(s.key_hash("garbage"), None);
+        let hash = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        let cookie = s.issue("key_abc", hash);
+        assert!(
+            !cookie.contains(hash),
+            "the key's SHA-256 stays on the server: {cookie}"
+        );
+        assert_eq!(s.key_id(&cookie), Some("key_abc"));
+        assert!(s.holds(&cookie, hash));
+        assert!(!s.holds(&cookie, "another key's hash"));
+        assert!(!Sessions::new(Some("other")).holds(&cookie, hash));
+        let forged = cookie.replace("key_abc", "key_abd");
+        assert!(!s.holds(&forged, hash));
+        let data = format!("{}.key_abc", Utc::now().timestamp() - 1);
+        let expired = format!("{data}.{}", s.sign("session", &format!("{data}.{hash}")));
+        assert!(!s.holds(&expired, hash));
+        assert_eq!(s.key_id(&expired), None);
+        assert!(!s.holds("garbage", hash));
     }
 
     #[test]

@@ -102,6 +102,10 @@ pub trait KeyStore: Send + Sync {
     /// The live key whose secret hashes to `secret_hash`.
     async fn find_api_key(&self, secret_hash: &str) -> Result<Option<ApiKey>>;
 
+    /// The live key `id` and its secret's hash (a dashboard session names its key by id and
+    /// is signed over the hash).
+    async fn find_api_key_by_id(&self, id: &str) -> Result<Option<(ApiKey, String)>>;
+
     /// Whether a key was ever created, revoked ones included: from then on the API
     /// requires one (revoking keys never opens it again).
     async fn any_api_key_created(&self) -> Result<bool>;

@@ -65,6 +65,16 @@ impl KeyStore for PgStore {
         row.as_ref().map(api_key_from_row).transpose()
     }
 
+    async fn find_api_key_by_id(&self, id: &str) -> Result<Option<(ApiKey, String)>> {
+        let row = sqlx::query("select * from api_keys where id = $1 and revoked_at is null")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref()
+            .map(|r| Ok((api_key_from_row(r)?, r.try_get("secret_hash")?)))
+            .transpose()
+    }
+
     async fn any_api_key_created(&self) -> Result<bool> {
         Ok(sqlx::query_scalar("select exists (select 1 from api_keys)")
             .fetch_one(&self.pool)
