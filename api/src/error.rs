@@ -95,6 +95,19 @@ impl ApiError {
         .with_retry_after(5)
     }
 
+    /// 429: this key created or overwrote its hourly share of LoRAs; retry after `wait_s`.
+    pub fn too_many_lora_inits(wait_s: u64) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_lora_inits",
+            format!(
+                "this API key has created or overwritten its limit of LoRAs for the hour \
+                 (server.max_lora_inits_per_key_per_hour); retry in {wait_s} s"
+            ),
+        )
+        .with_retry_after(wait_s)
+    }
+
     /// 429: this address failed to log in to the dashboard too often; retry after `wait_s`.
     pub fn too_many_login_failures(wait_s: u64) -> Self {
         Self::new(

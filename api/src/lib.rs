@@ -9,6 +9,7 @@ pub mod error;
 pub mod metrics;
 pub mod open_guard;
 pub mod openapi;
+pub mod rate;
 pub mod routes;
 /// Kept at its old path for the API's handlers and tests.
 pub use claas_core::thinking;
@@ -89,7 +90,12 @@ pub struct AppState {
     pub waiting: WaitSlots,
     /// The trainer's `max_seq_len`: longer samples are refused at intake.
     pub max_seq_len: usize,
+    /// LoRAs one API key may create or overwrite per hour.
+    pub lora_inits: Arc<rate::WindowLimit>,
 }
+
+/// LoRAs one key may create or overwrite per hour by default.
+pub const DEFAULT_LORA_INITS_PER_HOUR: usize = 100;
 
 /// The feedback requests a process may hold open, and how many it may.
 #[derive(Clone)]
@@ -133,7 +139,17 @@ impl AppState {
             logins: Arc::default(),
             waiting: WaitSlots::new(DEFAULT_MAX_WAITING),
             max_seq_len: DEFAULT_MAX_SEQ_LEN,
+            lora_inits: Arc::new(rate::WindowLimit::new(
+                DEFAULT_LORA_INITS_PER_HOUR,
+                Duration::from_secs(3600),
+            )),
         }
+    }
+
+    /// At most `n` LoRA creations or overwrites per API key per hour (0: no limit).
+    pub fn with_max_lora_inits_per_hour(mut self, n: usize) -> AppState {
+        self.lora_inits = Arc::new(rate::WindowLimit::new(n, Duration::from_secs(3600)));
+        self
     }
 
     /// Samples longer than `n` tokens (prompt + response) are refused at intake.
@@ -220,7 +236,8 @@ impl AppState {
             .with_session_secret(cfg.server.session_secret.as_deref())
             .with_auth(auth::Auth::from_config(&cfg.server))
             .with_max_waiting(cfg.server.max_waiting_feedback)
-            .with_max_seq_len(cfg.trainer.max_seq_len))
+            .with_max_seq_len(cfg.trainer.max_seq_len)
+            .with_max_lora_inits_per_hour(cfg.server.max_lora_inits_per_key_per_hour))
     }
 }
 

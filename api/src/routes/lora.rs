@@ -77,6 +77,8 @@ fn default_alpha() -> i32 {
     responses(
         (status = 200, body = LoraInitResponse),
         (status = 409, body = ErrorBody, description = "It exists with other parameters"),
+        (status = 429, body = ErrorBody, description = "The key created or overwrote its hourly share of LoRAs",
+            headers(("Retry-After" = u64, description = "Seconds"))),
         Errors,
     )
 )]
@@ -145,8 +147,10 @@ pub async fn init(
         if !req.overwrite {
             return same_or_conflict(&existing, &wanted);
         }
+        charge_init(&state, &caller)?;
         return overwrite(&state, existing, wanted).await;
     }
+    charge_init(&state, &caller)?;
     let (uri, sha) = write_initial_version(&state, &wanted, 0).await?;
     let created = state
         .store
@@ -293,6 +297,18 @@ pub(crate) async fn serve_in_vllm(
             tracing::warn!(lora_id, vllm = up.base_url(), error = %e.message, "could not load the new adapter");
         }
     }
+}
+
+/// Counts a creation or overwrite against the caller's hourly share (keys only; the same
+/// parameters again are free: they change nothing).
+fn charge_init(state: &AppState, caller: &Caller) -> ApiResult<()> {
+    if caller.id().is_empty() {
+        return Ok(());
+    }
+    state
+        .lora_inits
+        .take(caller.id())
+        .map_err(ApiError::too_many_lora_inits)
 }
 
 /// Writes an initial adapter as `version` when the base checkpoint is on this machine;

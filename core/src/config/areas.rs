@@ -51,6 +51,15 @@ pub struct ServerConfig {
     /// Default 10000. Env `CLAAS_MAX_WAITING_FEEDBACK`.
     #[serde(default = "default_max_waiting")]
     pub max_waiting_feedback: usize,
+    /// LoRAs one API key may create or overwrite per hour, per API process (0: no limit;
+    /// an open API has no keys and no limit). Default 100.
+    /// Env `CLAAS_MAX_LORA_INITS_PER_KEY_PER_HOUR`.
+    #[serde(default = "default_lora_inits")]
+    pub max_lora_inits_per_key_per_hour: usize,
+}
+
+fn default_lora_inits() -> usize {
+    100
 }
 
 fn default_max_waiting() -> usize {

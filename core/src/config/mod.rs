@@ -71,6 +71,10 @@ pub const ENV_NAMES: &[(&str, &str)] = &[
     ("CLAAS_API_AUTH", "server.auth"),
     ("CLAAS_ALLOWED_HOSTS", "server.allowed_hosts"),
     ("CLAAS_MAX_WAITING_FEEDBACK", "server.max_waiting_feedback"),
+    (
+        "CLAAS_MAX_LORA_INITS_PER_KEY_PER_HOUR",
+        "server.max_lora_inits_per_key_per_hour",
+    ),
     ("CLAAS_METRICS_TOKEN", "server.metrics_token"),
     ("CLAAS_SESSION_SECRET", "server.session_secret"),
     (
@@ -160,6 +164,7 @@ impl Default for Config {
                 auth: AuthMode::Auto,
                 allowed_hosts: vec![],
                 max_waiting_feedback: 10_000,
+                max_lora_inits_per_key_per_hour: 100,
             },
             database: DatabaseConfig {
                 url: "postgres://postgres@localhost/claas".into(),
