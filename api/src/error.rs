@@ -95,6 +95,18 @@ impl ApiError {
         .with_retry_after(5)
     }
 
+    /// 409: a new LoRA's vLLM adapter name (its id with `/` as `-`) is another LoRA's.
+    pub fn adapter_name_taken(lora_id: &str, name: &str, other: &str) -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            "adapter_name_taken",
+            format!(
+                "LoRA '{lora_id}' would be served as '{name}', which already names LoRA \
+                 '{other}' (CLaaS clients address LoRAs by that name); choose another id"
+            ),
+        )
+    }
+
     /// 429: this key created or overwrote its hourly share of LoRAs; retry after `wait_s`.
     pub fn too_many_lora_inits(wait_s: u64) -> Self {
         Self::new(

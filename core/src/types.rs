@@ -484,6 +484,30 @@ pub struct WorkerRow {
     pub current_job: Option<Uuid>,
 }
 
+/// The name CLaaS gives a LoRA in vLLM, and by which its clients address it:
+/// `re.sub(r"[^a-zA-Z0-9._-]+", "-", lora_id.strip("/")).strip("-") or "lora"`. For an id
+/// [`validate_lora_id`] accepts this is the id with each `/` as `-` (`eval/no_emoji` →
+/// `eval-no_emoji`); the store looks LoRAs up by that form.
+pub fn adapter_name(lora_id: &str) -> String {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    let mut out = String::with_capacity(lora_id.len());
+    let mut in_run = false;
+    for c in lora_id.trim_matches('/').chars() {
+        if allowed(c) {
+            out.push(c);
+        } else if !in_run {
+            out.push('-');
+        }
+        in_run = !allowed(c);
+    }
+    let out = out.trim_matches('-');
+    if out.is_empty() {
+        "lora".into()
+    } else {
+        out.to_owned()
+    }
+}
+
 /// A LoRA id as DESIGN.md allows it: path-like segments of `[A-Za-z0-9._-]` each starting
 /// with a letter or digit, at most 128 characters. Returns the reason when it is not.
 pub fn validate_lora_id(id: &str) -> Result<()> {
@@ -507,6 +531,25 @@ pub fn validate_lora_id(id: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn adapter_names_follow_claas_formula() {
+        // Expected values are what CLaaS's Python gives:
+        // re.sub(r"[^a-zA-Z0-9._-]+", "-", s.strip("/")).strip("-") or "lora"
+        for (id, name) in [
+            ("eval/no_emoji", "eval-no_emoji"),
+            ("openclaw/assistant-latest", "openclaw-assistant-latest"),
+            ("/a/b/", "a-b"),
+            ("a-/b", "a--b"),
+            ("a//b", "a-b"),
+            ("x y!z", "x-y-z"),
+            ("é", "lora"),
+            ("///", "lora"),
+            ("plain", "plain"),
+        ] {
+            assert_eq!(adapter_name(id), name, "{id}");
+        }
+    }
 
     #[test]
     fn lora_ids_follow_the_design_pattern() {

@@ -305,6 +305,22 @@ pub(super) struct ChatCtx {
     pub(super) system: String,
 }
 
+/// The body's `model` as the LoRA it names (an adapter name or `-latest` alias resolved,
+/// see [`crate::routes::lora_versions::resolve_alias`]), checked against the caller.
+async fn resolve_model(
+    state: &AppState,
+    caller: &Caller,
+    body: &mut Map<String, Value>,
+) -> ApiResult<()> {
+    let Some(model) = body.get("model").and_then(Value::as_str).map(str::to_owned) else {
+        return Ok(());
+    };
+    let resolved = crate::routes::lora_versions::resolve_alias(state, &model).await?;
+    check_model(state, caller, &resolved)?;
+    body.insert("model".into(), Value::String(resolved));
+    Ok(())
+}
+
 /// 403 when `model` names a LoRA the caller may not use (the base model is everyone's).
 fn check_model(state: &AppState, caller: &Caller, model: &str) -> ApiResult<()> {
     if model.is_empty() || model == state.options.default_base_model {
@@ -336,11 +352,7 @@ pub async fn chat_completions(
 ) -> ApiResult<Response> {
     let mut body = require_object(body)?;
     let messages = validate_messages(&body)?.clone();
-    if let Some(model) = body.get("model").and_then(Value::as_str).map(str::to_owned) {
-        let resolved = crate::routes::lora_versions::resolve_alias(&state, &model).await?;
-        check_model(&state, &caller, &resolved)?;
-        body.insert("model".into(), Value::String(resolved));
-    }
+    resolve_model(&state, &caller, &mut body).await?;
     let scope = scope_of(&state, &Value::Object(body.clone()));
     let system = system_prompt(&messages);
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
@@ -468,14 +480,8 @@ pub async fn completions(
     caller: Caller,
     JsonBody(body, _): JsonBody<Value>,
 ) -> ApiResult<Response> {
-    let body = require_object(body)?;
-    check_model(
-        &state,
-        &caller,
-        body.get("model")
-            .and_then(Value::as_str)
-            .unwrap_or_default(),
-    )?;
+    let mut body = require_object(body)?;
+    resolve_model(&state, &caller, &mut body).await?;
     if !body.contains_key("prompt") {
         return Err(ApiError::invalid("prompt is required"));
     }
@@ -555,8 +561,11 @@ pub async fn models(State(state): State<AppState>, caller: Caller) -> ApiResult<
 pub async fn score(
     State(state): State<AppState>,
     caller: Caller,
-    JsonBody(req, _): JsonBody<ScoreRequest>,
+    JsonBody(mut req, _): JsonBody<ScoreRequest>,
 ) -> ApiResult<Response> {
+    if !req.model.is_empty() {
+        req.model = crate::routes::lora_versions::resolve_alias(&state, &req.model).await?;
+    }
     check_model(&state, &caller, &req.model)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages must not be empty"));

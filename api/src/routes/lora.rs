@@ -7,7 +7,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use claas_core::types::{validate_lora_id, Lora, LoraVersion, NewLora};
+use claas_core::types::{adapter_name, validate_lora_id, Lora, LoraVersion, NewLora};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -76,7 +76,7 @@ fn default_alpha() -> i32 {
     request_body = LoraInitRequest,
     responses(
         (status = 200, body = LoraInitResponse),
-        (status = 409, body = ErrorBody, description = "It exists with other parameters"),
+        (status = 409, body = ErrorBody, description = "It exists with other parameters, or another LoRA has its adapter name"),
         (status = 429, body = ErrorBody, description = "The key created or overwrote its hourly share of LoRAs",
             headers(("Retry-After" = u64, description = "Seconds"))),
         Errors,
@@ -149,6 +149,14 @@ pub async fn init(
         }
         charge_init(&state, &caller)?;
         return overwrite(&state, existing, wanted).await;
+    }
+    let name = adapter_name(&req.lora_id);
+    if let Some(other) = state.store.lora_by_adapter_name(&name).await? {
+        return Err(ApiError::adapter_name_taken(
+            &req.lora_id,
+            &name,
+            &other.lora_id,
+        ));
     }
     charge_init(&state, &caller)?;
     let (uri, sha) = write_initial_version(&state, &wanted, 0).await?;

@@ -14,20 +14,26 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, ErrorBody, Errors, JsonBody};
 use crate::AppState;
 
-/// CLaaS names a LoRA's newest version `<id>-latest`; clients written for it (OpenClaw's
-/// plugin, the eval harness) send that name as `lora_id` and as the chat `model`. It means
-/// `<id>` unless a LoRA really is called `<id>-latest`.
-pub async fn resolve_alias(state: &AppState, id: &str) -> ApiResult<String> {
-    let Some(base) = id.strip_suffix("-latest").filter(|b| !b.is_empty()) else {
-        return Ok(id.to_owned());
-    };
-    if state.store.get_lora(id).await?.is_some() {
-        return Ok(id.to_owned());
+/// The LoRA a name means, the way CLaaS clients (its eval harness, OpenClaw's plugin) name
+/// one as `lora_id` or as a chat `model`: its id; its vLLM adapter name (the id with `/` as
+/// `-`, [`claas_core::types::adapter_name`]); and either with CLaaS's `-latest` suffix for the newest version.
+/// A LoRA whose id is exactly the name wins, then one whose adapter name is, then the same
+/// two without `-latest`. A name that means no LoRA comes back unchanged (the base model, or
+/// a 404 later).
+pub async fn resolve_alias(state: &AppState, name: &str) -> ApiResult<String> {
+    let bare = name.strip_suffix("-latest").filter(|b| !b.is_empty());
+    for candidate in std::iter::once(name).chain(bare) {
+        if state.store.get_lora(candidate).await?.is_some() {
+            return Ok(candidate.to_owned());
+        }
+        // Only a valid id can be a LoRA's adapter name (the base model's name is not one).
+        if validate_lora_id(candidate).is_ok() && !candidate.contains('/') {
+            if let Some(l) = state.store.lora_by_adapter_name(candidate).await? {
+                return Ok(l.lora_id);
+            }
+        }
     }
-    Ok(match state.store.get_lora(base).await? {
-        Some(_) => base.to_owned(),
-        None => id.to_owned(),
-    })
+    Ok(name.to_owned())
 }
 
 /// The LoRA a request names, as the caller may act on it: 400 for an id that is not one,

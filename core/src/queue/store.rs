@@ -70,6 +70,10 @@ pub trait LoraStore: Send + Sync {
     /// A live (not deleted) LoRA, or `None`.
     async fn get_lora(&self, lora_id: &str) -> Result<Option<Lora>>;
 
+    /// The live LoRA whose [`crate::types::adapter_name`] is `name` (its id with `/` as
+    /// `-`), or `None`; the first by id if several share it (init refuses new ones that would).
+    async fn lora_by_adapter_name(&self, name: &str) -> Result<Option<Lora>>;
+
     /// Live LoRAs whose id starts with `prefix` (literally: `%` and `_` are not wildcards),
     /// by id.
     async fn list_loras(&self, prefix: &str) -> Result<Vec<Lora>>;

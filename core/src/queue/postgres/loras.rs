@@ -171,6 +171,18 @@ impl LoraStore for PgStore {
         row.as_ref().map(lora_from_row).transpose()
     }
 
+    async fn lora_by_adapter_name(&self, name: &str) -> Result<Option<Lora>> {
+        // The same expression as the index `loras_adapter_name`.
+        let row = sqlx::query(
+            "select * from loras where replace(lora_id, '/', '-') = $1 and deleted_at is null
+             order by lora_id limit 1",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(lora_from_row).transpose()
+    }
+
     async fn list_loras(&self, prefix: &str) -> Result<Vec<Lora>> {
         let rows = sqlx::query(
             "select * from loras where deleted_at is null and starts_with(lora_id, $1)

@@ -189,6 +189,18 @@ impl LoraStore for SqliteStore {
         row.as_ref().map(lora_from_row).transpose()
     }
 
+    async fn lora_by_adapter_name(&self, name: &str) -> Result<Option<Lora>> {
+        // The same expression as the index `loras_adapter_name`.
+        let row = sqlx::query(
+            "select * from loras where replace(lora_id, '/', '-') = ? and deleted_at is null
+             order by lora_id limit 1",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(lora_from_row).transpose()
+    }
+
     async fn list_loras(&self, prefix: &str) -> Result<Vec<Lora>> {
         let rows = sqlx::query(
             "select * from loras where deleted_at is null and substr(lora_id, 1, length(?1)) = ?1

@@ -1,0 +1,131 @@
+//! CLaaS clients name a LoRA by its vLLM adapter name (`eval/no_emoji` → `eval-no_emoji`),
+//! with or without `-latest`, everywhere they name one: score, chat, feedback, versions.
+//! Against the fake vLLM, on a real socket, as CLaaS's eval harness and OpenClaw plugin call.
+
+mod common;
+
+use std::time::Duration;
+
+use claas_api::upstream::Upstream;
+use claas_api::AppState;
+use claas_core::testing::{TestDb, TEST_BASE_MODEL};
+use claas_core::types::NewLora;
+use claas_fake_vllm::{FakeVllm, Options};
+use serde_json::{json, Value};
+
+async fn make_lora(db: &TestDb, lora_id: &str) {
+    let dir = std::env::temp_dir().join(format!("claas-names-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        json!({"r": 8, "lora_alpha": 16, "peft_type": "LORA"}).to_string(),
+    )
+    .expect("config");
+    db.store
+        .create_lora(&NewLora {
+            lora_id: lora_id.into(),
+            base_model: TEST_BASE_MODEL.into(),
+            rank: 8,
+            alpha: 16.0,
+            target_modules: vec!["q_proj".into()],
+            initial_uri: format!("file://{}", dir.display()),
+            initial_sha256: String::new(),
+        })
+        .await
+        .expect("lora");
+}
+
+async fn send(
+    http: &reqwest::Client,
+    url: String,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = match body {
+        Some(b) => http.post(url).json(&b),
+        None => http.get(url),
+    };
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let r = req.send().await.expect("API answers");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn claas_clients_reach_loras_by_their_vllm_adapter_names() {
+    let fake = FakeVllm::start(Options {
+        served_model_name: TEST_BASE_MODEL.into(),
+        ..Options::default()
+    })
+    .await;
+    let db = TestDb::sqlite().await;
+    make_lora(&db, "eval/no_emoji").await;
+    make_lora(&db, "openclaw/assistant").await;
+    let state = AppState::new(db.store.clone(), common::options("names")).with_upstream(Some(
+        Upstream::new(&fake.url, None, Duration::from_secs(30)),
+    ));
+    let api = common::serve(state).await;
+    let http = reqwest::Client::new();
+    let at = |path: &str| format!("{api}{path}");
+    let messages =
+        json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]);
+
+    // The eval harness's first metric: score under the adapter name.
+    let score = json!({"model": "eval-no_emoji", "messages": messages, "completion": "Hello"});
+    let (status, body) = send(&http, at("/v1/score"), None, Some(score)).await;
+    assert_eq!(status, 200, "score by adapter name: {body}");
+    // Chat, then feedback on that answer, both by adapter name: the job is the LoRA's.
+    let chat = json!({"model": "eval-no_emoji", "messages": messages});
+    let (status, answer) = send(&http, at("/v1/chat/completions"), None, Some(chat)).await;
+    assert_eq!(status, 200, "{answer}");
+    let text = answer["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("text")
+        .to_owned();
+    let feedback = json!({"requests": [{"lora_id": "eval-no_emoji", "prompt": "Hi",
+        "response": text, "feedback": "no emoji"}]});
+    let (status, job) = send(&http, at("/v1/feedback"), None, Some(feedback)).await;
+    assert_eq!(status, 202, "{job}");
+    let job_id = job["job_id"].as_str().expect("job id");
+    let (_, job) = send(&http, at(&format!("/v1/jobs/{job_id}")), None, None).await;
+    assert_eq!(job["lora_id"], "eval/no_emoji");
+    let (status, versions) = send(&http, at("/v1/lora/eval-no_emoji/versions"), None, None).await;
+    assert_eq!(status, 200, "{versions}");
+    // OpenClaw's plugin: the adapter name with CLaaS's -latest alias.
+    let chat = json!({"model": "openclaw-assistant-latest", "messages": messages});
+    let (status, body) = send(&http, at("/v1/chat/completions"), None, Some(chat)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["model"], "openclaw/assistant", "{body}");
+
+    // One name, one LoRA: a new id whose adapter name is taken is refused, naming the other.
+    let (status, body) = send(
+        &http,
+        at("/v1/lora/init"),
+        None,
+        Some(json!({"lora_id": "eval-no_emoji"})),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "adapter_name_taken");
+    assert!(body.to_string().contains("eval/no_emoji"), "{body}");
+
+    // Tenancy holds through names: alice cannot reach eval/no_emoji as eval-no_emoji.
+    let (_, alice) = common::create_key(&db, "alice", &["alice"], false).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let chat = json!({"model": "eval-no_emoji", "messages": messages});
+    let (status, _) = send(&http, at("/v1/chat/completions"), Some(&alice), Some(chat)).await;
+    assert_eq!(status, 403);
+    let score = json!({"model": "eval-no_emoji", "messages": messages, "completion": "x"});
+    let (status, _) = send(&http, at("/v1/score"), Some(&alice), Some(score)).await;
+    assert_eq!(status, 403);
+    let (status, _) = send(
+        &http,
+        at("/v1/lora/eval-no_emoji/versions"),
+        Some(&alice),
+        None,
+    )
+    .await;
+    assert_eq!(status, 403);
+}
