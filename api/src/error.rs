@@ -180,7 +180,9 @@ impl IntoResponse for ApiError {
         {
             obj.extend(extra);
         }
-        let mut resp = (self.status, Json(serde_json::json!({ "error": error }))).into_response();
+        // `detail` is what CLaaS (FastAPI) answers errors with; its clients read it.
+        let body = serde_json::json!({ "error": error, "detail": self.message });
+        let mut resp = (self.status, Json(body)).into_response();
         if let Some(s) = self.retry_after {
             resp.headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, s.into());
@@ -293,6 +295,8 @@ where
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
+    /// The message again, where CLaaS (FastAPI) puts it, for CLaaS's clients.
+    pub detail: String,
 }
 
 /// One error: a stable code, a human message, and where a job failed, which one.

@@ -104,6 +104,8 @@ fn assert_error(status: StatusCode, body: &Value, want: StatusCode, needle: &str
         msg.contains(needle),
         "message {msg:?} should contain {needle:?}"
     );
+    // CLaaS clients read FastAPI's `detail`: the same message beside our envelope.
+    assert_eq!(body["detail"].as_str(), Some(msg), "CLaaS's detail: {body}");
 }
 
 /// Runs an in-process worker with the simulated executor until the returned sender fires.

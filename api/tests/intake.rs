@@ -97,3 +97,25 @@ async fn a_sample_the_trainer_would_refuse_is_a_422_naming_it(db: &TestDb) {
     assert_eq!(status, StatusCode::ACCEPTED, "{message}");
     let _ = std::fs::remove_dir_all(&base);
 }
+
+#[tokio::test]
+async fn unknown_training_fields_are_ignored_as_claas_does() {
+    let db = TestDb::sqlite().await;
+    db.store.create_lora(&lora("a")).await.expect("lora");
+    let app = router(AppState::new(db.store.clone(), common::options("intake")));
+    let mut body = inline("a", json!([1, 2]), json!([3]));
+    body["requests"] = json!([body["requests"][1].clone()]);
+    body["requests"][0]["training"] = json!({"learning_rate": 1e-5, "a_future_knob": 3});
+    let (status, message) = post(&app, &body).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{message}");
+    let claimed = common::claim_one(&db.store, claas_core::testing::TEST_BASE_MODEL).await;
+    assert_eq!(
+        claimed.payload.training.learning_rate, 1e-5,
+        "the known field is kept"
+    );
+    // A known field out of range is still refused.
+    body["requests"][0]["training"] = json!({"alpha": 7, "a_future_knob": 3});
+    let (status, _) = post(&app, &body).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    db.cleanup().await;
+}
