@@ -196,6 +196,27 @@ async fn contract(db: &TestDb) {
         .collect();
     names.sort();
     assert_eq!(names, ["adapter_config.json", "adapter_model.safetensors"]);
+    // On request, the AdamW moments too (CLaaS's export can carry them).
+    let resp = app
+        .clone()
+        .oneshot(
+            Request::get("/v1/lora/export?lora_id=u/a&version=1&include_optimizer=true")
+                .body(Body::empty())
+                .expect("req"),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let with = resp.into_body().collect().await.expect("body").to_bytes();
+    let with = zip::ZipArchive::new(std::io::Cursor::new(with.to_vec())).expect("zip");
+    let names: Vec<String> = with
+        .file_names()
+        .map(|n| n.map(|n| n.to_string()).expect("entry name"))
+        .collect();
+    assert!(
+        names.iter().any(|n| n == "optimizer_state.safetensors"),
+        "{names:?}"
+    );
     let mut weights = Vec::new();
     std::io::Read::read_to_end(
         &mut archive.by_name("adapter_model.safetensors").expect("entry"),

@@ -476,10 +476,16 @@ pub struct ExportQuery {
     pub lora_id: String,
     /// Default: the current version.
     pub version: Option<i32>,
+    /// Also the AdamW moments (`optimizer_state.safetensors`), when the version has them
+    /// (a version a worker trained does; version 0 starts from zero moments). Default false.
+    #[serde(default)]
+    pub include_optimizer: bool,
 }
 
-/// The files of a version that make a PEFT adapter (the optimizer state stays behind).
+/// The files of a version that make a PEFT adapter.
 const PEFT_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
+/// The optimizer state beside them, exported on request.
+const OPTIMIZER_FILE: &str = "optimizer_state.safetensors";
 
 /// `GET /v1/lora/export?lora_id=&version=`: a zip of the version's PEFT files, streamed,
 /// after checking the weights against the sha256 recorded at publish.
@@ -489,7 +495,7 @@ const PEFT_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors
     tag = "lora",
     params(ExportQuery),
     responses(
-        (status = 200, description = "A zip of adapter_config.json and adapter_model.safetensors", content_type = "application/zip", body = Vec<u8>),
+        (status = 200, description = "A zip of adapter_config.json and adapter_model.safetensors (and optimizer_state.safetensors with include_optimizer=true)", content_type = "application/zip", body = Vec<u8>),
         (status = 500, body = ErrorBody, description = "The stored files do not match their recorded sha256"),
         Errors,
     )
@@ -529,7 +535,11 @@ pub async fn export(
         )));
     }
     let expected = record.sha256.clone();
-    let file = tokio::task::spawn_blocking(move || write_zip(&dir, &expected))
+    let mut files = PEFT_FILES.to_vec();
+    if q.include_optimizer && dir.join(OPTIMIZER_FILE).is_file() {
+        files.push(OPTIMIZER_FILE);
+    }
+    let file = tokio::task::spawn_blocking(move || write_zip(&dir, &expected, &files))
         .await
         .map_err(|e| ApiError::internal(format!("export: {e}")))??;
     let name = format!("{}-v{version}.zip", q.lora_id.replace('/', "__"));
@@ -563,9 +573,9 @@ pub async fn export(
         .into_response())
 }
 
-/// Zips the PEFT files of `dir` into an anonymous temporary file (unlinked at once) after
-/// checking the weights' sha256 against `expected` (when one was recorded).
-fn write_zip(dir: &std::path::Path, expected: &str) -> ApiResult<std::fs::File> {
+/// Zips `files` of `dir` into an anonymous temporary file (unlinked at once) after checking
+/// the weights' sha256 against `expected` (when one was recorded).
+fn write_zip(dir: &std::path::Path, expected: &str, files: &[&str]) -> ApiResult<std::fs::File> {
     use std::io::Seek;
     let io = |e: std::io::Error| ApiError::internal(format!("export: {e}"));
     if !expected.is_empty() {
@@ -591,7 +601,7 @@ fn write_zip(dir: &std::path::Path, expected: &str) -> ApiResult<std::fs::File> 
     let opts = zip::write::SimpleFileOptions::default()
         .compression_method(zip::CompressionMethod::Stored)
         .large_file(true);
-    for name in PEFT_FILES {
+    for &name in files {
         // Copied through a buffer, never read whole: weights can be hundreds of MB.
         let mut source = std::fs::File::open(dir.join(name)).map_err(io)?;
         zip.start_file(name, opts)
