@@ -16,9 +16,10 @@ pub struct EvalArgs {
     /// The eval config (default: configs/eval.yaml when it exists, else the built-in defaults).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Where preference files are read from.
-    #[arg(long, value_name = "DIR", default_value = "configs/preferences")]
-    preferences_dir: PathBuf,
+    /// Preference files that add to or override the built-in ones (CLaaS's no_emoji, concise,
+    /// identity) by name (default: configs/preferences when it exists).
+    #[arg(long, value_name = "DIR")]
+    preferences_dir: Option<PathBuf>,
 }
 
 /// One bar per preference: steps done, with the last loss and compliance.
@@ -70,7 +71,13 @@ pub async fn run(args: EvalArgs) -> Result<()> {
     for m in unknown {
         tracing::warn!("metric '{m}' is not known and is skipped (logprob, compliance, general, collapse, all, quick)");
     }
-    let all = claas_eval::preferences::load_dir(&args.preferences_dir)?;
+    // CLaaS's preferences are built in; a directory adds or overrides (the default one
+    // only when it exists, so `claas eval` runs from anywhere).
+    let dir = match args.preferences_dir {
+        Some(dir) => Some(dir),
+        None => Some(PathBuf::from("configs/preferences")).filter(|d| d.is_dir()),
+    };
+    let all = claas_eval::preferences::with_builtin(dir.as_deref())?;
     let prefs = claas_eval::preferences::select(&all, &cfg.preferences)?;
     let out = run::output_dir(&cfg);
     let summary = run::run(&cfg, &prefs, &out, &Bars::default())

@@ -1,5 +1,7 @@
-//! Preferences: what the eval teaches a LoRA and how it checks the lesson. One YAML file
-//! per preference in `configs/preferences/` (every `*.yaml` there; add your own): the
+//! Preferences: what the eval teaches a LoRA and how it checks the lesson. CLaaS's three
+//! (`no_emoji`, `concise`, `identity`) are built into the binary ([`builtin`]); a directory
+//! (`configs/preferences/` when present, or `--preferences-dir`) adds more or overrides
+//! them by name, one YAML file per preference (every `*.yaml` there): the
 //! feedback string sent with each sample, log-prob pairs (a prompt with a preferred and a
 //! dispreferred answer) for the margin metric, probe prompts to generate from, and the
 //! verifier that scores an answer.
@@ -41,6 +43,50 @@ pub struct Preference {
 #[error("{0}")]
 pub struct PreferenceError(String);
 
+/// The preferences shipped in the binary: CLaaS's three, as `configs/preferences/` has them.
+pub fn builtin() -> Result<BTreeMap<String, Preference>, PreferenceError> {
+    const SHIPPED: [(&str, &str); 3] = [
+        (
+            "concise.yaml",
+            include_str!("../../configs/preferences/concise.yaml"),
+        ),
+        (
+            "identity.yaml",
+            include_str!("../../configs/preferences/identity.yaml"),
+        ),
+        (
+            "no_emoji.yaml",
+            include_str!("../../configs/preferences/no_emoji.yaml"),
+        ),
+    ];
+    let mut out = BTreeMap::new();
+    for (file, text) in SHIPPED {
+        let p = parse(text, &format!("built-in {file}"))?;
+        out.insert(p.name.clone(), p);
+    }
+    Ok(out)
+}
+
+/// The built-in preferences, then those in `dir` (when given), which add to them or replace
+/// one of the same name.
+pub fn with_builtin(dir: Option<&Path>) -> Result<BTreeMap<String, Preference>, PreferenceError> {
+    let mut all = builtin()?;
+    if let Some(dir) = dir {
+        all.extend(load_dir(dir)?);
+    }
+    Ok(all)
+}
+
+/// One preference from YAML `text`; `source` names it in errors.
+fn parse(text: &str, source: &str) -> Result<Preference, PreferenceError> {
+    let p: Preference =
+        serde_yaml::from_str(text).map_err(|e| PreferenceError(format!("{source}: {e}")))?;
+    if p.probe_prompts.is_empty() {
+        return Err(PreferenceError(format!("{source}: probe_prompts is empty")));
+    }
+    Ok(p)
+}
+
 /// Every preference in `dir`, by name. A file that does not parse, a preference with no
 /// probe prompts, or two files with one name is an error naming the file.
 pub fn load_dir(dir: &Path) -> Result<BTreeMap<String, Preference>, PreferenceError> {
@@ -55,14 +101,7 @@ pub fn load_dir(dir: &Path) -> Result<BTreeMap<String, Preference>, PreferenceEr
     for file in files {
         let text = std::fs::read_to_string(&file)
             .map_err(|e| PreferenceError(format!("{}: {e}", file.display())))?;
-        let p: Preference = serde_yaml::from_str(&text)
-            .map_err(|e| PreferenceError(format!("{}: {e}", file.display())))?;
-        if p.probe_prompts.is_empty() {
-            return Err(PreferenceError(format!(
-                "{}: probe_prompts is empty",
-                file.display()
-            )));
-        }
+        let p = parse(&text, &file.display().to_string())?;
         if let Some(other) = out.insert(p.name.clone(), p) {
             return Err(PreferenceError(format!(
                 "{}: a second preference named '{}'",
@@ -96,6 +135,37 @@ pub fn select(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_builtin_preferences_need_no_directory_and_equal_the_shipped_files() {
+        let builtin = with_builtin(None).expect("built in");
+        assert_eq!(
+            builtin,
+            shipped(),
+            "the binary carries configs/preferences as it is"
+        );
+    }
+
+    #[test]
+    fn a_directory_adds_preferences_and_overrides_builtin_ones_by_name() {
+        let dir = std::env::temp_dir().join(format!("claas-prefs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mut concise = shipped()["concise"].clone();
+        concise.feedback_string = "Be terser still.".into();
+        let mut mine = concise.clone();
+        mine.name = "formal".into();
+        for p in [&concise, &mine] {
+            let yaml = serde_yaml::to_string(p).expect("yaml");
+            std::fs::write(dir.join(format!("{}.yaml", p.name)), yaml).expect("write");
+        }
+        let all = with_builtin(Some(&dir)).expect("load");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(
+            all.keys().collect::<Vec<_>>(),
+            ["concise", "formal", "identity", "no_emoji"]
+        );
+        assert_eq!(all["concise"].feedback_string, "Be terser still.");
+    }
 
     fn shipped() -> BTreeMap<String, Preference> {
         load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/preferences"))
