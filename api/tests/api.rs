@@ -355,6 +355,13 @@ async fn feedback_validation_matches_claas(db: &TestDb) {
             unprocessable,
             "sleep_level",
         ),
+        // Level 2 discards vLLM's weights, which vLLM with LoRA cannot reload: it would
+        // serve from garbage after the job. Refused, naming the level that works.
+        (
+            json!({"requests": [item("a", "x")], "orchestration": {"sleep_level": 2}}),
+            unprocessable,
+            "use sleep_level 1",
+        ),
     ];
     for (body, want, needle) in cases {
         let (status, answer) = call(&app, post("/v1/feedback", &body)).await;

@@ -258,7 +258,9 @@ pub struct Orchestration {
     pub sleep_before: bool,
     pub wake_after: bool,
     pub wake_on_failure: bool,
-    #[schema(minimum = 1, maximum = 2)]
+    /// vLLM's sleep level during training: 1 (weights offloaded to host memory). CLaaS's 2
+    /// is refused: it discards the weights, which vLLM with LoRA cannot reload.
+    #[schema(minimum = 1, maximum = 1)]
     pub sleep_level: u8,
 }
 

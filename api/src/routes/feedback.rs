@@ -327,10 +327,22 @@ async fn validate(
             )));
         }
     }
-    if !(1..=2).contains(&req.orchestration.sleep_level) {
-        return Err(ApiError::invalid(
-            "orchestration.sleep_level must be 1 or 2",
-        ));
+    match req.orchestration.sleep_level {
+        1 => {}
+        // Level 2 discards the weights; waking does not bring them back, and vLLM with
+        // LoRA enabled crashes reloading them (vllm-project/vllm#39934), so after the job
+        // it would answer from uninitialised memory.
+        2 => {
+            return Err(ApiError::invalid(
+                "orchestration.sleep_level 2 discards vLLM's weights, which vLLM cannot \
+                 reload with LoRA enabled (vllm-project/vllm#39934): use sleep_level 1",
+            ))
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "orchestration.sleep_level must be 1 (2 is refused: see the README)",
+            ))
+        }
     }
     validate_lora_id(&first.lora_id).map_err(|e| ApiError::invalid(e.to_string()))?;
     if req.requests.iter().any(|i| i.lora_id != first.lora_id) {
