@@ -107,6 +107,30 @@ impl ApiError {
         )
     }
 
+    /// 504: the answer did not start within the route's limit.
+    pub fn answer_timed_out(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            format!(
+                "the request did not finish within {} s (a dependency is slow; retry later)",
+                limit.as_secs_f64()
+            ),
+        )
+    }
+
+    /// 408: the request body did not arrive within `limit`.
+    pub fn body_timed_out(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} s (server.request_body_timeout_s)",
+                limit.as_secs_f64()
+            ),
+        )
+    }
+
     /// 429: this key created or overwrote its hourly share of LoRAs; retry after `wait_s`.
     pub fn too_many_lora_inits(wait_s: u64) -> Self {
         Self::new(
@@ -212,8 +236,14 @@ where
                 content_type.unwrap_or("none"),
             ));
         }
-        let bytes = axum::body::Bytes::from_request(req, state)
+        let limit = req
+            .extensions()
+            .get::<crate::timeouts::BodyDeadline>()
+            .map_or(std::time::Duration::from_secs(30), |d| d.0);
+        let read = axum::body::Bytes::from_request(req, state);
+        let bytes = tokio::time::timeout(limit, read)
             .await
+            .map_err(|_| ApiError::body_timed_out(limit))?
             .map_err(|rejection| {
                 if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                     ApiError::new(
@@ -330,6 +360,9 @@ pub enum Errors {
     Forbidden(ErrorBody),
     #[response(status = 404)]
     NotFound(ErrorBody),
+    /// The body did not arrive within `server.request_body_timeout_s`.
+    #[response(status = 408)]
+    RequestTimeout(ErrorBody),
     /// The body is over `server.max_body_bytes`.
     #[response(status = 413)]
     PayloadTooLarge(ErrorBody),
@@ -342,4 +375,7 @@ pub enum Errors {
     /// The queue database is unreachable; retry.
     #[response(status = 503)]
     Unavailable(ErrorBody),
+    /// The answer did not start within the route's time limit (a dependency is slow).
+    #[response(status = 504)]
+    Timeout(ErrorBody),
 }

@@ -11,6 +11,7 @@ pub mod open_guard;
 pub mod openapi;
 pub mod rate;
 pub mod routes;
+pub mod timeouts;
 /// Kept at its old path for the API's handlers and tests.
 pub use claas_core::thinking;
 pub mod upstream;
@@ -92,6 +93,8 @@ pub struct AppState {
     pub max_seq_len: usize,
     /// LoRAs one API key may create or overwrite per hour.
     pub lora_inits: Arc<rate::WindowLimit>,
+    /// How long a request may take, by route class.
+    pub timeouts: timeouts::Timeouts,
 }
 
 /// LoRAs one key may create or overwrite per hour by default.
@@ -143,7 +146,14 @@ impl AppState {
                 DEFAULT_LORA_INITS_PER_HOUR,
                 Duration::from_secs(3600),
             )),
+            timeouts: timeouts::Timeouts::default(),
         }
+    }
+
+    /// How long requests may take (see [`timeouts`]).
+    pub fn with_timeouts(mut self, t: timeouts::Timeouts) -> AppState {
+        self.timeouts = t;
+        self
     }
 
     /// At most `n` LoRA creations or overwrites per API key per hour (0: no limit).
@@ -237,7 +247,12 @@ impl AppState {
             .with_auth(auth::Auth::from_config(&cfg.server))
             .with_max_waiting(cfg.server.max_waiting_feedback)
             .with_max_seq_len(cfg.trainer.max_seq_len)
-            .with_max_lora_inits_per_hour(cfg.server.max_lora_inits_per_key_per_hour))
+            .with_max_lora_inits_per_hour(cfg.server.max_lora_inits_per_key_per_hour)
+            .with_timeouts(timeouts::Timeouts {
+                default: Duration::from_secs_f64(cfg.server.request_timeout_s),
+                body: Duration::from_secs_f64(cfg.server.request_body_timeout_s),
+                max_wait: Duration::from_secs(cfg.server.feedback_max_wait_s),
+            }))
     }
 }
 
@@ -282,6 +297,11 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
+        ))
+        // Outside authentication: a database that stops answering its key lookup counts.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            timeouts::deadline,
         ))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(state);

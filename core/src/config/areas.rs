@@ -56,6 +56,19 @@ pub struct ServerConfig {
     /// Env `CLAAS_MAX_LORA_INITS_PER_KEY_PER_HOUR`.
     #[serde(default = "default_lora_inits")]
     pub max_lora_inits_per_key_per_hour: usize,
+    /// Seconds a request may take to start its answer, for routes without a class of their
+    /// own (feedback and deletion wait `feedback_max_wait_s` + 30; inference and adapter
+    /// transfers 600); past it, 504. Default 30. Env `CLAAS_REQUEST_TIMEOUT_S`.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_s: f64,
+    /// Seconds a request body may take to arrive; past it, 408. Default 30.
+    /// Env `CLAAS_REQUEST_BODY_TIMEOUT_S`.
+    #[serde(default = "default_request_timeout")]
+    pub request_body_timeout_s: f64,
+}
+
+fn default_request_timeout() -> f64 {
+    30.0
 }
 
 fn default_lora_inits() -> usize {

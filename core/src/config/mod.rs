@@ -75,6 +75,11 @@ pub const ENV_NAMES: &[(&str, &str)] = &[
         "CLAAS_MAX_LORA_INITS_PER_KEY_PER_HOUR",
         "server.max_lora_inits_per_key_per_hour",
     ),
+    ("CLAAS_REQUEST_TIMEOUT_S", "server.request_timeout_s"),
+    (
+        "CLAAS_REQUEST_BODY_TIMEOUT_S",
+        "server.request_body_timeout_s",
+    ),
     ("CLAAS_METRICS_TOKEN", "server.metrics_token"),
     ("CLAAS_SESSION_SECRET", "server.session_secret"),
     (
@@ -165,6 +170,8 @@ impl Default for Config {
                 allowed_hosts: vec![],
                 max_waiting_feedback: 10_000,
                 max_lora_inits_per_key_per_hour: 100,
+                request_timeout_s: 30.0,
+                request_body_timeout_s: 30.0,
             },
             database: DatabaseConfig {
                 url: "postgres://postgres@localhost/claas".into(),
