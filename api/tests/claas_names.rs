@@ -9,31 +9,8 @@ use std::time::Duration;
 use claas_api::upstream::Upstream;
 use claas_api::AppState;
 use claas_core::testing::{TestDb, TEST_BASE_MODEL};
-use claas_core::types::NewLora;
 use claas_fake_vllm::{FakeVllm, Options};
 use serde_json::{json, Value};
-
-async fn make_lora(db: &TestDb, lora_id: &str) {
-    let dir = std::env::temp_dir().join(format!("claas-names-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    std::fs::write(
-        dir.join("adapter_config.json"),
-        json!({"r": 8, "lora_alpha": 16, "peft_type": "LORA"}).to_string(),
-    )
-    .expect("config");
-    db.store
-        .create_lora(&NewLora {
-            lora_id: lora_id.into(),
-            base_model: TEST_BASE_MODEL.into(),
-            rank: 8,
-            alpha: 16.0,
-            target_modules: vec!["q_proj".into()],
-            initial_uri: format!("file://{}", dir.display()),
-            initial_sha256: String::new(),
-        })
-        .await
-        .expect("lora");
-}
 
 async fn send(
     http: &reqwest::Client,
@@ -61,8 +38,8 @@ async fn claas_clients_reach_loras_by_their_vllm_adapter_names() {
     })
     .await;
     let db = TestDb::sqlite().await;
-    make_lora(&db, "eval/no_emoji").await;
-    make_lora(&db, "openclaw/assistant").await;
+    common::local_lora(&db.store, "eval/no_emoji", 8).await;
+    common::local_lora(&db.store, "openclaw/assistant", 8).await;
     let state = AppState::new(db.store.clone(), common::options("names")).with_upstream(Some(
         Upstream::new(&fake.url, None, Duration::from_secs(30)),
     ));

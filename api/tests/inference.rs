@@ -12,7 +12,7 @@ use claas_api::upstream::{Backends, Upstream};
 use claas_api::{ApiOptions, AppState};
 use claas_core::queue::ClaimRequest;
 use claas_core::testing::{TestDb, TEST_BASE_MODEL};
-use claas_core::types::{NewLora, WorkerInfo, WorkerState};
+use claas_core::types::{WorkerInfo, WorkerState};
 use claas_fake_vllm::{decode, encode, logprob, FakeVllm, Options, IM_END};
 use serde_json::{json, Value};
 
@@ -379,27 +379,7 @@ async fn an_older_vllm_without_token_ids_is_retokenised_and_aligned() {
 }
 
 async fn make_lora(env: &Env, lora_id: &str, rank: u32) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("claas-inference-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    std::fs::write(
-        dir.join("adapter_config.json"),
-        json!({"r": rank, "lora_alpha": 16, "peft_type": "LORA"}).to_string(),
-    )
-    .expect("config");
-    env.db
-        .store
-        .create_lora(&NewLora {
-            lora_id: lora_id.into(),
-            base_model: TEST_BASE_MODEL.into(),
-            rank: rank as i32,
-            alpha: 16.0,
-            target_modules: vec!["q_proj".into()],
-            initial_uri: format!("file://{}", dir.display()),
-            initial_sha256: String::new(),
-        })
-        .await
-        .expect("lora");
-    dir
+    common::local_lora(&env.db.store, lora_id, rank).await
 }
 
 #[tokio::test]

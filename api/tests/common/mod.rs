@@ -87,3 +87,33 @@ pub async fn create_key(
         .expect("key");
     (id, secret)
 }
+
+/// Registers LoRA `lora_id` on the test base model with version 0 in a fresh local
+/// directory holding only its `adapter_config.json` (what the proxy needs to load it into
+/// a fake vLLM); returns that directory.
+pub async fn local_lora(
+    store: &claas_core::queue::SharedStore,
+    lora_id: &str,
+    rank: u32,
+) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("claas-lora-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        serde_json::json!({"r": rank, "lora_alpha": 16, "peft_type": "LORA"}).to_string(),
+    )
+    .expect("config");
+    store
+        .create_lora(&claas_core::types::NewLora {
+            lora_id: lora_id.into(),
+            base_model: TEST_BASE_MODEL.into(),
+            rank: rank as i32,
+            alpha: 16.0,
+            target_modules: vec!["q_proj".into()],
+            initial_uri: format!("file://{}", dir.display()),
+            initial_sha256: String::new(),
+        })
+        .await
+        .expect("lora");
+    dir
+}
