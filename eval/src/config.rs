@@ -107,6 +107,7 @@ impl EvalConfig {
                 .map_err(|e| invalid(format!("override '{o}': the value is not YAML: {e}")))?;
             fig = fig.merge(Serialized::default(key, value));
         }
+        check_training_keys(&fig)?;
         let cfg: EvalConfig = fig.extract().map_err(|e| invalid(describe(&e)))?;
         cfg.validate()?;
         Ok(cfg)
@@ -187,6 +188,22 @@ impl EvalConfig {
             out.replace_range(start..start + len + 1, &stamp);
         }
         out
+    }
+}
+
+/// The eval's `training` keys are checked strictly: the API ignores unknown training fields
+/// (as CLaaS does, for clients newer than it), but a typo on this command line is the user's
+/// own and should say so.
+fn check_training_keys(fig: &Figment) -> Result<(), ConfigError> {
+    let Ok(figment::value::Value::Dict(_, given)) = fig.find_value("training") else {
+        return Ok(());
+    };
+    let known = serde_json::to_value(TrainingConfig::default()).unwrap_or_default();
+    match given.keys().find(|k| known.get(k.as_str()).is_none()) {
+        Some(k) => Err(invalid(format!(
+            "unknown key 'training.{k}' (see configs/eval.yaml for every key)"
+        ))),
+        None => Ok(()),
     }
 }
 
