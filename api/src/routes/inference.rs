@@ -305,8 +305,19 @@ pub(super) struct ChatCtx {
     pub(super) system: String,
 }
 
-/// The body's `model` as the LoRA it names (an adapter name or `-latest` alias resolved,
-/// see [`crate::routes::lora_versions::resolve_alias`]), checked against the caller.
+/// The LoRA (or base model) `model` names, an adapter name or `-latest` alias resolved
+/// (see [`crate::routes::lora_versions::resolve_alias`]), checked against the caller.
+async fn model_for(state: &AppState, caller: &Caller, model: &str) -> ApiResult<String> {
+    let resolved = if model.is_empty() {
+        String::new()
+    } else {
+        crate::routes::lora_versions::resolve_alias(state, model).await?
+    };
+    check_model(state, caller, &resolved)?;
+    Ok(resolved)
+}
+
+/// The body's `model`, if any, replaced by [`model_for`]'s answer.
 async fn resolve_model(
     state: &AppState,
     caller: &Caller,
@@ -315,8 +326,7 @@ async fn resolve_model(
     let Some(model) = body.get("model").and_then(Value::as_str).map(str::to_owned) else {
         return Ok(());
     };
-    let resolved = crate::routes::lora_versions::resolve_alias(state, &model).await?;
-    check_model(state, caller, &resolved)?;
+    let resolved = model_for(state, caller, &model).await?;
     body.insert("model".into(), Value::String(resolved));
     Ok(())
 }
@@ -563,10 +573,7 @@ pub async fn score(
     caller: Caller,
     JsonBody(mut req, _): JsonBody<ScoreRequest>,
 ) -> ApiResult<Response> {
-    if !req.model.is_empty() {
-        req.model = crate::routes::lora_versions::resolve_alias(&state, &req.model).await?;
-    }
-    check_model(&state, &caller, &req.model)?;
+    req.model = model_for(&state, &caller, &req.model).await?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages must not be empty"));
     }

@@ -113,7 +113,9 @@ pub async fn list(
     if let Some(id) = &q.lora_id {
         caller.check(id)?;
     }
-    let mut jobs = state
+    // The store limits the rows to the caller's prefixes by whole path segments
+    // (`types::prefix_covers`), before the limit, so every page is full.
+    let jobs = state
         .store
         .list_jobs(&JobFilter {
             lora_id: q.lora_id,
@@ -125,8 +127,6 @@ pub async fn list(
             limit,
         })
         .await?;
-    // The store filters by plain prefix; a key's prefix covers whole path segments.
-    jobs.retain(|j| caller.covers(&j.lora_id));
     let next_cursor = (jobs.len() as i64 == limit)
         .then(|| jobs.last().map(|j| j.id))
         .flatten();
