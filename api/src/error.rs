@@ -256,7 +256,12 @@ where
                 }
             })?;
         let mut de = serde_json::Deserializer::from_slice(&bytes);
-        let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        // Fields a body type does not know (and does not refuse) are dropped, as CLaaS
+        // (pydantic) drops them, and named in the log.
+        let mut ignored = Vec::new();
+        let mut note = |path: serde_ignored::Path<'_>| ignored.push(path.to_string());
+        let de = serde_ignored::Deserializer::new(&mut de, &mut note);
+        let value = serde_path_to_error::deserialize(de).map_err(|e| {
             let inner = e.inner();
             let path = e.path().to_string();
             if inner.is_syntax() || inner.is_eof() {
@@ -267,6 +272,9 @@ where
                 ApiError::invalid(format!("invalid request body at {path}: {inner}"))
             }
         })?;
+        if !ignored.is_empty() {
+            tracing::info!(fields = ?ignored, "request fields this API does not use are ignored");
+        }
         Ok(JsonBody(value, bytes))
     }
 }

@@ -139,7 +139,7 @@ impl std::str::FromStr for Phase {
 ///
 /// Fields this trainer does not know are dropped with a log line, as CLaaS (pydantic) does.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(default, from = "TrainingConfigWire")]
+#[serde(default)]
 pub struct TrainingConfig {
     #[schema(exclusive_minimum = 0.0, example = 3e-5)]
     pub learning_rate: f64,
@@ -153,62 +153,6 @@ pub struct TrainingConfig {
     pub kl_reg_weight: f64,
     #[schema(minimum = 10, maximum = 100, example = 100)]
     pub teacher_top_k: u32,
-}
-
-/// [`TrainingConfig`] as it arrives, with whatever else the client sent.
-#[derive(Deserialize)]
-struct TrainingConfigWire {
-    #[serde(flatten)]
-    known: TrainingConfigFields,
-    #[serde(flatten)]
-    unknown: std::collections::BTreeMap<String, serde_json::Value>,
-}
-
-/// The fields of [`TrainingConfig`], each defaulting on its own.
-#[derive(Deserialize)]
-#[serde(default)]
-struct TrainingConfigFields {
-    learning_rate: f64,
-    alpha: f64,
-    is_clip: f64,
-    max_grad_norm: f64,
-    kl_reg_weight: f64,
-    teacher_top_k: u32,
-}
-
-impl Default for TrainingConfigFields {
-    fn default() -> Self {
-        let d = TrainingConfig::default();
-        TrainingConfigFields {
-            learning_rate: d.learning_rate,
-            alpha: d.alpha,
-            is_clip: d.is_clip,
-            max_grad_norm: d.max_grad_norm,
-            kl_reg_weight: d.kl_reg_weight,
-            teacher_top_k: d.teacher_top_k,
-        }
-    }
-}
-
-impl From<TrainingConfigWire> for TrainingConfig {
-    fn from(w: TrainingConfigWire) -> Self {
-        if !w.unknown.is_empty() {
-            let fields: Vec<&String> = w.unknown.keys().collect();
-            tracing::info!(
-                ?fields,
-                "training fields this trainer does not use are ignored"
-            );
-        }
-        let k = w.known;
-        TrainingConfig {
-            learning_rate: k.learning_rate,
-            alpha: k.alpha,
-            is_clip: k.is_clip,
-            max_grad_norm: k.max_grad_norm,
-            kl_reg_weight: k.kl_reg_weight,
-            teacher_top_k: k.teacher_top_k,
-        }
-    }
 }
 
 impl Default for TrainingConfig {
