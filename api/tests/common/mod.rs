@@ -117,3 +117,11 @@ pub async fn local_lora(
         .expect("lora");
     dir
 }
+
+/// A one-item feedback batch for `lora_id` with its rollout inline (no cache lookup).
+pub fn inline_feedback(lora_id: &str) -> Value {
+    serde_json::json!({"requests": [{
+        "lora_id": lora_id, "prompt": "p", "response": "r", "feedback": "f",
+        "prompt_token_ids": [1, 2], "response_token_ids": [3], "response_logprobs": [-0.5],
+        "system_prompt": "s"}]})
+}
