@@ -293,3 +293,61 @@ async fn sigterm_hands_the_job_back_within_the_grace_period() {
     drop(w);
     db.cleanup().await;
 }
+
+/// The stalled-writer race: a worker frozen in the middle of saving a version (SIGSTOP)
+/// loses its lease, another worker trains and publishes that version, then the first
+/// thaws and its save runs to the end. The published version's files stay what was
+/// recorded: the late save lands beside them, its publish is refused, and it removes what
+/// it wrote (or retention does, if it dies first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_frozen_mid_save_never_changes_a_published_version() {
+    let db = TestDb::postgres().await;
+    db.store.create_lora(&lora("team/a")).await.expect("lora");
+    let adapters =
+        std::env::temp_dir().join(format!("claas-e2e-{}", uuid::Uuid::new_v4().simple()));
+    // The simulated save spends its phase time between writing and renaming, in a
+    // blocking thread that outlives the lease, as the trainer's save does.
+    let mut slow = worker_env(&db.url, "w1", &adapters);
+    slow.push(("CLAAS_SIMULATED_STEP_MS".into(), "1500".into()));
+    let mut w1 = spawn("w1", &["worker"], &slow);
+    let job = claas_core::testing::job("team/a", 1);
+    db.store.enqueue(&job).await.expect("enqueue");
+    job_of(&db.store, "w1", &[Phase::Publish]).await;
+    w1.signal("STOP");
+
+    let mut w2 = spawn("w2", &["worker"], &worker_env(&db.url, "w2", &adapters));
+    let done = eventually(
+        Duration::from_secs(60),
+        "w2 to train and publish the job",
+        || async {
+            let j = db.store.get_job(job.id).await.expect("get")?;
+            j.status.is_terminal().then_some(j)
+        },
+    )
+    .await;
+    assert_eq!(done.status, JobStatus::Succeeded, "{:?}", done.error);
+    w1.signal("CONT");
+    eventually(
+        Duration::from_secs(20),
+        "the thawed w1 to notice its lost lease",
+        || async {
+            let log = w1.log_text();
+            (log.contains("lease lost") || log.contains("LeaseLost")).then_some(())
+        },
+    )
+    .await;
+
+    let versions = db.store.lora_versions("team/a").await.expect("versions");
+    assert_eq!(versions.len(), 2, "one version trained: {versions:?}");
+    let v1 = &versions[1];
+    let path = claas_core::types::local_path(&v1.storage_uri).expect("local");
+    assert_eq!(
+        claas_trainer::storage::sha256_file(&path).expect("the published file"),
+        v1.sha256,
+        "the published version is what was recorded, not the late writer's"
+    );
+    assert!(w1.is_running() && w2.is_running());
+    drop((w1, w2));
+    let _ = std::fs::remove_dir_all(&adapters);
+    db.cleanup().await;
+}

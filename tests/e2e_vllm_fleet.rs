@@ -95,16 +95,25 @@ async fn chat_traffic_never_errors_while_a_node_trains_and_every_node_serves_the
         "{}",
         r.text().await.unwrap_or_default()
     );
+    // Where a version is stored, as recorded (under `adapters`).
     let version_dir = |v: i32| {
-        adapters
-            .join(LORA)
-            .join(format!("v{v}"))
-            .display()
-            .to_string()
+        let store = db.store.clone();
+        async move {
+            let versions = store.lora_versions(LORA).await.expect("versions");
+            let uri = versions
+                .iter()
+                .find(|x| x.version == v)
+                .map(|x| x.storage_uri.clone())
+                .unwrap_or_default();
+            let dir = claas_core::types::local_path(&uri).expect("a local version");
+            dir.display().to_string()
+        }
     };
     // Init wrote version 0 and loaded it into every vLLM.
+    let v0 = version_dir(0).await;
+    assert!(v0.starts_with(&adapters.display().to_string()), "{v0}");
     for f in &fakes {
-        assert_eq!(f.loras(), vec![(LORA.to_string(), version_dir(0))]);
+        assert_eq!(f.loras(), vec![(LORA.to_string(), v0.clone())]);
     }
     eventually(Duration::from_secs(30), "node0's worker registered", || {
         let store = db.store.clone();
@@ -199,7 +208,7 @@ async fn chat_traffic_never_errors_while_a_node_trains_and_every_node_serves_the
     assert_eq!(status, 200, "the job trained and was served: {body}");
 
     // The node that did not train swaps to version 1 by itself.
-    let want = vec![(LORA.to_string(), version_dir(1))];
+    let want = vec![(LORA.to_string(), version_dir(1).await)];
     for f in &fakes {
         eventually(
             Duration::from_secs(15),

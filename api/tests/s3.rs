@@ -1,10 +1,12 @@
 //! Adapters in an S3-compatible store (moto's server, started here): the API and a worker
 //! on different "nodes" (separate local caches) share versions only through the bucket.
 //! Init publishes version 0, the worker trains from it and publishes version 1, the API
-//! exports version 1 it never wrote, and a delete removes the objects.
+//! exports version 1 it never wrote, a delete removes the objects, and the id created again
+//! never meets the deleted LoRA's files in any node's cache.
 
 mod common;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,8 +22,24 @@ use serde_json::{json, Value};
 /// Each test starts its own S3 server and points the AWS environment at it: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn tempdir(name: &str) -> std::path::PathBuf {
+fn tempdir(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("claas-s3-{name}-{}", uuid::Uuid::now_v7()))
+}
+
+/// Where a cache under `cache` keeps the version `uri` names, in the bucket at `url`.
+fn cached(cache: &std::path::Path, url: &str, uri: &Value) -> PathBuf {
+    let key = uri.as_str().unwrap_or_default();
+    cache.join(key.strip_prefix(&format!("{url}/")).unwrap_or(key))
+}
+
+async fn versions(http: &reqwest::Client, api: &str, lora_id: &str) -> Value {
+    http.get(format!("{api}/v1/lora/{lora_id}/versions"))
+        .send()
+        .await
+        .expect("versions")
+        .json()
+        .await
+        .expect("json")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,18 +104,13 @@ async fn versions_travel_through_the_bucket_between_api_and_worker() {
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    let versions: Value = http
-        .get(format!("{api}/v1/lora/u/a/versions"))
-        .send()
-        .await
-        .expect("versions")
-        .json()
-        .await
-        .expect("json");
-    assert_eq!(
-        versions["versions"][0]["storage_uri"],
-        format!("{url}/u/a/v0"),
-        "version 0 is in the bucket"
+    let first = versions(&http, &api, "u/a").await;
+    let v0_uri = first["versions"][0]["storage_uri"].clone();
+    assert!(
+        v0_uri
+            .as_str()
+            .is_some_and(|u| u.starts_with(&format!("{url}/u/a/@v0-"))),
+        "version 0 is in the bucket: {first}"
     );
 
     let tok = ChatTokenizer::from_dir(&model_dir).expect("tokenizer");
@@ -112,26 +125,23 @@ async fn versions_travel_through_the_bucket_between_api_and_worker() {
         )
         .expect("render");
     let response = tok.encode("Hello there!").expect("ids");
-    let (status, body) = common::post_json(
-        &http,
-        &format!("{api}/v1/feedback"),
-        &json!({"requests": [{"lora_id": "u/a", "prompt": "Hi", "response": "Hello there!",
-            "feedback": "shorter", "system_prompt": "Be brief.",
-            "prompt_token_ids": tok.encode(&prompt).expect("ids"),
-            "response_token_ids": response,
-            "response_logprobs": vec![-1.0; response.len()]}]}),
-    )
-    .await;
+    let feedback = json!({"requests": [{"lora_id": "u/a", "prompt": "Hi",
+        "response": "Hello there!", "feedback": "shorter", "system_prompt": "Be brief.",
+        "prompt_token_ids": tok.encode(&prompt).expect("ids"),
+        "response_token_ids": response,
+        "response_logprobs": vec![-1.0; response.len()]}]});
+    let (status, body) = common::post_json(&http, &format!("{api}/v1/feedback"), &feedback).await;
     assert_eq!(
         status, 200,
         "the worker trained from the bucket's version 0: {body}"
     );
     assert!(
-        worker_cache
-            .join("u/a/v0/adapter_model.safetensors")
+        cached(&worker_cache, &url, &v0_uri)
+            .join("adapter_model.safetensors")
             .is_file(),
         "the worker read version 0 through its own cache"
     );
+    let v1_uri = versions(&http, &api, "u/a").await["versions"][1]["storage_uri"].clone();
 
     // The API exports version 1, which only the worker wrote: through the bucket.
     let r = http
@@ -143,7 +153,9 @@ async fn versions_travel_through_the_bucket_between_api_and_worker() {
     let zip = r.bytes().await.expect("zip");
     let mut archive = zip::ZipArchive::new(std::io::Cursor::new(zip.to_vec())).expect("zip");
     assert!(archive.by_name("adapter_model.safetensors").is_ok());
-    assert!(api_cache.join("u/a/v1/adapter_config.json").is_file());
+    assert!(cached(&api_cache, &url, &v1_uri)
+        .join("adapter_config.json")
+        .is_file());
 
     // Delete removes the objects: a fresh cache finds nothing.
     let r = http
@@ -154,12 +166,35 @@ async fn versions_travel_through_the_bucket_between_api_and_worker() {
     assert_eq!(r.status(), 200);
     let fresh = AdapterStore::s3(&url, tempdir("fresh")).expect("store");
     let dir = fresh
-        .materialize(&format!("{url}/u/a/v1"))
+        .materialize(v1_uri.as_str().unwrap_or_default())
         .await
         .expect("materialize");
     assert!(
         !dir.join("adapter_config.json").exists(),
         "version 1 is gone from the bucket"
+    );
+
+    // Created again, at another rank: the worker, whose cache still holds the deleted
+    // LoRA's files, trains the new one from its own version 0.
+    let (status, body) = common::post_json(
+        &http,
+        &format!("{api}/v1/lora/init"),
+        &json!({"lora_id": "u/a", "lora_r": 8, "lora_alpha": 16}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = common::post_json(&http, &format!("{api}/v1/feedback"), &feedback).await;
+    assert_eq!(status, 200, "{body}");
+    let again = versions(&http, &api, "u/a").await;
+    assert_ne!(again["versions"][0]["storage_uri"], v0_uri, "{again}");
+    let trained = cached(&worker_cache, &url, &again["versions"][1]["storage_uri"]);
+    let config: Value = serde_json::from_slice(
+        &std::fs::read(trained.join("adapter_config.json")).expect("config"),
+    )
+    .expect("json");
+    assert_eq!(
+        config["r"], 8,
+        "trained from the new LoRA's version 0, not a cached copy of the old one"
     );
 
     stop.send(true).expect("stop");
@@ -186,10 +221,11 @@ async fn a_vllm_that_never_served_an_s3_adapter_gets_it_from_its_nodes_worker() 
     let url = format!("s3://{}/adapters", s3.bucket());
     // Some node trained and published version 1 of "u/b".
     let elsewhere = AdapterStore::s3(&url, tempdir("node-a")).expect("store");
-    let v1 = elsewhere.local_dir("u/b", "v1");
+    let name = AdapterStore::version_name(1, "elsewhere");
+    let v1 = elsewhere.local_dir("u/b", &name);
     std::fs::create_dir_all(&v1).expect("dir");
     std::fs::write(v1.join("adapter_config.json"), r#"{"r": 4}"#).expect("config");
-    let uri = elsewhere.publish("u/b", "v1").await.expect("publish");
+    let uri = elsewhere.publish("u/b", &name).await.expect("publish");
     let db = TestDb::sqlite().await;
     db.store
         .create_lora(&NewLora {
@@ -273,7 +309,7 @@ async fn a_vllm_that_never_served_an_s3_adapter_gets_it_from_its_nodes_worker() 
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    let dir = node_store.local_dir("u/b", "v1");
+    let dir = node_store.local_dir("u/b", &name);
     assert_eq!(
         fake.loras(),
         vec![("u/b".to_string(), dir.display().to_string())],
@@ -296,7 +332,10 @@ async fn a_vllm_that_never_served_an_s3_adapter_gets_it_from_its_nodes_worker() 
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    let v0 = node_store.local_dir("u/c", "v0").display().to_string();
+    let created = versions(&reqwest::Client::new(), &api, "u/c").await;
+    let v0 = cached(&node_cache, &url, &created["versions"][0]["storage_uri"])
+        .display()
+        .to_string();
     let started = std::time::Instant::now();
     while !fake
         .loras()

@@ -37,6 +37,30 @@ async fn call(app: &axum::Router, req: Request<Body>) -> (StatusCode, Value) {
     )
 }
 
+/// Where version `n` of `lora_id` is stored, as recorded.
+async fn version_dir(app: &axum::Router, lora_id: &str, n: usize) -> PathBuf {
+    let (_, versions) = call(
+        app,
+        Request::get(format!("/v1/lora/{lora_id}/versions"))
+            .body(Body::empty())
+            .expect("req"),
+    )
+    .await;
+    let uri = versions["versions"][n]["storage_uri"]
+        .as_str()
+        .unwrap_or_default();
+    claas_core::types::local_path(uri).expect("a local version")
+}
+
+async fn export_status(app: &axum::Router, lora_id: &str, version: i32) -> StatusCode {
+    let req = Request::get(format!(
+        "/v1/lora/export?lora_id={lora_id}&version={version}"
+    ))
+    .body(Body::empty())
+    .expect("req");
+    app.clone().oneshot(req).await.expect("answer").status()
+}
+
 fn post(uri: &str, body: &Value) -> Request<Body> {
     Request::post(uri)
         .header("content-type", "application/json")
@@ -102,7 +126,16 @@ async fn contract(db: &TestDb) {
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let v0_file = lora_root.join("u/a/v0/adapter_model.safetensors");
+    // A LoRA whose id looks like a version directory of the first: their files never meet.
+    let (status, body) = call(
+        &app,
+        post("/v1/lora/init", &json!({"lora_id": "u/a/v1", "lora_r": 8})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let v0_file = version_dir(&app, "u/a", 0)
+        .await
+        .join("adapter_model.safetensors");
     assert!(v0_file.is_file(), "init wrote version 0");
     let v0_sha = claas_trainer::storage::sha256_file(&v0_file).expect("sha");
 
@@ -159,11 +192,10 @@ async fn contract(db: &TestDb) {
         Some(loss)
     );
     let cfg = claas_trainer::Qwen3Config::from_dir(&model_dir).expect("config");
-    let v0 = LoraAdapter::load(&lora_root.join("u/a/v0"), &cfg, &Device::Cpu).expect("v0");
-    let v1 = LoraAdapter::load(&lora_root.join("u/a/v1"), &cfg, &Device::Cpu).expect("v1");
-    assert!(lora_root
-        .join("u/a/v1/optimizer_state.safetensors")
-        .is_file());
+    let v1_dir = version_dir(&app, "u/a", 1).await;
+    let v0 = LoraAdapter::load(v0_file.parent().expect("dir"), &cfg, &Device::Cpu).expect("v0");
+    let v1 = LoraAdapter::load(&v1_dir, &cfg, &Device::Cpu).expect("v1");
+    assert!(v1_dir.join("optimizer_state.safetensors").is_file());
     let moved = v0.params().iter().any(|(k, a)| {
         let b = &v1.params()[k];
         (a.as_tensor() - b.as_tensor())
@@ -294,7 +326,9 @@ async fn contract(db: &TestDb) {
     assert_eq!(versions["current_version"], 3, "{versions}");
     let v2 = &versions["versions"][2];
     assert_eq!(v2["metrics"]["reinitialized"], true, "{v2}");
-    let fresh = lora_root.join("u/a/v3/adapter_config.json");
+    let fresh = version_dir(&app, "u/a", 3)
+        .await
+        .join("adapter_config.json");
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&fresh).expect("v3 config")).expect("json");
     assert_eq!(
@@ -352,13 +386,33 @@ async fn contract(db: &TestDb) {
     let (status, body) = call(&app, post("/v1/feedback", &aliased)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let config: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(lora_root.join("u/a/v5/adapter_config.json")).expect("v5 config"),
+        &std::fs::read(
+            version_dir(&app, "u/a", 5)
+                .await
+                .join("adapter_config.json"),
+        )
+        .expect("v5 config"),
     )
     .expect("json");
     assert_eq!(
         config["r"], 8,
         "version 5 was trained from version 1's rank-8 adapter"
     );
+
+    // Five versions of `u/a` later, and after deleting it, `u/a/v1` keeps its own files.
+    assert_eq!(export_status(&app, "u/a/v1", 0).await, StatusCode::OK);
+    let resp = app
+        .clone()
+        .oneshot(
+            Request::delete("/v1/lora?lora_id=u/a")
+                .body(Body::empty())
+                .expect("req"),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(!v1_dir.exists(), "the deleted LoRA's files are gone");
+    assert_eq!(export_status(&app, "u/a/v1", 0).await, StatusCode::OK);
 
     stop.send(true).expect("stop");
     handle.await.expect("join").expect("worker");

@@ -8,12 +8,22 @@
 //! a local directory (downloading into the cache when needed), and
 //! [`AdapterStore::remove`] deletes a version (retention, LoRA deletion).
 //!
+//! Layout: `<root>/<lora_id>/@v<N>-<tag>/` (and the same keys under an S3 prefix). The tag
+//! is unique to the attempt that wrote the files (a worker's lease token, or a random one
+//! for the API's initial versions), so a published version's files are never written
+//! again: a stalled writer that wakes after its lease writes beside them, never over them,
+//! and its publish is refused. `@` never starts a LoRA-id segment, so the versions of LoRA
+//! `x` and a LoRA `x/v1` never share a path; and a LoRA deleted and created again never
+//! reuses a URI, so no node's cache serves the old incarnation's weights.
+//!
 //! S3 settings come from the standard environment: `AWS_ACCESS_KEY_ID`,
 //! `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT`) for a
 //! non-AWS store; a plain `http://` endpoint is allowed.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::TryStreamExt;
 use object_store::aws::AmazonS3Builder;
@@ -25,6 +35,26 @@ use crate::types::local_path;
 
 fn storage_err(e: impl std::fmt::Display) -> Error {
     Error::Storage(e.to_string())
+}
+
+/// A version's files under its LoRA (`@v3-…`, a directory or, for the simulated
+/// executor, a file), not a download in progress.
+fn is_version_entry(name: &str) -> bool {
+    name.starts_with("@v") && !name.ends_with(".tmp")
+}
+
+/// Removes a local version, a directory or a file; one already gone is fine.
+pub async fn remove_local(path: &Path) -> Result<()> {
+    let removed = match tokio::fs::symlink_metadata(path).await {
+        Ok(m) if m.is_dir() => tokio::fs::remove_dir_all(path).await,
+        Ok(_) => tokio::fs::remove_file(path).await,
+        Err(e) => Err(e),
+    };
+    match removed {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// URIs name absolute paths, whatever directory a process runs in.
@@ -118,7 +148,17 @@ impl AdapterStore {
         matches!(self.kind, Kind::S3 { .. })
     }
 
-    /// The local directory of `name` (`v3`, …) of `lora_id`: where a version is written
+    /// The name of version `version`'s files as written by the attempt tagged `tag`.
+    pub fn version_name(version: i32, tag: &str) -> String {
+        format!("@v{version}-{tag}")
+    }
+
+    /// A fresh tag, for a writer that holds no lease (the API's initial versions).
+    pub fn new_tag() -> String {
+        uuid::Uuid::new_v4().simple().to_string()[..16].to_owned()
+    }
+
+    /// The local directory of `name` (`@v3-…`) of `lora_id`: where a version is written
     /// before it is published, and where a published one is materialized.
     pub fn local_dir(&self, lora_id: &str, name: &str) -> PathBuf {
         self.root.join(lora_id).join(name)
@@ -239,11 +279,87 @@ impl AdapterStore {
                 dir
             }
         };
-        match tokio::fs::remove_dir_all(&dir).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e.into()),
+        remove_local(&dir).await
+    }
+
+    /// What attempts wrote under `lora_id` and no version records (`recorded`: every
+    /// version's `storage_uri`), older than `grace`: the files of a crashed attempt, or of
+    /// a stalled one whose publish was refused. Returns their URIs, for [`Self::remove`].
+    /// `grace` must outlive a lease, so a live attempt between writing and publishing is
+    /// never among them.
+    pub async fn orphans(
+        &self,
+        lora_id: &str,
+        recorded: &[String],
+        grace: Duration,
+    ) -> Result<Vec<String>> {
+        let recorded: HashSet<String> = recorded.iter().map(|u| self.normalize(u)).collect();
+        let mut found = Vec::new();
+        match &self.kind {
+            Kind::Local => {
+                let mut entries = match tokio::fs::read_dir(self.root.join(lora_id)).await {
+                    Ok(e) => e,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+                    Err(e) => return Err(e.into()),
+                };
+                while let Some(entry) = entries.next_entry().await? {
+                    if !is_version_entry(&entry.file_name().to_string_lossy()) {
+                        continue;
+                    }
+                    let age = entry
+                        .metadata()
+                        .await?
+                        .modified()
+                        .ok()
+                        .and_then(|m| m.elapsed().ok())
+                        .unwrap_or_default();
+                    let uri = format!("file://{}", entry.path().display());
+                    if age >= grace && !recorded.contains(&self.normalize(&uri)) {
+                        found.push(uri);
+                    }
+                }
+            }
+            Kind::S3 {
+                store,
+                bucket,
+                prefix,
+            } => {
+                let dir = Self::key(prefix, lora_id, "");
+                let listing = store
+                    .list_with_delimiter(Some(&ObjectPath::from(dir.trim_end_matches('/'))))
+                    .await
+                    .map_err(storage_err)?;
+                let now = chrono::Utc::now();
+                for version in listing.common_prefixes {
+                    if !version.filename().is_some_and(is_version_entry) {
+                        continue;
+                    }
+                    let objects: Vec<_> = store
+                        .list(Some(&version))
+                        .try_collect()
+                        .await
+                        .map_err(storage_err)?;
+                    let newest = objects.iter().map(|o| o.last_modified).max();
+                    let old =
+                        newest.is_none_or(|t| (now - t).to_std().unwrap_or_default() >= grace);
+                    let uri = format!("s3://{bucket}/{version}");
+                    if old && !recorded.contains(&self.normalize(&uri)) {
+                        found.push(uri);
+                    }
+                }
+            }
         }
+        Ok(found)
+    }
+
+    /// A URI as `orphans` compares it: local ones as absolute paths, without a trailing `/`.
+    fn normalize(&self, uri: &str) -> String {
+        match local_path(uri) {
+            Some(p) => absolute(p).display().to_string(),
+            None => uri.to_owned(),
+        }
+        .trim_end_matches('/')
+        .to_owned()
     }
 
     /// The store, object key and cache directory of an `s3://` URI of this bucket.

@@ -21,7 +21,7 @@ fn tempdir(name: &str) -> std::path::PathBuf {
 }
 
 #[tokio::test]
-async fn s3_versions_publish_materialize_elsewhere_and_remove() {
+async fn s3_versions_publish_materialize_elsewhere_remove_and_find_orphans() {
     let Some(server) = S3Server::start() else {
         eprintln!("skipped: CLAAS_TEST_PYTHON is not set (make test sets it)");
         return;
@@ -75,6 +75,11 @@ async fn s3_versions_publish_materialize_elsewhere_and_remove() {
     ] {
         assert!(b.materialize(&bad).await.is_err(), "{bad}");
     }
+
+    // Orphans, on the same server (one per test binary: the AWS environment is global).
+    let url = format!("s3://{}/adapters", server.bucket());
+    let s = AdapterStore::s3(&url, tempdir("orphans-s3")).expect("store");
+    orphans_are_unrecorded_writes_of_that_lora_only(&s).await;
 }
 
 #[tokio::test]
@@ -91,4 +96,50 @@ async fn local_versions_are_their_own_directories() {
     s.remove(&uri).await.expect("remove");
     assert!(!root.join("u/a/v2").exists());
     s.remove(&uri).await.expect("removing twice is fine");
+}
+
+/// What `orphans` finds under a LoRA, wherever versions are stored: unrecorded writes of its
+/// own, once old enough; never a recorded version, nor a LoRA nested under its id.
+async fn orphans_are_unrecorded_writes_of_that_lora_only(s: &AdapterStore) {
+    let name = |v, tag| AdapterStore::version_name(v, tag);
+    for (lora, n) in [
+        ("x", name(1, "kept")),
+        ("x", name(1, "stray")),
+        ("x/v1", name(0, "own")),
+    ] {
+        write_version(&s.local_dir(lora, &n), lora);
+    }
+    let kept = s.publish("x", &name(1, "kept")).await.expect("publish");
+    let stray = s.publish("x", &name(1, "stray")).await.expect("publish");
+    let nested = s.publish("x/v1", &name(0, "own")).await.expect("publish");
+    let hour = std::time::Duration::from_secs(3600);
+    let zero = std::time::Duration::ZERO;
+    let recorded = std::slice::from_ref(&kept);
+    assert_eq!(
+        s.orphans("x", recorded, hour).await.expect("orphans"),
+        Vec::<String>::new(),
+        "a write younger than the grace may still be publishing"
+    );
+    assert_eq!(
+        s.orphans("x", recorded, zero).await.expect("orphans"),
+        std::slice::from_ref(&stray)
+    );
+    s.remove(&stray).await.expect("remove");
+    assert!(s
+        .orphans("x", recorded, zero)
+        .await
+        .expect("orphans")
+        .is_empty());
+    let kept_dir = s.materialize(&kept).await.expect("kept");
+    assert!(kept_dir.join("adapter_config.json").is_file());
+    let nested_dir = s.materialize(&nested).await.expect("nested");
+    assert!(nested_dir.join("adapter_config.json").is_file());
+    assert_ne!(kept_dir, nested_dir);
+}
+
+#[tokio::test]
+async fn local_orphans_are_unrecorded_writes_of_that_lora_only() {
+    let root = tempdir("orphans");
+    orphans_are_unrecorded_writes_of_that_lora_only(&AdapterStore::local(&root)).await;
+    let _ = std::fs::remove_dir_all(&root);
 }

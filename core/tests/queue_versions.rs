@@ -185,7 +185,13 @@ async fn a_deleted_lora_takes_no_work_and_its_id_starts_afresh_once_its_job_stop
     s.enqueue(&busy).await.expect("enqueue");
     let c = claim(s, "w").await;
 
+    s.begin_training(&c.lease(), None).await.expect("begin");
     let token = s.delete_lora("a").await.expect("delete").expect("was live");
+    assert!(
+        !s.publish(&c.lease(), &version(2)).await.expect("publish"),
+        "a job that trained while the delete began publishes nothing: its files would \
+         outlive the LoRA"
+    );
     assert_eq!(s.delete_lora("a").await.expect("again"), None, "idempotent");
     assert_eq!(s.get_lora("a").await.expect("get"), None);
     assert!(s.list_loras("").await.expect("list").is_empty());
@@ -206,7 +212,17 @@ async fn a_deleted_lora_takes_no_work_and_its_id_starts_afresh_once_its_job_stop
         .finish_cancelled(&c.lease(), "cancelled")
         .await
         .expect("stopped"));
-    assert!(s.purge_lora("a", token).await.expect("purge"));
+    let mut dropped = s
+        .purge_lora("a", token)
+        .await
+        .expect("purge")
+        .expect("not created again");
+    dropped.sort();
+    assert_eq!(
+        dropped,
+        ["file:///loras/a/v0", "file:///loras/x/v1"],
+        "the purge names every version whose files go"
+    );
     assert!(s.lora_versions("a").await.expect("versions").is_empty());
 
     let again = s
@@ -216,7 +232,7 @@ async fn a_deleted_lora_takes_no_work_and_its_id_starts_afresh_once_its_job_stop
     assert_eq!(again.current_version, 0);
     assert_eq!(s.lora_versions("a").await.expect("versions").len(), 1);
     // A purge from the old deletion no longer touches it.
-    assert!(!s.purge_lora("a", token).await.expect("stale purge"));
+    assert_eq!(s.purge_lora("a", token).await.expect("stale purge"), None);
     assert_eq!(s.lora_versions("a").await.expect("versions").len(), 1);
     // Its old jobs stay in the history.
     assert!(s.get_job(running.id).await.expect("get").is_some());

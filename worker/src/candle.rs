@@ -23,7 +23,8 @@ use claas_trainer::template::ChatTokenizer;
 use claas_trainer::{sdpo_step, AdamW, AdapterConfig, LoraAdapter, Qwen3, StepConfig, StepSample};
 
 use crate::executor::{
-    AdapterSource, Distilled, Executor, JobContext, PhaseError, PhaseResult, StoredAdapter,
+    AdapterSource, Distilled, Executor, JobContext, PhaseError, PhaseResult, ServedVersion,
+    StoredAdapter,
 };
 use crate::vllm::VllmClient;
 use crate::vram::{wait_for_free, Nvml, VramProbe};
@@ -199,10 +200,26 @@ impl CandleExecutor {
     }
 
     /// The directory a published version lives in (as `store_adapter` writes it).
-    fn version_dir(&self, lora_id: &str, version: i32) -> PathBuf {
+    /// Where this attempt writes `version` (see `AdapterStore` for the layout).
+    fn version_dir(&self, job: &JobContext, version: i32) -> PathBuf {
         let root = std::path::absolute(&self.opts.lora_root)
             .unwrap_or_else(|_| self.opts.lora_root.clone());
-        root.join(lora_id).join(format!("v{version}"))
+        root.join(&job.lora_id)
+            .join(AdapterStore::version_name(version, &job.write_tag))
+    }
+
+    /// The local directory of a recorded version: its cached copy when it is remote.
+    async fn local_version(&self, uri: &str) -> PhaseResult<PathBuf> {
+        if let Some(path) = claas_core::types::local_path(uri) {
+            return Ok(path);
+        }
+        match &self.opts.store {
+            Some(s) => s.materialize(uri).await.map_err(storage_error),
+            None => Err(PhaseError::fatal(
+                "storage_error",
+                format!("{uri} is remote but this worker has no object store"),
+            )),
+        }
     }
 
     fn step_samples(&self, samples: &[Sample]) -> PhaseResult<Vec<StepSample>> {
@@ -376,7 +393,7 @@ impl Executor for CandleExecutor {
         let trained = distilled.artifact.downcast::<Trained>().map_err(|_| {
             PhaseError::fatal("trainer_error", "distill produced no candle adapter")
         })?;
-        let dir = self.version_dir(&job.lora_id, version);
+        let dir = self.version_dir(job, version);
         let target = dir.clone();
         let sha = tokio::task::spawn_blocking(move || {
             if let Some(parent) = target.parent() {
@@ -387,6 +404,8 @@ impl Executor for CandleExecutor {
                     Err(e) => tracing::warn!(error = %e, "could not clean up crashed publishes"),
                 }
             }
+            // A name no other attempt uses: nothing to replace, and a stalled writer that
+            // wakes after losing its lease writes beside the published files, not over them.
             storage::write_dir_atomically(&target, |tmp| {
                 trained.adapter.save(tmp)?;
                 trained.optimizer.save(&tmp.join(STATE_FILE))
@@ -398,7 +417,10 @@ impl Executor for CandleExecutor {
         .map_err(|e| PhaseError::retryable("storage_error", e.to_string()))?;
         let uri = match &self.opts.store {
             Some(s) if s.is_remote() => s
-                .publish(&job.lora_id, &format!("v{version}"))
+                .publish(
+                    &job.lora_id,
+                    &AdapterStore::version_name(version, &job.write_tag),
+                )
                 .await
                 .map_err(storage_error)?,
             _ => format!("file://{}", dir.display()),
@@ -406,23 +428,17 @@ impl Executor for CandleExecutor {
         Ok(StoredAdapter { uri, sha256: sha })
     }
 
-    /// Loads the version's own directory under the LoRA's stable name. After a sleep: wake
-    /// the weights first (a LoRA loaded into a sleeping weights pool is lost on wake), then
-    /// unload and load; the KV cache (and scheduling) wakes only in `wake`, so no request
-    /// meets the old adapter. Without a sleep: an in-place swap, so no request for the LoRA
-    /// meets a 404 between an unload and a load.
-    async fn reload(&self, job: &JobContext, version: i32) -> PhaseResult<()> {
+    /// Loads the version's recorded directory under the LoRA's stable name. After a sleep:
+    /// wake the weights first (a LoRA loaded into a sleeping weights pool is lost on wake),
+    /// then unload and load; the KV cache (and scheduling) wakes only in `wake`, so no
+    /// request meets the old adapter. Without a sleep: an in-place swap, so no request for
+    /// the LoRA meets a 404 between an unload and a load.
+    async fn reload(&self, job: &JobContext, serve: &ServedVersion) -> PhaseResult<()> {
         let Some(v) = &self.vllm else {
             return Ok(());
         };
-        let local = self.version_dir(&job.lora_id, version);
-        if let Some(s) = self.opts.store.as_ref().filter(|s| s.is_remote()) {
-            if !local.join("adapter_config.json").is_file() {
-                // Published elsewhere (a resumed job): vLLM reads the local cache.
-                let uri = s.uri_of(&job.lora_id, &format!("v{version}"));
-                s.materialize(&uri).await.map_err(storage_error)?;
-            }
-        }
+        // Published elsewhere (another node, a resumed job): vLLM reads the local cache.
+        let local = self.local_version(&serve.uri).await?;
         let path = local.display().to_string();
         let swap = !job.orchestration.sleep_before;
         if !swap && !self.pauses() {
@@ -454,10 +470,10 @@ impl Executor for CandleExecutor {
                 }
             }
         }
-        if !swap && version > 0 {
+        if let Some(previous) = serve.previous_uri.as_deref().filter(|_| !swap) {
             // Serve the previous version rather than nothing until someone retries.
-            let previous = self.version_dir(&job.lora_id, version - 1);
-            if previous.join("adapter_config.json").is_file() {
+            let previous = self.local_version(previous).await.ok();
+            if let Some(previous) = previous.filter(|p| p.join("adapter_config.json").is_file()) {
                 let previous = previous.display().to_string();
                 if let Err(e) = v.load_adapter(&job.lora_id, &previous, false).await {
                     tracing::error!(error = %e, "could not restore the previous version in vLLM either");

@@ -16,6 +16,19 @@ pub struct JobContext {
     pub base_model: String,
     pub attempt: i32,
     pub orchestration: Orchestration,
+    /// Unique to this claim (from its lease token): names the location `store_adapter`
+    /// writes, so no two attempts ever write the same files.
+    pub write_tag: String,
+}
+
+/// A published version for `reload` to serve: its recorded location, never a derived one
+/// (a rolled-back version's files are an older version's).
+#[derive(Debug, Clone)]
+pub struct ServedVersion {
+    pub version: i32,
+    pub uri: String,
+    /// The version before it, served again if loading this one fails.
+    pub previous_uri: Option<String>,
 }
 
 /// The adapter version a job trains from: the LoRA's current version when training starts.
@@ -110,15 +123,16 @@ pub trait Executor: Send + Sync + 'static {
         samples: &[Sample],
         training: &TrainingConfig,
     ) -> PhaseResult<Distilled>;
-    /// Writes the new adapter as `version` to storage (not yet visible to anyone).
+    /// Writes the new adapter as `version` to storage (not yet visible to anyone), in a
+    /// location named by `job.write_tag` that nothing else writes.
     async fn store_adapter(
         &self,
         job: &JobContext,
         version: i32,
         distilled: Distilled,
     ) -> PhaseResult<StoredAdapter>;
-    /// Loads `version` into the local vLLM under the LoRA's stable name.
-    async fn reload(&self, job: &JobContext, version: i32) -> PhaseResult<()>;
+    /// Loads the published version `serve` into the local vLLM under the LoRA's stable name.
+    async fn reload(&self, job: &JobContext, serve: &ServedVersion) -> PhaseResult<()>;
     /// Wakes the local vLLM (also after failures).
     async fn wake(&self, job: &JobContext) -> PhaseResult<()>;
 

@@ -10,6 +10,8 @@ pub mod vllm;
 pub mod vram;
 
 pub use candle::{CandleExecutor, CandleOptions, VllmOptions};
-pub use executor::{AdapterSource, Distilled, Executor, JobContext, PhaseError, StoredAdapter};
+pub use executor::{
+    AdapterSource, Distilled, Executor, JobContext, PhaseError, ServedVersion, StoredAdapter,
+};
 pub use runtime::{Worker, WorkerOptions};
 pub use simulated::SimulatedExecutor;

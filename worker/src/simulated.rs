@@ -15,13 +15,14 @@ use async_trait::async_trait;
 use claas_core::types::{Sample, TrainingConfig};
 
 use crate::executor::{
-    AdapterSource, Distilled, Executor, JobContext, PhaseError, PhaseResult, StoredAdapter,
+    AdapterSource, Distilled, Executor, JobContext, PhaseError, PhaseResult, ServedVersion,
+    StoredAdapter,
 };
 
 pub struct SimulatedExecutor {
     /// Time spent in each phase.
     pub step: Duration,
-    /// Where version files go (`<root>/<lora_id>/v<version>.json`).
+    /// Where version files go (`<root>/<lora_id>/@v<version>-<write tag>.json`).
     pub root: PathBuf,
 }
 
@@ -155,28 +156,36 @@ impl Executor for SimulatedExecutor {
             "lora_id": job.lora_id,
             "version": version,
             "job_id": job.job_id,
+            "attempt": job.attempt,
             "metrics": distilled.metrics,
         })
         .to_string();
         let root = std::path::absolute(&self.root).unwrap_or_else(|_| self.root.clone());
         let dir = root.join(&job.lora_id);
-        let path = dir.join(format!("v{version}.json"));
-        let io = |e: std::io::Error| {
-            PhaseError::retryable("storage_error", format!("{}: {e}", path.display()))
-        };
-        tokio::fs::create_dir_all(&dir).await.map_err(io)?;
-        // Write then rename, so a crash never leaves a half-written version behind.
-        let tmp = dir.join(format!(".v{version}.{}.tmp", job.job_id));
-        tokio::fs::write(&tmp, body.as_bytes()).await.map_err(io)?;
-        tokio::fs::rename(&tmp, &path).await.map_err(io)?;
-        self.pause().await;
+        let name = claas_core::adapter_store::AdapterStore::version_name(version, &job.write_tag);
+        let path = dir.join(format!("{name}.json"));
+        let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
+        let sha256 = digest::digest_hex(body.as_bytes());
+        let (step, target) = (self.step, path.clone());
+        // Like the trainer's save: a blocking write that runs to its end even when the job's
+        // lease is lost meanwhile (the phase is abandoned, the thread is not). The phase's
+        // time is spent between writing and renaming, where a stall hurts most.
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(&tmp, body.as_bytes())?;
+            std::thread::sleep(step);
+            std::fs::rename(&tmp, &target)
+        })
+        .await
+        .map_err(|e| PhaseError::retryable("storage_error", e.to_string()))?
+        .map_err(|e| PhaseError::retryable("storage_error", format!("{}: {e}", path.display())))?;
         Ok(StoredAdapter {
             uri: format!("file://{}", path.display()),
-            sha256: digest::digest_hex(body.as_bytes()),
+            sha256,
         })
     }
 
-    async fn reload(&self, _job: &JobContext, _version: i32) -> PhaseResult<()> {
+    async fn reload(&self, _job: &JobContext, _serve: &ServedVersion) -> PhaseResult<()> {
         self.pause().await;
         Ok(())
     }

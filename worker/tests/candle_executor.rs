@@ -39,6 +39,7 @@ async fn one_step(residency: Residency) -> serde_json::Value {
         base_model: TEST_BASE_MODEL.into(),
         attempt: 1,
         orchestration: Orchestration::default(),
+        write_tag: "t1".into(),
     };
     let from = AdapterSource {
         version: 0,
@@ -67,13 +68,40 @@ async fn one_step(residency: Residency) -> serde_json::Value {
     let dir = PathBuf::from(stored.uri.strip_prefix("file://").expect("file uri"));
     assert_eq!(
         dir,
-        std::path::absolute(lora_root.join("u/a/v1")).expect("abs")
+        std::path::absolute(lora_root.join("u/a/@v1-t1")).expect("abs"),
+        "each attempt writes a location of its own"
     );
     assert_eq!(
         claas_trainer::storage::adapter_sha256(&dir).expect("sha"),
         stored.sha256
     );
     assert!(dir.join("optimizer_state.safetensors").is_file());
+
+    // Another attempt of the same version (the first lost its lease and a second worker
+    // trained it meanwhile, on another batch) writes beside it: whichever publishes, the
+    // other's files never change under it.
+    let again = JobContext {
+        write_tag: "t2".into(),
+        attempt: 2,
+        ..ctx.clone()
+    };
+    let other = exec
+        .distill(
+            &again,
+            &from,
+            &[sample("longer, please")],
+            &TrainingConfig::default(),
+        )
+        .await
+        .expect("distill");
+    let second = exec.store_adapter(&again, 1, other).await.expect("store");
+    assert_ne!(second.uri, stored.uri);
+    assert_ne!(second.sha256, stored.sha256, "another batch, other weights");
+    assert_eq!(
+        claas_trainer::storage::adapter_sha256(&dir).expect("sha"),
+        stored.sha256,
+        "the first attempt's files are untouched"
+    );
     let _ = std::fs::remove_dir_all(&model_dir);
     let _ = std::fs::remove_dir_all(&lora_root);
     metrics

@@ -1,9 +1,11 @@
 //! Retention after publish, with the real candle executor: only the newest
-//! `versions_keep` versions keep their files (and version 0); the history keeps every row.
+//! `versions_keep` versions keep their files (and version 0); the history keeps every row;
+//! what attempts wrote and never published is removed once older than any lease.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use claas_core::adapter_store::AdapterStore;
 use claas_core::config::{Residency, TrainerDevice};
 use claas_core::testing::{job, TestDb, TEST_BASE_MODEL};
 use claas_core::types::{JobStatus, NewLora};
@@ -31,6 +33,18 @@ async fn old_versions_lose_their_files_after_each_publish() {
         vllm: None,
     })
     .expect("executor");
+    // What a crashed attempt left long ago, and what one is writing now: only the first
+    // is an orphan.
+    let stale = lora_root.join("r/@v1-deadbeefdeadbeef");
+    let fresh = lora_root.join("r/@v2-0123456789abcdef");
+    for d in [&stale, &fresh] {
+        std::fs::create_dir_all(d).expect("dir");
+        std::fs::write(d.join("adapter_model.safetensors"), b"stray").expect("file");
+    }
+    let long_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::open(&stale)
+        .and_then(|f| f.set_modified(long_ago))
+        .expect("backdate");
     let db = TestDb::sqlite().await;
     db.store
         .create_lora(&NewLora {
@@ -39,7 +53,7 @@ async fn old_versions_lose_their_files_after_each_publish() {
             rank: 4,
             alpha: 8.0,
             target_modules: vec!["q_proj".into()],
-            initial_uri: format!("file://{}", lora_root.join("r/v0").display()),
+            initial_uri: format!("file://{}", lora_root.join("r/@v0-init").display()),
             initial_sha256: String::new(),
         })
         .await
@@ -51,6 +65,7 @@ async fn old_versions_lose_their_files_after_each_publish() {
         WorkerOptions {
             poll_interval: Duration::from_millis(20),
             versions_keep: 1,
+            store: Some(AdapterStore::local(&lora_root)),
             ..WorkerOptions::new("keeper", vec![TEST_BASE_MODEL.into()])
         },
     );
@@ -75,7 +90,11 @@ async fn old_versions_lose_their_files_after_each_publish() {
     stop.send(true).expect("stop");
     handle.await.expect("join").expect("worker");
 
-    let dir = |v: i32| lora_root.join(format!("r/v{v}"));
+    let versions = db.store.lora_versions("r").await.expect("versions");
+    assert_eq!(versions.len(), 4, "every version stays in the history");
+    let dir = |v: usize| {
+        claas_core::types::local_path(&versions[v].storage_uri).expect("a local version")
+    };
     assert!(
         dir(0).join("adapter_model.safetensors").is_file(),
         "version 0 stays"
@@ -88,8 +107,8 @@ async fn old_versions_lose_their_files_after_each_publish() {
         !dir(1).exists() && !dir(2).exists(),
         "older versions' files are gone"
     );
-    let versions = db.store.lora_versions("r").await.expect("versions");
-    assert_eq!(versions.len(), 4, "every version stays in the history");
+    assert!(!stale.exists(), "an old unpublished write is removed");
+    assert!(fresh.exists(), "a write younger than a lease is not");
     let pruned: Vec<i32> = versions
         .iter()
         .filter(|v| v.pruned_at.is_some())

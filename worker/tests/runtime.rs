@@ -9,8 +9,8 @@ use claas_core::testing::{job, lora, TestDb, TEST_BASE_MODEL};
 use claas_core::types::{Job, JobStatus, Sample, TrainingConfig};
 use claas_worker::executor::PhaseResult;
 use claas_worker::{
-    AdapterSource, Distilled, Executor, JobContext, PhaseError, StoredAdapter, Worker,
-    WorkerOptions,
+    AdapterSource, Distilled, Executor, JobContext, PhaseError, ServedVersion, StoredAdapter,
+    Worker, WorkerOptions,
 };
 use tokio::sync::watch;
 
@@ -79,7 +79,7 @@ impl Executor for Scripted {
             sha256: "cd".repeat(32),
         })
     }
-    async fn reload(&self, _: &JobContext, _: i32) -> PhaseResult<()> {
+    async fn reload(&self, _: &JobContext, _: &ServedVersion) -> PhaseResult<()> {
         self.run("reload")
     }
     async fn wake(&self, _: &JobContext) -> PhaseResult<()> {

@@ -82,7 +82,13 @@ async fn executor_with(
 
 /// Runs one job for LoRA `a` through a worker whose executor drives `fake`; returns the
 /// finished job and the LoRA root.
-async fn run_job(fake: &FakeVllm, drain_timeout: Duration, pause: bool) -> (Job, PathBuf) {
+/// Where a run left its files: the LoRA root, and version 1 as recorded (if published).
+struct Stored {
+    root: PathBuf,
+    v1: Option<PathBuf>,
+}
+
+async fn run_job(fake: &FakeVllm, drain_timeout: Duration, pause: bool) -> (Job, Stored) {
     run_job_with(fake, drain_timeout, pause, None).await
 }
 
@@ -91,7 +97,7 @@ async fn run_job_with(
     drain_timeout: Duration,
     pause: bool,
     api_key: Option<&str>,
-) -> (Job, PathBuf) {
+) -> (Job, Stored) {
     let db = TestDb::sqlite().await;
     let lora_root = tempdir("loras");
     let exec = executor_with(fake, &lora_root, drain_timeout, pause, api_key).await;
@@ -102,7 +108,7 @@ async fn run_job_with(
             rank: 4,
             alpha: 8.0,
             target_modules: vec!["q_proj".into(), "v_proj".into()],
-            initial_uri: lora_root.join("a/v0").display().to_string(),
+            initial_uri: lora_root.join("a/@v0-init").display().to_string(),
             initial_sha256: String::new(),
         })
         .await
@@ -132,22 +138,36 @@ async fn run_job_with(
     };
     stop.send(true).expect("stop");
     handle.await.expect("join").expect("worker");
+    let v1 = db
+        .store
+        .lora_versions("a")
+        .await
+        .expect("versions")
+        .into_iter()
+        .find(|v| v.version == 1)
+        .and_then(|v| claas_core::types::local_path(&v.storage_uri));
     db.cleanup().await;
-    (done, lora_root)
+    (
+        done,
+        Stored {
+            root: lora_root,
+            v1,
+        },
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_sleep_train_then_reload_between_a_weights_and_a_full_wake() {
     let fake = FakeVllm::start(Options::default()).await;
     fake.knobs().busy_polls.store(2, Ordering::SeqCst);
-    let (j, root) = run_job(&fake, Duration::from_secs(10), false).await;
+    let (j, stored) = run_job(&fake, Duration::from_secs(10), false).await;
     assert_eq!(
         j.status,
         claas_core::types::JobStatus::Succeeded,
         "{:?}",
         j.error
     );
-    let v1 = root.join("a/v1");
+    let v1 = stored.v1.expect("version 1 recorded");
     assert!(v1.join("adapter_model.safetensors").is_file());
     assert_eq!(
         fake.calls(),
@@ -212,7 +232,7 @@ async fn a_reload_failure_is_retried_then_fails_as_published_but_not_loaded_and_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_mode_pauses_and_resumes_instead_of_sleeping() {
     let fake = FakeVllm::start(Options::default()).await;
-    let (j, root) = run_job(&fake, Duration::from_secs(10), true).await;
+    let (j, stored) = run_job(&fake, Duration::from_secs(10), true).await;
     assert_eq!(
         j.status,
         claas_core::types::JobStatus::Succeeded,
@@ -226,7 +246,10 @@ async fn pause_mode_pauses_and_resumes_instead_of_sleeping() {
             "metrics".into(),
             "pause".into(),
             "unload a".into(),
-            format!("load a {} inplace=false", root.join("a/v1").display()),
+            format!(
+                "load a {} inplace=false",
+                stored.v1.expect("version 1 recorded").display()
+            ),
             "resume".into(),
         ]
     );
@@ -298,7 +321,7 @@ async fn an_idle_worker_swaps_a_stale_adapter_in_its_vllm_to_the_current_version
 async fn a_sleep_that_fails_fails_the_job_before_training_and_wakes_vllm() {
     let fake = FakeVllm::start(Options::default()).await;
     fake.knobs().fail_sleep.store(true, Ordering::SeqCst);
-    let (j, root) = run_job(&fake, Duration::from_secs(10), false).await;
+    let (j, stored) = run_job(&fake, Duration::from_secs(10), false).await;
     assert_eq!(j.status, claas_core::types::JobStatus::Failed);
     let err = j.error.expect("error");
     assert_eq!(err.phase, Some(claas_core::types::Phase::Sleep));
@@ -312,7 +335,16 @@ async fn a_sleep_that_fails_fails_the_job_before_training_and_wakes_vllm() {
         "the job says what became of vLLM: {}",
         err.message
     );
-    assert!(!root.join("a/v1").exists(), "nothing was trained");
+    assert!(stored.v1.is_none(), "nothing was published");
+    let written: Vec<_> = std::fs::read_dir(stored.root.join("a"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        written
+            .iter()
+            .all(|n| !n.to_string_lossy().starts_with("@v1")),
+        "nothing was trained: {written:?}"
+    );
     assert_eq!(j.published_version, None);
     // Whatever state the failed sleep left vLLM in, it is woken.
     assert_eq!(fake.calls().last().map(String::as_str), Some("wake_up "));
@@ -361,10 +393,11 @@ async fn with_s3_storage_an_idle_worker_serves_the_current_version_from_the_buck
     let url = format!("s3://{}/adapters", s3.bucket());
     // Another node trained and published version 1 of "b".
     let elsewhere = AdapterStore::s3(&url, tempdir("node-a")).expect("store");
-    let v1 = elsewhere.local_dir("b", "v1");
+    let name = AdapterStore::version_name(1, "elsewhere");
+    let v1 = elsewhere.local_dir("b", &name);
     std::fs::create_dir_all(&v1).expect("dir");
     std::fs::write(v1.join("adapter_config.json"), r#"{"r": 4}"#).expect("config");
-    let uri = elsewhere.publish("b", "v1").await.expect("publish");
+    let uri = elsewhere.publish("b", &name).await.expect("publish");
 
     // This node's vLLM still serves an old directory.
     let fake = FakeVllm::start(Options::default()).await;
@@ -406,7 +439,7 @@ async fn with_s3_storage_an_idle_worker_serves_the_current_version_from_the_buck
     );
     let want = vec![(
         "b".to_string(),
-        here.local_dir("b", "v1").display().to_string(),
+        here.local_dir("b", &name).display().to_string(),
     )];
     let started = Instant::now();
     while fake.loras() != want {
@@ -418,7 +451,7 @@ async fn with_s3_storage_an_idle_worker_serves_the_current_version_from_the_buck
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(here
-        .local_dir("b", "v1")
+        .local_dir("b", &name)
         .join("adapter_config.json")
         .is_file());
     stop.send(true).expect("stop");

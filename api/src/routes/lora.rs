@@ -173,19 +173,34 @@ pub async fn init(
             serve_in_vllm(&state, &lora.lora_id, &uri, &sha, false).await;
             Ok(init_answer(&lora, true))
         }
-        // Another request created it meanwhile: the same rule as above.
-        Err(claas_core::Error::Conflict(_)) => match state.store.get_lora(&req.lora_id).await? {
-            Some(existing) => same_or_conflict(&existing, &wanted),
-            None => Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "conflict",
-                format!(
+        // Another request created it meanwhile: the same rule as above. The files written
+        // for this request are nobody's.
+        Err(claas_core::Error::Conflict(_)) => {
+            discard(&state, &uri).await;
+            match state.store.get_lora(&req.lora_id).await? {
+                Some(existing) => same_or_conflict(&existing, &wanted),
+                None => Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "conflict",
+                    format!(
                     "LoRA {} is being deleted and a job of it has not stopped yet; retry shortly",
                     req.lora_id
                 ),
-            )),
-        },
-        Err(e) => Err(e.into()),
+                )),
+            }
+        }
+        Err(e) => {
+            discard(&state, &uri).await;
+            Err(e.into())
+        }
+    }
+}
+
+/// Removes the files of an initial version no LoRA recorded. Best effort: what is left is
+/// an orphan the worker's retention removes.
+async fn discard(state: &AppState, uri: &str) {
+    if let Err(e) = state.adapters.remove(uri).await {
+        tracing::warn!(%uri, error = %e, "could not remove an unrecorded initial version");
     }
 }
 
@@ -254,7 +269,7 @@ fn same_or_conflict(existing: &Lora, wanted: &NewLora) -> ApiResult<Response> {
 /// cannot publish on top (its version is no longer current) and retries from the new one.
 async fn overwrite(state: &AppState, existing: Lora, wanted: NewLora) -> ApiResult<Response> {
     let (uri, sha) = write_initial_version(state, &wanted, existing.current_version + 1).await?;
-    let lora = state
+    let reinit = state
         .store
         .reinit_lora(
             &NewLora {
@@ -265,7 +280,14 @@ async fn overwrite(state: &AppState, existing: Lora, wanted: NewLora) -> ApiResu
             existing.current_version,
             &serde_json::json!({"reinitialized": true}),
         )
-        .await?;
+        .await;
+    let lora = match reinit {
+        Ok(l) => l,
+        Err(e) => {
+            discard(state, &uri).await;
+            return Err(e.into());
+        }
+    };
     serve_in_vllm(state, &lora.lora_id, &uri, &sha, true).await;
     Ok(Json(LoraInitResponse {
         lora_id: lora.lora_id,
@@ -321,8 +343,9 @@ fn charge_init(state: &AppState, caller: &Caller) -> ApiResult<()> {
 
 /// Writes an initial adapter as `version` when the base checkpoint is on this machine;
 /// returns its URI and the sha256 of its weights, or the path a worker will create it at
-/// (and no sha256). Version 0 lives in `v0`; a restart in a directory of its own, so it
-/// can never collide with the files of a job publishing the same number meanwhile.
+/// (and no sha256). Like every version, in a location of its own (see `AdapterStore`), so
+/// it never meets the files of a job publishing the same number, nor those of an earlier
+/// LoRA of the same id.
 async fn write_initial_version(
     state: &AppState,
     lora: &NewLora,
@@ -330,14 +353,10 @@ async fn write_initial_version(
 ) -> ApiResult<(String, String)> {
     let root = std::path::PathBuf::from(&state.options.lora_root);
     let root = std::path::absolute(&root).unwrap_or(root);
-    let name = if version == 0 {
-        "v0".to_owned()
-    } else {
-        format!(
-            "v{version}-init-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        )
-    };
+    let name = claas_core::adapter_store::AdapterStore::version_name(
+        version,
+        &claas_core::adapter_store::AdapterStore::new_tag(),
+    );
     let dir = root.join(&lora.lora_id).join(&name);
     let Some(model_dir) =
         claas_trainer::resolve::existing_model_dir(&lora.base_model, &state.options.data_dir)

@@ -130,7 +130,7 @@ async fn cancel_jobs(state: &AppState, lora_id: &str) -> ApiResult<usize> {
 }
 
 /// Waits until no job of the LoRA runs, unloads it from every vLLM, removes its files and
-/// drops its versions — unless the id was created again meanwhile.
+/// drops its versions (the rows stay if the id was created again meanwhile).
 async fn clean_up(
     state: AppState,
     lora_id: String,
@@ -158,9 +158,14 @@ async fn clean_up(
             tracing::warn!(lora_id, vllm = up.base_url(), error = %e.message, "could not unload a deleted LoRA");
         }
     }
-    if !state.store.purge_lora(&lora_id, token).await? {
-        return Ok(()); // created again since: its files are the new LoRA's
-    }
+    // Versions published after `uris` was read are in the purge's answer. Created again
+    // since: the new LoRA's files have URIs of their own (see `AdapterStore`), so the old
+    // ones still go.
+    let purged = state.store.purge_lora(&lora_id, token).await?;
+    let mut uris = uris;
+    uris.extend(purged.unwrap_or_default());
+    uris.sort();
+    uris.dedup();
     for uri in &uris {
         if let Err(e) = state.adapters.remove(uri).await {
             tracing::warn!(%uri, error = %e, "could not remove a deleted version");

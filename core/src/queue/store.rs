@@ -64,8 +64,13 @@ pub trait LoraStore: Send + Sync {
     async fn delete_lora(&self, lora_id: &str) -> Result<Option<DateTime<Utc>>>;
 
     /// Drops the version rows of a LoRA deleted at `deleted_at` (the token), unless it was
-    /// created again since. True when they were dropped.
-    async fn purge_lora(&self, lora_id: &str, deleted_at: DateTime<Utc>) -> Result<bool>;
+    /// created again since. Returns the dropped versions' `storage_uri`s, whose files the
+    /// caller removes, or `None` when it was created again.
+    async fn purge_lora(
+        &self,
+        lora_id: &str,
+        deleted_at: DateTime<Utc>,
+    ) -> Result<Option<Vec<String>>>;
 
     /// A live (not deleted) LoRA, or `None`.
     async fn get_lora(&self, lora_id: &str) -> Result<Option<Lora>>;

@@ -13,7 +13,11 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::Worker;
-use crate::executor::{AdapterSource, Distilled, JobContext, PhaseError};
+use crate::executor::{AdapterSource, Distilled, JobContext, PhaseError, ServedVersion};
+
+/// How old unpublished files must be before retention removes them (at least twice the
+/// lease, too: a live attempt publishes within its lease of writing).
+const ORPHAN_GRACE: Duration = Duration::from_secs(600);
 
 /// How a job's run ended, for logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +90,7 @@ impl Worker {
             base_model: claimed.job.base_model.clone(),
             attempt: claimed.job.attempt,
             orchestration: claimed.job.orchestration.clone(),
+            write_tag: lease.token.simple().to_string()[..16].to_owned(),
         };
         tracing::info!(members = claimed.members.len(), "claimed");
         let (lease_tx, lease_rx) = watch::channel(LeaseState::Held {
@@ -283,11 +288,50 @@ impl Worker {
         })
     }
 
-    /// Publish changed nothing: either the lease is gone, or the LoRA moved on while this
-    /// job trained (re-initialised with `overwrite`), so the trained step no longer applies.
-    /// The second is a retryable failure: the next attempt trains on the current version.
+    /// The published `version` of the LoRA as recorded, with the one before it.
+    async fn recorded(&self, lora_id: &str, version: i32) -> Result<ServedVersion, Stop> {
+        let versions = self.store.lora_versions(lora_id).await?;
+        let uri_of = |n: i32| {
+            versions
+                .iter()
+                .find(|v| v.version == n)
+                .map(|v| v.storage_uri.clone())
+        };
+        let uri = uri_of(version).ok_or_else(|| {
+            Stop::Failed(
+                Phase::Reload,
+                PhaseError::fatal(
+                    "version_not_found",
+                    format!("LoRA {lora_id} has no version {version} any more"),
+                ),
+            )
+        })?;
+        Ok(ServedVersion {
+            version,
+            uri,
+            previous_uri: uri_of(version - 1),
+        })
+    }
+
+    /// Removes one version's files, wherever they are stored.
+    async fn remove_version(&self, uri: &str) -> claas_core::Result<()> {
+        match (&self.opts.store, claas_core::types::local_path(uri)) {
+            (Some(store), _) => store.remove(uri).await,
+            (None, Some(path)) => claas_core::adapter_store::remove_local(&path).await,
+            (None, None) => Ok(()),
+        }
+    }
+
+    /// Publish changed nothing: the lease is gone, the LoRA is being deleted (and this job
+    /// was asked to stop), or the LoRA moved on while this job trained (re-initialised with
+    /// `overwrite`), so the trained step no longer applies. The last is a retryable
+    /// failure: the next attempt trains on the current version.
     async fn publish_refused(&self, lease: &Lease, version: i32) -> Stop {
         match self.store.heartbeat(lease, self.opts.lease).await {
+            // Deleted meanwhile: the delete asked this job to stop.
+            Ok(LeaseState::Held {
+                cancel_requested: true,
+            }) => Stop::Cancelled,
             Ok(LeaseState::Held { .. }) => Stop::Failed(
                 Phase::Publish,
                 PhaseError::retryable(
@@ -320,21 +364,40 @@ impl Worker {
             }
         };
         for uri in uris {
-            if let Some(store) = &self.opts.store {
-                match store.remove(&uri).await {
-                    Ok(()) => tracing::info!(%uri, "removed an old adapter version"),
-                    Err(e) => tracing::warn!(%uri, error = %e, "could not remove an old version"),
-                }
-                continue;
+            match self.remove_version(&uri).await {
+                Ok(()) => tracing::info!(%uri, "removed an old adapter version"),
+                Err(e) => tracing::warn!(%uri, error = %e, "could not remove an old version"),
             }
-            let Some(dir) = claas_core::types::local_path(&uri) else {
-                continue;
-            };
-            match tokio::fs::remove_dir_all(&dir).await {
-                Ok(()) => tracing::info!(dir = %dir.display(), "removed an old adapter version"),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        }
+        self.remove_orphans(lora_id).await;
+    }
+
+    /// Removes what attempts of the LoRA wrote and never published (a crash, or a stalled
+    /// writer whose lease was lost), once older than any lease could be.
+    async fn remove_orphans(&self, lora_id: &str) {
+        let Some(store) = &self.opts.store else {
+            return;
+        };
+        let recorded: Vec<String> = match self.store.lora_versions(lora_id).await {
+            Ok(v) => v.into_iter().map(|v| v.storage_uri).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "orphan sweep skipped");
+                return;
+            }
+        };
+        let grace = ORPHAN_GRACE.max(self.opts.lease * 2);
+        let orphans = match store.orphans(lora_id, &recorded, grace).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %e, "orphan sweep skipped");
+                return;
+            }
+        };
+        for uri in orphans {
+            match store.remove(&uri).await {
+                Ok(()) => tracing::info!(%uri, "removed an unpublished adapter version"),
                 Err(e) => {
-                    tracing::warn!(dir = %dir.display(), error = %e, "could not remove an old version")
+                    tracing::warn!(%uri, error = %e, "could not remove an unpublished version")
                 }
             }
         }
@@ -448,7 +511,7 @@ impl Worker {
                 let result = claimed.job.result.clone().unwrap_or_default();
                 (
                     v,
-                    serve,
+                    self.recorded(&ctx.lora_id, serve).await?,
                     result.get("metrics").cloned().unwrap_or_default(),
                     claimed.job.sample_count,
                 )
@@ -507,21 +570,30 @@ impl Worker {
                     metrics: metrics.clone(),
                 };
                 if !self.store.publish(lease, &record).await? {
+                    // Nobody will read these files; a retry writes its own.
+                    if let Err(e) = self.remove_version(&record.storage_uri).await {
+                        tracing::warn!(uri = %record.storage_uri, error = %e, "could not remove an unpublished version");
+                    }
                     return Err(self.publish_refused(lease, version).await);
                 }
                 self.prune_old_versions(&ctx.lora_id).await;
                 let batch = i32::try_from(samples).unwrap_or(i32::MAX);
-                (version, version, metrics, batch)
+                let serve = ServedVersion {
+                    version,
+                    uri: record.storage_uri,
+                    previous_uri: Some(from.uri.clone()).filter(|u| !u.is_empty()),
+                };
+                (version, serve, metrics, batch)
             }
         };
-        self.step(lease, watch, clock, Phase::Reload, exec.reload(ctx, serve))
+        self.step(lease, watch, clock, Phase::Reload, exec.reload(ctx, &serve))
             .await
             .map_err(|stop| match stop {
                 Stop::Failed(phase, mut e) => {
                     e.code = "reload_failed".into();
                     e.message = format!(
-                        "version {serve} is published but not loaded into vLLM: {}",
-                        e.message
+                        "version {} is published but not loaded into vLLM: {}",
+                        serve.version, e.message
                     );
                     Stop::Failed(phase, e)
                 }

@@ -319,7 +319,9 @@ impl LeaseStore for PgStore {
             "with {HOLD_MEMBERS}, lead as (
                 update jobs j set published_version = $4
                 where {FENCE} and {MEMBERS_HELD} and j.published_version is null
-                  and exists (select 1 from loras l where l.lora_id = j.lora_id and l.current_version = $4 - 1)
+                  -- A LoRA being deleted takes no new version: its files would outlive it.
+                  and exists (select 1 from loras l where l.lora_id = j.lora_id
+                              and l.current_version = $4 - 1 and l.deleted_at is null)
                 returning j.id, j.lora_id
             ), members as (
                 update jobs m set published_version = $4 from lead

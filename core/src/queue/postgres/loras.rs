@@ -143,7 +143,11 @@ impl LoraStore for PgStore {
         Ok(at)
     }
 
-    async fn purge_lora(&self, lora_id: &str, deleted_at: DateTime<Utc>) -> Result<bool> {
+    async fn purge_lora(
+        &self,
+        lora_id: &str,
+        deleted_at: DateTime<Utc>,
+    ) -> Result<Option<Vec<String>>> {
         let mut tx = self.pool.begin().await?;
         let still: Option<i32> = sqlx::query_scalar(
             "select 1 from loras where lora_id = $1 and deleted_at = $2 for update",
@@ -153,14 +157,16 @@ impl LoraStore for PgStore {
         .fetch_optional(&mut *tx)
         .await?;
         if still.is_none() {
-            return Ok(false);
+            return Ok(None);
         }
-        sqlx::query("delete from lora_versions where lora_id = $1")
-            .bind(lora_id)
-            .execute(&mut *tx)
-            .await?;
+        let uris: Vec<String> = sqlx::query_scalar(
+            "delete from lora_versions where lora_id = $1 returning storage_uri",
+        )
+        .bind(lora_id)
+        .fetch_all(&mut *tx)
+        .await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(Some(uris))
     }
 
     async fn get_lora(&self, lora_id: &str) -> Result<Option<Lora>> {

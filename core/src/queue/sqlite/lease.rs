@@ -237,7 +237,8 @@ impl LeaseStore for SqliteStore {
     async fn publish(&self, lease: &Lease, v: &NewVersion) -> Result<bool> {
         let set = "published_version = cast(?5 as integer)";
         let cond = "published_version is null and exists (select 1 from loras l \
-            where l.lora_id = jobs.lora_id and l.current_version = cast(?5 as integer) - 1)";
+            where l.lora_id = jobs.lora_id and l.current_version = cast(?5 as integer) - 1 \
+            and l.deleted_at is null)";
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         let sql = format!("update jobs set {set} where {FENCE} and {cond} returning lora_id");

@@ -162,7 +162,11 @@ impl LoraStore for SqliteStore {
         Ok((done.rows_affected() == 1).then(|| ms_to_datetime(now)))
     }
 
-    async fn purge_lora(&self, lora_id: &str, deleted_at: chrono::DateTime<Utc>) -> Result<bool> {
+    async fn purge_lora(
+        &self,
+        lora_id: &str,
+        deleted_at: chrono::DateTime<Utc>,
+    ) -> Result<Option<Vec<String>>> {
         let mut tx = self.pool.begin().await?;
         let still: Option<i64> =
             sqlx::query_scalar("select 1 from loras where lora_id = ? and deleted_at = ?")
@@ -171,14 +175,15 @@ impl LoraStore for SqliteStore {
                 .fetch_optional(&mut *tx)
                 .await?;
         if still.is_none() {
-            return Ok(false);
+            return Ok(None);
         }
-        sqlx::query("delete from lora_versions where lora_id = ?")
-            .bind(lora_id)
-            .execute(&mut *tx)
-            .await?;
+        let uris: Vec<String> =
+            sqlx::query_scalar("delete from lora_versions where lora_id = ? returning storage_uri")
+                .bind(lora_id)
+                .fetch_all(&mut *tx)
+                .await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(Some(uris))
     }
 
     async fn get_lora(&self, lora_id: &str) -> Result<Option<Lora>> {
