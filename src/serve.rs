@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use claas_api::AppState;
 use claas_core::config::{Config, ExecutorKind};
-use claas_core::queue::{self, RetryPolicy, SharedStore};
+use claas_core::queue::{self, PoolSettings, RetryPolicy, SharedStore};
 use claas_worker::{
     CandleExecutor, CandleOptions, Executor, SimulatedExecutor, VllmOptions, Worker, WorkerOptions,
 };
@@ -14,6 +14,21 @@ use tokio::sync::watch;
 
 /// Opens the configured store, creating the SQLite file's directory if needed.
 pub async fn open_store(cfg: &Config) -> Result<SharedStore> {
+    open_store_with(cfg, PoolSettings::api(cfg.database.max_connections)).await
+}
+
+/// A worker's store: a small pool whose connections close between bursts, and a listener
+/// only while one of `database.max_listeners` slots is free (README "Connections").
+async fn open_worker_store(cfg: &Config) -> Result<SharedStore> {
+    let db = &cfg.database;
+    open_store_with(
+        cfg,
+        PoolSettings::worker(db.worker_max_connections, db.max_listeners),
+    )
+    .await
+}
+
+async fn open_store_with(cfg: &Config, settings: PoolSettings) -> Result<SharedStore> {
     let url = &cfg.database.url;
     if let Some(path) = url.strip_prefix("sqlite:") {
         let path = path.trim_start_matches("//");
@@ -25,7 +40,7 @@ pub async fn open_store(cfg: &Config) -> Result<SharedStore> {
             }
         }
     }
-    Ok(queue::connect(url, cfg.database.max_connections).await?)
+    Ok(queue::connect_with(url, settings).await?)
 }
 
 /// Runs migrations, waiting for the database to come up (it may start after us).
@@ -268,7 +283,7 @@ pub async fn api(cfg: Config, migrate: bool) -> Result<()> {
 }
 
 pub async fn worker(cfg: Config, migrate: bool) -> Result<()> {
-    let store = open_store(&cfg).await?;
+    let store = open_worker_store(&cfg).await?;
     if migrate {
         migrate_when_up(&store).await?;
     }

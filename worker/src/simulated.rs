@@ -20,7 +20,7 @@ use crate::executor::{
 };
 
 pub struct SimulatedExecutor {
-    /// Time spent in each phase.
+    /// Time spent in each phase, on average (see `phase_time`).
     pub step: Duration,
     /// Where version files go (`<root>/<lora_id>/@v<version>-<write tag>.json`).
     pub root: PathBuf,
@@ -66,9 +66,15 @@ pub fn validate_batch(samples: &[Sample]) -> PhaseResult<()> {
 }
 
 impl SimulatedExecutor {
+    /// One phase's time: `step` ± 50 %, drawn each time, so a fleet started together does
+    /// not move through its phases (and its database statements) in lockstep.
+    fn phase_time(&self) -> Duration {
+        self.step.mul_f64(0.5 + rand::random::<f64>())
+    }
+
     async fn pause(&self) {
         if !self.step.is_zero() {
-            tokio::time::sleep(self.step).await;
+            tokio::time::sleep(self.phase_time()).await;
         }
     }
 }
@@ -166,7 +172,7 @@ impl Executor for SimulatedExecutor {
         let path = dir.join(format!("{name}.json"));
         let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
         let sha256 = digest::digest_hex(body.as_bytes());
-        let (step, target) = (self.step, path.clone());
+        let (step, target) = (self.phase_time(), path.clone());
         // Like the trainer's save: a blocking write that runs to its end even when the job's
         // lease is lost meanwhile (the phase is abandoned, the thread is not). The phase's
         // time is spent between writing and renaming, where a stall hurts most.

@@ -105,8 +105,17 @@ fn default_max_queued() -> i64 {
 pub struct DatabaseConfig {
     /// `postgres://…` or `sqlite:…`. Env `DATABASE_URL`.
     pub url: String,
-    /// Pool size per process (Postgres). Default 16. Env `CLAAS_DB_MAX_CONNECTIONS`.
+    /// Pool size of an API process (Postgres). Default 16. Env `CLAAS_DB_MAX_CONNECTIONS`.
     pub max_connections: u32,
+    /// Pool size of a worker process (Postgres): its job, its lease heartbeat and its
+    /// claim loop share it, and it closes connections idle for 50 ms, so an idle or
+    /// training worker holds none. Default 2. Env `CLAAS_DB_WORKER_MAX_CONNECTIONS`.
+    pub worker_max_connections: u32,
+    /// Workers that keep a `LISTEN` connection for instant wake-ups, fleet-wide (per
+    /// database schema); the others poll every `queue.poll_interval_ms`. 0: every worker
+    /// polls (for PgBouncer in transaction mode, where `LISTEN` does not work). Default 8.
+    /// Env `CLAAS_DB_MAX_LISTENERS`.
+    pub max_listeners: u32,
 }
 
 /// Queue behaviour shared by API and workers.

@@ -32,6 +32,11 @@ pub const ENV_NAMES: &[(&str, &str)] = &[
     ("CLAAS_FEEDBACK_MAX_WAIT_S", "server.feedback_max_wait_s"),
     ("DATABASE_URL", "database.url"),
     ("CLAAS_DB_MAX_CONNECTIONS", "database.max_connections"),
+    (
+        "CLAAS_DB_WORKER_MAX_CONNECTIONS",
+        "database.worker_max_connections",
+    ),
+    ("CLAAS_DB_MAX_LISTENERS", "database.max_listeners"),
     ("FEEDBACK_LOCK_TIMEOUT_S", "queue.lock_timeout_s"),
     (
         "CLAAS_FEEDBACK_MAX_BATCH_SIZE",
@@ -176,6 +181,8 @@ impl Default for Config {
             database: DatabaseConfig {
                 url: "postgres://postgres@localhost/claas".into(),
                 max_connections: 16,
+                worker_max_connections: 2,
+                max_listeners: 8,
             },
             queue: QueueConfig {
                 lock_timeout_s: 120.0,
@@ -390,6 +397,10 @@ impl Config {
         check(
             self.database.max_connections >= 1,
             "database.max_connections (CLAAS_DB_MAX_CONNECTIONS) must be >= 1",
+        );
+        check(
+            self.database.worker_max_connections >= 1,
+            "database.worker_max_connections (CLAAS_DB_WORKER_MAX_CONNECTIONS) must be >= 1",
         );
         check(
             self.cache.completion_cache_size >= 1,

@@ -17,7 +17,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-pub use postgres::PgStore;
+pub use postgres::{PgStore, PoolSettings};
 pub use sqlite::SqliteStore;
 pub use store::{prelude, JobStore, KeyStore, LeaseStore, LoraStore, OpsStore, Store, WorkerStore};
 
@@ -328,10 +328,13 @@ pub type SharedStore = Arc<dyn Store>;
 
 /// Opens the store a database URL names: `postgres://…` or `sqlite:…`.
 pub async fn connect(url: &str, max_connections: u32) -> Result<SharedStore> {
+    connect_with(url, PoolSettings::api(max_connections)).await
+}
+
+/// [`connect`] with a process's pool settings (Postgres; SQLite has one connection).
+pub async fn connect_with(url: &str, settings: PoolSettings) -> Result<SharedStore> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(
-            PgStore::connect(url, None, max_connections).await?,
-        ))
+        Ok(Arc::new(PgStore::connect_with(url, None, settings).await?))
     } else if url.starts_with("sqlite:") {
         Ok(Arc::new(SqliteStore::connect(url).await?))
     } else {

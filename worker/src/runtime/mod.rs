@@ -90,6 +90,16 @@ impl Worker {
     /// Runs until `shutdown` turns true: claims and runs jobs one at a time. Database
     /// outages are logged and waited out; the process keeps running.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> claas_core::Result<()> {
+        if self.store.backend() == "postgres" {
+            // A fleet (re)started at once would otherwise open every worker's connections
+            // in the same instant: spread the starts over one poll interval.
+            let spread = self.opts.poll_interval.as_millis().max(1) as u64;
+            let wait = Duration::from_millis(rand::random::<u64>() % spread);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return Ok(()),
+            }
+        }
         self.register_until_ok(&mut shutdown).await;
         if let Err(e) = self.executor.on_start().await {
             tracing::warn!(error = %e, "could not wake vLLM at start-up; the first job will");

@@ -52,9 +52,52 @@ const FENCE: &str = "id = $1 and lease_token = $2 and worker_id = $3 and status 
 /// storm so the caller's poll loop, not this function, waits.
 const CLAIM_RACE_RETRIES: usize = 32;
 
+/// What one process may hold of the database: see README "Connections".
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    /// The pool's size.
+    pub max_connections: u32,
+    /// Pooled connections idle this long are closed (`None`: sqlx's 10 minutes).
+    pub idle_timeout: Option<Duration>,
+    /// Listener slots fleet-wide (per schema); a process whose `LISTEN` connection gets
+    /// none closes it and polls. 0: never listen.
+    pub listener_slots: u32,
+    /// How long a statement waits for a connection (sqlx retries a full server meanwhile)
+    /// before it fails.
+    pub acquire_timeout: Duration,
+}
+
+impl PoolSettings {
+    /// An API process: a pool that stays warm for the next request.
+    pub fn api(max_connections: u32) -> Self {
+        PoolSettings {
+            max_connections,
+            idle_timeout: None,
+            listener_slots: 0,
+            // A request answers "unavailable" quickly while the database is down.
+            acquire_timeout: Duration::from_secs(3),
+        }
+    }
+
+    /// A worker process: its statements come in short bursts seconds apart (a claim, a
+    /// phase, a heartbeat), so its connections close between them and a fleet of idle or
+    /// training workers holds next to nothing; `listener_slots` of them keep a `LISTEN`.
+    pub fn worker(max_connections: u32, listener_slots: u32) -> Self {
+        PoolSettings {
+            max_connections,
+            idle_timeout: Some(Duration::from_millis(50)),
+            listener_slots,
+            // A worker would rather wait for a connection of a full server than fail a
+            // job's phase: its lease outlives the wait.
+            acquire_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
 pub struct PgStore {
     pool: PgPool,
     listener_opts: PgConnectOptions,
+    listener_slots: u32,
     wake_tx: watch::Sender<u64>,
     wake_rx: Wakeups,
     listener: OnceCell<JoinHandle<()>>,
@@ -79,6 +122,19 @@ impl PgStore {
     /// each case its own schema). Acquiring a connection gives up after 3 s so callers
     /// answer "unavailable" quickly while the database is down.
     pub async fn connect(url: &str, schema: Option<&str>, max_connections: u32) -> Result<Self> {
+        let mut settings = PoolSettings::api(max_connections);
+        // Tests and tools that claim through this store listen as a worker does.
+        settings.listener_slots = u32::MAX;
+        Self::connect_with(url, schema, settings).await
+    }
+
+    /// [`Self::connect`] with a process's [`PoolSettings`].
+    pub async fn connect_with(
+        url: &str,
+        schema: Option<&str>,
+        settings: PoolSettings,
+    ) -> Result<Self> {
+        let max_connections = settings.max_connections;
         let mut opts: PgConnectOptions = url
             .parse()
             .map_err(|e| Error::Config(format!("database.url: {e}")))?;
@@ -94,9 +150,13 @@ impl PgStore {
         let listener_opts = opts
             .clone()
             .application_name(&format!("claas-listener-{}", schema.unwrap_or("public")));
-        let pool = PgPoolOptions::new()
+        let mut pool = PgPoolOptions::new()
             .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(3))
+            .acquire_timeout(settings.acquire_timeout);
+        if let Some(idle) = settings.idle_timeout {
+            pool = pool.idle_timeout(idle);
+        }
+        let pool = pool
             .test_before_acquire(false)
             .before_acquire(|conn, meta| Box::pin(ping_if_idle(conn, meta)))
             .connect_lazy_with(opts);
@@ -108,6 +168,7 @@ impl PgStore {
             enqueued,
             pool,
             listener_opts,
+            listener_slots: settings.listener_slots,
             wake_tx,
             wake_rx,
             listener: OnceCell::new(),
@@ -166,25 +227,39 @@ async fn notify_enqueues(pool: PgPool, enqueued: Arc<tokio::sync::Notify>) {
     }
 }
 
-/// Keeps one `LISTEN` connection open for the process. After every (re)connect it wakes
-/// the claimers once: notifications sent while the connection was down are lost, so each
-/// claimer must look at the table after `LISTEN` is in place again.
-async fn listen_forever(opts: PgConnectOptions, tx: watch::Sender<u64>) {
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(Duration::from_secs(3))
-        .connect_lazy_with(opts);
+/// Keeps one `LISTEN` connection open for the process, if it gets one of `slots` listener
+/// slots (session advisory locks, per schema, held by that connection): a fleet of
+/// hundreds of workers cannot each hold a connection for listening, and with many workers
+/// the polls alone claim a new job within milliseconds. Without a slot, or where `LISTEN`
+/// fails (PgBouncer in transaction mode), the claim loop polls and a slot is tried again
+/// later. After every (re)connect it wakes the claimers once: notifications sent while
+/// the connection was down are lost, so each claimer must look at the table after
+/// `LISTEN` is in place again.
+async fn listen_forever(opts: PgConnectOptions, slots: u32, tx: watch::Sender<u64>) {
+    if slots == 0 {
+        tracing::info!("not listening for job notifications (database.max_listeners = 0); polling");
+        return;
+    }
     let mut delay = Duration::from_millis(100);
     loop {
+        // A pool per attempt: closing it closes the connection of an attempt that got no
+        // slot, where dropping the listener would park it in the pool, held.
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect_lazy_with(opts.clone());
         let listener = async {
             let mut l = PgListener::connect_with(&pool).await?;
             l.ignore_pool_close_event(true);
+            if !take_listener_slot(&mut l, slots).await? {
+                return Ok(None);
+            }
             l.listen(CHANNEL).await?;
-            Ok::<_, sqlx::Error>(l)
+            Ok::<_, sqlx::Error>(Some(l))
         }
         .await;
         match listener {
-            Ok(mut l) => {
+            Ok(Some(mut l)) => {
                 delay = Duration::from_millis(100);
                 tracing::debug!("listening for job notifications");
                 bump(&tx);
@@ -201,14 +276,60 @@ async fn listen_forever(opts: PgConnectOptions, tx: watch::Sender<u64>) {
                         }
                     }
                 }
+                drop(l);
+                pool.close().await;
+            }
+            Ok(None) => {
+                pool.close().await;
+                tracing::debug!(slots, "every listener slot is taken; polling");
+                let jitter = Duration::from_millis(rand::random::<u64>() % 30_000);
+                tokio::time::sleep(SLOT_RETRY + jitter).await;
             }
             Err(e) => {
+                pool.close().await;
                 tracing::debug!(error = %e, "job listener cannot connect yet");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
     }
+}
+
+/// How long a process without a listener slot polls before it tries for one again.
+const SLOT_RETRY: Duration = Duration::from_secs(30);
+
+/// Takes one of `slots` listener slots for the connection's session; false when all are
+/// held. Slots are advisory locks keyed by the schema, so test schemas (and two queues in
+/// one database) count their own. Two statements at most, so a fleet starting at once
+/// spends little on the slots most of it will not get.
+async fn take_listener_slot(
+    l: &mut PgListener,
+    slots: u32,
+) -> std::result::Result<bool, sqlx::Error> {
+    if slots == u32::MAX {
+        return Ok(true);
+    }
+    let free: Option<i32> = sqlx::query_scalar(
+        "select s from generate_series(0, $1::int - 1) s where not exists ( \
+             select 1 from pg_locks l where l.locktype = 'advisory' \
+               and l.database = (select oid from pg_database where datname = current_database()) \
+               and l.classid = hashtext('claas-listener:' || current_schema())::oid \
+               and l.objid = s::oid and l.objsubid = 2) \
+         order by random() limit 1",
+    )
+    .bind(i32::try_from(slots).unwrap_or(i32::MAX))
+    .fetch_optional(&mut *l)
+    .await?;
+    let Some(slot) = free else {
+        return Ok(false);
+    };
+    // Another process may take it first: then this one polls and tries again later.
+    sqlx::query_scalar(
+        "select pg_try_advisory_lock(hashtext('claas-listener:' || current_schema()), $1)",
+    )
+    .bind(slot)
+    .fetch_one(&mut *l)
+    .await
 }
 
 fn job_from_row(row: &PgRow) -> Result<Job> {
@@ -405,6 +526,7 @@ impl Store for PgStore {
             .get_or_init(|| async {
                 tokio::spawn(listen_forever(
                     self.listener_opts.clone(),
+                    self.listener_slots,
                     self.wake_tx.clone(),
                 ))
             })
