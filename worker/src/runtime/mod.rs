@@ -17,6 +17,10 @@ mod job;
 /// Least time between two idle reconciles of the local vLLM's adapters.
 const RECONCILE_MIN_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The longest a worker on Postgres waits at start-up before it first opens a connection
+/// (a random delay, so a fleet started together does not connect in the same instant).
+const START_SPREAD_MAX: Duration = Duration::from_secs(1);
+
 /// How a worker behaves; built from `claas_core::config::Config` by the binary.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
@@ -92,8 +96,14 @@ impl Worker {
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> claas_core::Result<()> {
         if self.store.backend() == "postgres" {
             // A fleet (re)started at once would otherwise open every worker's connections
-            // in the same instant: spread the starts over one poll interval.
-            let spread = self.opts.poll_interval.as_millis().max(1) as u64;
+            // in the same instant: spread the starts over one poll interval, at most
+            // [`START_SPREAD_MAX`], so a lone worker with a slow poll still starts at once.
+            let spread = self
+                .opts
+                .poll_interval
+                .min(START_SPREAD_MAX)
+                .as_millis()
+                .max(1) as u64;
             let wait = Duration::from_millis(rand::random::<u64>() % spread);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
