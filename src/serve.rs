@@ -14,6 +14,11 @@ use tokio::sync::watch;
 
 /// Opens the configured store, creating the SQLite file's directory if needed.
 pub async fn open_store(cfg: &Config) -> Result<SharedStore> {
+    open_store_with(cfg, PoolSettings::tool(cfg.database.max_connections)).await
+}
+
+/// An API's store: its whole pool is opened at start and kept (README "Connections").
+async fn open_api_store(cfg: &Config) -> Result<SharedStore> {
     open_store_with(cfg, PoolSettings::api(cfg.database.max_connections)).await
 }
 
@@ -267,7 +272,7 @@ async fn app_state(cfg: &Config, store: SharedStore) -> Result<AppState> {
 }
 
 pub async fn api(cfg: Config, migrate: bool) -> Result<()> {
-    let store = open_store(&cfg).await?;
+    let store = open_api_store(&cfg).await?;
     if migrate {
         migrate_when_up(&store).await?;
     }

@@ -24,12 +24,15 @@ use common::throwaway_pg::ThrowawayPg;
 use common::{env, eventually, feedback, free_port, spawn, wait_http, Proc};
 use tokio::sync::watch;
 
+/// The two cases run one after the other: each measures a fleet on a 2-core machine.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const WORKERS: usize = 200;
 const LORAS: usize = 500;
 const JOBS: usize = 5_000;
 const CLIENTS: usize = 16;
 /// Each simulated phase (and the save) takes this long: one training is about 8 of them.
-const STEP: Duration = Duration::from_millis(2000);
+const STEP: Duration = Duration::from_millis(3000);
 
 /// Warnings and errors the in-process workers log: a connection error would be one.
 #[derive(Clone, Default)]
@@ -263,6 +266,7 @@ async fn post_all(bases: &[String], n: usize) -> Vec<u16> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_workers_and_two_apis_fit_a_default_postgres() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let Some(pg) = ThrowawayPg::start(&["max_connections=100", "fsync=off"]) else {
         assert!(
             std::env::var("CI").is_err(),
@@ -472,6 +476,7 @@ async fn two_hundred_workers_and_two_apis_fit_a_default_postgres() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_without_a_listener_claim_by_polling() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let Some(pg) = ThrowawayPg::start(&["max_connections=100", "fsync=off"]) else {
         assert!(
             std::env::var("CI").is_err(),

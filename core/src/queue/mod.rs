@@ -328,7 +328,7 @@ pub type SharedStore = Arc<dyn Store>;
 
 /// Opens the store a database URL names: `postgres://…` or `sqlite:…`.
 pub async fn connect(url: &str, max_connections: u32) -> Result<SharedStore> {
-    connect_with(url, PoolSettings::api(max_connections)).await
+    connect_with(url, PoolSettings::tool(max_connections)).await
 }
 
 /// [`connect`] with a process's pool settings (Postgres; SQLite has one connection).

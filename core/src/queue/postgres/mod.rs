@@ -57,6 +57,8 @@ const CLAIM_RACE_RETRIES: usize = 32;
 pub struct PoolSettings {
     /// The pool's size.
     pub max_connections: u32,
+    /// Connections opened at start and kept (reopened in the background when lost).
+    pub min_connections: u32,
     /// Pooled connections idle this long are closed (`None`: sqlx's 10 minutes).
     pub idle_timeout: Option<Duration>,
     /// Listener slots fleet-wide (per schema); a process whose `LISTEN` connection gets
@@ -68,14 +70,25 @@ pub struct PoolSettings {
 }
 
 impl PoolSettings {
-    /// An API process: a pool that stays warm for the next request.
+    /// An API process: its whole pool is opened at start and kept, so a fleet of workers
+    /// starting together cannot take the server's connections while requests wait.
     pub fn api(max_connections: u32) -> Self {
         PoolSettings {
             max_connections,
+            min_connections: max_connections,
             idle_timeout: None,
             listener_slots: 0,
             // A request answers "unavailable" quickly while the database is down.
             acquire_timeout: Duration::from_secs(3),
+        }
+    }
+
+    /// A command that runs and exits (`claas migrate`, `claas keys`), a test or a tool:
+    /// connections are opened as they are needed and kept warm.
+    pub fn tool(max_connections: u32) -> Self {
+        PoolSettings {
+            min_connections: 0,
+            ..Self::api(max_connections)
         }
     }
 
@@ -85,6 +98,7 @@ impl PoolSettings {
     pub fn worker(max_connections: u32, listener_slots: u32) -> Self {
         PoolSettings {
             max_connections,
+            min_connections: 0,
             idle_timeout: Some(Duration::from_millis(50)),
             listener_slots,
             // A worker would rather wait for a connection of a full server than fail a
@@ -122,7 +136,7 @@ impl PgStore {
     /// each case its own schema). Acquiring a connection gives up after 3 s so callers
     /// answer "unavailable" quickly while the database is down.
     pub async fn connect(url: &str, schema: Option<&str>, max_connections: u32) -> Result<Self> {
-        let mut settings = PoolSettings::api(max_connections);
+        let mut settings = PoolSettings::tool(max_connections);
         // Tests and tools that claim through this store listen as a worker does.
         settings.listener_slots = u32::MAX;
         Self::connect_with(url, schema, settings).await
@@ -152,6 +166,7 @@ impl PgStore {
             .application_name(&format!("claas-listener-{}", schema.unwrap_or("public")));
         let mut pool = PgPoolOptions::new()
             .max_connections(max_connections)
+            .min_connections(settings.min_connections)
             .acquire_timeout(settings.acquire_timeout);
         if let Some(idle) = settings.idle_timeout {
             pool = pool.idle_timeout(idle);
@@ -235,15 +250,38 @@ async fn notify_enqueues(pool: PgPool, enqueued: Arc<tokio::sync::Notify>) {
 /// later. After every (re)connect it wakes the claimers once: notifications sent while
 /// the connection was down are lost, so each claimer must look at the table after
 /// `LISTEN` is in place again.
-async fn listen_forever(opts: PgConnectOptions, slots: u32, tx: watch::Sender<u64>) {
+async fn listen_forever(
+    shared: PgPool,
+    opts: PgConnectOptions,
+    slots: u32,
+    tx: watch::Sender<u64>,
+) {
     if slots == 0 {
         tracing::info!("not listening for job notifications (database.max_listeners = 0); polling");
         return;
     }
     let mut delay = Duration::from_millis(100);
     loop {
-        // A pool per attempt: closing it closes the connection of an attempt that got no
-        // slot, where dropping the listener would park it in the pool, held.
+        // Whether a slot is free is asked on the process's pool, so a fleet starting at
+        // once does not open a connection per worker only to find every slot taken.
+        // `None`: slots are unlimited (tests and tools), take none.
+        let slot = match free_listener_slot(&shared, slots).await {
+            Ok(Some(slot)) => slot,
+            Ok(None) => {
+                tracing::debug!(slots, "every listener slot is taken; polling");
+                let jitter = Duration::from_millis(rand::random::<u64>() % 30_000);
+                tokio::time::sleep(SLOT_RETRY + jitter).await;
+                continue;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "job listener cannot look for a slot yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        // A pool per attempt: closing it closes the connection of an attempt that lost
+        // the slot, where dropping the listener would park it in the pool, held.
         let pool = PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(3))
@@ -251,8 +289,17 @@ async fn listen_forever(opts: PgConnectOptions, slots: u32, tx: watch::Sender<u6
         let listener = async {
             let mut l = PgListener::connect_with(&pool).await?;
             l.ignore_pool_close_event(true);
-            if !take_listener_slot(&mut l, slots).await? {
-                return Ok(None);
+            if let Some(slot) = slot {
+                let taken: bool = sqlx::query_scalar(
+                    "select pg_try_advisory_lock(hashtext('claas-listener:' || current_schema()), $1)",
+                )
+                .bind(slot)
+                .fetch_one(&mut l)
+                .await?;
+                if !taken {
+                    // Another process took it first.
+                    return Ok(None);
+                }
             }
             l.listen(CHANNEL).await?;
             Ok::<_, sqlx::Error>(Some(l))
@@ -298,16 +345,15 @@ async fn listen_forever(opts: PgConnectOptions, slots: u32, tx: watch::Sender<u6
 /// How long a process without a listener slot polls before it tries for one again.
 const SLOT_RETRY: Duration = Duration::from_secs(30);
 
-/// Takes one of `slots` listener slots for the connection's session; false when all are
-/// held. Slots are advisory locks keyed by the schema, so test schemas (and two queues in
-/// one database) count their own. Two statements at most, so a fleet starting at once
-/// spends little on the slots most of it will not get.
-async fn take_listener_slot(
-    l: &mut PgListener,
+/// A listener slot nobody holds, `None` when all are held, or `Ok(Some(None))` when slots
+/// are unlimited. Slots are advisory locks keyed by the schema, so test schemas (and two
+/// queues in one database) count their own.
+async fn free_listener_slot(
+    pool: &PgPool,
     slots: u32,
-) -> std::result::Result<bool, sqlx::Error> {
+) -> std::result::Result<Option<Option<i32>>, sqlx::Error> {
     if slots == u32::MAX {
-        return Ok(true);
+        return Ok(Some(None));
     }
     let free: Option<i32> = sqlx::query_scalar(
         "select s from generate_series(0, $1::int - 1) s where not exists ( \
@@ -318,18 +364,9 @@ async fn take_listener_slot(
          order by random() limit 1",
     )
     .bind(i32::try_from(slots).unwrap_or(i32::MAX))
-    .fetch_optional(&mut *l)
+    .fetch_optional(pool)
     .await?;
-    let Some(slot) = free else {
-        return Ok(false);
-    };
-    // Another process may take it first: then this one polls and tries again later.
-    sqlx::query_scalar(
-        "select pg_try_advisory_lock(hashtext('claas-listener:' || current_schema()), $1)",
-    )
-    .bind(slot)
-    .fetch_one(&mut *l)
-    .await
+    Ok(free.map(Some))
 }
 
 fn job_from_row(row: &PgRow) -> Result<Job> {
@@ -525,6 +562,7 @@ impl Store for PgStore {
         self.listener
             .get_or_init(|| async {
                 tokio::spawn(listen_forever(
+                    self.pool.clone(),
                     self.listener_opts.clone(),
                     self.listener_slots,
                     self.wake_tx.clone(),
