@@ -79,6 +79,7 @@ async fn submit_all(base: &str) -> Vec<String> {
         for id in LORAS {
             let resp = client
                 .post(format!("{base}/v1/feedback"))
+                .header("prefer", "respond-async")
                 .json(&feedback(id, &format!("round {round}: be more concise")))
                 .send()
                 .await

@@ -173,6 +173,7 @@ async fn api_and_worker_ride_out_a_database_outage() {
         async move {
             let resp = client
                 .post(format!("{base}/v1/feedback"))
+                .header("prefer", "respond-async")
                 .json(&feedback("a", &text))
                 .send()
                 .await;

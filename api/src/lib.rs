@@ -15,6 +15,7 @@ pub mod timeouts;
 /// Kept at its old path for the API's handlers and tests.
 pub use claas_core::thinking;
 pub mod upstream;
+pub mod waiters;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,13 +106,16 @@ pub const DEFAULT_LORA_INITS_PER_HOUR: usize = 100;
 pub struct WaitSlots {
     pub permits: Arc<tokio::sync::Semaphore>,
     pub limit: usize,
+    /// Where the waiting requests wait (one poller for all of them).
+    pub jobs: Arc<waiters::Waiters>,
 }
 
 impl WaitSlots {
-    pub fn new(limit: usize) -> WaitSlots {
+    pub fn new(limit: usize, store: SharedStore) -> WaitSlots {
         WaitSlots {
             permits: Arc::new(tokio::sync::Semaphore::new(limit)),
             limit,
+            jobs: waiters::Waiters::new(store),
         }
     }
 }
@@ -126,6 +130,7 @@ impl AppState {
     /// State with an in-process completion cache and no inference server.
     pub fn new(store: SharedStore, options: ApiOptions) -> AppState {
         let adapters = AdapterStore::local(&options.lora_root);
+        let waiting = WaitSlots::new(DEFAULT_MAX_WAITING, store.clone());
         AppState {
             store,
             adapters,
@@ -140,7 +145,7 @@ impl AppState {
             auth: Arc::new(auth::Auth::new(None, None, 0)),
             sessions: Arc::new(dashboard::session::Sessions::new(None)),
             logins: Arc::default(),
-            waiting: WaitSlots::new(DEFAULT_MAX_WAITING),
+            waiting,
             max_seq_len: DEFAULT_MAX_SEQ_LEN,
             lora_inits: Arc::new(rate::WindowLimit::new(
                 DEFAULT_LORA_INITS_PER_HOUR,
@@ -170,7 +175,7 @@ impl AppState {
 
     /// At most `n` feedback requests held open at once while their jobs run.
     pub fn with_max_waiting(mut self, n: usize) -> AppState {
-        self.waiting = WaitSlots::new(n);
+        self.waiting = WaitSlots::new(n, self.store.clone());
         self
     }
 

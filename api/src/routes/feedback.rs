@@ -1,7 +1,7 @@
 //! `POST /v1/feedback`: validate a CLaaS feedback batch, resolve each item's rollout,
 //! enqueue one job, and answer 202 at once (or wait, per `Prefer`).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -418,10 +418,30 @@ pub async fn submit(
         let permit = slots.permits.clone().try_acquire_owned();
         Some(permit.map_err(|_| ApiError::too_many_waiting(slots.limit))?)
     };
+    // The enqueueing runs boxed: its state (the batch, the statements' futures) is freed
+    // before the wait, so a waiting request's future is small.
+    let enqueued = Box::pin(enqueue_batch(&state, caller, headers, req, body)).await?;
+    if wait.is_zero() || enqueued.status.is_terminal() {
+        return Ok(answer(enqueued));
+    }
+    // A waiting request keeps none of its feedback (nor the job, which holds it): thousands
+    // may wait at once.
+    let (id, status) = (enqueued.id, enqueued.status);
+    drop(enqueued);
+    Ok(wait_for(&state, id, status, wait).await)
+}
+
+/// Checks the batch and the caller's rights and limits, and enqueues its job.
+async fn enqueue_batch(
+    state: &AppState,
+    caller: Caller,
+    headers: HeaderMap,
+    mut req: FeedbackBatchRequest,
+    body: axum::body::Bytes,
+) -> ApiResult<Job> {
     // CLaaS's `<id>-latest` names the LoRA `<id>`.
-    let mut req = req;
     if let Some(first) = req.requests.first().map(|i| i.lora_id.clone()) {
-        let resolved = crate::routes::lora_versions::resolve_alias(&state, &first).await?;
+        let resolved = crate::routes::lora_versions::resolve_alias(state, &first).await?;
         for item in req.requests.iter_mut().filter(|i| i.lora_id == first) {
             item.lora_id = resolved.clone();
         }
@@ -445,7 +465,7 @@ pub async fn submit(
             .with_retry_after(30));
         }
     }
-    let payload = validate(&state, &caller, &req).await?;
+    let payload = validate(state, &caller, &req).await?;
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => {
@@ -471,38 +491,23 @@ pub async fn submit(
         .as_ref()
         .map(|_| hex::encode(Sha256::digest(&body)));
     job.idempotency_key = idempotency_key;
-    let enqueued = state.store.enqueue(&job).await?;
-    let job = if wait.is_zero() {
-        enqueued.job
-    } else {
-        wait_for(&state, enqueued.job, wait).await
-    };
-    Ok(answer(job))
+    Ok(state.store.enqueue(&job).await?.job)
 }
 
-/// Polls the job until it is terminal or `wait` passes. The job is already accepted, so a
-/// database error while polling ends the wait (the caller gets 202 and polls later)
-/// instead of failing a request whose feedback is safely queued.
-async fn wait_for(state: &AppState, mut job: Job, wait: Duration) -> Job {
-    let deadline = Instant::now() + wait;
-    let mut every = Duration::from_millis(20);
-    while !job.status.is_terminal() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        tokio::time::sleep(every.min(left)).await;
-        every = (every * 2).min(Duration::from_millis(250));
-        match state.store.get_job(job.id).await {
-            Ok(Some(j)) => job = j,
-            Ok(None) => break,
-            Err(e) => {
-                tracing::warn!(error = %e, job_id = %job.id, "stopped waiting for an accepted job");
-                break;
-            }
+/// Waits until the job is terminal or `wait` passes, holding nothing but a place among
+/// the process's waiters (see `waiters`), then answers with the job as it is. The job is
+/// already accepted, so a database error reading it afterwards answers 202 (the caller
+/// polls) instead of failing a request whose feedback is safely queued.
+async fn wait_for(state: &AppState, id: Uuid, status: JobStatus, wait: Duration) -> Response {
+    state.waiting.jobs.wait(id, wait).await;
+    match state.store.get_job(id).await {
+        Ok(Some(job)) => answer(job),
+        Ok(None) => accepted(id, status),
+        Err(e) => {
+            tracing::warn!(error = %e, job_id = %id, "could not read a waited-on job");
+            accepted(id, status)
         }
     }
-    job
 }
 
 fn status_url(job: &Job) -> String {
@@ -515,20 +520,23 @@ fn answer(job: Job) -> Response {
     match job.status {
         JobStatus::Succeeded => (StatusCode::OK, Json(feedback_response(&job))).into_response(),
         JobStatus::Failed | JobStatus::Cancelled => job_error(&job).into_response(),
-        _ => {
-            let url = status_url(&job);
-            (
-                StatusCode::ACCEPTED,
-                [(header::LOCATION, url.clone())],
-                Json(FeedbackAccepted {
-                    job_id: job.id,
-                    status: job.status,
-                    status_url: url,
-                }),
-            )
-                .into_response()
-        }
+        _ => accepted(job.id, job.status),
     }
+}
+
+/// 202 with where to poll.
+fn accepted(job_id: Uuid, status: JobStatus) -> Response {
+    let url = format!("/v1/jobs/{job_id}");
+    (
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, url.clone())],
+        Json(FeedbackAccepted {
+            job_id,
+            status,
+            status_url: url,
+        }),
+    )
+        .into_response()
 }
 
 fn job_error(job: &Job) -> ApiError {

@@ -18,7 +18,9 @@ pub struct ServerConfig {
     /// Request bodies over this many bytes get 413. Default 8 MiB. Env `CLAAS_MAX_BODY_BYTES`.
     pub max_body_bytes: usize,
     /// Seconds `POST /v1/feedback` waits for the job when the request has no `Prefer`
-    /// header; 0 answers 202 at once. Default 0. Env `CLAAS_FEEDBACK_DEFAULT_WAIT_S`.
+    /// header, answering CLaaS's 200 body when it finishes (as CLaaS's clients expect) or
+    /// 202 past it; 0 answers 202 at once. Default 120 (CLaaS's lock timeout). Env
+    /// `CLAAS_FEEDBACK_DEFAULT_WAIT_S`.
     pub feedback_default_wait_s: u64,
     /// Upper bound on `Prefer: wait=N`. Default 600. Env `CLAAS_FEEDBACK_MAX_WAIT_S`.
     pub feedback_max_wait_s: u64,

@@ -165,7 +165,7 @@ impl Default for Config {
                 host: "0.0.0.0".into(),
                 port: 8080,
                 max_body_bytes: 8 << 20,
-                feedback_default_wait_s: 0,
+                feedback_default_wait_s: 120,
                 feedback_max_wait_s: 600,
                 admin_key: None,
                 metrics_token: None,

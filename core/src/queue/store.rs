@@ -138,6 +138,11 @@ pub trait JobStore: Send + Sync {
     /// One job, or `None`.
     async fn get_job(&self, id: Uuid) -> Result<Option<Job>>;
 
+    /// Of `ids`, those whose jobs have not finished (queued, joined or running); the
+    /// others are finished or gone. One statement for all of them: an API process asks it
+    /// for every feedback request it holds open.
+    async fn unfinished_jobs(&self, ids: &[Uuid]) -> Result<Vec<Uuid>>;
+
     /// Jobs matching the filter, newest first.
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>>;
 

@@ -155,6 +155,15 @@ impl JobStore for PgStore {
         row.as_ref().map(job_from_row).transpose()
     }
 
+    async fn unfinished_jobs(&self, ids: &[Uuid]) -> Result<Vec<Uuid>> {
+        Ok(sqlx::query_scalar(
+            "select id from jobs where id = any($1) and status in ('queued', 'coalesced', 'running')",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>> {
         // Only the filters given become conditions, so each combination gets a plan that
         // uses its index (a generic `$1 is null or …` plan cannot).

@@ -145,6 +145,26 @@ impl JobStore for SqliteStore {
         row.as_ref().map(job_from_row).transpose()
     }
 
+    async fn unfinished_jobs(&self, ids: &[Uuid]) -> Result<Vec<Uuid>> {
+        let mut open = Vec::new();
+        // Within SQLite's limit on bound parameters.
+        for chunk in ids.chunks(500) {
+            let mut q = sqlx::QueryBuilder::<Sqlite>::new(
+                "select id from jobs where status in ('queued', 'coalesced', 'running') and id in (",
+            );
+            let mut list = q.separated(", ");
+            for id in chunk {
+                list.push_bind(id.to_string());
+            }
+            q.push(")");
+            let rows: Vec<String> = q.build_query_scalar().fetch_all(&self.pool).await?;
+            for id in rows {
+                open.push(Uuid::parse_str(&id).map_err(|_| Error::Corrupt(id))?);
+            }
+        }
+        Ok(open)
+    }
+
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>> {
         // Uuid v7 text sorts in creation order, like the uuid column in Postgres.
         let mut q =
