@@ -26,15 +26,35 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 struct ConfigArgs {
-    /// A YAML file merged over the profile (environment variables still win).
+    /// A YAML file merged over the profile (environment variables still win): this
+    /// project's settings, CLaaS's flat keys (its local.yaml as it is), or both.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// One of CLaaS's profiles, built in: local, tinker or modal (as `python -m claas.api
+    /// --config-name`).
+    #[arg(long, value_name = "NAME")]
+    config_name: Option<String>,
+}
+
+/// Settings given after the command, applied last: `base_model_id=Qwen/Qwen3-8B
+/// vllm_base_url=http://vllm:8000 server.port=9000` (CLaaS's flat names or this project's
+/// fields). A first word without `=` names a CLaaS profile, as CLaaS's container entrypoint
+/// passes it (`claas api local base_model_id=…`).
+#[derive(clap::Args, Clone, Default)]
+struct Overrides {
+    #[arg(value_name = "KEY=VALUE")]
+    settings: Vec<String>,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// The embedded default: API and worker in one process, SQLite and files under ./data.
-    Dev(ConfigArgs),
+    Dev {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        #[command(flatten)]
+        set: Overrides,
+    },
     /// The stateless HTTP API (fleet profile).
     Api {
         #[command(flatten)]
@@ -42,6 +62,8 @@ enum Command {
         /// Do not run database migrations at start-up.
         #[arg(long)]
         no_migrate: bool,
+        #[command(flatten)]
+        set: Overrides,
     },
     /// A worker: claims jobs and runs them next to this node's GPU and vLLM (fleet profile).
     Worker {
@@ -50,6 +72,8 @@ enum Command {
         /// Do not run database migrations at start-up.
         #[arg(long)]
         no_migrate: bool,
+        #[command(flatten)]
+        set: Overrides,
     },
     /// Applies pending database migrations and exits.
     Migrate {
@@ -58,6 +82,8 @@ enum Command {
         /// Use the embedded profile's database (SQLite under ./data).
         #[arg(long)]
         local: bool,
+        #[command(flatten)]
+        set: Overrides,
     },
     /// Benchmarks that print their figures (see BENCHMARKS.md).
     #[command(subcommand)]
@@ -93,7 +119,32 @@ fn profile(local: bool) -> Profile {
 /// Loads the configuration and starts logging (and trace export when
 /// `telemetry.otlp_endpoint` is set) as `service`.
 fn load(profile: Profile, args: &ConfigArgs, service: &'static str) -> Result<Config> {
-    let cfg = Config::load(profile, args.config.as_deref());
+    load_with(profile, args, &Overrides::default(), service)
+}
+
+/// [`load`] with `key=value` settings after the command.
+fn load_with(
+    profile: Profile,
+    args: &ConfigArgs,
+    set: &Overrides,
+    service: &'static str,
+) -> Result<Config> {
+    // CLaaS's entrypoint passes the profile as the first word: `local base_model_id=…`.
+    let mut settings = set.settings.as_slice();
+    let mut name = args.config_name.as_deref();
+    if let Some(first) = settings.first().filter(|w| !w.contains('=')) {
+        if name.is_some() {
+            anyhow::bail!("'{first}' is not a key=value setting (--config-name is given)");
+        }
+        name = Some(first.as_str());
+        settings = &settings[1..];
+    }
+    let sources = claas_core::config::Sources {
+        name,
+        file: args.config.as_deref(),
+        overrides: settings,
+    };
+    let cfg = Config::load_sources(profile, &sources);
     let otlp = cfg
         .as_ref()
         .ok()
@@ -102,6 +153,9 @@ fn load(profile: Profile, args: &ConfigArgs, service: &'static str) -> Result<Co
     let cfg = cfg?;
     for (name, why) in Config::ignored_env() {
         tracing::warn!("{name} is set but ignored: {why}");
+    }
+    for note in &cfg.ignored {
+        tracing::info!("setting accepted but ignored: {note}");
     }
     Ok(cfg)
 }
@@ -116,15 +170,27 @@ async fn main() -> Result<()> {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Dev(args) => serve::dev(load(Profile::Local, &args, "claas-dev")?).await,
-        Command::Api { cfg, no_migrate } => {
-            serve::api(load(Profile::Fleet, &cfg, "claas-api")?, !no_migrate).await
+        Command::Dev { cfg, set } => {
+            serve::dev(load_with(Profile::Local, &cfg, &set, "claas-dev")?).await
         }
-        Command::Worker { cfg, no_migrate } => {
-            serve::worker(load(Profile::Fleet, &cfg, "claas-worker")?, !no_migrate).await
+        Command::Api {
+            cfg,
+            no_migrate,
+            set,
+        } => {
+            let cfg = load_with(Profile::Fleet, &cfg, &set, "claas-api")?;
+            serve::api(cfg, !no_migrate).await
         }
-        Command::Migrate { cfg, local } => {
-            let cfg = load(profile(local), &cfg, "claas-migrate")?;
+        Command::Worker {
+            cfg,
+            no_migrate,
+            set,
+        } => {
+            let cfg = load_with(Profile::Fleet, &cfg, &set, "claas-worker")?;
+            serve::worker(cfg, !no_migrate).await
+        }
+        Command::Migrate { cfg, local, set } => {
+            let cfg = load_with(profile(local), &cfg, &set, "claas-migrate")?;
             let store = serve::open_store(&cfg).await?;
             store.migrate().await?;
             tracing::info!(backend = store.backend(), "migrations applied");

@@ -281,6 +281,8 @@ pub struct ModelConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StorageBackend {
+    /// CLaaS calls it `local_fs`.
+    #[serde(alias = "local_fs")]
     Local,
     S3,
 }
@@ -320,8 +322,10 @@ pub struct CacheConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetryConfig {
-    /// Default `./data/feedback`. Env `FEEDBACK_LOG_DIR`.
-    pub feedback_log_dir: PathBuf,
+    /// Where workers write one JSON record per training step (README "Feedback log").
+    /// Default `<data_dir>/feedback` (`./data/feedback`, as CLaaS); an empty path writes
+    /// none. Env `FEEDBACK_LOG_DIR`.
+    pub feedback_log_dir: Option<PathBuf>,
     /// OTLP collector; none = traces off. Env `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub otlp_endpoint: Option<String>,
 }

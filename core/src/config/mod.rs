@@ -1,7 +1,9 @@
 //! Typed configuration, read once at start-up: built-in defaults (the fleet profile), then a
 //! YAML profile (`configs/local.yaml` for `claas dev`, `configs/fleet.yaml` otherwise), then
-//! an optional `--config` file, then the environment under the names CLaaS users know
-//! ([`ENV_NAMES`]). A bad value stops start-up with a message naming the field.
+//! one of CLaaS's profiles (`--config-name`), then an optional `--config` file, then the
+//! environment under the names CLaaS users know ([`ENV_NAMES`]), then `key=value`
+//! arguments. Files and arguments may use CLaaS's flat keys ([`claas`]). A bad value stops
+//! start-up with a message naming the field.
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +14,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::error::{Error, Result};
 
 mod areas;
+pub mod claas;
 pub use areas::*;
 
 /// The embedded profile, compiled in so `claas dev` works from any directory.
@@ -123,6 +126,10 @@ pub const ENV_NAMES: &[(&str, &str)] = &[
     ("OTEL_EXPORTER_OTLP_ENDPOINT", "telemetry.otlp_endpoint"),
 ];
 
+/// CLaaS's variable choosing its training engine (`local`, `tinker`, `modal`), read as
+/// `mode` is.
+pub const DISTILL_EXECUTION_MODE: &str = "CLAAS_DISTILL_EXECUTION_MODE";
+
 /// Names CLaaS documents that have no meaning in claas-rs: accepted, logged once as ignored.
 pub const IGNORED_ENV_NAMES: &[(&str, &str)] = &[
     (
@@ -143,6 +150,10 @@ pub const IGNORED_ENV_NAMES: &[(&str, &str)] = &[
 pub struct Config {
     /// Where the embedded default keeps its database, adapters and model. Default `./data`.
     pub data_dir: PathBuf,
+    /// CLaaS settings that were accepted but mean nothing here, each with the reason: one
+    /// log line each at start-up.
+    #[serde(skip)]
+    pub ignored: Vec<String>,
     pub server: ServerConfig,
     pub database: DatabaseConfig,
     pub queue: QueueConfig,
@@ -161,6 +172,7 @@ impl Default for Config {
         let base_model = "Qwen/Qwen3-8B".to_string();
         Config {
             data_dir: PathBuf::from("./data"),
+            ignored: vec![],
             server: ServerConfig {
                 host: "0.0.0.0".into(),
                 port: 8080,
@@ -235,7 +247,7 @@ impl Default for Config {
                 redis_url: None,
             },
             telemetry: TelemetryConfig {
-                feedback_log_dir: PathBuf::from("./data/feedback"),
+                feedback_log_dir: None,
                 otlp_endpoint: None,
             },
         }
@@ -270,28 +282,69 @@ fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<St
     })
 }
 
+/// Where a process's settings come from besides its built-in profile and the environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sources<'a> {
+    /// `--config-name`: one of CLaaS's profiles, built in (`local`, `tinker`, `modal`).
+    pub name: Option<&'a str>,
+    /// `--config FILE`: this configuration's YAML, CLaaS's flat YAML, or both mixed.
+    pub file: Option<&'a Path>,
+    /// `key=value` arguments (Hydra style), applied last.
+    pub overrides: &'a [String],
+}
+
 impl Config {
     /// Loads the profile, the optional file and the environment, then validates.
     pub fn load(profile: Profile, file: Option<&Path>) -> Result<Config> {
-        Self::load_from(profile, file, Env::raw())
+        let sources = Sources {
+            file,
+            ..Sources::default()
+        };
+        Self::load_from(profile, &sources, Env::raw())
     }
 
-    /// As [`Config::load`] with an explicit environment source (tests use a fixed one).
-    pub fn load_from(profile: Profile, file: Option<&Path>, env: Env) -> Result<Config> {
+    /// Loads the profile and `sources` with the process's environment, then validates.
+    pub fn load_sources(profile: Profile, sources: &Sources<'_>) -> Result<Config> {
+        Self::load_from(profile, sources, Env::raw())
+    }
+
+    /// As [`Config::load_sources`] with an explicit environment source (tests use a fixed
+    /// one).
+    pub fn load_from(profile: Profile, sources: &Sources<'_>, env: Env) -> Result<Config> {
         let yaml = match profile {
             Profile::Local => LOCAL_PROFILE,
             Profile::Fleet => FLEET_PROFILE,
         };
         let mut fig =
             Figment::from(Serialized::defaults(Config::default())).merge(Yaml::string(yaml));
-        if let Some(path) = file {
+        let mut ignored = Vec::new();
+        let mut add = |fig: Figment, t: claas::Translated| {
+            ignored.extend(t.ignored.into_iter().map(|(k, why)| format!("{k}: {why}")));
+            fig.merge(Serialized::globals(t.dict))
+        };
+        if let Some(name) = sources.name {
+            let text = claas::profile(name)?;
+            let origin = format!("--config-name {name}");
+            fig = add(
+                fig,
+                claas::translate(read_dict(Yaml::string(text), &origin)?, &origin)?,
+            );
+        }
+        if let Some(path) = sources.file {
             if !path.exists() {
                 return Err(Error::Config(format!(
                     "config file {} does not exist",
                     path.display()
                 )));
             }
-            fig = fig.merge(Yaml::file(path));
+            let origin = format!("config file {}", path.display());
+            fig = add(
+                fig,
+                claas::translate(read_dict(Yaml::file(path), &origin)?, &origin)?,
+            );
+        }
+        if let Some((_, mode)) = env.clone().only(&[DISTILL_EXECUTION_MODE]).iter().next() {
+            claas::check_mode(&mode, DISTILL_EXECUTION_MODE)?;
         }
         let env = env
             .filter_map(|key| {
@@ -302,16 +355,23 @@ impl Config {
             })
             .split("__");
         fig = fig.merge(env);
+        if !sources.overrides.is_empty() {
+            fig = add(fig, claas::overrides(sources.overrides)?);
+        }
         let mut cfg: Config = fig.extract().map_err(|e| {
             let all: Vec<String> = e.into_iter().map(|e| describe(&e)).collect();
             Error::Config(all.join("; "))
         })?;
+        cfg.ignored = ignored;
         cfg.fill_derived();
         cfg.validate()?;
         Ok(cfg)
     }
 
     fn fill_derived(&mut self) {
+        if self.telemetry.feedback_log_dir.is_none() {
+            self.telemetry.feedback_log_dir = Some(self.data_dir.join("feedback"));
+        }
         if self.worker.base_models.is_empty() {
             self.worker.base_models = vec![self.model.base_model_id.clone()];
         }
@@ -446,6 +506,13 @@ impl Config {
             .copied()
             .collect()
     }
+}
+
+/// A YAML source's top-level table.
+fn read_dict(source: impl figment::Provider, origin: &str) -> Result<figment::value::Dict> {
+    Figment::from(source)
+        .extract::<figment::value::Dict>()
+        .map_err(|e| Error::Config(format!("{origin}: {e}")))
 }
 
 /// A figment error as one line naming the field and, when set from the environment, the
