@@ -130,6 +130,12 @@ fn worker_options(cfg: &Config) -> WorkerOptions {
         drain_grace: Duration::from_millis(cfg.worker.drain_grace_ms),
         versions_keep: cfg.storage.adapter_versions_keep,
         store: claas_core::adapter_store::AdapterStore::from_config(&cfg.storage).ok(),
+        // An empty setting turns the log off.
+        feedback_log_dir: cfg
+            .telemetry
+            .feedback_log_dir
+            .clone()
+            .filter(|d| !d.as_os_str().is_empty()),
     }
 }
 

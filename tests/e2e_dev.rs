@@ -47,6 +47,22 @@ async fn chat_feedback_chat_on_claas_dev() {
     )
     .await;
     assert_eq!(status, 200, "the step ran: {body}");
+    // The step's record, as CLaaS writes it, under the data directory.
+    let log = body["feedback_log_path"]
+        .as_str()
+        .expect("feedback_log_path");
+    assert!(
+        std::path::Path::new(log).starts_with(dir.join("feedback")),
+        "{log}"
+    );
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(log).expect("the record exists")).expect("json");
+    assert_eq!(record["status"], "ok", "{record}");
+    let scored = &record["distill_result"]["metadata"]["teacher_scored_texts"][0];
+    assert!(
+        scored.as_str().is_some_and(|t| t.contains("too long")),
+        "the teacher's prompt carries the feedback: {scored}"
+    );
     let versions: Value = http
         .get(format!("{base}/v1/lora/me/assistant/versions"))
         .send()

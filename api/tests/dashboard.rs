@@ -17,6 +17,7 @@ claas_core::both_stores!(
     retry_and_delete_are_recorded,
     with_keys_on_only_admins_get_in,
     failed_logins_are_throttled_per_address,
+    a_trained_jobs_page_shows_what_the_teacher_scored,
 );
 
 fn client() -> Client {
@@ -410,4 +411,33 @@ async fn failed_logins_are_throttled_per_address(db: &TestDb) {
         .await
         .expect("get");
     assert_eq!(r.status(), 200);
+}
+
+/// The job page shows the trainer's `teacher_scored_texts` (each sample's teacher prompt
+/// as rendered, then its response), escaped.
+async fn a_trained_jobs_page_shows_what_the_teacher_scored(db: &TestDb) {
+    db.store.create_lora(&lora("team/t")).await.expect("lora");
+    db.store.enqueue(&job("team/t", 1)).await.expect("enqueue");
+    let c = common::claim_one(&db.store, TEST_BASE_MODEL).await;
+    let scored = "<|im_start|>user\nExplain recursion\n\nFeedback: too long<|im_end|>";
+    let result = serde_json::json!({"version": 1, "batch_size": 1,
+        "metrics": {"distill_loss": 0.5, "teacher_scored_texts": [scored]}});
+    assert!(db
+        .store
+        .complete(&c.lease(), &result, None)
+        .await
+        .expect("complete"));
+    let base = common::serve(AppState::new(
+        db.store.clone(),
+        common::options("dashboard"),
+    ))
+    .await;
+    let url = format!("{base}/v1/dashboard/jobs/{}", c.job.id);
+    let (status, html, _) = page(&client(), &url, None).await;
+    assert_eq!(status, 200);
+    assert!(html.contains("Teacher scored text"), "{html}");
+    assert!(
+        html.contains("&lt;|im_start|&gt;user\nExplain recursion"),
+        "the text, escaped: {html}"
+    );
 }

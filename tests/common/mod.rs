@@ -79,6 +79,14 @@ pub fn spawn(name: &str, args: &[&str], env: &[(String, String)]) -> Proc {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(file);
+    if !env
+        .iter()
+        .any(|(k, _)| k == "CLAAS_DATA_DIR" || k == "FEEDBACK_LOG_DIR")
+    {
+        // Not the working directory's ./data/feedback.
+        let logs = std::env::temp_dir().join("claas-e2e-feedback-logs");
+        cmd.env("FEEDBACK_LOG_DIR", logs);
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }

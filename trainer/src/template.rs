@@ -164,12 +164,22 @@ impl ChatTokenizer {
         prompt: &str,
         feedback: &str,
     ) -> Result<Vec<u32>> {
-        let text = self.render(
+        self.encode(&self.teacher_prompt_text(system_prompt, prompt, feedback)?)
+    }
+
+    /// The teacher's prompt as rendered by the chat template (what the teacher reads
+    /// before the response it scores).
+    pub fn teacher_prompt_text(
+        &self,
+        system_prompt: &str,
+        prompt: &str,
+        feedback: &str,
+    ) -> Result<String> {
+        self.render(
             &teacher_messages(system_prompt, prompt, feedback),
             true,
             &serde_json::Map::new(),
-        )?;
-        self.encode(&text)
+        )
     }
 
     pub fn vocab_size(&self) -> usize {

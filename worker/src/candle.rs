@@ -222,23 +222,32 @@ impl CandleExecutor {
         }
     }
 
-    fn step_samples(&self, samples: &[Sample]) -> PhaseResult<Vec<StepSample>> {
+    /// The trainer's samples, and each one's text as the teacher scores it (its rendered
+    /// prompt, then the response: CLaaS's `teacher_scored_texts`).
+    fn step_samples(&self, samples: &[Sample]) -> PhaseResult<(Vec<StepSample>, Vec<String>)> {
         samples
             .iter()
             .map(|s| {
                 let r = &s.rollout;
-                let teacher = self
+                let prompt = self
                     .tokenizer
-                    .teacher_prompt_ids(&r.system_prompt, &s.prompt, &s.feedback)
+                    .teacher_prompt_text(&r.system_prompt, &s.prompt, &s.feedback)
                     .map_err(trainer_error)?;
-                Ok(StepSample {
+                let teacher = self.tokenizer.encode(&prompt).map_err(trainer_error)?;
+                let response = self
+                    .tokenizer
+                    .decode(&r.response_token_ids)
+                    .map_err(trainer_error)?;
+                let step = StepSample {
                     prompt_token_ids: r.prompt_token_ids.clone(),
                     response_token_ids: r.response_token_ids.clone(),
                     response_logprobs: r.response_logprobs.clone(),
                     teacher_prompt_token_ids: teacher,
-                })
+                };
+                Ok((step, prompt + &response))
             })
-            .collect()
+            .collect::<PhaseResult<Vec<_>>>()
+            .map(|pairs| pairs.into_iter().unzip())
     }
 }
 
@@ -333,7 +342,7 @@ impl Executor for CandleExecutor {
                 ),
             ));
         }
-        let batch = self.step_samples(samples)?;
+        let (batch, scored_texts) = self.step_samples(samples)?;
         let cfg = StepConfig {
             learning_rate: training.learning_rate,
             alpha: training.alpha,
@@ -377,6 +386,7 @@ impl Executor for CandleExecutor {
             if let Some(ms) = copy_in_ms {
                 m.insert("model_load_ms".into(), ms.into());
             }
+            m.insert("teacher_scored_texts".into(), scored_texts.into());
         }
         Ok(Distilled {
             metrics,

@@ -4,6 +4,7 @@
 
 pub mod candle;
 pub mod executor;
+pub mod feedback_log;
 pub mod runtime;
 pub mod simulated;
 pub mod vllm;

@@ -164,3 +164,91 @@ async fn a_reload_failure_after_publish_fails_keeping_the_version_and_wakes() {
     );
     db.cleanup().await;
 }
+
+/// The records in a feedback log directory, with no temporary file beside them.
+fn log_records(dir: &std::path::Path) -> Vec<(std::path::PathBuf, serde_json::Value)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("log dir") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        assert!(
+            name.ends_with(".json") && !name.starts_with('.'),
+            "stray file {name}"
+        );
+        let text = std::fs::read(&path).expect("read");
+        out.push((
+            path,
+            serde_json::from_slice(&text).expect("a whole JSON record"),
+        ));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trained_job_leaves_one_feedback_log_record_and_its_result_names_it() {
+    let db = TestDb::sqlite().await;
+    let dir = std::env::temp_dir().join(format!("claas-flog-{}", uuid::Uuid::new_v4().simple()));
+    let opts = WorkerOptions {
+        feedback_log_dir: Some(dir.clone()),
+        ..options(true)
+    };
+    let j = run_one(&db, Arc::new(Scripted::default()), opts, true).await;
+    assert_eq!(j.status, JobStatus::Succeeded);
+    let records = log_records(&dir);
+    assert_eq!(records.len(), 1);
+    let (path, rec) = &records[0];
+    let named = j
+        .result
+        .as_ref()
+        .and_then(|r| r["feedback_log_path"].as_str());
+    assert_eq!(named, Some(path.display().to_string().as_str()));
+    assert_eq!(rec["status"], "ok");
+    assert_eq!(rec["request_id"], j.id.simple().to_string());
+    assert_eq!(rec["lora_id"], "a");
+    assert_eq!(rec["phase"], "wake");
+    assert_eq!(rec["distill_result"]["metadata"]["total_loss"], 0.25);
+    assert_eq!(rec["error"], serde_json::Value::Null);
+    let sample = &rec["batch_samples"][0];
+    assert!(sample["response_token_ids"]
+        .as_array()
+        .is_some_and(|t| !t.is_empty()));
+    assert!(sample["response_logprobs"]
+        .as_array()
+        .is_some_and(|t| !t.is_empty()));
+    assert!(rec["timing_ms"]["total"].as_u64().is_some());
+    let _ = std::fs::remove_dir_all(&dir);
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_job_leaves_an_error_record_naming_its_phase() {
+    let db = TestDb::sqlite().await;
+    let dir = std::env::temp_dir().join(format!("claas-flog-{}", uuid::Uuid::new_v4().simple()));
+    let opts = WorkerOptions {
+        feedback_log_dir: Some(dir.clone()),
+        ..options(true)
+    };
+    let j = run_one(
+        &db,
+        Arc::new(Scripted::failing("distill", false)),
+        opts,
+        true,
+    )
+    .await;
+    assert_eq!(j.status, JobStatus::Failed);
+    let records = log_records(&dir);
+    assert_eq!(records.len(), 1);
+    let rec = &records[0].1;
+    assert_eq!(rec["status"], "error");
+    assert_eq!(rec["phase"], "distill");
+    assert!(
+        rec["error"].as_str().is_some_and(|e| e.contains("distill")),
+        "{rec}"
+    );
+    assert_eq!(rec["distill_result"], serde_json::Value::Null);
+    let _ = std::fs::remove_dir_all(&dir);
+    db.cleanup().await;
+}

@@ -433,6 +433,7 @@ async fn job(
                 prompt => s.prompt.clone(), response => s.response.clone(),
                 feedback => s.feedback.clone(),
             }).collect::<Vec<_>>(),
+            scored_texts => views::teacher_scored_texts(job.result.as_ref()),
             can_cancel => live,
             can_retry => job.status == JobStatus::Failed && job.published_version.is_none(),
             can_delete => !live,

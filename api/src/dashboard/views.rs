@@ -244,6 +244,21 @@ pub fn loss_chart(versions: &[LoraVersion]) -> Option<LossChart> {
     })
 }
 
+/// The texts the teacher scored in the job's training step (the trainer's
+/// `teacher_scored_texts`: each sample's rendered teacher prompt, then its response).
+pub fn teacher_scored_texts(result: Option<&serde_json::Value>) -> Vec<String> {
+    result
+        .and_then(|r| r.pointer("/metrics/teacher_scored_texts"))
+        .and_then(|t| t.as_array())
+        .map(|texts| {
+            texts
+                .iter()
+                .filter_map(|t| t.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -603,7 +603,12 @@ fn feedback_response(job: &Job) -> FeedbackResponse {
             .get("batch_size")
             .cloned()
             .unwrap_or(job.sample_count.into()),
-        feedback_log_path: String::new(),
+        // Written by the worker that finished the job, on its disk (README "Feedback log").
+        feedback_log_path: result
+            .get("feedback_log_path")
+            .and_then(|p| p.as_str())
+            .unwrap_or_default()
+            .to_string(),
     }
 }
 

@@ -145,19 +145,52 @@ impl Worker {
         slept: Arc<AtomicBool>,
     ) -> Outcome {
         let mut clock = PhaseClock::new(Phase::Claimed);
+        let mut trained = Vec::new();
         let result = self
-            .phases(claimed, ctx, lease, &watch, &slept, &mut clock)
+            .phases(
+                claimed,
+                ctx,
+                lease,
+                &watch,
+                &slept,
+                &mut clock,
+                &mut trained,
+            )
             .await;
+        if trained.is_empty() {
+            // Resumed after publish: the samples of the step are the claimed ones.
+            trained.clone_from(&claimed.payload.samples);
+        }
         let store = &self.store;
         match result {
-            Ok(result) => match store.complete(lease, &result, clock.finish()).await {
-                Ok(true) => Outcome::Succeeded,
-                Ok(false) => Outcome::LeaseLost,
-                Err(e) => {
-                    tracing::error!(error = %e, "could not record completion; the lease will expire and the job resume after publish");
-                    Outcome::LeaseLost
+            Ok(mut result) => {
+                let last = clock.phase;
+                let done = clock.finish();
+                let log = self
+                    .feedback_log(ctx, claimed, &trained, &clock, last, None, Some(&result))
+                    .await;
+                if let (Some(path), Some(r)) = (&log, result.as_object_mut()) {
+                    r.insert(
+                        "feedback_log_path".into(),
+                        path.display().to_string().into(),
+                    );
                 }
-            },
+                let recorded = store.complete(lease, &result, done).await;
+                if !matches!(recorded, Ok(true)) {
+                    // The step is not recorded (it resumes elsewhere): neither is its log.
+                    if let Some(path) = log {
+                        let _ = tokio::fs::remove_file(path).await;
+                    }
+                }
+                match recorded {
+                    Ok(true) => Outcome::Succeeded,
+                    Ok(false) => Outcome::LeaseLost,
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not record completion; the lease will expire and the job resume after publish");
+                        Outcome::LeaseLost
+                    }
+                }
+            }
             Err(Stop::LeaseLost) => Outcome::LeaseLost,
             Err(Stop::Cancelled) => {
                 self.wake_after_stop(ctx, &slept, true).await;
@@ -187,7 +220,12 @@ impl Worker {
                     .await
                 {
                     Ok(FailOutcome::Retrying) => Outcome::Retrying,
-                    Ok(FailOutcome::Failed) => Outcome::Failed,
+                    Ok(FailOutcome::Failed) => {
+                        let error = Some((phase, job_err.message.as_str()));
+                        self.feedback_log(ctx, claimed, &trained, &clock, phase, error, None)
+                            .await;
+                        Outcome::Failed
+                    }
                     Ok(FailOutcome::Cancelled) => Outcome::Cancelled,
                     Ok(FailOutcome::LeaseLost) => Outcome::LeaseLost,
                     Err(e) => {
@@ -215,7 +253,7 @@ impl Worker {
         lease: &Lease,
         watch: &LeaseWatch,
         from: &AdapterSource,
-    ) -> Result<(Distilled, usize), Stop> {
+    ) -> Result<(Distilled, Vec<Sample>), Stop> {
         let mut batch: Vec<(Uuid, Sample)> = std::iter::once((claimed.job.id, &claimed.payload))
             .chain(
                 (claimed.members.iter())
@@ -229,7 +267,7 @@ impl Worker {
             let samples: Vec<Sample> = batch.iter().map(|(_, s)| s.clone()).collect();
             let step = self.executor.distill(ctx, from, &samples, training);
             let (phase, err) = match self.guarded(watch, Phase::Distill, step).await {
-                Ok(distilled) => return Ok((distilled, samples.len())),
+                Ok(distilled) => return Ok((distilled, samples)),
                 Err(Stop::Failed(phase, e)) => (phase, e),
                 Err(other) => return Err(other),
             };
@@ -257,6 +295,51 @@ impl Worker {
             tracing::warn!(job = %owner, error = %err.message,
                 "a member's sample is bad input: it fails alone, the batch trains without it");
             batch.retain(|(id, _)| *id != owner);
+        }
+    }
+
+    /// Writes the job's record into the feedback log, when one is configured; returns its
+    /// path. A log that cannot be written costs a warning, never the job.
+    #[allow(clippy::too_many_arguments)]
+    async fn feedback_log(
+        &self,
+        ctx: &JobContext,
+        claimed: &Claimed,
+        samples: &[Sample],
+        clock: &PhaseClock,
+        phase: Phase,
+        error: Option<(Phase, &str)>,
+        result: Option<&serde_json::Value>,
+    ) -> Option<std::path::PathBuf> {
+        let dir = self.opts.feedback_log_dir.clone()?;
+        let record = crate::feedback_log::Record {
+            job_id: ctx.job_id,
+            lora_id: &ctx.lora_id,
+            finished_at: chrono::Utc::now(),
+            error,
+            phase,
+            samples,
+            training: &claimed.payload.training,
+            orchestration: &ctx.orchestration,
+            result,
+            phase_ms: &clock.spent,
+        };
+        let name = record.file_name();
+        let text = record.to_json();
+        let written = tokio::task::spawn_blocking(move || {
+            crate::feedback_log::write_json(&dir, &name, &text)
+        })
+        .await;
+        match written {
+            Ok(Ok(path)) => Some(path),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not write the feedback log record");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the feedback log writer stopped");
+                None
+            }
         }
     }
 
@@ -480,6 +563,9 @@ impl Worker {
         .await
     }
 
+    // The walk's state is passed in (not returned) so a failed walk still reports how far
+    // it got: `slept` for the wake-up, `clock` and `trained` for the feedback log.
+    #[allow(clippy::too_many_arguments)]
     async fn phases(
         &self,
         claimed: &Claimed,
@@ -488,6 +574,7 @@ impl Worker {
         watch: &LeaseWatch,
         slept: &AtomicBool,
         clock: &mut PhaseClock,
+        trained: &mut Vec<Sample>,
     ) -> Result<serde_json::Value, Stop> {
         let exec = &self.executor;
         let orch = &ctx.orchestration;
@@ -577,7 +664,8 @@ impl Worker {
                     return Err(self.publish_refused(lease, version).await);
                 }
                 self.prune_old_versions(&ctx.lora_id).await;
-                let batch = i32::try_from(samples).unwrap_or(i32::MAX);
+                let batch = i32::try_from(samples.len()).unwrap_or(i32::MAX);
+                *trained = samples;
                 let serve = ServedVersion {
                     version,
                     uri: record.storage_uri,
@@ -621,10 +709,12 @@ impl Worker {
     }
 }
 
-/// Tracks when the current phase started, to record its duration on the next transition.
+/// Tracks when the current phase started, to record its duration on the next transition,
+/// and keeps every finished phase's duration (for the feedback log).
 struct PhaseClock {
     phase: Phase,
     since: Instant,
+    spent: Vec<(Phase, u64)>,
 }
 
 impl PhaseClock {
@@ -632,13 +722,16 @@ impl PhaseClock {
         PhaseClock {
             phase,
             since: Instant::now(),
+            spent: Vec::new(),
         }
     }
 
     /// Moves to `phase`; returns the finished phase and its duration in ms.
     fn next(&mut self, phase: Phase) -> Option<(Phase, u64)> {
         let done = (self.phase, elapsed_ms(self.since));
-        *self = PhaseClock::new(phase);
+        self.spent.push(done);
+        self.phase = phase;
+        self.since = Instant::now();
         Some(done)
     }
 

@@ -46,6 +46,9 @@ pub struct WorkerOptions {
     pub versions_keep: i32,
     /// Where versions are stored, for retention to remove them (none: local files).
     pub store: Option<claas_core::adapter_store::AdapterStore>,
+    /// Where each finished job's record is written (`telemetry.feedback_log_dir`); none:
+    /// no log.
+    pub feedback_log_dir: Option<std::path::PathBuf>,
 }
 
 impl WorkerOptions {
@@ -71,6 +74,7 @@ impl WorkerOptions {
             drain_grace: Duration::from_millis(50),
             versions_keep: 10,
             store: None,
+            feedback_log_dir: None,
         }
     }
 }
