@@ -76,10 +76,13 @@ fn request(i: usize, prefer: &str) -> Request<Body> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let n: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(10_000);
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this as a smoke test.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let full = args.iter().any(|a| a == "--bench");
+    let n: usize =
+        args.iter()
+            .find_map(|a| a.parse().ok())
+            .unwrap_or(if full { 10_000 } else { 200 });
     let db = TestDb::sqlite().await;
     db.store.create_lora(&lora("bench/wait")).await?;
     let state = AppState::new(
