@@ -22,6 +22,7 @@ use claas_core::types::{Job, JobStatus};
 use claas_worker::{SimulatedExecutor, Worker, WorkerOptions};
 use common::throwaway_pg::ThrowawayPg;
 use common::{env, eventually, feedback, free_port, spawn, wait_http, Proc};
+use sqlx::Connection;
 use tokio::sync::watch;
 
 /// The two cases run one after the other: each measures a fleet on a 2-core machine.
@@ -277,6 +278,23 @@ async fn two_hundred_workers_and_two_apis_fit_a_default_postgres() {
     };
     let complaints = complaints();
     let (apis, bases) = start_apis(&pg.url).await;
+    // Each API opens its whole pool at start (database.max_connections, 16): the fleet
+    // below cannot take those slots.
+    let api_pools = Config::default().database.max_connections as i64 * 2;
+    eventually(Duration::from_secs(10), "the APIs' pools to open", || {
+        let url = pg.url.clone();
+        async move {
+            let mut conn = sqlx::PgConnection::connect(&url).await.ok()?;
+            let open: i64 = sqlx::query_scalar(
+                "select count(*) from pg_stat_activity where application_name = 'claas'",
+            )
+            .fetch_one(&mut conn)
+            .await
+            .ok()?;
+            (open >= api_pools).then_some(())
+        }
+    })
+    .await;
     let store = queue::connect(&pg.url, 2).await.expect("store");
     for i in 0..LORAS {
         store

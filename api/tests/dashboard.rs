@@ -437,6 +437,10 @@ async fn a_trained_jobs_page_shows_what_the_teacher_scored(db: &TestDb) {
     assert_eq!(status, 200);
     assert!(html.contains("Teacher scored text"), "{html}");
     assert!(
+        html.contains("<td>distill_loss</td><td class=\"num\">0.500000</td>"),
+        "the step's metrics are shown: {html}"
+    );
+    assert!(
         html.contains("&lt;|im_start|&gt;user\nExplain recursion"),
         "the text, escaped: {html}"
     );

@@ -186,3 +186,32 @@ async fn a_burst_of_enqueues_wakes_workers_with_few_notifications_the_last_after
     drop(pg);
     drop_schema(&schema).await;
 }
+
+/// An API's pool opens all its connections when the process starts, before any request:
+/// a fleet of workers starting together then cannot take the server's free slots while
+/// requests wait for a connection (the 503s of the 200-worker test).
+#[tokio::test]
+async fn an_api_pool_opens_every_connection_at_start() {
+    let url = database_url();
+    let schema = create_schema(&url).await;
+    let store = PgStore::connect_with(&url, Some(&schema), claas_core::queue::PoolSettings::api(4))
+        .await
+        .expect("connect");
+    let started = Instant::now();
+    while store.pool_size() < 4 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{} of 4 connections open after 5 s",
+            store.pool_size()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Tools and tests open theirs as they need them.
+    let tool = PgStore::connect(&url, Some(&schema), 4)
+        .await
+        .expect("connect");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(tool.pool_size(), 0);
+    drop((store, tool));
+    drop_schema(&schema).await;
+}

@@ -424,7 +424,7 @@ async fn job(
             started => job.started_at.map(views::time),
             finished => job.finished_at.map(views::time),
             timings => Value::from(Serde(&job.timings_ms.iter().collect::<Vec<_>>())),
-            metrics => Value::from(Serde(views::numbers(job.result.as_ref()))),
+            metrics => Value::from(Serde(views::job_numbers(job.result.as_ref()))),
             error => job.error.as_ref().map(|e| format!("{}: {}", e.code, e.message)),
             events => events.iter().map(|e| context! {
                 at => views::time(e.at), phase => e.phase.clone(), message => e.message.clone(),

@@ -244,6 +244,14 @@ pub fn loss_chart(versions: &[LoraVersion]) -> Option<LossChart> {
     })
 }
 
+/// A job result's numbers: the step's metrics (`result.metrics`), then the result's own
+/// (`version`, `batch_size`).
+pub fn job_numbers(result: Option<&serde_json::Value>) -> Vec<(String, String)> {
+    let mut out = numbers(result.and_then(|r| r.get("metrics")));
+    out.extend(numbers(result));
+    out
+}
+
 /// The texts the teacher scored in the job's training step (the trainer's
 /// `teacher_scored_texts`: each sample's rendered teacher prompt, then its response).
 pub fn teacher_scored_texts(result: Option<&serde_json::Value>) -> Vec<String> {

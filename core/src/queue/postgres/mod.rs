@@ -132,6 +132,11 @@ impl Drop for PgStore {
 }
 
 impl PgStore {
+    /// Connections the pool holds now, in use or idle.
+    pub fn pool_size(&self) -> u32 {
+        self.pool.size()
+    }
+
     /// Connects a pool. With `schema`, every connection uses it as `search_path` (tests give
     /// each case its own schema). Acquiring a connection gives up after 3 s so callers
     /// answer "unavailable" quickly while the database is down.
@@ -175,6 +180,10 @@ impl PgStore {
             .test_before_acquire(false)
             .before_acquire(|conn, meta| Box::pin(ping_if_idle(conn, meta)))
             .connect_lazy_with(opts);
+        if settings.min_connections > 0 {
+            // sqlx opens `min_connections` of a lazy pool only after its first reap.
+            tokio::spawn(open_connections(pool.clone(), settings.min_connections));
+        }
         let (wake_tx, wake_rx) = Wakeups::channel();
         let hot = hot::HotConnections::new(max_connections as usize);
         let enqueued = Arc::new(tokio::sync::Notify::new());
@@ -218,6 +227,38 @@ async fn ping_if_idle(
             Ok(false)
         }
     }
+}
+
+/// Opens `n` connections of a new pool and returns them to it idle, so they are there
+/// before the first request. While the database is unreachable (or full) it tries again,
+/// for about two minutes; after that connections open as requests need them.
+async fn open_connections(pool: PgPool, n: u32) {
+    for _ in 0..30 {
+        let mut held = Vec::new();
+        let mut error = None;
+        while held.len() < n as usize {
+            match pool.acquire().await {
+                Ok(conn) => held.push(conn),
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(held);
+        match error {
+            None => return,
+            Some(_) if pool.is_closed() => return,
+            Some(e) => {
+                tracing::debug!(error = %e, "cannot open the pool's connections yet");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    tracing::warn!(
+        n,
+        "could not open the pool's connections at start; they open as requests need them"
+    );
 }
 
 /// At most one wake-up notification per this long from one process.
