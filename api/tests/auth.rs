@@ -310,7 +310,7 @@ async fn listings_show_only_the_callers_loras_and_jobs(db: &TestDb) {
         .iter()
         .filter_map(|m| m["id"].as_str())
         .collect();
-    assert_eq!(names, [TEST_BASE_MODEL, "bob/y"]);
+    assert_eq!(names, [TEST_BASE_MODEL, "bob-y"]);
 }
 
 async fn queued_jobs_per_key_are_capped_with_429(db: &TestDb) {

@@ -540,6 +540,11 @@ pub async fn models(State(state): State<AppState>, caller: Caller) -> ApiResult<
             cards.retain(|c| {
                 c["parent"].is_null() || c["id"].as_str().is_some_and(|id| caller.covers(id))
             });
+            for card in cards.iter_mut().filter(|c| !c["parent"].is_null()) {
+                if let Some(lora_id) = card["id"].as_str().map(str::to_owned) {
+                    name_card(card, &lora_id);
+                }
+            }
         }
         return Ok(Json(v).into_response());
     }
@@ -551,12 +556,19 @@ pub async fn models(State(state): State<AppState>, caller: Caller) -> ApiResult<
         if !caller.covers(&l.lora_id) {
             continue;
         }
-        data.push(
-            json!({"id": l.lora_id, "object": "model", "owned_by": "claas",
-            "root": l.lora_id, "parent": l.base_model}),
-        );
+        let mut card = json!({"object": "model", "owned_by": "claas",
+            "root": l.lora_id, "parent": l.base_model});
+        name_card(&mut card, &l.lora_id);
+        data.push(card);
     }
     Ok(Json(json!({"object": "list", "data": data})).into_response())
+}
+
+/// An adapter's card as CLaaS's vLLM lists it: `id` is the adapter name its clients send
+/// as `model` (`eval/no_emoji` → `eval-no_emoji`), with the LoRA id beside it.
+fn name_card(card: &mut Value, lora_id: &str) {
+    card["id"] = claas_core::types::adapter_name(lora_id).into();
+    card["lora_id"] = lora_id.into();
 }
 
 /// `POST /v1/score` (CLaaS): the log-prob of each token of `completion` as the answer to

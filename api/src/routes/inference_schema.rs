@@ -101,12 +101,16 @@ pub struct ModelList {
 
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct ModelCard {
+    /// A base model's name, or a LoRA's adapter name as CLaaS's vLLM shows it
+    /// (`eval/no_emoji` → `eval-no_emoji`), which `model` accepts.
     pub id: String,
     pub object: String,
     pub owned_by: String,
     pub root: Option<String>,
     /// The base model of a LoRA; null for a base model.
     pub parent: Option<String>,
+    /// A LoRA's id; absent for a base model.
+    pub lora_id: Option<String>,
 }
 
 /// `POST /v1/score`'s body.
