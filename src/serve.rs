@@ -105,9 +105,12 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
-fn worker_options(cfg: &Config) -> WorkerOptions {
+/// The worker's options. A storage setting that names no usable object store is an error
+/// here, not a silent fallback to local files no other node sees.
+fn worker_options(cfg: &Config) -> Result<WorkerOptions> {
     let host = hostname();
-    WorkerOptions {
+    let store = claas_core::adapter_store::AdapterStore::from_config(&cfg.storage)?;
+    Ok(WorkerOptions {
         id: cfg
             .worker
             .id
@@ -129,14 +132,14 @@ fn worker_options(cfg: &Config) -> WorkerOptions {
         wake_on_failure: cfg.worker.feedback_wake_on_failure,
         drain_grace: Duration::from_millis(cfg.worker.drain_grace_ms),
         versions_keep: cfg.storage.adapter_versions_keep,
-        store: claas_core::adapter_store::AdapterStore::from_config(&cfg.storage).ok(),
+        store: Some(store),
         // An empty setting turns the log off.
         feedback_log_dir: cfg
             .telemetry
             .feedback_log_dir
             .clone()
             .filter(|d| !d.as_os_str().is_empty()),
-    }
+    })
 }
 
 /// The configured executor. The candle one resolves the base model (creating the tiny
@@ -298,7 +301,8 @@ pub async fn worker(cfg: Config, migrate: bool) -> Result<()> {
     if migrate {
         migrate_when_up(&store).await?;
     }
-    let worker = Worker::new(store, executor(&cfg).await?, worker_options(&cfg));
+    let options = worker_options(&cfg)?;
+    let worker = Worker::new(store, executor(&cfg).await?, options);
     worker.run(shutdown_signal()).await?;
     Ok(())
 }
@@ -331,7 +335,7 @@ pub async fn dev(cfg: Config) -> Result<()> {
         );
         state = state.with_engine(Some(engine));
     }
-    let worker = Worker::new(store.clone(), exec, worker_options(&cfg));
+    let worker = Worker::new(store.clone(), exec, worker_options(&cfg)?);
     let worker_shutdown = shutdown.clone();
     let worker_task = tokio::spawn(async move { worker.run(worker_shutdown).await });
     let listener = listen(&cfg).await?;

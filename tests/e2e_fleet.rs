@@ -352,3 +352,27 @@ async fn a_writer_frozen_mid_save_never_changes_a_published_version() {
     let _ = std::fs::remove_dir_all(&adapters);
     db.cleanup().await;
 }
+
+/// A worker whose object store is misconfigured stops at start-up naming the setting,
+/// instead of running on and keeping (or pruning) versions on local disk no other node sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_a_bad_storage_url_stops_at_start_up() {
+    let db = TestDb::postgres().await;
+    let adapters =
+        std::env::temp_dir().join(format!("claas-e2e-{}", uuid::Uuid::new_v4().simple()));
+    let mut vars = worker_env(&db.url, "w-bad-s3", &adapters);
+    vars.push(("CLAAS_STORAGE_BACKEND".into(), "s3".into()));
+    vars.push(("CLAAS_STORAGE_URL".into(), "s3:///no-bucket".into()));
+    let mut w = spawn("w-bad-s3", &["worker"], &vars);
+    let status = w.wait_exit(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the worker must stop with an error, not run on: {status:?}"
+    );
+    assert!(
+        w.log_text().contains("storage.url"),
+        "the error names the setting:\n{}",
+        w.log_text()
+    );
+    db.cleanup().await;
+}
