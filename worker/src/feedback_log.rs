@@ -109,14 +109,25 @@ impl Record<'_> {
     }
 }
 
-/// Writes `record` into `dir` (created if missing) and returns the file's path. The file
-/// is written under a temporary name in the same directory, synced, then renamed.
-pub fn write(dir: &Path, record: &Record<'_>) -> std::io::Result<PathBuf> {
-    write_json(dir, &record.file_name(), &record.to_json())
+/// Writes `record` into `dir` (created if missing) off the async threads and returns the
+/// file's path; a record that cannot be written costs a warning, never the job.
+pub async fn write(dir: PathBuf, record: &Record<'_>) -> Option<PathBuf> {
+    let (name, value) = (record.file_name(), record.to_json());
+    match tokio::task::spawn_blocking(move || write_json(&dir, &name, &value)).await {
+        Ok(Ok(path)) => Some(path),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not write the feedback log record");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the feedback log writer stopped");
+            None
+        }
+    }
 }
 
 /// Writes `value` as `dir/name` (pretty, keys sorted), atomically.
-pub fn write_json(dir: &Path, name: &str, value: &Value) -> std::io::Result<PathBuf> {
+fn write_json(dir: &Path, name: &str, value: &Value) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join(name);
     let tmp = dir.join(format!(".{name}.{}.tmp", Uuid::new_v4().simple()));
@@ -139,8 +150,8 @@ mod tests {
     use super::*;
     use claas_core::types::Rollout;
 
-    #[test]
-    fn a_record_has_claas_fields_and_lands_whole() {
+    #[tokio::test]
+    async fn a_record_has_claas_fields_and_lands_whole() {
         let samples = vec![Sample {
             prompt: "p".into(),
             response: "r".into(),
@@ -169,7 +180,7 @@ mod tests {
             phase_ms: &[(Phase::Drain, 5), (Phase::Sleep, 7), (Phase::Distill, 100)],
         };
         let dir = std::env::temp_dir().join(format!("claas-flog-{}", Uuid::new_v4().simple()));
-        let path = write(&dir, &record).expect("written");
+        let path = write(dir.clone(), &record).await.expect("written");
         let read: Value =
             serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
         assert_eq!(read["status"], "ok");

@@ -510,8 +510,8 @@ async fn wait_for(state: &AppState, id: Uuid, status: JobStatus, wait: Duration)
     }
 }
 
-fn status_url(job: &Job) -> String {
-    format!("/v1/jobs/{}", job.id)
+fn status_url(job_id: Uuid) -> String {
+    format!("/v1/jobs/{job_id}")
 }
 
 /// 202 while the job is not finished; CLaaS's 200 `FeedbackResponse` once it succeeded;
@@ -526,7 +526,7 @@ fn answer(job: Job) -> Response {
 
 /// 202 with where to poll.
 fn accepted(job_id: Uuid, status: JobStatus) -> Response {
-    let url = format!("/v1/jobs/{job_id}");
+    let url = status_url(job_id);
     (
         StatusCode::ACCEPTED,
         [(header::LOCATION, url.clone())],
@@ -565,7 +565,7 @@ fn job_error(job: &Job) -> ApiError {
     ApiError::new(status, code, message).with_extra(serde_json::json!({
         "job_id": job.id,
         "phase": phase,
-        "status_url": status_url(job),
+        "status_url": status_url(job.id),
     }))
 }
 

@@ -157,17 +157,19 @@ impl Worker {
                 &mut trained,
             )
             .await;
-        if trained.is_empty() {
-            // Resumed after publish: the samples of the step are the claimed ones.
-            trained.clone_from(&claimed.payload.samples);
-        }
+        // Resumed after publish (or stopped before training): the claimed samples.
+        let trained = if trained.is_empty() {
+            &claimed.payload.samples
+        } else {
+            &trained
+        };
         let store = &self.store;
         match result {
             Ok(mut result) => {
                 let last = clock.phase;
                 let done = clock.finish();
                 let log = self
-                    .feedback_log(ctx, claimed, &trained, &clock, last, None, Some(&result))
+                    .feedback_log(ctx, claimed, trained, &clock, last, None, Some(&result))
                     .await;
                 if let (Some(path), Some(r)) = (&log, result.as_object_mut()) {
                     r.insert(
@@ -222,7 +224,7 @@ impl Worker {
                     Ok(FailOutcome::Retrying) => Outcome::Retrying,
                     Ok(FailOutcome::Failed) => {
                         let error = Some((phase, job_err.message.as_str()));
-                        self.feedback_log(ctx, claimed, &trained, &clock, phase, error, None)
+                        self.feedback_log(ctx, claimed, trained, &clock, phase, error, None)
                             .await;
                         Outcome::Failed
                     }
@@ -324,23 +326,7 @@ impl Worker {
             result,
             phase_ms: &clock.spent,
         };
-        let name = record.file_name();
-        let text = record.to_json();
-        let written = tokio::task::spawn_blocking(move || {
-            crate::feedback_log::write_json(&dir, &name, &text)
-        })
-        .await;
-        match written {
-            Ok(Ok(path)) => Some(path),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "could not write the feedback log record");
-                None
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "the feedback log writer stopped");
-                None
-            }
-        }
+        crate::feedback_log::write(dir, &record).await
     }
 
     /// The LoRA's current version, which this job trains from.
