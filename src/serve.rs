@@ -170,6 +170,7 @@ async fn inference_engine(
     let (model, tokenizer) = match parts {
         Some((Some(m), t)) => (m, t),
         other => {
+            fetch_base_model(cfg).await?;
             let model_id = cfg.model.base_model_id.clone();
             let data_dir = cfg.data_dir.clone();
             let tok = other.map(|(_, t)| t);
@@ -197,6 +198,15 @@ async fn inference_engine(
     ))
 }
 
+/// Downloads `model.base_model_id` into the Hugging Face cache when it is a Hub id that is
+/// not there yet (`HF_ENDPOINT`, `HF_TOKEN`, `HF_HUB_OFFLINE` as `huggingface_hub` reads them).
+async fn fetch_base_model(cfg: &Config) -> Result<()> {
+    if let Some(hub) = claas_worker::hub::HubSettings::from_env() {
+        claas_worker::hub::fetch_if_missing(&cfg.model.base_model_id, &cfg.data_dir, &hub).await?;
+    }
+    Ok(())
+}
+
 async fn candle_executor(cfg: &Config) -> Result<CandleExecutor> {
     {
         {
@@ -208,6 +218,7 @@ async fn candle_executor(cfg: &Config) -> Result<CandleExecutor> {
                     cfg.worker.base_models.join(", ")
                 );
             }
+            fetch_base_model(cfg).await?;
             let data_dir = cfg.data_dir.clone();
             let opts = cfg.clone();
             let store = claas_core::adapter_store::AdapterStore::from_config(&cfg.storage)?;

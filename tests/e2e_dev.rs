@@ -89,3 +89,61 @@ async fn chat_feedback_chat_on_claas_dev() {
     tokio::time::sleep(Duration::from_millis(10)).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `CLAAS_BASE_MODEL_ID` names a Hub model that is not on this machine: the first `claas dev`
+/// downloads it into the Hugging Face cache (from `HF_ENDPOINT`, here the fake Hub) and
+/// answers from it; the second start finds it there and asks the Hub nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claas_dev_downloads_a_hub_model_once() {
+    let dir = std::env::temp_dir().join(format!("claas-hub-e2e-{}", uuid::Uuid::now_v7()));
+    common::tiny_checkpoint(&dir.join("served")).await;
+    let hub =
+        claas_fake_vllm::hub::FakeHub::start("tiny-org/tiny-qwen3", dir.join("served"), None).await;
+    let data = dir.join("data").display().to_string();
+    let cache = dir.join("hf-cache").display().to_string();
+    let start = |port: &str| {
+        common::spawn(
+            "dev-hub",
+            &["dev"],
+            &common::env(&[
+                ("CLAAS_API_PORT", port),
+                ("CLAAS_DATA_DIR", &data),
+                ("DATABASE_URL", &format!("sqlite://{data}/claas.db")),
+                ("CLAAS_WORKER_EXECUTOR", "candle"),
+                ("CLAAS_BASE_MODEL_ID", "tiny-org/tiny-qwen3"),
+                ("HF_ENDPOINT", &hub.url),
+                ("HF_HUB_CACHE", &cache),
+            ]),
+        )
+    };
+    let http = reqwest::Client::new();
+    let ask = json!({"model": "tiny-org/tiny-qwen3", "max_tokens": 4,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let mut asked = 0;
+    for round in 0..2 {
+        let port = common::free_port().to_string();
+        let mut dev = start(&port);
+        let base = format!("http://127.0.0.1:{port}");
+        common::wait_http(&base).await;
+        let r = http
+            .post(format!("{base}/v1/chat/completions"))
+            .json(&ask)
+            .send()
+            .await
+            .expect("chat");
+        assert_eq!(r.status(), 200, "round {round}: {}", dev.log_text());
+        if round == 0 {
+            asked = hub.requests();
+            assert!(asked > 0, "the first start downloads: {}", dev.log_text());
+            assert!(dev.log_text().contains("base model downloaded"));
+        } else {
+            assert_eq!(
+                hub.requests(),
+                asked,
+                "the second start asks the Hub nothing"
+            );
+        }
+        dev.signal("TERM");
+        dev.wait_exit(Duration::from_secs(20));
+    }
+}

@@ -37,7 +37,8 @@ pub fn model_dir(base_model_id: &str, data_dir: &Path) -> Result<PathBuf> {
     Err(checkpoint(format!(
         "base model {base_model_id:?} not found: not a checkpoint directory (with config.json), \
          not a preset (tiny, qwen3-0.6b, qwen3-8b), and not in the Hugging Face cache \
-         ($HF_HOME/hub or ~/.cache/huggingface/hub); download it first or give its directory"
+         ($HF_HOME/hub or ~/.cache/huggingface/hub), which a worker fills at start unless \
+         HF_HUB_OFFLINE is set"
     )))
 }
 
@@ -55,19 +56,44 @@ pub fn existing_model_dir(base_model_id: &str, data_dir: &Path) -> Option<PathBu
     hf_cache_snapshot(base_model_id)
 }
 
-/// `<hub>/models--<org>--<name>/snapshots/<rev>` for the revision `refs/main` names, or the
-/// only snapshot there is.
+/// The Hugging Face hub cache as `huggingface_hub` finds it: `$HF_HUB_CACHE`, else
+/// `$HF_HOME/hub`, else `~/.cache/huggingface/hub`.
+pub fn hf_hub_cache() -> Option<PathBuf> {
+    match std::env::var_os("HF_HUB_CACHE") {
+        Some(h) => Some(PathBuf::from(h)),
+        None => match std::env::var_os("HF_HOME") {
+            Some(h) => Some(PathBuf::from(h).join("hub")),
+            None => Some(PathBuf::from(std::env::var_os("HOME")?).join(".cache/huggingface/hub")),
+        },
+    }
+}
+
+/// Whether `id` has the shape of a Hub model id (`org/name`) rather than a path or preset.
+pub fn is_hub_id(id: &str) -> bool {
+    let mut parts = id.split('/');
+    let ok = |p: Option<&str>| {
+        p.is_some_and(|p| {
+            !p.is_empty()
+                && p != "."
+                && p != ".."
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        })
+    };
+    ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
+}
+
 fn hf_cache_snapshot(id: &str) -> Option<PathBuf> {
-    if !id.contains('/') || id.contains("..") {
+    hf_cache_snapshot_in(&hf_hub_cache()?, id)
+}
+
+/// `<hub>/models--<org>--<name>/snapshots/<rev>` for the revision `refs/main` names, or the
+/// only snapshot there is; only a snapshot holding `config.json` counts (the downloader
+/// fetches it last, so a cut-off download is not taken for a checkpoint).
+pub fn hf_cache_snapshot_in(hub: &Path, id: &str) -> Option<PathBuf> {
+    if !is_hub_id(id) {
         return None;
     }
-    let hub = match std::env::var_os("HF_HUB_CACHE") {
-        Some(h) => PathBuf::from(h),
-        None => match std::env::var_os("HF_HOME") {
-            Some(h) => PathBuf::from(h).join("hub"),
-            None => PathBuf::from(std::env::var_os("HOME")?).join(".cache/huggingface/hub"),
-        },
-    };
     let repo = hub.join(format!("models--{}", id.replace('/', "--")));
     let snapshots = repo.join("snapshots");
     if let Ok(rev) = std::fs::read_to_string(repo.join("refs/main")) {

@@ -5,6 +5,7 @@
 pub mod candle;
 pub mod executor;
 pub mod feedback_log;
+pub mod hub;
 pub mod runtime;
 pub mod simulated;
 pub mod vllm;

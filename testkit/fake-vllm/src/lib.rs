@@ -215,6 +215,7 @@ impl FakeVllm {
 }
 
 mod control;
+pub mod hub;
 mod model;
 mod serving;
 
