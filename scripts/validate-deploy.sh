@@ -70,7 +70,6 @@ def finish(what):
     sys.exit(1 if errors else 0)
 
 GO_DURATION = re.compile(r"^(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$")
-VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 def compose(path):
     text = open(path).read()
@@ -78,20 +77,47 @@ def compose(path):
     documented = set(re.findall(r"\b[A-Z][A-Z0-9_]{2,}\b", header))
     required, optional = set(), set()
 
+    NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
     def interpolate(s):
-        def sub(m):
-            if m.group(0) == "$$":
-                return "$"
-            name = m.group(1) or m.group(4)
-            op, arg = m.group(2), m.group(3)
-            if op and "?" in op:
-                required.add(name)
-                return f"dummy-{name.lower()}"
-            optional.add(name)
-            if op and "-" in op:
-                return arg
-            return ""
-        return VAR.sub(sub, s)
+        # Compose's rules, nesting included: ${A:-${B:-x}} falls back to B, then x.
+        out, i = [], 0
+        while i < len(s):
+            if s.startswith("$$", i):
+                out.append("$"); i += 2; continue
+            if s.startswith("${", i):
+                depth, j = 0, i + 1
+                while j < len(s):
+                    depth += {"{": 1, "}": -1}.get(s[j], 0)
+                    if depth == 0:
+                        break
+                    j += 1
+                if depth:
+                    err(f"unclosed ${{ in {s!r}")
+                    return s
+                inner = s[i + 2:j]
+                m = NAME.match(inner)
+                if not m:
+                    err(f"bad interpolation ${{{inner}}}")
+                    return s
+                name, rest = m.group(0), inner[m.end():]
+                op = next((o for o in (":-", ":?", ":+", "-", "?", "+") if rest.startswith(o)), None)
+                if rest and not op:
+                    err(f"bad interpolation ${{{inner}}}")
+                arg = rest[len(op):] if op else ""
+                if op and "?" in op:
+                    required.add(name)
+                    out.append(f"dummy-{name.lower()}")
+                else:
+                    optional.add(name)
+                    out.append(interpolate(arg) if op and "-" in op else "")
+                i = j + 1
+                continue
+            m = NAME.match(s, i + 1) if s[i] == "$" else None
+            if m:
+                optional.add(m.group(0)); i = m.end(); continue
+            out.append(s[i]); i += 1
+        return "".join(out)
 
     def walk(node):
         if isinstance(node, dict):
@@ -378,6 +404,7 @@ selftests=(
   "k8s: a manifest not listed in kustomization.yaml|check_k8s|k8s/stray.yaml|t = 'apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: stray\n'"
   "k8s: a GPU replica missing from CLAAS_VLLM_BACKENDS|check_k8s|k8s/gpu-statefulset.yaml|t = t.replace('  replicas: 1\n', '  replicas: 2\n', 1)"
   "compose: unknown key in a service|check_compose|docker-compose.yml|t = t.replace('    stop_grace_period: 15m\n', '    stop_grace_period: 15m\n    restart_policy: always\n', 1)"
+  "compose: an undocumented variable inside a nested default|check_compose|docker-compose.yml|t = t.replace('{MODEL:-Qwen', '{MODELL:-Qwen', 1)"
   "compose: depends_on an unknown service|check_compose|docker-compose.yml|t = t.replace('      redis:\n        condition: service_healthy\n', '      rediss:\n        condition: service_healthy\n', 1)"
   "Dockerfile: a feature the root package lacks|check_dockerfiles|Dockerfile.worker|t = t.replace('--features cuda', '--features gpu')"
 )
