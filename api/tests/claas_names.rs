@@ -61,6 +61,16 @@ async fn claas_clients_reach_loras_by_their_vllm_adapter_names() {
         .as_str()
         .expect("text")
         .to_owned();
+    // vLLM itself knows the LoRA by its id: the proxy asks for `eval/no_emoji`, under the name
+    // the API loaded it (and a worker's reload replaces it) by.
+    let sent = fake.last_request().expect("vLLM was asked");
+    assert_eq!(sent["model"], "eval/no_emoji", "{sent}");
+    assert!(
+        fake.loras().iter().any(|(name, _)| name == "eval/no_emoji"),
+        "{:?}",
+        fake.loras()
+    );
+    assert!(!fake.loras().iter().any(|(name, _)| name == "eval-no_emoji"));
     let feedback = json!({"requests": [{"lora_id": "eval-no_emoji", "prompt": "Hi",
         "response": text, "feedback": "no emoji"}]});
     let (status, job) = send(&http, at("/v1/feedback"), None, Some(feedback)).await;
