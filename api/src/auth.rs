@@ -14,8 +14,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use axum::extract::{FromRequestParts, Request, State};
+use axum::http::header;
 use axum::http::request::Parts;
-use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use claas_core::types::ApiKey;
@@ -50,11 +50,9 @@ impl Caller {
         if self.covers(lora_id) {
             return Ok(());
         }
-        Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("this API key may not act on LoRA '{lora_id}'"),
-        ))
+        Err(ApiError::forbidden(format!(
+            "this API key may not act on LoRA '{lora_id}'"
+        )))
     }
 
     pub fn is_admin(&self) -> bool {
@@ -203,12 +201,7 @@ fn bearer(req: &Request) -> Option<String> {
 }
 
 pub(crate) fn unauthorized(message: &str) -> Response {
-    let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
-    resp.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        header::HeaderValue::from_static("Bearer"),
-    );
-    resp
+    ApiError::unauthorized(message).into_response()
 }
 
 /// The key a secret names, if any.

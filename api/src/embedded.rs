@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use axum::http::StatusCode;
 use claas_core::queue::SharedStore;
 use claas_core::types::local_path;
 use claas_trainer::generate::{generate, Finish, Sampling, Token};
@@ -449,9 +448,5 @@ pub fn finish_reason(f: Finish) -> &'static str {
 
 /// 503 for a request the engine cannot take (no engine configured).
 pub fn unavailable() -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "no_inference_backend",
-        "no inference server is configured: set VLLM_BASE_URL (vllm.base_url)",
-    )
+    ApiError::no_inference_backend()
 }

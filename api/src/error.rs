@@ -1,5 +1,9 @@
-//! Every HTTP status the API answers with is decided here, and every error leaves in one
-//! envelope: `{"error": {"code", "message"}}` (plus `job_id`/`phase` where a job failed).
+//! Every HTTP status the API answers with is decided here: refusals by the named
+//! constructors of [`ApiError`] (its `new` is private to this file), successes by the
+//! functions at the end. Every error leaves in one envelope: `{"error": {"code", "message"}}`
+//! (plus `job_id`/`phase` where a job failed) and CLaaS's `detail`. `api/tests/statuses.rs`
+//! fails if a `StatusCode::` appears anywhere else in `api/src` (but `upstream.rs`, which
+//! reads vLLM's).
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -20,7 +24,7 @@ pub struct ApiError {
 pub type ApiResult<T> = Result<T, ApiError>;
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
@@ -154,6 +158,150 @@ impl ApiError {
         .with_retry_after(wait_s)
     }
 
+    /// 401: no key, or one that is unknown or revoked (with `WWW-Authenticate: Bearer`).
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    /// 403: the caller's key does not allow this.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    /// 403: `POST /v1/lora/init` of a base model outside `allowed_init_base_models`.
+    pub fn base_model_not_allowed(base: &str, allowed: &[String]) -> Self {
+        let mut sorted = allowed.to_vec();
+        sorted.sort();
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "base_model_not_allowed",
+            format!(
+                "base_model '{base}' is not allowed for initialization. Allowed models: {}",
+                sorted.join(", ")
+            ),
+        )
+    }
+
+    /// 409: the request conflicts with the current state; `message` says how.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", message)
+    }
+
+    /// 409: a LoRA of that id exists with other parameters.
+    pub fn lora_exists(lora_id: &str, differences: &[String]) -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            "lora_exists",
+            format!(
+                "LoRA {lora_id} already exists with different parameters: {}",
+                differences.join("; ")
+            ),
+        )
+    }
+
+    /// 409: a rollback to a version retention has removed.
+    pub fn version_pruned(lora_id: &str, version: i32) -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            "version_pruned",
+            format!(
+                "version {version} of {lora_id} is no longer stored \
+                 (storage.adapter_versions_keep); pin versions you may want to return to"
+            ),
+        )
+    }
+
+    /// 429: this key has `queued` jobs waiting, at its limit.
+    pub fn too_many_queued_jobs(
+        queued: impl std::fmt::Display,
+        limit: impl std::fmt::Display,
+    ) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_queued_jobs",
+            format!(
+                "this API key has {queued} jobs queued (limit {limit}, \
+                 server.max_queued_jobs_per_key); retry when some have run"
+            ),
+        )
+    }
+
+    /// 503: no inference backend is configured for chat, completions or score.
+    pub fn no_inference_backend() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_inference_backend",
+            "no inference server is configured: set VLLM_BASE_URL (vllm.base_url)",
+        )
+    }
+
+    /// 503: every vLLM is training or asleep, and stayed so for `waited`.
+    pub fn backends_busy(waited: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "backends_busy",
+            format!(
+                "every inference server is training or asleep; waited {:.0} s \
+                 (vllm.unavailable_wait_s)",
+                waited.as_secs_f64()
+            ),
+        )
+    }
+
+    /// 503: the LoRA is being loaded into this vLLM by its node's worker.
+    pub fn adapter_loading(model: &str) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "adapter_loading",
+            format!(
+                "LoRA '{model}' is being loaded into this inference server by its \
+                 node's worker (its versions are in object storage); retry shortly"
+            ),
+        )
+    }
+
+    /// 503: the completion cache could not be read; the feedback was not accepted.
+    pub fn cache_unavailable(error: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cache_unavailable",
+            format!("{error}; the feedback was not accepted, retry"),
+        )
+    }
+
+    /// 502: the inference server did not answer.
+    pub fn upstream_unreachable(detail: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_unreachable",
+            format!("the inference server did not answer: {detail}"),
+        )
+    }
+
+    /// vLLM answered `status` with `message`: its client errors are the caller's (unknown
+    /// model, bad parameter) and pass on as they are; its server errors are a 502.
+    pub fn upstream_answered(status: u16, message: String) -> Self {
+        match StatusCode::from_u16(status) {
+            Ok(s) if s.is_client_error() => Self::new(s, "upstream_rejected", message),
+            _ => Self::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                format!("the inference server failed ({status}): {message}"),
+            ),
+        }
+    }
+
+    /// A feedback job that ended without success: 409 when cancelled, 422 when its input
+    /// was refused at training time, 500 otherwise.
+    pub fn job_ended(cancelled: bool, invalid_input: bool, message: String) -> Self {
+        let (status, code) = match (cancelled, invalid_input) {
+            (true, _) => (StatusCode::CONFLICT, "job_cancelled"),
+            (_, true) => (StatusCode::UNPROCESSABLE_ENTITY, "job_failed"),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "job_failed"),
+        };
+        Self::new(status, code, message)
+    }
+
     pub fn with_retry_after(mut self, seconds: u64) -> Self {
         self.retry_after = Some(seconds);
         self
@@ -169,7 +317,7 @@ impl From<CoreError> for ApiError {
     fn from(e: CoreError) -> Self {
         match e {
             CoreError::NotFound(m) => ApiError::not_found(m),
-            CoreError::Conflict(m) if m.starts_with("Idempotency-Key") => ApiError::new(
+            CoreError::IdempotencyKeyReused(m) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency_key_reused",
                 m,
@@ -207,6 +355,12 @@ impl IntoResponse for ApiError {
         // `detail` is what CLaaS (FastAPI) answers errors with; its clients read it.
         let body = serde_json::json!({ "error": error, "detail": self.message });
         let mut resp = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
         if let Some(s) = self.retry_after {
             resp.headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, s.into());
@@ -386,4 +540,47 @@ pub enum Errors {
     /// The answer did not start within the route's time limit (a dependency is slow).
     #[response(status = 504)]
     Timeout(ErrorBody),
+}
+
+// --- Successes -----------------------------------------------------------------------------
+
+/// 201 with `body`.
+pub fn created<T: IntoResponse>(body: T) -> Response {
+    (StatusCode::CREATED, body).into_response()
+}
+
+/// 202 with `body`: accepted, finishing in the background.
+pub fn accepted<T: IntoResponse>(body: T) -> Response {
+    (StatusCode::ACCEPTED, body).into_response()
+}
+
+/// 204.
+pub fn no_content() -> Response {
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// Health: 200 while the API can take work, 503 while it cannot (load balancers read it).
+pub fn health(up: bool, body: impl IntoResponse) -> Response {
+    let status = if up {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, body).into_response()
+}
+
+/// The dashboard's login form refused a key: 403 for a valid key that is not an admin's,
+/// 401 for one that is unknown or revoked; the form is shown again with the reason.
+pub fn login_refused(valid_key: bool) -> (StatusCode, &'static str) {
+    if valid_key {
+        (
+            StatusCode::FORBIDDEN,
+            "this key is not an admin key; the dashboard needs one",
+        )
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            "the key is not valid (unknown or revoked)",
+        )
+    }
 }

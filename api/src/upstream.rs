@@ -51,11 +51,7 @@ pub enum UpstreamError {
 impl From<UpstreamError> for ApiError {
     fn from(e: UpstreamError) -> ApiError {
         match e {
-            UpstreamError::Unreachable(m) => ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "upstream_unreachable",
-                format!("the inference server did not answer: {m}"),
-            ),
+            UpstreamError::Unreachable(m) => ApiError::upstream_unreachable(m),
             UpstreamError::Status(s) => {
                 let message = s
                     .json()
@@ -67,17 +63,7 @@ impl From<UpstreamError> for ApiError {
                             .map(str::to_owned)
                     })
                     .unwrap_or_else(|| String::from_utf8_lossy(&s.body).into_owned());
-                // vLLM's client errors are the caller's (unknown model, bad parameter):
-                // pass the status on. Its server errors are ours to report as a gateway.
-                if s.status.is_client_error() {
-                    ApiError::new(s.status, "upstream_rejected", message)
-                } else {
-                    ApiError::new(
-                        StatusCode::BAD_GATEWAY,
-                        "upstream_error",
-                        format!("the inference server failed ({}): {message}", s.status),
-                    )
-                }
+                ApiError::upstream_answered(s.status.as_u16(), message)
             }
         }
     }
@@ -285,15 +271,7 @@ impl Backends {
                 return Ok(self.list[i].clone());
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "backends_busy",
-                    format!(
-                        "every inference server is training or asleep; waited {:.0} s (vllm.unavailable_wait_s)",
-                        self.wait.as_secs_f64()
-                    ),
-                )
-                .with_retry_after(5));
+                return Err(ApiError::backends_busy(self.wait).with_retry_after(5));
             }
             tokio::time::sleep(self.poll).await;
         }

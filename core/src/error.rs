@@ -17,6 +17,9 @@ pub enum Error {
     /// The request conflicts with the current state (job already finished, key reused).
     #[error("{0}")]
     Conflict(String),
+    /// An `Idempotency-Key` was sent again with a different request body.
+    #[error("{0}")]
+    IdempotencyKeyReused(String),
     /// The input is malformed or out of range.
     #[error("{0}")]
     Invalid(String),

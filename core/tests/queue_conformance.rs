@@ -392,7 +392,10 @@ async fn idempotency_key_returns_same_job_or_conflicts(db: &TestDb) {
     let mut clash = job("a", 1);
     clash.idempotency_key = Some("k1".into());
     clash.request_hash = Some("h2".into());
-    assert!(matches!(s.enqueue(&clash).await, Err(Error::Conflict(_))));
+    assert!(matches!(
+        s.enqueue(&clash).await,
+        Err(Error::IdempotencyKeyReused(_))
+    ));
     let mut other_caller = replay.clone();
     other_caller.id = uuid::Uuid::now_v7();
     other_caller.caller = "someone-else".into();

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, Form, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Extension;
@@ -38,12 +38,9 @@ pub async fn gate(
             req.extensions_mut().insert(Caller::Key(k));
             next.run(req).await
         }
-        Ok(Some(_)) => PageError(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "the dashboard needs an admin key",
-        ))
-        .into_response(),
+        Ok(Some(_)) => {
+            PageError(ApiError::forbidden("the dashboard needs an admin key")).into_response()
+        }
         Ok(None) if bearer.is_none() && req.method() == Method::GET => {
             Redirect::to(LOGIN).into_response()
         }
@@ -122,14 +119,8 @@ pub(super) async fn login(
             );
             return Ok(redirect_setting(PREFIX, session));
         }
-        Some(_) => (
-            StatusCode::FORBIDDEN,
-            "this key is not an admin key; the dashboard needs one",
-        ),
-        None => (
-            StatusCode::UNAUTHORIZED,
-            "the key is not valid (unknown or revoked)",
-        ),
+        Some(_) => crate::error::login_refused(true),
+        None => crate::error::login_refused(false),
     };
     let mut resp = render(
         &state,

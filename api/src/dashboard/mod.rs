@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::extract::{Form, Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use chrono::Utc;
 use claas_core::queue::{AuditEntry, CancelOutcome, JobFilter};
@@ -209,9 +209,7 @@ fn check_csrf(state: &AppState, headers: &HeaderMap, token: &str) -> Result<(), 
     {
         return Ok(());
     }
-    Err(PageError(ApiError::new(
-        StatusCode::FORBIDDEN,
-        "forbidden",
+    Err(PageError(ApiError::forbidden(
         "missing or invalid CSRF token: reload the page and try again",
     )))
 }

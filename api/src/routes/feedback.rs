@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use claas_core::types::{
@@ -253,13 +253,11 @@ async fn resolve_rollout(
     let short = &hash[..16];
     let mut found = None;
     for scope in scopes {
-        let entry = state.cache.get(owner, scope, &hash).await.map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "cache_unavailable",
-                format!("{e}; the feedback was not accepted, retry"),
-            )
-        })?;
+        let entry = state
+            .cache
+            .get(owner, scope, &hash)
+            .await
+            .map_err(ApiError::cache_unavailable)?;
         if entry.is_some() {
             found = entry;
             break;
@@ -454,15 +452,7 @@ async fn enqueue_batch(
     if limit > 0 && !caller.id().is_empty() {
         let queued = state.store.queued_jobs_of(caller.id()).await?;
         if queued >= limit {
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_queued_jobs",
-                format!(
-                    "this API key has {queued} jobs queued (limit {limit}, server.max_queued_jobs_per_key); \
-                     retry when some have run"
-                ),
-            )
-            .with_retry_after(30));
+            return Err(ApiError::too_many_queued_jobs(queued, limit).with_retry_after(30));
         }
     }
     let payload = validate(state, &caller, &req).await?;
@@ -518,7 +508,7 @@ fn status_url(job_id: Uuid) -> String {
 /// an error with the job's error when it failed or was cancelled.
 fn answer(job: Job) -> Response {
     match job.status {
-        JobStatus::Succeeded => (StatusCode::OK, Json(feedback_response(&job))).into_response(),
+        JobStatus::Succeeded => Json(feedback_response(&job)).into_response(),
         JobStatus::Failed | JobStatus::Cancelled => job_error(&job).into_response(),
         _ => accepted(job.id, job.status),
     }
@@ -527,24 +517,22 @@ fn answer(job: Job) -> Response {
 /// 202 with where to poll.
 fn accepted(job_id: Uuid, status: JobStatus) -> Response {
     let url = status_url(job_id);
-    (
-        StatusCode::ACCEPTED,
+    crate::error::accepted((
         [(header::LOCATION, url.clone())],
         Json(FeedbackAccepted {
             job_id,
             status,
             status_url: url,
         }),
-    )
-        .into_response()
+    ))
 }
 
 fn job_error(job: &Job) -> ApiError {
-    let (status, code) = match (&job.status, job.error.as_ref().map(|e| e.code.as_str())) {
-        (JobStatus::Cancelled, _) => (StatusCode::CONFLICT, "job_cancelled"),
-        (_, Some("invalid_input")) => (StatusCode::UNPROCESSABLE_ENTITY, "job_failed"),
-        _ => (StatusCode::INTERNAL_SERVER_ERROR, "job_failed"),
-    };
+    let cancelled = job.status == JobStatus::Cancelled;
+    let invalid_input = job
+        .error
+        .as_ref()
+        .is_some_and(|e| e.code == "invalid_input");
     let (message, phase) = match &job.error {
         Some(e) => (
             match e.phase {
@@ -562,7 +550,7 @@ fn job_error(job: &Job) -> ApiError {
             None,
         ),
     };
-    ApiError::new(status, code, message).with_extra(serde_json::json!({
+    ApiError::job_ended(cancelled, invalid_input, message).with_extra(serde_json::json!({
         "job_id": job.id,
         "phase": phase,
         "status_url": status_url(job.id),

@@ -3,8 +3,7 @@
 //! body says `degraded` when the cache or vLLM is not), 503 when it is not.
 
 use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::Json;
 use std::time::Duration;
 
@@ -67,11 +66,6 @@ pub async fn health(State(state): State<AppState>, caller: crate::auth::Caller) 
     if matches!(caller, crate::auth::Caller::Anonymous) {
         // Keys are on and none was given: up or down, nothing about the fleet.
         let up = database.is_ok();
-        let status = if up {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        };
         let body = Health {
             status: if up { "ok" } else { "unavailable" },
             database: None,
@@ -79,7 +73,7 @@ pub async fn health(State(state): State<AppState>, caller: crate::auth::Caller) 
             vllm: None,
             workers: None,
         };
-        return (status, Json(body)).into_response();
+        return crate::error::health(up, Json(body));
     }
     let workers = match &database {
         Ok(()) => state.store.list_workers().await.ok(),
@@ -122,10 +116,5 @@ pub async fn health(State(state): State<AppState>, caller: crate::auth::Caller) 
         vllm: Some(vllm),
         workers: Some(WorkersHealth { alive }),
     };
-    let status = if up {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, Json(body)).into_response()
+    crate::error::health(up, Json(body))
 }

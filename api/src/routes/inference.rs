@@ -8,7 +8,7 @@
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
@@ -31,13 +31,10 @@ use crate::AppState;
 
 /// The vLLM to send a request for `model` to: one whose node is not training.
 async fn backend(state: &AppState, model: &str) -> ApiResult<Upstream> {
-    let backends = state.backends.as_deref().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_inference_backend",
-            "no inference server is configured: set VLLM_BASE_URL (vllm.base_url)",
-        )
-    })?;
+    let backends = state
+        .backends
+        .as_deref()
+        .ok_or_else(ApiError::no_inference_backend)?;
     backends.pick(&state.store, model).await
 }
 
@@ -125,15 +122,7 @@ async fn send_generation(
             match reconcile_adapter(state, up, model).await {
                 Reconciled::Loaded => Ok(up.post(path, body).await?),
                 Reconciled::NotOurs => Err(UpstreamError::Status(s).into()),
-                Reconciled::Pending => Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "adapter_loading",
-                    format!(
-                        "LoRA '{model}' is being loaded into this inference server by its \
-                         node's worker (its versions are in object storage); retry shortly"
-                    ),
-                )
-                .with_retry_after(2)),
+                Reconciled::Pending => Err(ApiError::adapter_loading(model).with_retry_after(2)),
             }
         }
         Err(e) => Err(e.into()),

@@ -1,7 +1,6 @@
 //! Job polling and control: `GET /v1/jobs/{id}`, `GET /v1/jobs`, `POST /v1/jobs/{id}/cancel`.
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use claas_core::queue::{CancelOutcome, JobFilter};
@@ -157,7 +156,7 @@ pub async fn cancel(
         caller.check(&job.lora_id)?;
     }
     Ok(match state.store.cancel(id).await? {
-        CancelOutcome::Cancelled(job) => (StatusCode::OK, Json(job)).into_response(),
-        CancelOutcome::Requested(job) => (StatusCode::ACCEPTED, Json(job)).into_response(),
+        CancelOutcome::Cancelled(job) => Json(job).into_response(),
+        CancelOutcome::Requested(job) => crate::error::accepted(Json(job)),
     })
 }

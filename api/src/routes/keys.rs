@@ -3,7 +3,7 @@
 //! only its hash is stored.
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::response::Response;
 use axum::Json;
 use claas_core::queue::SharedStore;
 use claas_core::types::{validate_lora_id, ApiKey};
@@ -82,11 +82,7 @@ fn admin_only(caller: &Caller) -> ApiResult<()> {
     if caller.is_admin() {
         return Ok(());
     }
-    Err(ApiError::new(
-        StatusCode::FORBIDDEN,
-        "forbidden",
-        "key management needs an admin key",
-    ))
+    Err(ApiError::forbidden("key management needs an admin key"))
 }
 
 /// Every key (never its secret).
@@ -106,11 +102,11 @@ pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
     JsonBody(new, _): JsonBody<NewKey>,
-) -> ApiResult<(StatusCode, Json<CreatedKey>)> {
+) -> ApiResult<Response> {
     admin_only(&caller)?;
     let created = create_key(&state.store, new).await?;
     tracing::info!(key = %created.key.id, by = %caller.id(), "API key created");
-    Ok((StatusCode::CREATED, Json(created)))
+    Ok(crate::error::created(Json(created)))
 }
 
 /// Revokes a key; every replica stops accepting it within seconds.
@@ -123,12 +119,10 @@ pub async fn revoke(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<Response> {
     admin_only(&caller)?;
     if id == "bootstrap" {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
+        return Err(ApiError::conflict(
             "the bootstrap admin key comes from configuration (CLAAS_ADMIN_KEY); remove it there",
         ));
     }
@@ -136,5 +130,5 @@ pub async fn revoke(
         return Err(ApiError::not_found(format!("no active key {id}")));
     }
     tracing::info!(key = %id, by = %caller.id(), "API key revoked");
-    Ok(StatusCode::NO_CONTENT)
+    Ok(crate::error::no_content())
 }

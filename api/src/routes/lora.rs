@@ -4,7 +4,6 @@
 //! is idempotent: the same parameters answer 200 with the existing LoRA, different ones 409.
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use claas_core::types::{adapter_name, validate_lora_id, Lora, LoraVersion, NewLora};
@@ -111,16 +110,7 @@ pub async fn init(
         .unwrap_or_else(|| state.options.default_base_model.clone());
     let allowed = &state.options.allowed_init_base_models;
     if !allowed.contains(&base) {
-        let mut sorted = allowed.clone();
-        sorted.sort();
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "base_model_not_allowed",
-            format!(
-                "base_model '{base}' is not allowed for initialization. Allowed models: {}",
-                sorted.join(", ")
-            ),
-        ));
+        return Err(ApiError::base_model_not_allowed(&base, allowed));
     }
     let targets = req
         .target_modules
@@ -179,14 +169,10 @@ pub async fn init(
             discard(&state, &uri).await;
             match state.store.get_lora(&req.lora_id).await? {
                 Some(existing) => same_or_conflict(&existing, &wanted),
-                None => Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "conflict",
-                    format!(
+                None => Err(ApiError::conflict(format!(
                     "LoRA {} is being deleted and a job of it has not stopped yet; retry shortly",
                     req.lora_id
-                ),
-                )),
+                ))),
             }
         }
         Err(e) => {
@@ -253,15 +239,7 @@ fn same_or_conflict(existing: &Lora, wanted: &NewLora) -> ApiResult<Response> {
     if diffs.is_empty() {
         return Ok(init_answer(existing, false));
     }
-    Err(ApiError::new(
-        StatusCode::CONFLICT,
-        "lora_exists",
-        format!(
-            "LoRA {} already exists with different parameters: {}",
-            existing.lora_id,
-            diffs.join("; ")
-        ),
-    ))
+    Err(ApiError::lora_exists(&existing.lora_id, &diffs))
 }
 
 /// `overwrite: true` on an existing LoRA: fresh initial weights with the requested
@@ -575,7 +553,6 @@ pub async fn export(
         }
     });
     Ok((
-        StatusCode::OK,
         [
             (
                 axum::http::header::CONTENT_TYPE,

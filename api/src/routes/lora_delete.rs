@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
@@ -94,7 +93,7 @@ pub async fn delete(
             "delete clean-up panicked: {join}"
         ))),
         // A running job is still stopping; it finishes in the background.
-        Err(_) => Ok((StatusCode::ACCEPTED, Json(body(false))).into_response()),
+        Err(_) => Ok(crate::error::accepted(Json(body(false)))),
     }
 }
 

@@ -4,7 +4,6 @@
 //! `-latest` alias: a client naming `<id>-latest` means `<id>`.
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use axum::Json;
 use claas_core::types::{validate_lora_id, NewLora};
 use serde::{Deserialize, Serialize};
@@ -151,21 +150,12 @@ async fn roll_back(state: &AppState, id: &str, to: i32) -> ApiResult<RolledBack>
         .find(|v| v.version == to)
         .ok_or_else(|| ApiError::not_found(format!("LoRA {id} has no version {to}")))?;
     if to == lora.current_version {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            format!("version {to} of {id} is already current"),
-        ));
+        return Err(ApiError::conflict(format!(
+            "version {to} of {id} is already current"
+        )));
     }
     if target.pruned_at.is_some() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "version_pruned",
-            format!(
-                "version {to} of {id} is no longer stored (storage.adapter_versions_keep); \
-                 pin versions you may want to return to"
-            ),
-        ));
+        return Err(ApiError::version_pruned(&id, to));
     }
     // The LoRA takes that version's shape again (an overwrite may have changed it since).
     let shape = claas_core::types::local_path(&target.storage_uri)

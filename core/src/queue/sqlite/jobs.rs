@@ -87,7 +87,7 @@ impl JobStore for SqliteStore {
             {
                 let hash: Option<String> = row.try_get("request_hash")?;
                 if hash != job.request_hash {
-                    return Err(Error::Conflict(format!(
+                    return Err(Error::IdempotencyKeyReused(format!(
                         "Idempotency-Key '{key}' was already used with a different request body"
                     )));
                 }
