@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use claas_api::AppState;
+use claas_core::adapter_store::AdapterStore;
 use claas_core::config::{Config, ExecutorKind};
 use claas_core::queue::{self, PoolSettings, RetryPolicy, SharedStore};
 use claas_worker::{
@@ -105,11 +106,15 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
-/// The worker's options. A storage setting that names no usable object store is an error
-/// here, not a silent fallback to local files no other node sees.
-fn worker_options(cfg: &Config) -> Result<WorkerOptions> {
+/// The process's one adapter store. A storage setting that names no usable object store
+/// stops start-up here, not a silent fallback to local files no other node sees.
+fn adapter_store(cfg: &Config) -> Result<AdapterStore> {
+    AdapterStore::from_config(&cfg.storage).context("storage (storage.backend, storage.url)")
+}
+
+/// The worker's options.
+fn worker_options(cfg: &Config, store: AdapterStore) -> Result<WorkerOptions> {
     let host = hostname();
-    let store = claas_core::adapter_store::AdapterStore::from_config(&cfg.storage)?;
     Ok(WorkerOptions {
         id: cfg
             .worker
@@ -144,13 +149,13 @@ fn worker_options(cfg: &Config) -> Result<WorkerOptions> {
 
 /// The configured executor. The candle one resolves the base model (creating the tiny
 /// random preset under the data directory on first use) and loads it once, here.
-async fn executor(cfg: &Config) -> Result<Arc<dyn Executor>> {
+async fn executor(cfg: &Config, adapters: &AdapterStore) -> Result<Arc<dyn Executor>> {
     Ok(match cfg.worker.executor {
         ExecutorKind::Simulated => Arc::new(SimulatedExecutor {
             step: Duration::from_millis(cfg.worker.simulated_step_ms),
             root: cfg.storage.lora_root.clone(),
         }),
-        ExecutorKind::Candle => Arc::new(candle_executor(cfg).await?),
+        ExecutorKind::Candle => Arc::new(candle_executor(cfg, adapters.clone()).await?),
     })
 }
 
@@ -207,7 +212,7 @@ async fn fetch_base_model(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-async fn candle_executor(cfg: &Config) -> Result<CandleExecutor> {
+async fn candle_executor(cfg: &Config, store: AdapterStore) -> Result<CandleExecutor> {
     {
         {
             let model_id = cfg.model.base_model_id.clone();
@@ -221,7 +226,6 @@ async fn candle_executor(cfg: &Config) -> Result<CandleExecutor> {
             fetch_base_model(cfg).await?;
             let data_dir = cfg.data_dir.clone();
             let opts = cfg.clone();
-            let store = claas_core::adapter_store::AdapterStore::from_config(&cfg.storage)?;
             let exec = tokio::task::spawn_blocking(move || {
                 let model_dir = claas_trainer::resolve::model_dir(&model_id, &data_dir)?;
                 CandleExecutor::new(CandleOptions {
@@ -265,7 +269,7 @@ async fn listen(cfg: &Config) -> Result<tokio::net::TcpListener> {
     Ok(listener)
 }
 
-async fn app_state(cfg: &Config, store: SharedStore) -> Result<AppState> {
+async fn app_state(cfg: &Config, store: SharedStore, adapters: AdapterStore) -> Result<AppState> {
     let keys = store.any_api_key_created().await.unwrap_or(false);
     if cfg.server.auth == claas_core::config::AuthMode::Open {
         tracing::warn!(
@@ -286,7 +290,7 @@ async fn app_state(cfg: &Config, store: SharedStore) -> Result<AppState> {
              (create one with `claas keys create`, or set CLAAS_ADMIN_KEY)"
         );
     }
-    AppState::from_config(cfg, store)
+    AppState::from_config(cfg, store, adapters)
         .await
         .context("connecting the completion cache (cache.redis_url, REDIS_URL)")
 }
@@ -296,11 +300,12 @@ pub async fn api(cfg: Config, migrate: bool) -> Result<()> {
     if migrate {
         migrate_when_up(&store).await?;
     }
+    let adapters = adapter_store(&cfg)?;
     let listener = listen(&cfg).await?;
     let shutdown = shutdown_signal();
     claas_api::serve(
         listener,
-        app_state(&cfg, store).await?,
+        app_state(&cfg, store, adapters).await?,
         until_true(shutdown),
     )
     .await?;
@@ -312,8 +317,9 @@ pub async fn worker(cfg: Config, migrate: bool) -> Result<()> {
     if migrate {
         migrate_when_up(&store).await?;
     }
-    let options = worker_options(&cfg)?;
-    let worker = Worker::new(store, executor(&cfg).await?, options);
+    let adapters = adapter_store(&cfg)?;
+    let options = worker_options(&cfg, adapters.clone())?;
+    let worker = Worker::new(store, executor(&cfg, &adapters).await?, options);
     worker.run(shutdown_signal()).await?;
     Ok(())
 }
@@ -328,16 +334,17 @@ pub async fn dev(cfg: Config) -> Result<()> {
         adapters = %cfg.storage.lora_root.display(),
         "embedded default: API and worker in one process"
     );
+    let adapters = adapter_store(&cfg)?;
     let shutdown = shutdown_signal();
     let (exec, parts): (Arc<dyn Executor>, _) = match cfg.worker.executor {
         ExecutorKind::Candle => {
-            let exec = candle_executor(&cfg).await?;
+            let exec = candle_executor(&cfg, adapters.clone()).await?;
             let parts = exec.inference_parts();
             (Arc::new(exec), Some(parts))
         }
-        ExecutorKind::Simulated => (executor(&cfg).await?, None),
+        ExecutorKind::Simulated => (executor(&cfg, &adapters).await?, None),
     };
-    let mut state = app_state(&cfg, store.clone()).await?;
+    let mut state = app_state(&cfg, store.clone(), adapters.clone()).await?;
     if cfg.vllm.base_url.is_none() && cfg.vllm.backends.is_empty() {
         let engine = inference_engine(&cfg, store.clone(), parts).await?;
         tracing::info!(
@@ -346,7 +353,7 @@ pub async fn dev(cfg: Config) -> Result<()> {
         );
         state = state.with_engine(Some(engine));
     }
-    let worker = Worker::new(store.clone(), exec, worker_options(&cfg)?);
+    let worker = Worker::new(store.clone(), exec, worker_options(&cfg, adapters)?);
     let worker_shutdown = shutdown.clone();
     let worker_task = tokio::spawn(async move { worker.run(worker_shutdown).await });
     let listener = listen(&cfg).await?;

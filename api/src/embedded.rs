@@ -235,11 +235,8 @@ impl Engine {
                 return Ok(Some(a.clone()));
             }
         }
-        let versions = self.store.lora_versions(model).await?;
-        let dir = versions
-            .iter()
-            .find(|v| v.version == lora.current_version)
-            .and_then(|v| local_path(&v.storage_uri));
+        let dir =
+            (self.store.current_version(&lora).await?).and_then(|v| local_path(&v.storage_uri));
         let (model_arc, lora_id) = (self.model.clone(), model.to_owned());
         let adapter = tokio::task::spawn_blocking(move || {
             match dir.filter(|d| d.join("adapter_model.safetensors").is_file()) {
@@ -249,13 +246,12 @@ impl Engine {
                 None => claas_trainer::storage::initial_adapter(
                     &lora_id,
                     &model_arc.config,
-                    AdapterConfig {
-                        r: usize::try_from(lora.rank).unwrap_or(0),
-                        lora_alpha: lora.alpha,
-                        target_modules: lora.target_modules.clone(),
-                        use_rslora: false,
-                        base_model_name_or_path: Some(lora.base_model.clone()),
-                    },
+                    AdapterConfig::for_lora(
+                        lora.rank,
+                        lora.alpha,
+                        lora.target_modules.clone(),
+                        &lora.base_model,
+                    ),
                 ),
             }
         })

@@ -217,12 +217,13 @@ impl AppState {
     }
 
     /// State as configured: Redis when `cache.redis_url` is set, the vLLM at
-    /// `vllm.base_url` when set.
+    /// `vllm.base_url` when set; `adapters` is the process's one adapter store, built at
+    /// start-up from `cfg.storage`.
     pub async fn from_config(
         cfg: &Config,
         store: SharedStore,
+        adapters: AdapterStore,
     ) -> Result<AppState, claas_core::Error> {
-        let adapters = AdapterStore::from_config(&cfg.storage)?;
         let size = cache::Bounds::new(
             cfg.cache.completion_cache_size,
             cfg.cache.completion_cache_total,

@@ -24,6 +24,20 @@ pub struct AdapterConfig {
 }
 
 impl AdapterConfig {
+    /// The configuration of a stored LoRA (`rank` and `alpha` as the queue records them,
+    /// plain LoRA scaling, its base model named): what the API, the embedded engine and the
+    /// worker all write into `adapter_config.json`. A negative rank becomes 0, which
+    /// [`LoraAdapter::init`] refuses.
+    pub fn for_lora(rank: i32, alpha: f64, target_modules: Vec<String>, base_model: &str) -> Self {
+        AdapterConfig {
+            r: usize::try_from(rank).unwrap_or(0),
+            lora_alpha: alpha,
+            target_modules,
+            use_rslora: false,
+            base_model_name_or_path: Some(base_model.to_owned()),
+        }
+    }
+
     /// PEFT's scaling: `lora_alpha / r` (`/ sqrt(r)` with rsLoRA).
     pub fn scaling(&self) -> f64 {
         if self.use_rslora {

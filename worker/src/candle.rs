@@ -269,13 +269,12 @@ fn load_adapter(
                 dir.display()
             )));
         }
-        let config = AdapterConfig {
-            r: usize::try_from(from.rank).unwrap_or(0),
-            lora_alpha: from.alpha,
-            target_modules: from.target_modules.clone(),
-            use_rslora: false,
-            base_model_name_or_path: Some(from.base_model.clone()),
-        };
+        let config = AdapterConfig::for_lora(
+            from.rank,
+            from.alpha,
+            from.target_modules.clone(),
+            &from.base_model,
+        );
         storage::write_initial_adapter(&dir, lora_id, &model.config, config)?;
     }
     let adapter = LoraAdapter::load(&dir, &model.config, model.device())?;

@@ -35,10 +35,7 @@ pub(super) async fn reconcile_adapter(
     let Ok(Some(lora)) = state.store.get_lora(lora_id).await else {
         return Reconciled::NotOurs;
     };
-    let Ok(versions) = state.store.lora_versions(lora_id).await else {
-        return Reconciled::NotOurs;
-    };
-    let Some(current) = versions.iter().find(|v| v.version == lora.current_version) else {
+    let Ok(Some(current)) = state.store.current_version(&lora).await else {
         return Reconciled::NotOurs;
     };
     let Some(path) = claas_core::types::local_path(&current.storage_uri) else {

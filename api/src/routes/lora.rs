@@ -342,23 +342,16 @@ async fn write_initial_version(
         // The first worker to train it writes it there.
         return Ok((state.adapters.uri_of(&lora.lora_id, &name), String::new()));
     };
-    let (lora_id, base, rank, alpha, targets) = (
-        lora.lora_id.clone(),
-        lora.base_model.clone(),
-        usize::try_from(lora.rank).unwrap_or(0),
+    let lora_id = lora.lora_id.clone();
+    let config = claas_trainer::AdapterConfig::for_lora(
+        lora.rank,
         lora.alpha,
         lora.target_modules.clone(),
+        &lora.base_model,
     );
     let target = dir.clone();
     let sha = tokio::task::spawn_blocking(move || {
         let model = claas_trainer::Qwen3Config::from_dir(&model_dir)?;
-        let config = claas_trainer::AdapterConfig {
-            r: rank,
-            lora_alpha: alpha,
-            target_modules: targets,
-            use_rslora: false,
-            base_model_name_or_path: Some(base),
-        };
         claas_trainer::storage::write_initial_adapter(&target, &lora_id, &model, config)
     })
     .await

@@ -74,7 +74,7 @@ pub async fn delete(
         })
         .into_response());
     };
-    let cancelled = cancel_jobs(&state, &q.lora_id).await?;
+    let cancelled = state.store.cancel_jobs_of_lora(&q.lora_id).await?;
     let cleanup = tokio::spawn(clean_up(state.clone(), q.lora_id.clone(), token, uris));
     let body = |done: bool| Deleted {
         deleted: true,
@@ -95,37 +95,6 @@ pub async fn delete(
         // A running job is still stopping; it finishes in the background.
         Err(_) => Ok(crate::error::accepted(Json(body(false)))),
     }
-}
-
-/// Cancels every queued, joined and running job of the LoRA; returns how many.
-async fn cancel_jobs(state: &AppState, lora_id: &str) -> ApiResult<usize> {
-    let mut n = 0;
-    for status in [JobStatus::Queued, JobStatus::Coalesced, JobStatus::Running] {
-        let mut before = None;
-        loop {
-            let page = state
-                .store
-                .list_jobs(&JobFilter {
-                    lora_id: Some(lora_id.to_owned()),
-                    status: Some(status),
-                    before,
-                    limit: 500,
-                    ..JobFilter::default()
-                })
-                .await?;
-            for j in &page {
-                // Refusals (already published, already finished) leave nothing to cancel.
-                if state.store.cancel(j.id).await.is_ok() {
-                    n += 1;
-                }
-            }
-            match page.last() {
-                Some(last) if page.len() == 500 => before = Some(last.id),
-                _ => break,
-            }
-        }
-    }
-    Ok(n)
 }
 
 /// Waits until no job of the LoRA runs, unloads it from every vLLM, removes its files and

@@ -86,6 +86,16 @@ pub trait LoraStore: Send + Sync {
     /// Versions of a LoRA, oldest first.
     async fn lora_versions(&self, lora_id: &str) -> Result<Vec<LoraVersion>>;
 
+    /// The version `lora` serves now (its `current_version`); `None` if that row is gone
+    /// (the LoRA was deleted meanwhile).
+    async fn current_version(&self, lora: &Lora) -> Result<Option<LoraVersion>> {
+        Ok(self
+            .lora_versions(&lora.lora_id)
+            .await?
+            .into_iter()
+            .find(|v| v.version == lora.current_version))
+    }
+
     /// Asks the worker next to the vLLM at `vllm_url` to load LoRA `lora_id`'s current
     /// version into it (once per pair until taken), and wakes idle workers.
     async fn request_adapter(&self, vllm_url: &str, lora_id: &str) -> Result<()>;
@@ -152,6 +162,39 @@ pub trait JobStore: Send + Sync {
     /// Cancels a queued job at once (or detaches a joined job before its batch trains);
     /// flags a running job. `NotFound` if absent; `Conflict` if finished or already training.
     async fn cancel(&self, id: Uuid) -> Result<CancelOutcome>;
+
+    /// Cancels every queued, joined and running job of a LoRA (a running one is asked to
+    /// stop at its next phase boundary); returns how many were cancelled. Each goes through
+    /// [`JobStore::cancel`], so its rules (a job already published or finished is refused)
+    /// and events are the same as for one job.
+    async fn cancel_jobs_of_lora(&self, lora_id: &str) -> Result<usize> {
+        const PAGE: i64 = 500;
+        let mut n = 0;
+        for status in [JobStatus::Queued, JobStatus::Coalesced, JobStatus::Running] {
+            let mut before = None;
+            loop {
+                let page = self
+                    .list_jobs(&JobFilter {
+                        lora_id: Some(lora_id.to_owned()),
+                        status: Some(status),
+                        before,
+                        limit: PAGE,
+                        ..JobFilter::default()
+                    })
+                    .await?;
+                for j in &page {
+                    if self.cancel(j.id).await.is_ok() {
+                        n += 1;
+                    }
+                }
+                match page.last() {
+                    Some(last) if page.len() as i64 == PAGE => before = Some(last.id),
+                    _ => break,
+                }
+            }
+        }
+        Ok(n)
+    }
 
     /// Number of jobs per status (dashboard and metrics).
     async fn status_counts(&self) -> Result<Vec<(JobStatus, i64)>>;

@@ -340,11 +340,8 @@ impl Worker {
                 ),
             )
         })?;
-        let versions = self.store.lora_versions(&ctx.lora_id).await?;
-        let (uri, sha256) = versions
-            .iter()
-            .find(|v| v.version == lora.current_version)
-            .map(|v| (v.storage_uri.clone(), v.sha256.clone()))
+        let (uri, sha256) = (self.store.current_version(&lora).await?)
+            .map(|v| (v.storage_uri, v.sha256))
             .unwrap_or_default();
         Ok(AdapterSource {
             version: lora.current_version,

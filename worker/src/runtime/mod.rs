@@ -295,8 +295,7 @@ impl Worker {
         let Some(lora) = self.store.get_lora(lora_id).await? else {
             return Ok(None);
         };
-        let versions = self.store.lora_versions(lora_id).await?;
-        let Some(current) = versions.iter().find(|v| v.version == lora.current_version) else {
+        let Some(current) = self.store.current_version(&lora).await? else {
             return Ok(None);
         };
         if let Some(dir) = claas_core::types::local_path(&current.storage_uri) {
