@@ -1,5 +1,5 @@
 # Each target is one CI step a person can run alone.
-.PHONY: dev test lint fmt bench bench-queue deploy-check
+.PHONY: dev test lint layers fmt bench bench-queue deploy-check
 
 # The embedded default: API + worker in one process, SQLite under ./data, no other service.
 dev:
@@ -16,9 +16,16 @@ test:
 	  CLAAS_EVAL_BWRAP="$$(scripts/test-sandbox.sh)" \
 	  cargo test --workspace --all-targets
 
-lint:
+lint: layers
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+
+# The API links neither candle nor the trainer (in-process inference lives in claas-engine).
+# Its integration tests drive real workers, so dev-dependencies are not counted.
+layers:
+	@if cargo tree -p claas-api -e normal,build --prefix none | grep -E '^(candle-core|claas-trainer) '; then \
+	  echo "claas-api depends on candle or the trainer (cargo tree -p claas-api -e normal,build)"; exit 1; \
+	else echo "layers: claas-api links neither candle-core nor claas-trainer"; fi
 
 fmt:
 	cargo fmt --all

@@ -171,7 +171,7 @@ async fn inference_engine(
     cfg: &Config,
     store: SharedStore,
     parts: Option<InferenceParts>,
-) -> Result<claas_api::embedded::Engine> {
+) -> Result<claas_engine::Engine> {
     let (model, tokenizer) = match parts {
         Some((Some(m), t)) => (m, t),
         other => {
@@ -195,7 +195,7 @@ async fn inference_engine(
             .await??
         }
     };
-    Ok(claas_api::embedded::Engine::new(
+    Ok(claas_engine::Engine::new(
         model,
         tokenizer,
         cfg.model.base_model_id.clone(),
@@ -290,9 +290,11 @@ async fn app_state(cfg: &Config, store: SharedStore, adapters: AdapterStore) -> 
              (create one with `claas keys create`, or set CLAAS_ADMIN_KEY)"
         );
     }
-    AppState::from_config(cfg, store, adapters)
+    let models = Arc::new(claas_engine::TrainerModels::new(cfg.data_dir.clone()));
+    Ok(AppState::from_config(cfg, store, adapters)
         .await
-        .context("connecting the completion cache (cache.redis_url, REDIS_URL)")
+        .context("connecting the completion cache (cache.redis_url, REDIS_URL)")?
+        .with_base_models(Some(models)))
 }
 
 pub async fn api(cfg: Config, migrate: bool) -> Result<()> {
@@ -351,7 +353,7 @@ pub async fn dev(cfg: Config) -> Result<()> {
             model = %cfg.model.base_model_id,
             "no vLLM configured: chat is served in process (candle)"
         );
-        state = state.with_engine(Some(engine));
+        state = state.with_engine(Some(Arc::new(engine)));
     }
     let worker = Worker::new(store.clone(), exec, worker_options(&cfg, adapters)?);
     let worker_shutdown = shutdown.clone();

@@ -4,8 +4,8 @@
 pub mod auth;
 pub mod cache;
 pub mod dashboard;
-pub mod embedded;
 pub mod error;
+pub mod in_process;
 pub mod metrics;
 pub mod open_guard;
 pub mod openapi;
@@ -75,7 +75,9 @@ pub struct AppState {
     /// The vLLMs inference is proxied to; none in the embedded default.
     pub backends: Option<Arc<Backends>>,
     /// In-process inference when no vLLM is configured (`claas dev`).
-    pub engine: Option<Arc<embedded::Engine>>,
+    pub engine: Option<Arc<dyn in_process::LocalInference>>,
+    /// Base-model checkpoints on this machine (version 0 of new LoRAs, intake checks).
+    pub base_models: Option<Arc<dyn in_process::BaseModels>>,
     /// This process's HTTP request metrics.
     pub http_metrics: Arc<metrics::HttpMetrics>,
     /// API keys (open when none is configured).
@@ -141,6 +143,7 @@ impl AppState {
             )),
             backends: None,
             engine: None,
+            base_models: None,
             http_metrics: Arc::new(metrics::HttpMetrics::new()),
             auth: Arc::new(auth::Auth::new(None, None, 0)),
             sessions: Arc::new(dashboard::session::Sessions::new(None)),
@@ -206,8 +209,13 @@ impl AppState {
         self
     }
 
-    pub fn with_engine(mut self, engine: Option<embedded::Engine>) -> AppState {
-        self.engine = engine.map(Arc::new);
+    pub fn with_engine(mut self, engine: Option<Arc<dyn in_process::LocalInference>>) -> AppState {
+        self.engine = engine;
+        self
+    }
+
+    pub fn with_base_models(mut self, models: Option<Arc<dyn in_process::BaseModels>>) -> AppState {
+        self.base_models = models;
         self
     }
 

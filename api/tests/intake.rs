@@ -50,8 +50,9 @@ async fn a_sample_the_trainer_would_refuse_is_a_422_naming_it(db: &TestDb) {
     let mut l = lora("a");
     l.base_model = base.display().to_string();
     db.store.create_lora(&l).await.expect("lora");
-    let app =
-        router(AppState::new(db.store.clone(), common::options("intake")).with_max_seq_len(8));
+    let app = router(common::with_trainer_models(
+        AppState::new(db.store.clone(), common::options("intake")).with_max_seq_len(8),
+    ));
     // The first item is inline too (so no cache lookup): give it a valid rollout.
     let with_first = |mut body: Value| {
         body["requests"][0] = body["requests"][1].clone();

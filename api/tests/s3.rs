@@ -92,7 +92,7 @@ async fn versions_travel_through_the_bucket_between_api_and_worker() {
         feedback_max_wait_s: 60,
         ..common::options("s3")
     };
-    let state = AppState::new(db.store.clone(), options)
+    let state = common::with_trainer_models(AppState::new(db.store.clone(), options))
         .with_adapters(AdapterStore::s3(&url, &api_cache).expect("store"));
     let api = common::serve(state).await;
     let http = reqwest::Client::new();
@@ -293,7 +293,7 @@ async fn a_vllm_that_never_served_an_s3_adapter_gets_it_from_its_nodes_worker() 
         lora_root: api_cache.display().to_string(),
         ..common::options("s3-load")
     };
-    let state = AppState::new(db.store.clone(), options)
+    let state = common::with_trainer_models(AppState::new(db.store.clone(), options))
         .with_adapters(AdapterStore::s3(&url, &api_cache).expect("store"))
         .with_upstream(Some(claas_api::upstream::Upstream::new(
             &fake.url,

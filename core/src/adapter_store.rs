@@ -43,6 +43,18 @@ fn is_version_entry(name: &str) -> bool {
     name.starts_with("@v") && !name.ends_with(".tmp")
 }
 
+/// Hex sha256 of an adapter directory's weights (`adapter_model.safetensors`), streamed: an
+/// 8B model's rank-64 weights are hundreds of MB.
+pub fn weights_sha256(dir: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(
+        &mut std::fs::File::open(dir.join("adapter_model.safetensors"))?,
+        &mut hasher,
+    )?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
 /// Removes a local version, a directory or a file; one already gone is fine.
 pub async fn remove_local(path: &Path) -> Result<()> {
     let removed = match tokio::fs::symlink_metadata(path).await {

@@ -199,9 +199,7 @@ async fn lookup_scopes(state: &AppState, lora_id: &str) -> ApiResult<(Vec<String
 /// The vocabulary size of `base_model` when its checkpoint is on this machine (read from
 /// its `config.json`); `None` when it is not, and the worker checks the ids instead.
 fn vocab_size(state: &AppState, base_model: &str) -> Option<u64> {
-    let dir = claas_trainer::resolve::existing_model_dir(base_model, &state.options.data_dir)?;
-    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
-    serde_json::from_str::<serde_json::Value>(&text).ok()?["vocab_size"].as_u64()
+    state.base_models.as_ref()?.vocab_size(base_model)
 }
 
 /// What the trainer would refuse in a rollout, checked at intake so a bad sample is a 422

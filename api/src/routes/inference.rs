@@ -15,7 +15,6 @@ use futures::StreamExt;
 use serde_json::{json, Map, Value};
 
 use super::inference_adapters::{reconcile_adapter, Reconciled};
-use super::inference_local as local;
 use super::inference_schema::{
     ChatCompletionRequest, Completion, CompletionRequest, ModelList, ScoreRequest, ScoreResponse,
     ServerSentEvent,
@@ -23,7 +22,6 @@ use super::inference_schema::{
 use super::inference_stream::{relay_chat, sse_chunks};
 use crate::auth::Caller;
 use crate::cache::CachedCompletion;
-use crate::embedded;
 use crate::error::{ApiError, ApiResult, ErrorBody, Errors, JsonBody};
 use crate::thinking::{content_hash, strip_thinking};
 use crate::upstream::{Upstream, UpstreamError};
@@ -366,20 +364,15 @@ pub async fn chat_completions(
         system,
     };
     if state.backends.is_none() {
-        let engine = state.engine.clone().ok_or_else(embedded::unavailable)?;
-        let kwargs = ctx.request["chat_template_kwargs"]
-            .as_object()
-            .cloned()
-            .unwrap_or_default();
-        let prompt = engine.chat_prompt(&messages, true, &kwargs)?;
-        let req = ctx.request.as_object().cloned().unwrap_or_default();
-        let model = ctx.request["model"].as_str().unwrap_or_default().to_owned();
-        let run = engine.start(&model, prompt, &req).await?;
+        let engine = state
+            .engine
+            .clone()
+            .ok_or_else(ApiError::no_inference_backend)?;
         if stream {
-            let chunks = local::embedded_chunks(engine, run, ctx.request.clone());
+            let chunks = engine.chat_stream(&ctx.request).await?;
             return Ok(relay_chat(ctx, chunks));
         }
-        let answer = local::embedded_answer(&engine, run, &ctx.request).await?;
+        let answer = engine.chat(&ctx.request).await?;
         return Ok(Json(finish_chat(&ctx, answer).await).into_response());
     }
     let up = backend(&state, &ctx.scope).await?;
@@ -485,8 +478,11 @@ pub async fn completions(
         return Err(ApiError::invalid("prompt is required"));
     }
     if state.backends.is_none() {
-        let engine = state.engine.clone().ok_or_else(embedded::unavailable)?;
-        return local::embedded_completion(&engine, body).await;
+        let engine = state
+            .engine
+            .clone()
+            .ok_or_else(ApiError::no_inference_backend)?;
+        return engine.completion(body).await;
     }
     let body = Value::Object(body);
     let up = backend(&state, &scope_of(&state, &body)).await?;
@@ -579,15 +575,17 @@ pub async fn score(
         return Err(ApiError::invalid("messages must not be empty"));
     }
     if state.backends.is_none() {
-        let engine = state.engine.clone().ok_or_else(embedded::unavailable)?;
+        let engine = state
+            .engine
+            .clone()
+            .ok_or_else(ApiError::no_inference_backend)?;
         let model = if req.model.is_empty() {
             engine.base_name().to_owned()
         } else {
             req.model.clone()
         };
-        return Ok(
-            Json(engine.score(&model, &req.messages, &req.completion).await?).into_response(),
-        );
+        let scored = engine.score(&model, &req.messages, &req.completion).await?;
+        return Ok(Json(scored).into_response());
     }
     let up = backend(&state, &req.model).await?;
     let prompt_ids = up

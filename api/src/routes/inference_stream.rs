@@ -14,14 +14,7 @@ use super::inference::{
 };
 use crate::thinking::ThinkFilter;
 
-/// A chat answer's chunks as they arrive, from vLLM's SSE stream or the embedded engine.
-pub(super) enum Chunk {
-    Data(Value),
-    /// Not JSON: relayed as it came.
-    Raw(String),
-    Done,
-    Broken(String),
-}
+pub(super) use crate::in_process::Chunk;
 
 /// vLLM's SSE stream as chunks.
 pub(super) fn sse_chunks(resp: reqwest::Response) -> mpsc::Receiver<Chunk> {

@@ -336,27 +336,19 @@ async fn write_initial_version(
         &claas_core::adapter_store::AdapterStore::new_tag(),
     );
     let dir = root.join(&lora.lora_id).join(&name);
-    let Some(model_dir) =
-        claas_trainer::resolve::existing_model_dir(&lora.base_model, &state.options.data_dir)
-    else {
-        // The first worker to train it writes it there.
-        return Ok((state.adapters.uri_of(&lora.lora_id, &name), String::new()));
+    // The first worker to train it writes it when this process cannot.
+    let later = || (state.adapters.uri_of(&lora.lora_id, &name), String::new());
+    let Some(models) = state.base_models.clone() else {
+        return Ok(later());
     };
-    let lora_id = lora.lora_id.clone();
-    let config = claas_trainer::AdapterConfig::for_lora(
-        lora.rank,
-        lora.alpha,
-        lora.target_modules.clone(),
-        &lora.base_model,
-    );
-    let target = dir.clone();
-    let sha = tokio::task::spawn_blocking(move || {
-        let model = claas_trainer::Qwen3Config::from_dir(&model_dir)?;
-        claas_trainer::storage::write_initial_adapter(&target, &lora_id, &model, config)
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("writing an initial adapter: {e}")))?
-    .map_err(|e| ApiError::internal(format!("writing an initial adapter: {e}")))?;
+    let (target, new) = (dir.clone(), lora.clone());
+    let written = tokio::task::spawn_blocking(move || models.write_initial_adapter(&target, &new))
+        .await
+        .map_err(|e| ApiError::internal(format!("writing an initial adapter: {e}")))?
+        .map_err(|e| ApiError::internal(format!("writing an initial adapter: {e}")))?;
+    let Some(sha) = written else {
+        return Ok(later());
+    };
     if state.adapters.is_remote() {
         let uri = state
             .adapters
@@ -568,7 +560,7 @@ fn write_zip(dir: &std::path::Path, expected: &str, files: &[&str]) -> ApiResult
     use std::io::Seek;
     let io = |e: std::io::Error| ApiError::internal(format!("export: {e}"));
     if !expected.is_empty() {
-        let actual = claas_trainer::storage::adapter_sha256(dir)
+        let actual = claas_core::adapter_store::weights_sha256(dir)
             .map_err(|e| ApiError::internal(format!("export: {e}")))?;
         if actual != expected {
             return Err(ApiError::internal(format!(

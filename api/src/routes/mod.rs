@@ -4,7 +4,6 @@ pub mod feedback;
 pub mod health;
 pub mod inference;
 mod inference_adapters;
-mod inference_local;
 pub mod inference_schema;
 mod inference_stream;
 pub mod jobs;

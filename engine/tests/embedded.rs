@@ -2,16 +2,18 @@
 //! process by candle with the tiny model, the LoRA named by `model` at its current
 //! version, and the rollout cached for feedback exactly as sampled.
 
+// The API's test helpers (options, a server on a real socket, a JSON client).
+#[path = "../../api/tests/common/mod.rs"]
 mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
-use claas_api::embedded::Engine;
 use claas_api::{ApiOptions, AppState};
 use claas_core::testing::TestDb;
 use claas_core::types::NewLora;
+use claas_engine::Engine;
 use claas_trainer::random::{write_checkpoint, Preset};
 use claas_trainer::{AdapterConfig, ChatTokenizer, LoraAdapter, Message, Qwen3};
 use serde_json::{json, Value};
@@ -46,7 +48,7 @@ async fn start() -> Env {
         data_dir: root.clone(),
         ..common::options("embedded")
     };
-    let state = AppState::new(db.store.clone(), opts).with_engine(Some(engine));
+    let state = AppState::new(db.store.clone(), opts).with_engine(Some(Arc::new(engine)));
     let api = common::serve(state).await;
     db.store.create_lora(&lora("me/a", "")).await.expect("lora");
     Env {
@@ -339,7 +341,7 @@ async fn chat_while_a_job_trains_in_the_same_process_sees_one_version_or_the_nex
         data_dir: root.clone(),
         ..common::options("embedded")
     };
-    let state = AppState::new(db.store.clone(), opts).with_engine(Some(engine));
+    let state = AppState::new(db.store.clone(), opts).with_engine(Some(Arc::new(engine)));
     let api = common::serve(state).await;
     let (stop, rx) = tokio::sync::watch::channel(false);
     let worker = Worker::new(

@@ -1,6 +1,5 @@
-//! The inference routes' answers when the embedded engine serves them (no vLLM): the
-//! engine's tokens in vLLM's response and stream shapes, so the proxy's caching and
-//! feedback path treats both alike.
+//! The engine's answers in vLLM's response and stream shapes, so the API's caching and
+//! feedback path treats them as it treats vLLM's.
 
 use std::sync::Arc;
 
@@ -11,14 +10,14 @@ use axum::Json;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
-use super::inference_stream::Chunk;
-use crate::embedded::{self, Engine, RunEvent};
-use crate::error::{ApiError, ApiResult};
+use crate::{Engine, Run, RunEvent};
+use claas_api::error::{ApiError, ApiResult};
+use claas_api::in_process::Chunk;
 
 /// The embedded engine's answer in vLLM's chat completion shape.
-pub(super) async fn embedded_answer(
+pub(crate) async fn embedded_answer(
     engine: &Engine,
-    mut run: embedded::Run,
+    mut run: Run,
     request: &Value,
 ) -> ApiResult<Value> {
     let top = request["top_logprobs"].as_u64().unwrap_or(0) as usize;
@@ -26,7 +25,7 @@ pub(super) async fn embedded_answer(
     let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
     let entries: Vec<Value> = tokens
         .iter()
-        .map(|t| embedded::logprob_entry(engine, t, top))
+        .map(|t| crate::logprob_entry(engine, t, top))
         .collect();
     let (p, c) = (run.prompt_ids.len(), ids.len());
     Ok(json!({
@@ -38,7 +37,7 @@ pub(super) async fn embedded_answer(
             "index": 0,
             "message": {"role": "assistant", "content": text, "reasoning": null},
             "logprobs": {"content": entries},
-            "finish_reason": embedded::finish_reason(finish),
+            "finish_reason": crate::finish_reason(finish),
             "stop_reason": null,
             "token_ids": ids,
         }],
@@ -48,9 +47,9 @@ pub(super) async fn embedded_answer(
 }
 
 /// The embedded engine's answer as vLLM-shaped stream chunks.
-pub(super) fn embedded_chunks(
+pub(crate) fn embedded_chunks(
     engine: Arc<Engine>,
-    mut run: embedded::Run,
+    mut run: Run,
     request: Value,
 ) -> mpsc::Receiver<Chunk> {
     let (tx, rx) = mpsc::channel(32);
@@ -76,12 +75,12 @@ pub(super) fn embedded_chunks(
                 Some(RunEvent::Token { token, text }) => {
                     n += 1;
                     Chunk::Data(chunk(json!({"index": 0, "delta": {"content": text},
-                        "logprobs": {"content": [embedded::logprob_entry(&engine, &token, top)]},
+                        "logprobs": {"content": [crate::logprob_entry(&engine, &token, top)]},
                         "finish_reason": null, "token_ids": [token.id]})))
                 }
                 Some(RunEvent::Done(f, rest)) => {
                     let last = chunk(json!({"index": 0, "delta": {"content": rest},
-                        "logprobs": null, "finish_reason": embedded::finish_reason(f)}));
+                        "logprobs": null, "finish_reason": crate::finish_reason(f)}));
                     if tx.send(Chunk::Data(last)).await.is_err() {
                         return;
                     }
@@ -115,7 +114,7 @@ pub(super) fn embedded_chunks(
 
 /// A text completion from the embedded engine, in vLLM's shape (streamed as SSE when
 /// asked). Not cached, as on the vLLM path.
-pub(super) async fn embedded_completion(
+pub(crate) async fn embedded_completion(
     engine: &Arc<Engine>,
     body: Map<String, Value>,
 ) -> ApiResult<Response> {
@@ -152,9 +151,7 @@ pub(super) async fn embedded_completion(
             loop {
                 let line = match run.events.recv().await {
                     Some(RunEvent::Token { text, .. }) => chunk(&text, Value::Null),
-                    Some(RunEvent::Done(f, rest)) => {
-                        chunk(&rest, json!(embedded::finish_reason(f)))
-                    }
+                    Some(RunEvent::Done(f, rest)) => chunk(&rest, json!(crate::finish_reason(f))),
                     Some(RunEvent::Failed(e)) => {
                         json!({"error": {"code": "generation_failed", "message": e}})
                     }
@@ -184,7 +181,7 @@ pub(super) async fn embedded_completion(
     Ok(Json(
         json!({"id": id, "object": "text_completion", "created": created, "model": run.model,
         "choices": [{"index": 0, "text": text, "logprobs": null,
-            "finish_reason": embedded::finish_reason(finish), "stop_reason": null,
+            "finish_reason": crate::finish_reason(finish), "stop_reason": null,
             "token_ids": ids, "prompt_token_ids": run.prompt_ids}],
         "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}}),
     )

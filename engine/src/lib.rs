@@ -1,12 +1,25 @@
-//! Embedded inference: when no vLLM is configured (`claas dev`), the API answers chat and
-//! text completions itself with candle, from the same base model the trainer holds (one
-//! copy of the weights) and the LoRA named by `model` at its current version. Answers have
-//! vLLM's shapes (token ids, raw log-probs), so the proxy's caching and feedback work the
-//! same on either path. One generation runs at a time; requests queue fairly (FIFO).
+//! claas-engine: in-process inference with candle. When no vLLM is configured (`claas dev`),
+//! the API answers chat, text completions and score through this engine, from the same base
+//! model the trainer holds (one copy of the weights) and the LoRA named by `model` at its
+//! current version. Answers have vLLM's shapes (token ids, raw log-probs), so the API's
+//! caching and feedback work the same on either path. One generation runs at a time;
+//! requests queue fairly (FIFO).
+//!
+//! It implements `claas_api::in_process` (the API's seam for in-process inference and for
+//! base-model files); it may import the API, the core and the trainer, and nothing imports
+//! it but the binary and tests.
+
+mod answers;
+mod base_models;
+
+pub use base_models::TrainerModels;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use async_trait::async_trait;
+use axum::response::Response;
+use claas_api::in_process::{Chunk, LocalInference};
 use claas_core::queue::SharedStore;
 use claas_core::types::local_path;
 use claas_trainer::generate::{generate, Finish, Sampling, Token};
@@ -14,7 +27,7 @@ use claas_trainer::{AdapterConfig, ChatTokenizer, LoraAdapter, Message, Qwen3};
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::error::{ApiError, ApiResult};
+use claas_api::error::{ApiError, ApiResult};
 
 /// The in-process inference engine.
 pub struct Engine {
@@ -381,7 +394,7 @@ impl Engine {
     }
 
     /// Log-probs of `completion`'s tokens as the answer to `messages` (CLaaS `/v1/score`).
-    pub async fn score(
+    pub async fn score_completion(
         &self,
         model: &str,
         messages: &[Value],
@@ -442,7 +455,47 @@ pub fn finish_reason(f: Finish) -> &'static str {
     }
 }
 
-/// 503 for a request the engine cannot take (no engine configured).
-pub fn unavailable() -> ApiError {
-    ApiError::no_inference_backend()
+impl Engine {
+    /// Starts a chat answer for vLLM's request body (`messages`, `model`, sampling).
+    async fn start_chat(self: &Arc<Self>, request: &Value) -> ApiResult<Run> {
+        let messages = request["messages"].as_array().cloned().unwrap_or_default();
+        let kwargs = request["chat_template_kwargs"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        let prompt = self.chat_prompt(&messages, true, &kwargs)?;
+        let body = request.as_object().cloned().unwrap_or_default();
+        let model = request["model"].as_str().unwrap_or_default().to_owned();
+        self.start(&model, prompt, &body).await
+    }
+}
+
+#[async_trait]
+impl LocalInference for Engine {
+    fn base_name(&self) -> &str {
+        &self.base_name
+    }
+
+    async fn chat(self: Arc<Self>, request: &Value) -> ApiResult<Value> {
+        let run = self.start_chat(request).await?;
+        answers::embedded_answer(&self, run, request).await
+    }
+
+    async fn chat_stream(self: Arc<Self>, request: &Value) -> ApiResult<mpsc::Receiver<Chunk>> {
+        let run = self.start_chat(request).await?;
+        Ok(answers::embedded_chunks(self, run, request.clone()))
+    }
+
+    async fn completion(self: Arc<Self>, request: Map<String, Value>) -> ApiResult<Response> {
+        answers::embedded_completion(&self, request).await
+    }
+
+    async fn score(
+        self: Arc<Self>,
+        model: &str,
+        messages: &[Value],
+        completion: &str,
+    ) -> ApiResult<Value> {
+        self.score_completion(model, messages, completion).await
+    }
 }
