@@ -7,13 +7,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use claas_core::queue::{Claimed, FailOutcome, Lease, LeaseState, SharedStore};
-use claas_core::types::{JobError, NewVersion, Phase, Sample, WorkerState};
+use claas_core::types::{JobError, Phase, Sample, WorkerState};
 use tokio::sync::watch;
 use tracing::Instrument;
 use uuid::Uuid;
 
 use super::Worker;
 use crate::executor::{AdapterSource, Distilled, JobContext, PhaseError, ServedVersion};
+
+mod phases;
+use phases::Walk;
 
 /// How old unpublished files must be before retention removes them (at least twice the
 /// lease, too: a live attempt publishes within its lease of writing).
@@ -147,15 +150,15 @@ impl Worker {
         let mut clock = PhaseClock::new(Phase::Claimed);
         let mut trained = Vec::new();
         let result = self
-            .phases(
+            .phases(&mut Walk {
                 claimed,
                 ctx,
                 lease,
-                &watch,
-                &slept,
-                &mut clock,
-                &mut trained,
-            )
+                watch: &watch,
+                slept: &slept,
+                clock: &mut clock,
+                trained: &mut trained,
+            })
             .await;
         // Resumed after publish (or stopped before training): the claimed samples.
         let trained = if trained.is_empty() {
@@ -544,151 +547,6 @@ impl Worker {
         }
         .instrument(span)
         .await
-    }
-
-    // The walk's state is passed in (not returned) so a failed walk still reports how far
-    // it got: `slept` for the wake-up, `clock` and `trained` for the feedback log.
-    #[allow(clippy::too_many_arguments)]
-    async fn phases(
-        &self,
-        claimed: &Claimed,
-        ctx: &JobContext,
-        lease: &Lease,
-        watch: &LeaseWatch,
-        slept: &AtomicBool,
-        clock: &mut PhaseClock,
-        trained: &mut Vec<Sample>,
-    ) -> Result<serde_json::Value, Stop> {
-        let exec = &self.executor;
-        let orch = &ctx.orchestration;
-        let cancel_point = |w: &LeaseWatch| {
-            if w.lost() {
-                Err(Stop::LeaseLost)
-            } else if w.cancel_requested() {
-                Err(Stop::Cancelled)
-            } else {
-                Ok(())
-            }
-        };
-        // `version` is what this job published; `serve` is what vLLM should load, which
-        // differs only when a later job of the LoRA published while this one waited to resume.
-        let (version, serve, metrics, batch_size) = match claimed.job.published_version {
-            // A retry after publish: the version exists, only reload and wake remain.
-            Some(v) => {
-                let current = self.store.get_lora(&ctx.lora_id).await?;
-                let serve = current.map_or(v, |l| l.current_version.max(v));
-                tracing::info!(version = v, serve, "resuming after publish");
-                let result = claimed.job.result.clone().unwrap_or_default();
-                (
-                    v,
-                    self.recorded(&ctx.lora_id, serve).await?,
-                    result.get("metrics").cloned().unwrap_or_default(),
-                    claimed.job.sample_count,
-                )
-            }
-            None => {
-                if orch.sleep_before {
-                    cancel_point(watch)?;
-                    // The API stops routing chat to this node's vLLM from here on.
-                    self.set_state(WorkerState::Draining, ctx).await;
-                    let grace = if exec.controls_vllm() {
-                        self.opts.drain_grace
-                    } else {
-                        Duration::ZERO
-                    };
-                    let drain = async {
-                        tokio::time::sleep(grace).await;
-                        exec.drain(ctx).await
-                    };
-                    self.step(lease, watch, clock, Phase::Drain, drain).await?;
-                    cancel_point(watch)?;
-                    slept.store(true, Ordering::SeqCst);
-                    self.set_state(WorkerState::Sleeping, ctx).await;
-                    self.step(lease, watch, clock, Phase::Sleep, exec.sleep(ctx))
-                        .await?;
-                    cancel_point(watch)?;
-                    self.step(lease, watch, clock, Phase::Vram, exec.wait_vram(ctx))
-                        .await?;
-                }
-                cancel_point(watch)?;
-                let attached = self
-                    .store
-                    .begin_training(lease, clock.next(Phase::Distill))
-                    .await?
-                    .ok_or(Stop::LeaseLost)?;
-                let from = self.adapter_source(ctx).await?;
-                let (distilled, samples) = self
-                    .distill_batch(claimed, &attached, ctx, lease, watch, &from)
-                    .await?;
-                cancel_point(watch)?;
-                let metrics = distilled.metrics.clone();
-                // Publishing checks that `from` is still current (else: version conflict).
-                let version = from.version + 1;
-                let stored = self
-                    .step(
-                        lease,
-                        watch,
-                        clock,
-                        Phase::Publish,
-                        exec.store_adapter(ctx, version, distilled),
-                    )
-                    .await?;
-                let record = NewVersion {
-                    version,
-                    storage_uri: stored.uri,
-                    sha256: stored.sha256,
-                    metrics: metrics.clone(),
-                };
-                if !self.store.publish(lease, &record).await? {
-                    // Nobody will read these files; a retry writes its own.
-                    if let Err(e) = self.remove_version(&record.storage_uri).await {
-                        tracing::warn!(uri = %record.storage_uri, error = %e, "could not remove an unpublished version");
-                    }
-                    return Err(self.publish_refused(lease, version).await);
-                }
-                self.prune_old_versions(&ctx.lora_id).await;
-                let batch = i32::try_from(samples.len()).unwrap_or(i32::MAX);
-                *trained = samples;
-                let serve = ServedVersion {
-                    version,
-                    uri: record.storage_uri,
-                    previous_uri: Some(from.uri.clone()).filter(|u| !u.is_empty()),
-                };
-                (version, serve, metrics, batch)
-            }
-        };
-        self.step(lease, watch, clock, Phase::Reload, exec.reload(ctx, &serve))
-            .await
-            .map_err(|stop| match stop {
-                Stop::Failed(phase, mut e) => {
-                    e.code = "reload_failed".into();
-                    e.message = format!(
-                        "version {} is published but not loaded into vLLM: {}",
-                        serve.version, e.message
-                    );
-                    Stop::Failed(phase, e)
-                }
-                other => other,
-            })?;
-        let mut woke = false;
-        if slept.load(Ordering::SeqCst) && orch.wake_after {
-            self.step(lease, watch, clock, Phase::Wake, exec.wake(ctx))
-                .await?;
-            slept.store(false, Ordering::SeqCst);
-            self.set_state(WorkerState::Training, ctx).await;
-            woke = true;
-        }
-        Ok(serde_json::json!({
-            "version": version,
-            "metrics": metrics,
-            "batch_size": batch_size,
-            "vllm": {
-                "slept": self.executor.controls_vllm()
-                    && orch.sleep_before
-                    && claimed.job.published_version.is_none(),
-                "woke": self.executor.controls_vllm() && woke,
-            },
-        }))
     }
 }
 
