@@ -191,7 +191,7 @@ fn constant_time_eq(a: &str, b: &str) -> bool {
         == 0
 }
 
-fn bearer(req: &Request) -> Option<String> {
+pub(crate) fn bearer(req: &Request) -> Option<String> {
     let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme
@@ -243,42 +243,61 @@ pub(crate) async fn resolve_session(state: &AppState, cookie: &str) -> ApiResult
     })
 }
 
-/// Middleware: authenticates every request and leaves the [`Caller`] for the handlers.
-pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    // The API's description is public: clients generate code from it before they hold a key.
-    if req.uri().path() == "/openapi.json" {
-        return next.run(req).await;
-    }
-    let enabled = match state.auth.enabled(&state).await {
+/// What [`keys_on`] decided about a request before any key is looked at.
+pub enum Admission {
+    /// The API is open (or the database is down and this is health): the caller is set.
+    Admitted(Request),
+    /// Keys are required: the request goes on to its key check.
+    NeedsKey(Request),
+    /// Refused as it stands (an open API reached under a foreign name, a database error).
+    Refused(Response),
+}
+
+/// Whether keys are on for this request: the check every gate starts with, the API's
+/// ([`authenticate`]) and the dashboard's.
+pub async fn keys_on(state: &AppState, mut req: Request) -> Admission {
+    let enabled = match state.auth.enabled(state).await {
         Ok(on) => on,
         // The database is down: health must still say so (and nothing more).
         Err(_) if req.uri().path() == "/v1/health" => {
             req.extensions_mut().insert(Caller::Anonymous);
-            return next.run(req).await;
+            return Admission::Admitted(req);
         }
-        Err(e) => return e.into_response(),
+        Err(e) => return Admission::Refused(e.into_response()),
     };
-    if !enabled {
-        // Health stays reachable under any name: probes ask by a pod's or node's address.
-        let refusal = (req.uri().path() != "/v1/health")
-            .then(|| {
-                state
-                    .auth
-                    .allowed_hosts
-                    .refusal(req.method(), req.headers())
-            })
-            .flatten();
-        if let Some(refusal) = refusal {
-            return refusal.into_response();
-        }
-        req.extensions_mut().insert(Caller::Open);
+    if enabled {
+        return Admission::NeedsKey(req);
+    }
+    // Health stays reachable under any name: probes ask by a pod's or node's address.
+    let refusal = (req.uri().path() != "/v1/health")
+        .then(|| {
+            state
+                .auth
+                .allowed_hosts
+                .refusal(req.method(), req.headers())
+        })
+        .flatten();
+    if let Some(refusal) = refusal {
+        return Admission::Refused(refusal.into_response());
+    }
+    req.extensions_mut().insert(Caller::Open);
+    Admission::Admitted(req)
+}
+
+/// Middleware: authenticates an API request and leaves the [`Caller`] for the handlers.
+/// (The dashboard's pages have their own gate; the router picks, see `lib.rs`.)
+pub async fn authenticate(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    // The API's description is public: clients generate code from it before they hold a key.
+    if req.uri().path() == "/openapi.json" {
         return next.run(req).await;
     }
+    let mut req = match keys_on(&state, req).await {
+        Admission::Admitted(req) => return next.run(req).await,
+        Admission::Refused(resp) => return resp,
+        Admission::NeedsKey(req) => req,
+    };
     let path = req.uri().path().to_owned();
     let secret = bearer(&req);
-    if crate::dashboard::is_gated(&path) {
-        return crate::dashboard::gate(&state, req, next, secret).await;
-    }
     if path == "/metrics" {
         let token_ok = match (&secret, &state.auth.metrics_token) {
             (Some(s), Some(t)) => constant_time_eq(s, t),

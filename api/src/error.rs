@@ -369,6 +369,11 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// How long a request's body may take to arrive: set per request by the deadline middleware
+/// (`timeouts.rs`), read by [`JsonBody`].
+#[derive(Debug, Clone, Copy)]
+pub struct BodyDeadline(pub std::time::Duration);
+
 /// The JSON body of a request, with decoding failures in the error envelope: 413 over the
 /// size limit, 400 for broken JSON, 422 for JSON of the wrong shape.
 pub struct JsonBody<T>(pub T, pub axum::body::Bytes);
@@ -392,7 +397,7 @@ where
         }
         let limit = req
             .extensions()
-            .get::<crate::timeouts::BodyDeadline>()
+            .get::<BodyDeadline>()
             .map_or(std::time::Duration::from_secs(30), |d| d.0);
         let read = axum::body::Bytes::from_request(req, state);
         let bytes = tokio::time::timeout(limit, read)

@@ -1,5 +1,9 @@
 //! claas-api: the stateless HTTP service. Any replica can serve any request: all state
 //! lives in the queue store (and, with its issue, the shared completion cache).
+//!
+//! It imports only `claas-core`. What needs a model in this process (the embedded engine,
+//! version 0 of a LoRA) comes through [`in_process`], which `claas-engine` implements, so
+//! the API links neither candle nor the trainer (`make layers`; ARCHITECTURE.md).
 
 pub mod auth;
 pub mod cache;
@@ -308,10 +312,7 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             metrics::track,
         ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::authenticate,
-        ))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), admit))
         // Outside authentication: a database that stops answering its key lookup counts.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -323,6 +324,20 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .fallback_service(api)
         .layer(axum::middleware::map_request(openapi::encode_lora_ids))
+}
+
+/// Who may make a request: the dashboard's (and the eval runs') pages admit admin keys and
+/// login sessions, everything else API keys. Decided here so neither gate knows the other.
+async fn admit(
+    state: axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if dashboard::is_gated(req.uri().path()) {
+        dashboard::gate(state, req, next).await
+    } else {
+        auth::authenticate(state, req, next).await
+    }
 }
 
 /// One span per request, named `METHOD /path`, continuing the caller's trace when the

@@ -47,9 +47,7 @@ impl Default for Timeouts {
     }
 }
 
-/// The body deadline, for [`crate::error::JsonBody`] to read from the request.
-#[derive(Debug, Clone, Copy)]
-pub struct BodyDeadline(pub Duration);
+pub use crate::error::BodyDeadline;
 
 impl Timeouts {
     /// The limit for `method path`.

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 
 use plotters::prelude::*;
 
-use crate::run::StepResult;
+use crate::results::StepResult;
 
 /// One line: a label and its (step, value) points.
 pub type Series = (String, Vec<(f64, f64)>);
@@ -151,7 +151,7 @@ pub fn draw_all(dir: &Path, runs: &[(String, Vec<StepResult>)]) -> Result<Vec<Pa
         "Preference compliance",
         vec![("compliance", Some((-0.05, 1.05)), compliance)],
     )?;
-    let collapse = |f: fn(&crate::run::CollapseMetrics) -> f64| {
+    let collapse = |f: fn(&crate::results::CollapseMetrics) -> f64| {
         per_preference(runs, move |s| s.eval.collapse.as_ref().map(f))
     };
     plot(
@@ -192,7 +192,7 @@ pub fn draw_all(dir: &Path, runs: &[(String, Vec<StepResult>)]) -> Result<Vec<Pa
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::run::{CollapseMetrics, EvalMetrics};
+    use crate::results::{CollapseMetrics, EvalMetrics};
 
     fn step(i: u32) -> StepResult {
         StepResult {

@@ -16,14 +16,17 @@ use crate::auth::{self, Caller};
 use crate::error::ApiError;
 use crate::AppState;
 
-/// The middleware's part for dashboard paths when API keys are on: admins only, by bearer
-/// key or session cookie; a browser without either is sent to the login form.
-pub async fn gate(
-    state: &AppState,
-    mut req: Request,
-    next: Next,
-    bearer: Option<String>,
-) -> Response {
+/// Middleware in front of the dashboard's pages (mounted by the router, see `lib.rs`): open
+/// when the API is; with keys on, admins only, by bearer key or session cookie, and a
+/// browser without either is sent to the login form.
+pub async fn gate(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let mut req = match auth::keys_on(&state, req).await {
+        auth::Admission::Admitted(req) => return next.run(req).await,
+        auth::Admission::Refused(resp) => return resp,
+        auth::Admission::NeedsKey(req) => req,
+    };
+    let state = &state;
+    let bearer = auth::bearer(&req);
     if req.uri().path() == LOGIN {
         req.extensions_mut().insert(Caller::Anonymous);
         return next.run(req).await;

@@ -437,7 +437,7 @@ async fn enqueue_batch(
 ) -> ApiResult<Job> {
     // CLaaS's `<id>-latest` names the LoRA `<id>`.
     if let Some(first) = req.requests.first().map(|i| i.lora_id.clone()) {
-        let resolved = crate::routes::lora_versions::resolve_alias(state, &first).await?;
+        let resolved = crate::routes::lora_id::resolve_alias(state, &first).await?;
         for item in req.requests.iter_mut().filter(|i| i.lora_id == first) {
             item.lora_id = resolved.clone();
         }

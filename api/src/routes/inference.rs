@@ -20,10 +20,12 @@ use super::inference_schema::{
     ServerSentEvent,
 };
 use super::inference_stream::{relay_chat, sse_chunks};
+use super::rollout::{
+    cache_put, ids_of, logprobs_of, rollout_entry, upstream_chat_body, ChatCtx, ChoiceRollout,
+};
 use crate::auth::Caller;
-use crate::cache::CachedCompletion;
 use crate::error::{ApiError, ApiResult, ErrorBody, Errors, JsonBody};
-use crate::thinking::{content_hash, strip_thinking};
+use crate::thinking::strip_thinking;
 use crate::upstream::{Upstream, UpstreamError};
 use crate::AppState;
 
@@ -127,178 +129,13 @@ async fn send_generation(
     }
 }
 
-/// What the client asked to see of the answer.
-pub(super) struct ClientWants {
-    pub(super) logprobs: bool,
-    pub(super) token_ids: bool,
-}
-
-/// The upstream request: the client's, plus what the cache needs.
-fn upstream_chat_body(mut body: Map<String, Value>) -> (Value, ClientWants) {
-    let wants = ClientWants {
-        logprobs: body
-            .get("logprobs")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
-        token_ids: body
-            .get("return_token_ids")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
-    };
-    body.insert("logprobs".into(), json!(true));
-    if !wants.logprobs || !body.contains_key("top_logprobs") {
-        body.insert("top_logprobs".into(), json!(0));
-    }
-    body.insert("return_token_ids".into(), json!(true));
-    (Value::Object(body), wants)
-}
-
-pub(super) fn ids_of(v: &Value) -> Option<Vec<u32>> {
-    v.as_array().map(|a| {
-        a.iter()
-            .filter_map(Value::as_u64)
-            .map(|i| i as u32)
-            .collect()
-    })
-}
-
-pub(super) fn logprobs_of(content: &Value) -> Option<Vec<f32>> {
-    let entries = content.as_array()?;
-    entries
-        .iter()
-        .map(|e| e["logprob"].as_f64().map(|l| l as f32))
-        .collect()
-}
-
-/// One choice's rollout as it arrives.
-#[derive(Default)]
-pub(super) struct ChoiceRollout {
-    pub(super) content: String,
-    pub(super) reasoning: String,
-    pub(super) token_ids: Option<Vec<u32>>,
-    pub(super) logprobs: Option<Vec<f32>>,
-    /// The `token` string of each log-prob entry (for re-tokenising the stop token).
-    pub(super) last_token: Option<String>,
-}
-
-impl ChoiceRollout {
-    fn raw_response(&self) -> String {
-        if self.reasoning.is_empty() {
-            self.content.clone()
-        } else {
-            format!("<think>{}</think>{}", self.reasoning, self.content)
-        }
-    }
-}
-
-/// Builds the cache entry; asks vLLM's `/tokenize` for ids it did not return (vLLM
-/// before 0.10.2), keeping the log-probs only when they align with those ids.
-pub(super) async fn rollout_entry(
-    up: Option<&Upstream>,
-    request: &Value,
-    scope: &str,
-    prompt_ids: Option<Vec<u32>>,
-    choice: ChoiceRollout,
-    system_prompt: &str,
-) -> CachedCompletion {
-    let raw = choice.raw_response();
-    let mut token_source = "server";
-    let mut logprobs = choice.logprobs.clone();
-    let prompt_ids = match prompt_ids {
-        Some(ids) => ids,
-        None => {
-            token_source = "retokenized";
-            let mut t = json!({"model": request["model"], "messages": request["messages"],
-                "add_generation_prompt": true});
-            if let Some(k) = request.get("chat_template_kwargs") {
-                t["chat_template_kwargs"] = k.clone();
-            }
-            match up {
-                Some(up) => up.tokenize(&t).await.unwrap_or_default(),
-                None => Vec::new(),
-            }
-        }
-    };
-    let response_ids = match choice.token_ids {
-        Some(ids) => ids,
-        None => {
-            token_source = "retokenized";
-            let t = json!({"model": request["model"], "prompt": raw, "add_special_tokens": false});
-            let Some(up) = up else {
-                return CachedCompletion {
-                    model: scope.to_owned(),
-                    response: raw,
-                    prompt_token_ids: prompt_ids,
-                    response_token_ids: Vec::new(),
-                    response_logprobs: None,
-                    system_prompt: system_prompt.to_owned(),
-                    token_source: "none".into(),
-                    created_at: chrono::Utc::now().timestamp(),
-                };
-            };
-            let mut ids = up.tokenize(&t).await.unwrap_or_default();
-            // vLLM's log-probs include the stop token, which the text does not.
-            if let (Some(lp), Some(tok)) = (&logprobs, &choice.last_token) {
-                if lp.len() == ids.len() + 1 {
-                    let t = json!({"model": request["model"], "prompt": tok, "add_special_tokens": false});
-                    if let Ok(stop) = up.tokenize(&t).await {
-                        if stop.len() == 1 {
-                            ids.extend(stop);
-                        }
-                    }
-                }
-            }
-            ids
-        }
-    };
-    if logprobs
-        .as_ref()
-        .is_some_and(|l| l.len() != response_ids.len())
-    {
-        logprobs = None;
-    }
-    CachedCompletion {
-        model: scope.to_owned(),
-        response: raw,
-        prompt_token_ids: prompt_ids,
-        response_token_ids: response_ids,
-        response_logprobs: logprobs,
-        system_prompt: system_prompt.to_owned(),
-        token_source: token_source.to_owned(),
-        created_at: chrono::Utc::now().timestamp(),
-    }
-}
-
-pub(super) async fn cache_put(ctx: &ChatCtx, visible: &str, entry: &CachedCompletion) {
-    let (state, scope) = (&ctx.state, ctx.scope.as_str());
-    let hash = content_hash(visible);
-    if let Err(e) = state.cache.put(&ctx.owner, scope, &hash, entry).await {
-        // The answer is still worth giving; feedback on it will be a clear 404.
-        tracing::error!(error = %e, scope, "could not cache a completion");
-    }
-}
-
-/// What a chat answer is post-processed with, whichever engine produced it.
-pub(super) struct ChatCtx {
-    pub(super) state: AppState,
-    /// The vLLM that answered (for `/tokenize` when it returned no ids); none when the
-    /// embedded engine did.
-    pub(super) up: Option<Upstream>,
-    pub(super) request: Value,
-    pub(super) wants: ClientWants,
-    pub(super) scope: String,
-    /// The caller whose rollout this is (its key's id): only its feedback may use it.
-    pub(super) owner: String,
-    pub(super) system: String,
-}
-
 /// The LoRA (or base model) `model` names, an adapter name or `-latest` alias resolved
-/// (see [`crate::routes::lora_versions::resolve_alias`]), checked against the caller.
+/// (see [`crate::routes::lora_id::resolve_alias`]), checked against the caller.
 async fn model_for(state: &AppState, caller: &Caller, model: &str) -> ApiResult<String> {
     let resolved = if model.is_empty() {
         String::new()
     } else {
-        crate::routes::lora_versions::resolve_alias(state, model).await?
+        crate::routes::lora_id::resolve_alias(state, model).await?
     };
     check_model(state, caller, &resolved)?;
     Ok(resolved)

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::inference::{
+use super::rollout::{
     cache_put, ids_of, logprobs_of, rollout_entry, ChatCtx, ChoiceRollout, ClientWants,
 };
 use crate::thinking::ThinkFilter;

@@ -437,7 +437,7 @@ pub async fn versions(
     caller: Caller,
     Path(lora_id): Path<String>,
 ) -> ApiResult<Json<LoraVersions>> {
-    let lora_id = &crate::routes::lora_versions::lora_for(&state, &caller, &lora_id).await?;
+    let lora_id = &crate::routes::lora_id::lora_for(&state, &caller, &lora_id).await?;
     let lora = state
         .store
         .get_lora(lora_id)
@@ -488,7 +488,7 @@ pub async fn export(
     QueryParams(q): QueryParams<ExportQuery>,
 ) -> ApiResult<Response> {
     let mut q = q;
-    q.lora_id = crate::routes::lora_versions::lora_for(&state, &caller, &q.lora_id).await?;
+    q.lora_id = crate::routes::lora_id::lora_for(&state, &caller, &q.lora_id).await?;
     let lora = state
         .store
         .get_lora(&q.lora_id)

@@ -56,7 +56,7 @@ pub async fn delete(
     QueryParams(q): QueryParams<DeleteQuery>,
 ) -> ApiResult<Response> {
     let mut q = q;
-    q.lora_id = crate::routes::lora_versions::lora_for(&state, &caller, &q.lora_id).await?;
+    q.lora_id = crate::routes::lora_id::lora_for(&state, &caller, &q.lora_id).await?;
     // The versions to remove, read before their rows are dropped.
     let uris: Vec<String> = state
         .store

@@ -10,4 +10,6 @@ pub mod jobs;
 pub mod keys;
 pub mod lora;
 pub mod lora_delete;
+pub mod lora_id;
 pub mod lora_versions;
+mod rollout;
