@@ -1,6 +1,7 @@
 //! The SDPO trainer: a differentiable Qwen3 with LoRA, the SDPO loss, AdamW with persisted
 //! state, PEFT adapters and the Qwen3 chat template. No database and no HTTP: the worker's
-//! distill phase calls [`step::sdpo_step`].
+//! distill phase calls [`step::sdpo_step`]. It imports no other crate of the workspace
+//! (ARCHITECTURE.md).
 
 pub mod adamw;
 pub mod config;

@@ -1,6 +1,8 @@
 //! claas-worker: the process that sits next to one GPU and its vLLM. It registers, claims
 //! one job at a time from the shared queue, keeps the lease alive, walks the job's phases
 //! through an [`Executor`], and publishes the new adapter version exactly once.
+//!
+//! It imports `claas-core` and `claas-trainer`, never the API (ARCHITECTURE.md).
 
 pub mod candle;
 pub mod executor;
