@@ -1,16 +1,14 @@
-//! The executor that trains: the candle SDPO trainer on the worker's base model, adapters
-//! versioned on local storage (`<lora_root>/<lora_id>/v<N>/`, PEFT files plus the AdamW
-//! state). The base model is read from disk once per process and waits between jobs where
+//! The trainer half that trains for real: the candle SDPO trainer on the worker's base
+//! model, adapters versioned as PEFT files plus the AdamW state (see `AdapterStore` for the
+//! layout). The base model is read from disk once per process and waits between jobs where
 //! `trainer.residency` says.
 //!
-//! With a vLLM configured, the phases around training drive it: drain (poll `/metrics`),
-//! sleep at the request's level, train, wake the weights, reload the adapter under the
-//! LoRA's stable name from the new version's own directory, wake the KV cache. Without one,
-//! those phases have nothing to do.
+//! [`CandleExecutor`] pairs it with the serving control: [`VllmServing`] when a vLLM runs
+//! beside the worker (drain, sleep, reload, wake), nothing when it does not.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use candle_core::{DType, Device};
@@ -23,10 +21,10 @@ use claas_trainer::template::ChatTokenizer;
 use claas_trainer::{sdpo_step, AdamW, AdapterConfig, LoraAdapter, Qwen3, StepConfig, StepSample};
 
 use crate::executor::{
-    AdapterSource, Distilled, Executor, JobContext, PhaseError, PhaseResult, ServedVersion,
-    StoredAdapter,
+    AdapterSource, Distilled, JobContext, NoServing, PhaseError, PhaseResult, Serving, Split,
+    StoredAdapter, Trainer,
 };
-use crate::vllm::VllmClient;
+use crate::serving::VllmServing;
 use crate::vram::{wait_for_free, Nvml, VramProbe};
 
 /// How the executor is set up (from `model`, `storage`, `trainer` and `vllm` config).
@@ -67,7 +65,10 @@ pub struct VllmOptions {
     pub reload_backoff: std::time::Duration,
 }
 
-pub struct CandleExecutor {
+/// The candle trainer with the serving control its configuration asks for.
+pub type CandleExecutor = Split<CandleTrainer>;
+
+pub struct CandleTrainer {
     opts: CandleOptions,
     device: Device,
     dtype: DType,
@@ -75,7 +76,6 @@ pub struct CandleExecutor {
     /// The resident copy: on the training device (`gpu`), in host RAM (`host`), or none
     /// (`disk`: read per job).
     resident: Option<Arc<Qwen3>>,
-    vllm: Option<VllmClient>,
     /// Free GPU memory (training on CUDA only); why it is unreadable otherwise.
     vram: Result<Box<dyn VramProbe>, String>,
 }
@@ -118,7 +118,31 @@ fn uri_path(uri: &str) -> PathBuf {
     PathBuf::from(uri.strip_prefix("file://").unwrap_or(uri))
 }
 
-impl CandleExecutor {
+impl Split<CandleTrainer> {
+    /// The trainer, and beside it the local vLLM's control when one is configured.
+    /// Blocking (it loads the model): call it from a blocking context or at start-up.
+    pub fn new(opts: CandleOptions) -> claas_trainer::Result<Self> {
+        let serving: Box<dyn Serving> = match &opts.vllm {
+            Some(v) => Box::new(VllmServing::new(v.clone(), opts.store.clone())),
+            None => Box::new(NoServing),
+        };
+        Ok(Split {
+            trainer: CandleTrainer::new(opts)?,
+            serving,
+        })
+    }
+
+    /// What embedded inference shares with training: the resident base model (none with
+    /// `disk` residency) and the tokenizer.
+    pub fn inference_parts(&self) -> (Option<Arc<Qwen3>>, Arc<ChatTokenizer>) {
+        (
+            self.trainer.resident.clone(),
+            self.trainer.tokenizer.clone(),
+        )
+    }
+}
+
+impl CandleTrainer {
     /// Loads the tokenizer and (unless `disk`) the base model. Blocking: call it from a
     /// blocking context or at start-up.
     pub fn new(opts: CandleOptions) -> claas_trainer::Result<Self> {
@@ -142,30 +166,19 @@ impl CandleExecutor {
             load_ms = started.elapsed().as_millis() as u64,
             "trainer ready"
         );
-        let vllm = opts
-            .vllm
-            .as_ref()
-            .map(|v| VllmClient::new(&v.url, v.api_key.clone()));
         let vram = if device.is_cuda() {
             Nvml::init().map(|p| Box::new(p) as Box<dyn VramProbe>)
         } else {
             Err("no GPU: the trainer runs on the CPU".to_string())
         };
-        Ok(CandleExecutor {
+        Ok(CandleTrainer {
             vram,
-            vllm,
             opts,
             device,
             dtype,
             tokenizer,
             resident,
         })
-    }
-
-    /// What embedded inference shares with training: the resident base model (none with
-    /// `disk` residency) and the tokenizer.
-    pub fn inference_parts(&self) -> (Option<Arc<Qwen3>>, Arc<ChatTokenizer>) {
-        (self.resident.clone(), self.tokenizer.clone())
     }
 
     /// The model on the training device, and how long getting it there took (ms) when it
@@ -183,22 +196,6 @@ impl CandleExecutor {
         }
     }
 
-    fn pauses(&self) -> bool {
-        self.opts
-            .vllm
-            .as_ref()
-            .is_some_and(|o| o.pause_instead_of_sleep)
-    }
-
-    /// Wakes (or resumes) everything.
-    async fn wake_all(&self) -> PhaseResult<()> {
-        match &self.vllm {
-            Some(v) if self.pauses() => v.resume().await,
-            Some(v) => v.wake(&[]).await,
-            None => Ok(()),
-        }
-    }
-
     /// The directory a published version lives in (as `store_adapter` writes it).
     /// Where this attempt writes `version` (see `AdapterStore` for the layout).
     fn version_dir(&self, job: &JobContext, version: i32) -> PathBuf {
@@ -206,20 +203,6 @@ impl CandleExecutor {
             .unwrap_or_else(|_| self.opts.lora_root.clone());
         root.join(&job.lora_id)
             .join(AdapterStore::version_name(version, &job.write_tag))
-    }
-
-    /// The local directory of a recorded version: its cached copy when it is remote.
-    async fn local_version(&self, uri: &str) -> PhaseResult<PathBuf> {
-        if let Some(path) = claas_core::types::local_path(uri) {
-            return Ok(path);
-        }
-        match &self.opts.store {
-            Some(s) => s.materialize(uri).await.map_err(storage_error),
-            None => Err(PhaseError::fatal(
-                "storage_error",
-                format!("{uri} is remote but this worker has no object store"),
-            )),
-        }
     }
 
     /// The trainer's samples, and each one's text as the teacher scores it (its rendered
@@ -288,22 +271,7 @@ fn load_adapter(
 }
 
 #[async_trait]
-impl Executor for CandleExecutor {
-    async fn drain(&self, _job: &JobContext) -> PhaseResult<()> {
-        match (&self.vllm, &self.opts.vllm) {
-            (Some(v), Some(o)) => v.drain(o.drain_timeout, o.drain_poll).await,
-            _ => Ok(()),
-        }
-    }
-
-    async fn sleep(&self, job: &JobContext) -> PhaseResult<()> {
-        match &self.vllm {
-            Some(v) if self.pauses() => v.pause().await,
-            Some(v) => v.sleep(job.orchestration.sleep_level).await,
-            None => Ok(()),
-        }
-    }
-
+impl Trainer for CandleTrainer {
     /// Waits for `min_free_vram_gb` on the training GPU; on the CPU there is nothing to
     /// wait for.
     async fn wait_vram(&self, _job: &JobContext) -> PhaseResult<()> {
@@ -435,94 +403,5 @@ impl Executor for CandleExecutor {
             _ => format!("file://{}", dir.display()),
         };
         Ok(StoredAdapter { uri, sha256: sha })
-    }
-
-    /// Loads the version's recorded directory under the LoRA's stable name. After a sleep:
-    /// wake the weights first (a LoRA loaded into a sleeping weights pool is lost on wake),
-    /// then unload and load; the KV cache (and scheduling) wakes only in `wake`, so no
-    /// request meets the old adapter. Without a sleep: an in-place swap, so no request for
-    /// the LoRA meets a 404 between an unload and a load.
-    async fn reload(&self, job: &JobContext, serve: &ServedVersion) -> PhaseResult<()> {
-        let Some(v) = &self.vllm else {
-            return Ok(());
-        };
-        // Published elsewhere (another node, a resumed job): vLLM reads the local cache.
-        let local = self.local_version(&serve.uri).await?;
-        let path = local.display().to_string();
-        let swap = !job.orchestration.sleep_before;
-        if !swap && !self.pauses() {
-            v.wake(&["weights"]).await?;
-        }
-        let (attempts, mut backoff) = self.opts.vllm.as_ref().map_or((1, Duration::ZERO), |o| {
-            (o.reload_attempts.max(1), o.reload_backoff)
-        });
-        let mut last = None;
-        for attempt in 0..attempts {
-            if attempt > 0 {
-                tokio::time::sleep(backoff).await;
-                backoff *= 2;
-            }
-            let loaded = if swap {
-                // vLLM kept serving: swap in place, so no request meets a 404.
-                v.load_adapter(&job.lora_id, &path, true).await
-            } else {
-                match v.unload_adapter(&job.lora_id).await {
-                    Ok(()) => v.load_adapter(&job.lora_id, &path, false).await,
-                    Err(e) => Err(e),
-                }
-            };
-            match loaded {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    tracing::warn!(attempt = attempt + 1, attempts, error = %e, "adapter reload failed");
-                    last = Some(e);
-                }
-            }
-        }
-        if let Some(previous) = serve.previous_uri.as_deref().filter(|_| !swap) {
-            // Serve the previous version rather than nothing until someone retries.
-            let previous = self.local_version(previous).await.ok();
-            if let Some(previous) = previous.filter(|p| p.join("adapter_config.json").is_file()) {
-                let previous = previous.display().to_string();
-                if let Err(e) = v.load_adapter(&job.lora_id, &previous, false).await {
-                    tracing::error!(error = %e, "could not restore the previous version in vLLM either");
-                }
-            }
-        }
-        Err(last.unwrap_or_else(|| PhaseError::retryable("vllm_error", "adapter reload failed")))
-    }
-
-    async fn wake(&self, _job: &JobContext) -> PhaseResult<()> {
-        self.wake_all().await
-    }
-
-    fn controls_vllm(&self) -> bool {
-        self.vllm.is_some()
-    }
-
-    async fn ready(&self) -> Result<(), String> {
-        match &self.vllm {
-            Some(v) => v.healthy().await,
-            None => Ok(()),
-        }
-    }
-
-    async fn served_adapters(&self) -> PhaseResult<Option<Vec<(String, String)>>> {
-        match &self.vllm {
-            Some(v) => v.adapters().await.map(Some),
-            None => Ok(None),
-        }
-    }
-
-    async fn serve_adapter(&self, name: &str, dir: &str) -> PhaseResult<()> {
-        match &self.vllm {
-            Some(v) => v.load_adapter(name, dir, true).await,
-            None => Ok(()),
-        }
-    }
-
-    async fn on_start(&self) -> PhaseResult<()> {
-        // A vLLM left asleep (or paused) by a worker that died mid-job; a no-op otherwise.
-        self.wake_all().await
     }
 }

@@ -164,3 +164,142 @@ pub trait Executor: Send + Sync + 'static {
         Ok(())
     }
 }
+
+/// The trainer half of a job: room on the device, one step from a batch, the result
+/// stored. Candle now; Tinker's hosted training later. It knows nothing of the inference
+/// server beside it.
+#[async_trait]
+pub trait Trainer: Send + Sync + 'static {
+    /// Waits until the training device has room for the step.
+    async fn wait_vram(&self, job: &JobContext) -> PhaseResult<()>;
+    /// One SDPO step on the batch, starting from the LoRA's current version `from`.
+    async fn distill(
+        &self,
+        job: &JobContext,
+        from: &AdapterSource,
+        samples: &[Sample],
+        training: &TrainingConfig,
+    ) -> PhaseResult<Distilled>;
+    /// Writes the new adapter as `version` (not yet visible to anyone), in a location
+    /// named by `job.write_tag` that nothing else writes.
+    async fn store_adapter(
+        &self,
+        job: &JobContext,
+        version: i32,
+        distilled: Distilled,
+    ) -> PhaseResult<StoredAdapter>;
+}
+
+/// The serving-control half of a job: what the inference server beside the worker needs
+/// around a step (drain, sleep, reload, wake for a vLLM; nothing in process).
+#[async_trait]
+pub trait Serving: Send + Sync + 'static {
+    /// Whether `sleep` and `wake` reach a vLLM (what a job's result reports as `vllm`).
+    fn controls_vllm(&self) -> bool;
+    async fn drain(&self, job: &JobContext) -> PhaseResult<()>;
+    async fn sleep(&self, job: &JobContext) -> PhaseResult<()>;
+    /// Serves the published version `serve` under the LoRA's stable name.
+    async fn reload(&self, job: &JobContext, serve: &ServedVersion) -> PhaseResult<()>;
+    async fn wake(&self, job: &JobContext) -> PhaseResult<()>;
+    /// Whether a job could run now; the reason when not.
+    async fn ready(&self) -> Result<(), String>;
+    /// Called once when the worker starts (a vLLM left asleep must not stay asleep).
+    async fn on_start(&self) -> PhaseResult<()>;
+    /// Adapters the server holds, as (name, directory); `None` without one.
+    async fn served_adapters(&self) -> PhaseResult<Option<Vec<(String, String)>>>;
+    /// Swaps adapter `name` to `dir` without a gap.
+    async fn serve_adapter(&self, name: &str, dir: &str) -> PhaseResult<()>;
+}
+
+/// No inference server beside the worker (in process, or nothing serves): every serving
+/// phase has nothing to do.
+pub struct NoServing;
+
+#[async_trait]
+impl Serving for NoServing {
+    fn controls_vllm(&self) -> bool {
+        false
+    }
+    async fn drain(&self, _job: &JobContext) -> PhaseResult<()> {
+        Ok(())
+    }
+    async fn sleep(&self, _job: &JobContext) -> PhaseResult<()> {
+        Ok(())
+    }
+    async fn reload(&self, _job: &JobContext, _serve: &ServedVersion) -> PhaseResult<()> {
+        Ok(())
+    }
+    async fn wake(&self, _job: &JobContext) -> PhaseResult<()> {
+        Ok(())
+    }
+    async fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
+    async fn on_start(&self) -> PhaseResult<()> {
+        Ok(())
+    }
+    async fn served_adapters(&self) -> PhaseResult<Option<Vec<(String, String)>>> {
+        Ok(None)
+    }
+    async fn serve_adapter(&self, _name: &str, _dir: &str) -> PhaseResult<()> {
+        Ok(())
+    }
+}
+
+/// An executor made of a trainer and the serving control beside it, so a job's phases
+/// read the same whichever trains and whatever serves.
+pub struct Split<T> {
+    pub trainer: T,
+    pub serving: Box<dyn Serving>,
+}
+
+#[async_trait]
+impl<T: Trainer> Executor for Split<T> {
+    async fn drain(&self, job: &JobContext) -> PhaseResult<()> {
+        self.serving.drain(job).await
+    }
+    async fn sleep(&self, job: &JobContext) -> PhaseResult<()> {
+        self.serving.sleep(job).await
+    }
+    async fn wait_vram(&self, job: &JobContext) -> PhaseResult<()> {
+        self.trainer.wait_vram(job).await
+    }
+    async fn distill(
+        &self,
+        job: &JobContext,
+        from: &AdapterSource,
+        samples: &[Sample],
+        training: &TrainingConfig,
+    ) -> PhaseResult<Distilled> {
+        self.trainer.distill(job, from, samples, training).await
+    }
+    async fn store_adapter(
+        &self,
+        job: &JobContext,
+        version: i32,
+        distilled: Distilled,
+    ) -> PhaseResult<StoredAdapter> {
+        self.trainer.store_adapter(job, version, distilled).await
+    }
+    async fn reload(&self, job: &JobContext, serve: &ServedVersion) -> PhaseResult<()> {
+        self.serving.reload(job, serve).await
+    }
+    async fn wake(&self, job: &JobContext) -> PhaseResult<()> {
+        self.serving.wake(job).await
+    }
+    fn controls_vllm(&self) -> bool {
+        self.serving.controls_vllm()
+    }
+    async fn ready(&self) -> Result<(), String> {
+        self.serving.ready().await
+    }
+    async fn on_start(&self) -> PhaseResult<()> {
+        self.serving.on_start().await
+    }
+    async fn served_adapters(&self) -> PhaseResult<Option<Vec<(String, String)>>> {
+        self.serving.served_adapters().await
+    }
+    async fn serve_adapter(&self, name: &str, dir: &str) -> PhaseResult<()> {
+        self.serving.serve_adapter(name, dir).await
+    }
+}

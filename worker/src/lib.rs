@@ -9,13 +9,16 @@ pub mod executor;
 pub mod feedback_log;
 pub mod hub;
 pub mod runtime;
+pub mod serving;
 pub mod simulated;
 pub mod vllm;
 pub mod vram;
 
-pub use candle::{CandleExecutor, CandleOptions, VllmOptions};
+pub use candle::{CandleExecutor, CandleOptions, CandleTrainer, VllmOptions};
 pub use executor::{
-    AdapterSource, Distilled, Executor, JobContext, PhaseError, ServedVersion, StoredAdapter,
+    AdapterSource, Distilled, Executor, JobContext, NoServing, PhaseError, ServedVersion, Serving,
+    Split, StoredAdapter, Trainer,
 };
 pub use runtime::{Worker, WorkerOptions};
+pub use serving::VllmServing;
 pub use simulated::SimulatedExecutor;
