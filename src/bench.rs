@@ -115,6 +115,7 @@ fn noop_job(lora: &str) -> NewJob {
     )
 }
 
+// Long: a benchmark script: start the fleet, enqueue, time the burn-down, print.
 async fn burn_down(store: &SharedStore, b: &QueueBench, pool_size: u32) -> Result<()> {
     for l in 0..b.loras {
         store

@@ -308,6 +308,7 @@ fn peak_rss_mb() -> Option<f64> {
 }
 
 /// Times `steps` SDPO steps on one synthetic batch and prints the median.
+// Long: a benchmark script: build the inputs, time each part, print the table.
 pub fn bench_step(b: StepBench) -> Result<()> {
     if b.steps < 2 || b.batch == 0 || b.prompt == 0 || b.response == 0 {
         bail!("--steps must be >= 2 and --batch, --prompt, --response > 0");

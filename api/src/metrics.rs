@@ -114,6 +114,7 @@ fn internal(e: prometheus::Error) -> ApiError {
         (status = 503, body = crate::error::ErrorBody),
     )
 )]
+// Long: the Prometheus text, one block per metric family.
 pub async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
     let snap = state.store.metrics_snapshot(WINDOW).await?;
     let workers = state.store.list_workers().await?;

@@ -102,6 +102,7 @@ pub fn read_steps(path: &Path) -> Result<Vec<StepResult>, RunError> {
         .collect()
 }
 
+// Long: CLaaS's per-preference loop step for step (init or resume, baseline, steps).
 async fn run_preference(
     cfg: &EvalConfig,
     client: &Client,

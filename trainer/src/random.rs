@@ -113,6 +113,7 @@ fn uniform(rng: &mut Rng, shape: &[usize], std: f32, dtype: DType) -> Result<Ten
 
 /// Writes a complete random checkpoint of `preset` into `out`; shards hold at most about
 /// 2 GB so writing the 8B shape never holds the whole model in memory.
+// Long: writes every tensor of the checkpoint in the checkpoint's own order.
 pub fn write_checkpoint(preset: Preset, out: &Path, seed: u64) -> Result<()> {
     let c = preset.config();
     let dtype = preset.dtype();

@@ -289,6 +289,7 @@ async fn resolve_rollout(
 
 /// Checks the batch in CLaaS's order, resolves each item's rollout among `caller`'s own
 /// cached answers (or takes it inline), and builds the job's payload.
+// Long: one check per CLaaS validation rule, in CLaaS's order.
 async fn validate(
     state: &AppState,
     caller: &Caller,

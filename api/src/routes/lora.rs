@@ -81,6 +81,7 @@ fn default_alpha() -> i32 {
         Errors,
     )
 )]
+// Long: CLaaS's init contract in order: validate, limit, create or compare, version 0, vLLM.
 pub async fn init(
     State(state): State<AppState>,
     caller: Caller,

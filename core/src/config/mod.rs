@@ -168,6 +168,7 @@ pub struct Config {
 
 impl Default for Config {
     /// The fleet profile: the reference CLaaS's defaults.
+    // Long: one struct literal, a field per setting in the README's table order.
     fn default() -> Self {
         let base_model = "Qwen/Qwen3-8B".to_string();
         Config {
@@ -384,6 +385,7 @@ impl Config {
     }
 
     /// Range checks serde cannot express; the message names the field and what is accepted.
+    // Long: one check per setting, in the README's table order.
     pub fn validate(&self) -> Result<()> {
         let mut bad = Vec::new();
         let mut check = |ok: bool, msg: &str| {

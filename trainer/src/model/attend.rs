@@ -58,6 +58,7 @@ impl candle_core::CustomOp3 for CausalAttention {
         "causal-attention"
     }
 
+    // Long: the attention kernel: its checks, then the loops over heads, rows and key tiles.
     fn cpu_fwd(
         &self,
         q: &CpuStorage,
@@ -229,6 +230,7 @@ impl WithSimd for Tile<'_> {
     type Output = ();
 
     #[inline(always)]
+    // Long: one SIMD kernel body, inlined into each instruction set.
     fn with_simd<S: Simd>(self, simd: S) {
         let Tile {
             g,

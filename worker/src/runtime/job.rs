@@ -47,6 +47,15 @@ impl From<claas_core::Error> for Stop {
     }
 }
 
+/// What recording a walk's end needs: the job, its lease, and what it trained and when.
+struct Ending<'a> {
+    claimed: &'a Claimed,
+    ctx: &'a JobContext,
+    lease: &'a Lease,
+    trained: &'a [Sample],
+    clock: &'a mut PhaseClock,
+}
+
 /// Lease state shared between the heartbeat task and the phase walk.
 #[derive(Clone)]
 struct LeaseWatch {
@@ -166,81 +175,120 @@ impl Worker {
         } else {
             &trained
         };
-        let store = &self.store;
+        let mut end = Ending {
+            claimed,
+            ctx,
+            lease,
+            trained,
+            clock: &mut clock,
+        };
         match result {
-            Ok(mut result) => {
-                let last = clock.phase;
-                let done = clock.finish();
-                let log = self
-                    .feedback_log(ctx, claimed, trained, &clock, last, None, Some(&result))
-                    .await;
-                if let (Some(path), Some(r)) = (&log, result.as_object_mut()) {
-                    r.insert(
-                        "feedback_log_path".into(),
-                        path.display().to_string().into(),
-                    );
-                }
-                let recorded = store.complete(lease, &result, done).await;
-                if !matches!(recorded, Ok(true)) {
-                    // The step is not recorded (it resumes elsewhere): neither is its log.
-                    if let Some(path) = log {
-                        let _ = tokio::fs::remove_file(path).await;
-                    }
-                }
-                match recorded {
-                    Ok(true) => Outcome::Succeeded,
-                    Ok(false) => Outcome::LeaseLost,
-                    Err(e) => {
-                        tracing::error!(error = %e, "could not record completion; the lease will expire and the job resume after publish");
-                        Outcome::LeaseLost
-                    }
-                }
-            }
+            Ok(result) => self.record_success(&mut end, result).await,
             Err(Stop::LeaseLost) => Outcome::LeaseLost,
             Err(Stop::Cancelled) => {
                 self.wake_after_stop(ctx, &slept, true).await;
-                match store.finish_cancelled(lease, "cancelled by request").await {
+                match self
+                    .store
+                    .finish_cancelled(lease, "cancelled by request")
+                    .await
+                {
                     Ok(true) => Outcome::Cancelled,
                     _ => Outcome::LeaseLost,
                 }
             }
-            Err(Stop::Failed(phase, err)) => {
-                tracing::warn!(phase = phase.as_str(), error = %err, "phase failed");
-                let wake = ctx.orchestration.wake_on_failure || self.opts.wake_on_failure;
-                let vllm = self.wake_after_stop(ctx, &slept, wake).await;
-                // Asked to leave vLLM asleep after a failure (for inspection): the
-                // fallback in run_claimed must not wake it either.
-                slept.store(false, Ordering::SeqCst);
-                let job_err = JobError {
-                    code: err.code.clone(),
-                    // The job says what became of vLLM, not just what failed.
-                    message: match vllm {
-                        Some(v) => format!("{} ({v})", err.message),
-                        None => err.message.clone(),
-                    },
-                    phase: Some(phase),
-                };
-                match store
-                    .fail(lease, &job_err, err.retryable, self.opts.retry)
-                    .await
-                {
-                    Ok(FailOutcome::Retrying) => Outcome::Retrying,
-                    Ok(FailOutcome::Failed) => {
-                        let error = Some((phase, job_err.message.as_str()));
-                        self.feedback_log(ctx, claimed, trained, &clock, phase, error, None)
-                            .await;
-                        Outcome::Failed
-                    }
-                    Ok(FailOutcome::Cancelled) => Outcome::Cancelled,
-                    Ok(FailOutcome::LeaseLost) => Outcome::LeaseLost,
-                    Err(e) => {
-                        tracing::error!(error = %e, "could not record failure; the lease will expire");
-                        Outcome::LeaseLost
-                    }
-                }
-            }
+            Err(Stop::Failed(phase, err)) => self.record_failure(&end, &slept, phase, err).await,
             Err(Stop::Store(e)) => {
                 tracing::error!(error = %e, "store unavailable mid-job; leaving it to the lease");
+                Outcome::LeaseLost
+            }
+        }
+    }
+
+    /// A finished walk: the feedback log written, then the completion recorded (the log
+    /// removed again when the completion is not, since the step resumes elsewhere).
+    async fn record_success(&self, end: &mut Ending<'_>, mut result: serde_json::Value) -> Outcome {
+        let last = end.clock.phase;
+        let done = end.clock.finish();
+        let log = self
+            .feedback_log(
+                end.ctx,
+                end.claimed,
+                end.trained,
+                end.clock,
+                last,
+                None,
+                Some(&result),
+            )
+            .await;
+        if let (Some(path), Some(r)) = (&log, result.as_object_mut()) {
+            r.insert(
+                "feedback_log_path".into(),
+                path.display().to_string().into(),
+            );
+        }
+        let recorded = self.store.complete(end.lease, &result, done).await;
+        if !matches!(recorded, Ok(true)) {
+            if let Some(path) = log {
+                let _ = tokio::fs::remove_file(path).await;
+            }
+        }
+        match recorded {
+            Ok(true) => Outcome::Succeeded,
+            Ok(false) => Outcome::LeaseLost,
+            Err(e) => {
+                tracing::error!(error = %e, "could not record completion; the lease will expire and the job resume after publish");
+                Outcome::LeaseLost
+            }
+        }
+    }
+
+    /// A failed phase: vLLM woken (unless the job asked to leave it asleep), the failure
+    /// recorded as a retry or a final failure (then with its feedback log).
+    async fn record_failure(
+        &self,
+        end: &Ending<'_>,
+        slept: &AtomicBool,
+        phase: Phase,
+        err: PhaseError,
+    ) -> Outcome {
+        tracing::warn!(phase = phase.as_str(), error = %err, "phase failed");
+        let wake = end.ctx.orchestration.wake_on_failure || self.opts.wake_on_failure;
+        let vllm = self.wake_after_stop(end.ctx, slept, wake).await;
+        // Asked to leave vLLM asleep after a failure (for inspection): the fallback in
+        // run_claimed must not wake it either.
+        slept.store(false, Ordering::SeqCst);
+        let job_err = JobError {
+            code: err.code.clone(),
+            // The job says what became of vLLM, not just what failed.
+            message: match vllm {
+                Some(v) => format!("{} ({v})", err.message),
+                None => err.message.clone(),
+            },
+            phase: Some(phase),
+        };
+        let failed = self
+            .store
+            .fail(end.lease, &job_err, err.retryable, self.opts.retry);
+        match failed.await {
+            Ok(FailOutcome::Retrying) => Outcome::Retrying,
+            Ok(FailOutcome::Failed) => {
+                let error = Some((phase, job_err.message.as_str()));
+                self.feedback_log(
+                    end.ctx,
+                    end.claimed,
+                    end.trained,
+                    end.clock,
+                    phase,
+                    error,
+                    None,
+                )
+                .await;
+                Outcome::Failed
+            }
+            Ok(FailOutcome::Cancelled) => Outcome::Cancelled,
+            Ok(FailOutcome::LeaseLost) => Outcome::LeaseLost,
+            Err(e) => {
+                tracing::error!(error = %e, "could not record failure; the lease will expire");
                 Outcome::LeaseLost
             }
         }

@@ -97,6 +97,7 @@ impl Worker {
 
     /// Runs until `shutdown` turns true: claims and runs jobs one at a time. Database
     /// outages are logged and waited out; the process keeps running.
+    // Long: the claim loop: readiness, claim, run, back off, shutdown, in one select.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> claas_core::Result<()> {
         if self.store.backend() == "postgres" {
             // A fleet (re)started at once would otherwise open every worker's connections

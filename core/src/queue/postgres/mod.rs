@@ -291,6 +291,7 @@ async fn notify_enqueues(pool: PgPool, enqueued: Arc<tokio::sync::Notify>) {
 /// later. After every (re)connect it wakes the claimers once: notifications sent while
 /// the connection was down are lost, so each claimer must look at the table after
 /// `LISTEN` is in place again.
+// Long: one reconnect loop: connect, LISTEN, wake the claimers, dispatch, back off.
 async fn listen_forever(
     shared: PgPool,
     opts: PgConnectOptions,

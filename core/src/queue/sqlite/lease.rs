@@ -6,6 +6,7 @@ use crate::queue::CLAIM_WINDOW;
 
 #[async_trait]
 impl LeaseStore for SqliteStore {
+    // Long: one transaction whose statements must run in this order.
     async fn claim(&self, req: &ClaimRequest) -> Result<Option<Claimed>> {
         let now = now_ms();
         let token = Uuid::new_v4();
