@@ -24,7 +24,7 @@ use crate::executor::{
     AdapterSource, Distilled, JobContext, NoServing, PhaseError, PhaseResult, Serving, Split,
     StoredAdapter, Trainer,
 };
-use crate::serving::VllmServing;
+use crate::serving::{VllmOptions, VllmServing};
 use crate::vram::{wait_for_free, Nvml, VramProbe};
 
 /// How the executor is set up (from `model`, `storage`, `trainer` and `vllm` config).
@@ -42,27 +42,6 @@ pub struct CandleOptions {
     pub residency: Residency,
     pub max_seq_len: usize,
     pub vllm: Option<VllmOptions>,
-}
-
-/// The local vLLM the executor drives.
-#[derive(Debug, Clone)]
-pub struct VllmOptions {
-    pub url: String,
-    pub api_key: Option<String>,
-    /// `feedback_drain_timeout_s`.
-    pub drain_timeout: std::time::Duration,
-    /// How often `/metrics` is polled while draining.
-    pub drain_poll: std::time::Duration,
-    /// `feedback_min_free_vram_gb`: GPU memory that must be free before training.
-    pub min_free_vram_gb: f64,
-    /// `feedback_sleep_verify_timeout_s`: how long to wait for it.
-    pub vram_timeout: std::time::Duration,
-    /// `/pause` + `/resume` instead of sleep and wake (`vllm.sleep_mode: pause`).
-    pub pause_instead_of_sleep: bool,
-    /// Tries at loading a new version before the job fails (published but not loaded).
-    pub reload_attempts: u32,
-    /// Pause before the second try; doubled for each further one.
-    pub reload_backoff: std::time::Duration,
 }
 
 /// The candle trainer with the serving control its configuration asks for.

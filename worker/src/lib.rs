@@ -14,11 +14,11 @@ pub mod simulated;
 pub mod vllm;
 pub mod vram;
 
-pub use candle::{CandleExecutor, CandleOptions, CandleTrainer, VllmOptions};
+pub use candle::{CandleExecutor, CandleOptions, CandleTrainer};
 pub use executor::{
     AdapterSource, Distilled, Executor, JobContext, NoServing, PhaseError, ServedVersion, Serving,
     Split, StoredAdapter, Trainer,
 };
 pub use runtime::{Worker, WorkerOptions};
-pub use serving::VllmServing;
+pub use serving::{VllmOptions, VllmServing};
 pub use simulated::SimulatedExecutor;

@@ -7,9 +7,29 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 use claas_core::adapter_store::AdapterStore;
 
-use crate::candle::VllmOptions;
 use crate::executor::{JobContext, PhaseError, PhaseResult, ServedVersion, Serving};
 use crate::vllm::VllmClient;
+
+/// The local vLLM the worker drives.
+#[derive(Debug, Clone)]
+pub struct VllmOptions {
+    pub url: String,
+    pub api_key: Option<String>,
+    /// `feedback_drain_timeout_s`.
+    pub drain_timeout: std::time::Duration,
+    /// How often `/metrics` is polled while draining.
+    pub drain_poll: std::time::Duration,
+    /// `feedback_min_free_vram_gb`: GPU memory that must be free before training.
+    pub min_free_vram_gb: f64,
+    /// `feedback_sleep_verify_timeout_s`: how long to wait for it.
+    pub vram_timeout: std::time::Duration,
+    /// `/pause` + `/resume` instead of sleep and wake (`vllm.sleep_mode: pause`).
+    pub pause_instead_of_sleep: bool,
+    /// Tries at loading a new version before the job fails (published but not loaded).
+    pub reload_attempts: u32,
+    /// Pause before the second try; doubled for each further one.
+    pub reload_backoff: std::time::Duration,
+}
 
 /// The local vLLM, driven around each step.
 pub struct VllmServing {
