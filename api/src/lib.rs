@@ -10,6 +10,7 @@ pub mod cache;
 pub mod dashboard;
 pub mod error;
 pub mod in_process;
+pub mod inference;
 pub mod metrics;
 pub mod open_guard;
 pub mod openapi;
@@ -79,7 +80,7 @@ pub struct AppState {
     /// The vLLMs inference is proxied to; none in the embedded default.
     pub backends: Option<Arc<Backends>>,
     /// In-process inference when no vLLM is configured (`claas dev`).
-    pub engine: Option<Arc<dyn in_process::LocalInference>>,
+    pub engine: Option<Arc<dyn inference::Inference>>,
     /// Base-model checkpoints on this machine (version 0 of new LoRAs, intake checks).
     pub base_models: Option<Arc<dyn in_process::BaseModels>>,
     /// This process's HTTP request metrics.
@@ -213,9 +214,24 @@ impl AppState {
         self
     }
 
-    pub fn with_engine(mut self, engine: Option<Arc<dyn in_process::LocalInference>>) -> AppState {
+    pub fn with_engine(mut self, engine: Option<Arc<dyn inference::Inference>>) -> AppState {
         self.engine = engine;
         self
+    }
+
+    /// The inference backend requests go to: the vLLM fleet when one is configured, else
+    /// the in-process engine; 503 when there is neither.
+    pub fn inference(&self) -> error::ApiResult<Arc<dyn inference::Inference>> {
+        if let Some(backends) = &self.backends {
+            return Ok(Arc::new(routes::inference_vllm::VllmProxy::new(
+                backends.clone(),
+                self.store.clone(),
+                self.options.default_base_model.clone(),
+            )));
+        }
+        self.engine
+            .clone()
+            .ok_or_else(error::ApiError::no_inference_backend)
     }
 
     pub fn with_base_models(mut self, models: Option<Arc<dyn in_process::BaseModels>>) -> AppState {

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::{Engine, Run, RunEvent};
 use claas_api::error::{ApiError, ApiResult};
-use claas_api::in_process::Chunk;
+use claas_api::inference::Chunk;
 
 /// The embedded engine's answer in vLLM's chat completion shape.
 pub(crate) async fn embedded_answer(

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use axum::response::Response;
-use claas_api::in_process::{Chunk, LocalInference};
+use claas_api::inference::{Chunk, Generation, Inference};
 use claas_core::queue::SharedStore;
 use claas_core::types::local_path;
 use claas_trainer::generate::{generate, Finish, Sampling, Token};
@@ -471,19 +471,20 @@ impl Engine {
 }
 
 #[async_trait]
-impl LocalInference for Engine {
-    fn base_name(&self) -> &str {
-        &self.base_name
+impl Inference for Engine {
+    async fn chat(self: Arc<Self>, request: &Value) -> ApiResult<Generation<Value>> {
+        let run = self.start_chat(request).await?;
+        let answer = answers::embedded_answer(&self, run, request).await?;
+        Ok(Generation::local(answer))
     }
 
-    async fn chat(self: Arc<Self>, request: &Value) -> ApiResult<Value> {
+    async fn chat_stream(
+        self: Arc<Self>,
+        request: &Value,
+    ) -> ApiResult<Generation<mpsc::Receiver<Chunk>>> {
         let run = self.start_chat(request).await?;
-        answers::embedded_answer(&self, run, request).await
-    }
-
-    async fn chat_stream(self: Arc<Self>, request: &Value) -> ApiResult<mpsc::Receiver<Chunk>> {
-        let run = self.start_chat(request).await?;
-        Ok(answers::embedded_chunks(self, run, request.clone()))
+        let chunks = answers::embedded_chunks(self, run, request.clone());
+        Ok(Generation::local(chunks))
     }
 
     async fn completion(self: Arc<Self>, request: Map<String, Value>) -> ApiResult<Response> {
@@ -496,6 +497,12 @@ impl LocalInference for Engine {
         messages: &[Value],
         completion: &str,
     ) -> ApiResult<Value> {
+        // No model named: the base model.
+        let model = if model.is_empty() {
+            &self.base_name
+        } else {
+            model
+        };
         self.score_completion(model, messages, completion).await
     }
 }

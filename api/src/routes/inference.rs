@@ -6,37 +6,23 @@
 //! thinking stripped and only the fields it asked for. Everything else in the client's
 //! request (tools, seed, response_format, …) is passed through untouched.
 
-use axum::body::Body;
 use axum::extract::State;
-use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::StreamExt;
 use serde_json::{json, Map, Value};
 
-use super::inference_adapters::{reconcile_adapter, Reconciled};
 use super::inference_schema::{
     ChatCompletionRequest, Completion, CompletionRequest, ModelList, ScoreRequest, ScoreResponse,
     ServerSentEvent,
 };
-use super::inference_stream::{relay_chat, sse_chunks};
+use super::inference_stream::relay_chat;
 use super::rollout::{
     cache_put, ids_of, logprobs_of, rollout_entry, upstream_chat_body, ChatCtx, ChoiceRollout,
 };
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, ErrorBody, Errors, JsonBody};
 use crate::thinking::strip_thinking;
-use crate::upstream::{Upstream, UpstreamError};
 use crate::AppState;
-
-/// The vLLM to send a request for `model` to: one whose node is not training.
-async fn backend(state: &AppState, model: &str) -> ApiResult<Upstream> {
-    let backends = state
-        .backends
-        .as_deref()
-        .ok_or_else(ApiError::no_inference_backend)?;
-    backends.pick(&state.store, model).await
-}
 
 /// The scope an answer is cached under: the model that produced it.
 fn scope_of(state: &AppState, body: &Value) -> String {
@@ -105,28 +91,6 @@ fn system_prompt(messages: &[Value]) -> String {
         .map(|m| content_text(&m["content"]))
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// Sends a generation request; when vLLM does not know the adapter named as `model` but
-/// this service does, loads its current version and tries once more.
-async fn send_generation(
-    state: &AppState,
-    up: &Upstream,
-    path: &str,
-    body: &Value,
-) -> ApiResult<reqwest::Response> {
-    match up.post(path, body).await {
-        Ok(r) => Ok(r),
-        Err(UpstreamError::Status(s)) if s.is_unknown_model() => {
-            let model = body["model"].as_str().unwrap_or_default();
-            match reconcile_adapter(state, up, model).await {
-                Reconciled::Loaded => Ok(up.post(path, body).await?),
-                Reconciled::NotOurs => Err(UpstreamError::Status(s).into()),
-                Reconciled::Pending => Err(ApiError::adapter_loading(model).with_retry_after(2)),
-            }
-        }
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// The LoRA (or base model) `model` names, an adapter name or `-latest` alias resolved
@@ -200,30 +164,15 @@ pub async fn chat_completions(
         owner: caller.id().to_owned(),
         system,
     };
-    if state.backends.is_none() {
-        let engine = state
-            .engine
-            .clone()
-            .ok_or_else(ApiError::no_inference_backend)?;
-        if stream {
-            let chunks = engine.chat_stream(&ctx.request).await?;
-            return Ok(relay_chat(ctx, chunks));
-        }
-        let answer = engine.chat(&ctx.request).await?;
-        return Ok(Json(finish_chat(&ctx, answer).await).into_response());
-    }
-    let up = backend(&state, &ctx.scope).await?;
-    let resp = send_generation(&state, &up, "/v1/chat/completions", &ctx.request).await?;
-    ctx.up = Some(up);
+    let inference = state.inference()?;
     if stream {
-        return Ok(relay_chat(ctx, sse_chunks(resp)));
+        let generated = inference.chat_stream(&ctx.request).await?;
+        ctx.up = generated.via;
+        return Ok(relay_chat(ctx, generated.answer));
     }
-    let answer: Value = resp.json().await.map_err(|e| {
-        ApiError::from(UpstreamError::Unreachable(format!(
-            "unreadable chat completion: {e}"
-        )))
-    })?;
-    Ok(Json(finish_chat(&ctx, answer).await).into_response())
+    let generated = inference.chat(&ctx.request).await?;
+    ctx.up = generated.via;
+    Ok(Json(finish_chat(&ctx, generated.answer).await).into_response())
 }
 
 /// Caches each choice's rollout and gives the client the answer without thinking and
@@ -314,30 +263,7 @@ pub async fn completions(
     if !body.contains_key("prompt") {
         return Err(ApiError::invalid("prompt is required"));
     }
-    if state.backends.is_none() {
-        let engine = state
-            .engine
-            .clone()
-            .ok_or_else(ApiError::no_inference_backend)?;
-        return engine.completion(body).await;
-    }
-    let body = Value::Object(body);
-    let up = backend(&state, &scope_of(&state, &body)).await?;
-    let resp = send_generation(&state, &up, "/v1/completions", &body).await?;
-    let content_type = resp
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/json")
-        .to_owned();
-    let stream = resp
-        .bytes_stream()
-        .map(|r| r.map_err(std::io::Error::other));
-    Ok((
-        [(header::CONTENT_TYPE, content_type)],
-        Body::from_stream(stream),
-    )
-        .into_response())
+    state.inference()?.completion(body).await
 }
 
 /// `GET /v1/models`: vLLM's list when one is configured; otherwise the base model and the
@@ -349,14 +275,12 @@ pub async fn completions(
     responses((status = 200, body = ModelList), (status = 502, body = ErrorBody), Errors)
 )]
 pub async fn models(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
-    if state.backends.is_some() {
-        let up = backend(&state, "").await?;
-        let mut v: Value = up
-            .get("/v1/models")
-            .await?
-            .json()
-            .await
-            .map_err(|e| ApiError::from(UpstreamError::Unreachable(e.to_string())))?;
+    // Without any backend the list is still ours to give (the LoRAs this service knows).
+    let listed = match state.inference() {
+        Ok(backend) => backend.models().await?,
+        Err(_) => None,
+    };
+    if let Some(mut v) = listed {
         // Base model cards for everyone; adapter cards only for the keys that cover them.
         if let Some(cards) = v["data"].as_array_mut() {
             cards.retain(|c| {
@@ -411,73 +335,9 @@ pub async fn score(
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages must not be empty"));
     }
-    if state.backends.is_none() {
-        let engine = state
-            .engine
-            .clone()
-            .ok_or_else(ApiError::no_inference_backend)?;
-        let model = if req.model.is_empty() {
-            engine.base_name().to_owned()
-        } else {
-            req.model.clone()
-        };
-        let scored = engine.score(&model, &req.messages, &req.completion).await?;
-        return Ok(Json(scored).into_response());
-    }
-    let up = backend(&state, &req.model).await?;
-    let prompt_ids = up
-        .tokenize(
-            &json!({"model": req.model, "messages": req.messages, "add_generation_prompt": true}),
-        )
+    let scored = state
+        .inference()?
+        .score(&req.model, &req.messages, &req.completion)
         .await?;
-    let mut full_messages = req.messages.clone();
-    full_messages.push(json!({"role": "assistant", "content": req.completion}));
-    let full_ids = up
-        .tokenize(
-            &json!({"model": req.model, "messages": full_messages, "add_generation_prompt": false}),
-        )
-        .await?;
-    let completion_ids: Vec<u32> = full_ids
-        .get(prompt_ids.len()..)
-        .unwrap_or_default()
-        .to_vec();
-    if completion_ids.is_empty() {
-        return Ok(Json(
-            json!({"logprobs": [], "tokens": [], "prompt_tokens": prompt_ids.len(),
-            "completion_tokens": 0, "logprob_sum": 0.0}),
-        )
-        .into_response());
-    }
-    let body =
-        json!({"model": req.model, "prompt": full_ids, "max_tokens": 1, "prompt_logprobs": 1});
-    let answer: Value = send_generation(&state, &up, "/v1/completions", &body)
-        .await?
-        .json()
-        .await
-        .map_err(|e| ApiError::from(UpstreamError::Unreachable(e.to_string())))?;
-    let entries = answer["choices"][0]["prompt_logprobs"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let mut logprobs = Vec::with_capacity(completion_ids.len());
-    let mut tokens = Vec::with_capacity(completion_ids.len());
-    for (k, id) in completion_ids.iter().enumerate() {
-        let entry = entries.get(prompt_ids.len() + k).unwrap_or(&Value::Null);
-        let chosen = entry
-            .get(id.to_string())
-            .or_else(|| entry.as_object().and_then(|o| o.values().next()));
-        logprobs.push(chosen.and_then(|c| c["logprob"].as_f64()).unwrap_or(0.0));
-        tokens.push(
-            chosen
-                .and_then(|c| c["decoded_token"].as_str())
-                .unwrap_or_default()
-                .to_owned(),
-        );
-    }
-    let sum: f64 = logprobs.iter().sum();
-    Ok(Json(
-        json!({"logprobs": logprobs, "tokens": tokens, "prompt_tokens": prompt_ids.len(),
-        "completion_tokens": completion_ids.len(), "logprob_sum": sum}),
-    )
-    .into_response())
+    Ok(Json(scored).into_response())
 }

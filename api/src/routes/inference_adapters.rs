@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::error::ApiError;
 use crate::upstream::Upstream;
-use crate::AppState;
+use claas_core::queue::SharedStore;
 
 /// How long a request waits for a node's worker to load an adapter from object storage.
 const ADAPTER_REQUEST_WAIT: Duration = Duration::from_secs(30);
@@ -28,18 +28,18 @@ pub(super) enum Reconciled {
 /// local files this vLLM can read; otherwise (object storage) by asking the worker next
 /// to that vLLM, which materialises it there, and waiting up to [`ADAPTER_REQUEST_WAIT`].
 pub(super) async fn reconcile_adapter(
-    state: &AppState,
+    store: &SharedStore,
     up: &Upstream,
     lora_id: &str,
 ) -> Reconciled {
-    let Ok(Some(lora)) = state.store.get_lora(lora_id).await else {
+    let Ok(Some(lora)) = store.get_lora(lora_id).await else {
         return Reconciled::NotOurs;
     };
-    let Ok(Some(current)) = state.store.current_version(&lora).await else {
+    let Ok(Some(current)) = store.current_version(&lora).await else {
         return Reconciled::NotOurs;
     };
     let Some(path) = claas_core::types::local_path(&current.storage_uri) else {
-        return request_from_node(state, up, lora_id).await;
+        return request_from_node(store, up, lora_id).await;
     };
     match up.load_lora(lora_id, &path.display().to_string()).await {
         Ok(()) => {
@@ -59,8 +59,8 @@ pub(super) async fn reconcile_adapter(
 }
 
 /// Asks the worker next to `up` to load `lora_id`, then waits until vLLM lists it.
-async fn request_from_node(state: &AppState, up: &Upstream, lora_id: &str) -> Reconciled {
-    if let Err(e) = state.store.request_adapter(up.base_url(), lora_id).await {
+async fn request_from_node(store: &SharedStore, up: &Upstream, lora_id: &str) -> Reconciled {
+    if let Err(e) = store.request_adapter(up.base_url(), lora_id).await {
         tracing::warn!(lora_id, error = %e, "could not ask the node's worker for the adapter");
         return Reconciled::NotOurs;
     }

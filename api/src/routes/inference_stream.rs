@@ -14,7 +14,7 @@ use super::rollout::{
 };
 use crate::thinking::ThinkFilter;
 
-pub(super) use crate::in_process::Chunk;
+pub(super) use crate::inference::Chunk;
 
 /// vLLM's SSE stream as chunks.
 pub(super) fn sse_chunks(resp: reqwest::Response) -> mpsc::Receiver<Chunk> {

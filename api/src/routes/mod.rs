@@ -6,6 +6,7 @@ pub mod inference;
 mod inference_adapters;
 pub mod inference_schema;
 mod inference_stream;
+pub mod inference_vllm;
 pub mod jobs;
 pub mod keys;
 pub mod lora;
