@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 
-/// A job's lifecycle state (DESIGN.md "The queue").
+/// A job's lifecycle state (ARCHITECTURE.md "Job states").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
@@ -512,7 +512,7 @@ pub fn adapter_name(lora_id: &str) -> String {
     }
 }
 
-/// A LoRA id as DESIGN.md allows it: path-like segments of `[A-Za-z0-9._-]` each starting
+/// A LoRA id as the API allows it: path-like segments of `[A-Za-z0-9._-]` each starting
 /// with a letter or digit, at most 128 characters. Returns the reason when it is not.
 pub fn validate_lora_id(id: &str) -> Result<()> {
     let bad = |why: &str| Err(Error::Invalid(format!("invalid lora_id '{id}': {why}")));

@@ -1,5 +1,5 @@
 //! One conformance suite for both queue stores: every test below runs against Postgres
-//! (its own schema) and SQLite (its own file). The rules are DESIGN.md "The queue". This
+//! (its own schema) and SQLite (its own file). The rules are ARCHITECTURE.md "Rules and where they are enforced". This
 //! file holds intake, claims, batches, leases and fencing; `queue_versions.rs` holds
 //! exactly-once publishing and a LoRA's versions, `queue_cancel.rs` cancellation,
 //! `queue_timeline.rs` what a job's timeline says, and `queue_contention.rs` many claimers
