@@ -9,6 +9,7 @@ pub mod queue;
 pub mod telemetry;
 pub mod thinking;
 pub mod types;
+pub mod vllm;
 
 pub use error::{Error, Result};
 #[cfg(feature = "testing")]

@@ -1,17 +1,17 @@
-//! The local vLLM as the worker drives it around a training step (research notes
-//! `vllm-api.md`): drain by polling `/metrics`, `POST /sleep?level=N`, `POST /wake_up` (by
-//! tags where supported), and runtime LoRA (un)loading. Accepts the empty 200 bodies of
-//! vLLM ≤ 0.31 and the JSON ones of ≥ 0.32.
+//! The local vLLM as the worker drives it around a training step, through the one vLLM
+//! client (`claas_core::vllm`): drain by polling `/metrics`, sleep, wake (by tags where
+//! supported), pause, resume and runtime LoRA (un)loading, each failure a phase error
+//! (vLLM unreachable or failing: retryable; vLLM refusing: fatal).
 
 use std::time::{Duration, Instant};
+
+use claas_core::vllm::{Vllm, VllmError};
 
 use crate::executor::{PhaseError, PhaseResult};
 
 #[derive(Debug, Clone)]
 pub struct VllmClient {
-    base: String,
-    api_key: Option<String>,
-    http: reqwest::Client,
+    vllm: Vllm,
 }
 
 /// Sums every sample of the gauge `name` (all label sets), matching the name exactly: the
@@ -34,77 +34,39 @@ pub fn gauge_sum(metrics: &str, name: &str) -> f64 {
         .sum()
 }
 
-fn unavailable(what: &str, e: impl std::fmt::Display) -> PhaseError {
-    PhaseError::retryable("vllm_unavailable", format!("{what}: {e}"))
+/// `what` failed: why, as the phase's error.
+fn phase_error(what: &str, e: VllmError) -> PhaseError {
+    match &e {
+        VllmError::Unreachable(_) => {
+            PhaseError::retryable("vllm_unavailable", format!("{what}: {e}"))
+        }
+        VllmError::Status(s) if s.status.is_server_error() => {
+            PhaseError::retryable("vllm_error", format!("{what}: {e}"))
+        }
+        VllmError::Status(_) => PhaseError::fatal("vllm_rejected", format!("{what}: {e}")),
+    }
 }
 
 impl VllmClient {
     pub fn new(base: &str, api_key: Option<String>) -> Self {
+        // Sleep and wake move the weights between host and GPU: minutes on a large model.
         VllmClient {
-            base: base.trim_end_matches('/').to_string(),
-            api_key,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(300))
-                .build()
-                .unwrap_or_default(),
+            vllm: Vllm::new(base, api_key, Duration::from_secs(300)),
         }
     }
 
     pub fn base_url(&self) -> &str {
-        &self.base
-    }
-
-    fn post(&self, path: &str) -> reqwest::RequestBuilder {
-        let req = self.http.post(format!("{}{path}", self.base));
-        match &self.api_key {
-            Some(k) => req.bearer_auth(k),
-            None => req,
-        }
-    }
-
-    async fn check(what: &str, resp: reqwest::Response) -> PhaseResult<String> {
-        let status = resp.status();
-        let body = resp.text().await.unwrap_or_default();
-        if status.is_success() {
-            return Ok(body);
-        }
-        let msg = format!("{what}: vLLM answered {status}: {}", body.trim());
-        Err(if status.is_server_error() {
-            PhaseError::retryable("vllm_error", msg)
-        } else {
-            PhaseError::fatal("vllm_rejected", msg)
-        })
+        self.vllm.base_url()
     }
 
     /// Whether vLLM answers `GET /health` with 200 within two seconds; the reason if not.
     pub async fn healthy(&self) -> Result<(), String> {
-        let resp = self
-            .http
-            .get(format!("{}/health", self.base))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            .map_err(|e| format!("vLLM at {} is unreachable: {e}", self.base))?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "vLLM at {} is not healthy: {}",
-                self.base,
-                resp.status()
-            ))
-        }
+        self.vllm.healthy().await
     }
 
     /// Running and waiting requests, summed over engines and models.
     pub async fn load(&self) -> PhaseResult<(f64, f64)> {
-        let text = self
-            .http
-            .get(format!("{}/metrics", self.base))
-            .send()
-            .await
-            .map_err(|e| unavailable("GET /metrics", e))?;
-        let text = Self::check("GET /metrics", text).await?;
+        let text = (self.vllm.metrics().await).map_err(|e| phase_error("GET /metrics", e))?;
         Ok((
             gauge_sum(&text, "vllm:num_requests_running"),
             gauge_sum(&text, "vllm:num_requests_waiting"),
@@ -133,95 +95,60 @@ impl VllmClient {
         }
     }
 
-    /// A `POST` with no body whose answer only has to succeed (sleep, wake, pause, resume).
-    async fn post_empty(&self, path_and_query: &str) -> PhaseResult<()> {
-        let what = format!("POST {path_and_query}");
-        let resp = self
-            .post(path_and_query)
-            .send()
-            .await
-            .map_err(|e| unavailable(&what, e))?;
-        Self::check(&what, resp).await.map(|_| ())
-    }
-
     pub async fn sleep(&self, level: u8) -> PhaseResult<()> {
-        self.post_empty(&format!("/sleep?level={level}")).await
+        let what = format!("POST /sleep?level={level}");
+        self.vllm
+            .sleep(level)
+            .await
+            .map_err(|e| phase_error(&what, e))
     }
 
     /// `POST /wake_up`, for the given tags only (`weights`, `kv_cache`) or everything.
     pub async fn wake(&self, tags: &[&str]) -> PhaseResult<()> {
-        let query: String = tags
-            .iter()
-            .enumerate()
-            .map(|(i, t)| format!("{}tags={t}", if i == 0 { "?" } else { "&" }))
-            .collect();
-        self.post_empty(&format!("/wake_up{query}")).await
+        let what = match tags {
+            [] => "POST /wake_up".to_string(),
+            _ => format!("POST /wake_up?tags={}", tags.join("&tags=")),
+        };
+        self.vllm
+            .wake(tags)
+            .await
+            .map_err(|e| phase_error(&what, e))
     }
 
     /// `POST /pause`: stops generation (frees no GPU memory).
     pub async fn pause(&self) -> PhaseResult<()> {
-        self.post_empty("/pause").await
+        self.vllm
+            .pause()
+            .await
+            .map_err(|e| phase_error("POST /pause", e))
     }
 
     /// `POST /resume`.
     pub async fn resume(&self) -> PhaseResult<()> {
-        self.post_empty("/resume").await
+        self.vllm
+            .resume()
+            .await
+            .map_err(|e| phase_error("POST /resume", e))
     }
 
     /// Loaded adapters as (name, path), from `/v1/models` (cards with a `parent`).
     pub async fn adapters(&self) -> PhaseResult<Vec<(String, String)>> {
-        let what = "GET /v1/models";
-        let mut req = self.http.get(format!("{}/v1/models", self.base));
-        if let Some(k) = &self.api_key {
-            req = req.bearer_auth(k);
-        }
-        let resp = req.send().await.map_err(|e| unavailable(what, e))?;
-        let body = Self::check(what, resp).await?;
-        let v: serde_json::Value = serde_json::from_str(&body)
-            .map_err(|e| PhaseError::retryable("vllm_error", format!("{what}: {e}")))?;
-        Ok(v["data"]
-            .as_array()
-            .map(|cards| {
-                cards
-                    .iter()
-                    .filter(|c| !c["parent"].is_null())
-                    .filter_map(|c| {
-                        Some((c["id"].as_str()?.to_owned(), c["root"].as_str()?.to_owned()))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default())
+        self.vllm
+            .adapters()
+            .await
+            .map_err(|e| phase_error("GET /v1/models", e))
     }
 
     /// Removes the adapter name from vLLM; an adapter that is not loaded is fine.
     pub async fn unload_adapter(&self, name: &str) -> PhaseResult<()> {
-        let what = "POST /v1/unload_lora_adapter";
-        let resp = self
-            .post("/v1/unload_lora_adapter")
-            .json(&serde_json::json!({ "lora_name": name }))
-            .send()
-            .await
-            .map_err(|e| unavailable(what, e))?;
-        if resp.status() == reqwest::StatusCode::NOT_FOUND {
-            return Ok(());
-        }
-        Self::check(what, resp).await.map(|_| ())
+        (self.vllm.unload_adapter(name).await)
+            .map_err(|e| phase_error("POST /v1/unload_lora_adapter", e))
     }
 
     /// Loads `path` under `name`; `inplace` swaps an already-loaded adapter without a gap.
     pub async fn load_adapter(&self, name: &str, path: &str, inplace: bool) -> PhaseResult<()> {
-        let what = "POST /v1/load_lora_adapter";
-        let mut body = serde_json::json!({ "lora_name": name, "lora_path": path });
-        if inplace {
-            body["load_inplace"] = true.into();
-        }
-        let resp = self
-            .post("/v1/load_lora_adapter")
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| unavailable(what, e))?;
-        Self::check(what, resp).await.map(|_| ())
+        (self.vllm.load_adapter(name, path, inplace).await)
+            .map_err(|e| phase_error("POST /v1/load_lora_adapter", e))
     }
 }
 

@@ -41,7 +41,7 @@ pub(super) async fn reconcile_adapter(
     let Some(path) = claas_core::types::local_path(&current.storage_uri) else {
         return request_from_node(store, up, lora_id).await;
     };
-    match up.load_lora(lora_id, &path.display().to_string()).await {
+    match crate::upstream::load_lora(up, lora_id, &path.display().to_string(), false).await {
         Ok(()) => {
             tracing::info!(
                 lora_id,

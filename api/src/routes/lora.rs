@@ -301,7 +301,7 @@ pub(crate) async fn serve_in_vllm(
     };
     let dir = dir.display().to_string();
     for up in state.backends.iter().flat_map(|b| b.all()) {
-        if let Err(e) = up.load_lora_at(lora_id, &dir, swap).await {
+        if let Err(e) = crate::upstream::load_lora(up, lora_id, &dir, swap).await {
             let e: ApiError = e.into();
             tracing::warn!(lora_id, vllm = up.base_url(), error = %e.message, "could not load the new adapter");
         }

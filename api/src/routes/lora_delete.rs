@@ -121,7 +121,7 @@ async fn clean_up(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for up in state.backends.iter().flat_map(|b| b.all()) {
-        if let Err(e) = up.unload_lora(&lora_id).await {
+        if let Err(e) = up.unload_adapter(&lora_id).await {
             let e: ApiError = e.into();
             tracing::warn!(lora_id, vllm = up.base_url(), error = %e.message, "could not unload a deleted LoRA");
         }
