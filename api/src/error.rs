@@ -589,3 +589,8 @@ pub fn login_refused(valid_key: bool) -> (StatusCode, &'static str) {
         )
     }
 }
+
+/// 303 to `to`: a browser form's answer (the dashboard's actions, login and logout).
+pub fn see_other(to: &str) -> Response {
+    axum::response::Redirect::to(to).into_response()
+}

@@ -1,6 +1,6 @@
 //! Every HTTP status the API answers with is decided in `api/src/error.rs` (README, Layout):
-//! no other file of `api/src` names a `StatusCode::`, except `upstream.rs`, which only
-//! compares the statuses vLLM answers with.
+//! no other file of `api/src` names a `StatusCode::` or builds a `Redirect::`, except
+//! `upstream.rs`, which only compares the statuses vLLM answers with.
 
 use std::path::{Path, PathBuf};
 
@@ -29,6 +29,9 @@ fn statuses_are_decided_only_in_error_rs() {
         }
         let text = std::fs::read_to_string(&file).expect("read");
         for (i, line) in text.lines().enumerate() {
+            if line.contains("Redirect::") {
+                found.push(format!("{}:{}: {}", rel.display(), i + 1, line.trim()));
+            }
             if !line.contains("StatusCode::") {
                 continue;
             }

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use axum::extract::{ConnectInfo, Form, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use minijinja::context;
 use serde::Deserialize;
@@ -45,7 +45,7 @@ pub async fn gate(State(state): State<AppState>, req: Request, next: Next) -> Re
             PageError(ApiError::forbidden("the dashboard needs an admin key")).into_response()
         }
         Ok(None) if bearer.is_none() && req.method() == Method::GET => {
-            Redirect::to(LOGIN).into_response()
+            crate::error::see_other(LOGIN)
         }
         Ok(None) => auth::unauthorized("the dashboard needs an admin key: log in first"),
         Err(e) => PageError(e).into_response(),
@@ -54,7 +54,7 @@ pub async fn gate(State(state): State<AppState>, req: Request, next: Next) -> Re
 
 /// A 303 to `to` that sets `cookie`.
 fn redirect_setting(to: &str, cookie: HeaderValue) -> Response {
-    let mut resp = Redirect::to(to).into_response();
+    let mut resp = crate::error::see_other(to);
     resp.headers_mut().append(header::SET_COOKIE, cookie);
     resp
 }

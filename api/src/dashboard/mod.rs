@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use axum::extract::{Form, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue};
-use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::response::{Html, IntoResponse, Response};
 use chrono::Utc;
 use claas_core::queue::{AuditEntry, CancelOutcome, JobFilter};
 use claas_core::types::JobStatus;
@@ -509,7 +509,7 @@ async fn act(
             detail,
         })
         .await?;
-    Ok(Redirect::to(&to).into_response())
+    Ok(crate::error::see_other(&to))
 }
 
 /// Every LoRA with its current version.
