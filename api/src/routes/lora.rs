@@ -3,13 +3,14 @@
 //! its `config.json`); otherwise the first worker to train it creates the same file. Init
 //! is idempotent: the same parameters answer 200 with the existing LoRA, different ones 409.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use claas_core::types::{adapter_name, validate_lora_id, Lora, LoraVersion, NewLora};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use super::lora_id::LoraPath;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, ErrorBody, Errors, JsonBody, QueryParams};
 use crate::AppState;
@@ -435,10 +436,9 @@ pub async fn list(
 )]
 pub async fn versions(
     State(state): State<AppState>,
-    caller: Caller,
-    Path(lora_id): Path<String>,
+    LoraPath(lora_id): LoraPath,
 ) -> ApiResult<Json<LoraVersions>> {
-    let lora_id = &crate::routes::lora_id::lora_for(&state, &caller, &lora_id).await?;
+    let lora_id = &lora_id;
     let lora = state
         .store
         .get_lora(lora_id)

@@ -2,6 +2,8 @@
 //! `-latest` alias, checked against the caller's key. Every route that takes a `lora_id` or
 //! a `model` resolves it here.
 
+use axum::extract::{FromRequestParts, Path};
+use axum::http::request::Parts;
 use claas_core::types::validate_lora_id;
 
 use crate::auth::Caller;
@@ -37,4 +39,23 @@ pub async fn lora_for(state: &AppState, caller: &Caller, raw: &str) -> ApiResult
     let id = resolve_alias(state, raw).await?;
     caller.check(&id)?;
     Ok(id)
+}
+
+/// The LoRA a route's `{lora_id}` path segment names, resolved and checked as [`lora_for`]
+/// does: every route with the id in its path takes it this way.
+pub struct LoraPath(pub String);
+
+impl FromRequestParts<AppState> for LoraPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<LoraPath> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::bad_request(e.body_text()))?;
+        let caller = match Caller::from_request_parts(parts, state).await {
+            Ok(c) => c,
+            Err(never) => match never {},
+        };
+        Ok(LoraPath(lora_for(state, &caller, &raw).await?))
+    }
 }

@@ -2,14 +2,13 @@
 //! current again (recorded as a new version that points at the same files, then loaded into
 //! every vLLM), `POST /v1/lora/{lora_id}/pin` keeps a version from retention.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::Json;
 use claas_core::types::NewLora;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::lora_id::lora_for;
-use crate::auth::Caller;
+use super::lora_id::LoraPath;
 use crate::error::{ApiError, ApiResult, ErrorBody, Errors, JsonBody};
 use crate::AppState;
 
@@ -59,11 +58,9 @@ pub struct Pinned {
 )]
 pub async fn rollback(
     State(state): State<AppState>,
-    caller: Caller,
-    Path(lora_id): Path<String>,
+    LoraPath(id): LoraPath,
     JsonBody(body, _): JsonBody<VersionBody>,
 ) -> ApiResult<Json<RolledBack>> {
-    let id = lora_for(&state, &caller, &lora_id).await?;
     roll_back(&state, &id, body.version).await.map(Json)
 }
 
@@ -81,11 +78,9 @@ pub async fn rollback(
 )]
 pub async fn pin(
     State(state): State<AppState>,
-    caller: Caller,
-    Path(lora_id): Path<String>,
+    LoraPath(id): LoraPath,
     JsonBody(body, _): JsonBody<VersionBody>,
 ) -> ApiResult<Json<Pinned>> {
-    let id = lora_for(&state, &caller, &lora_id).await?;
     if state.store.get_lora(&id).await?.is_none() {
         return Err(ApiError::not_found(format!("LoRA not found: {id}")));
     }
