@@ -50,9 +50,11 @@ async fn a_sample_the_trainer_would_refuse_is_a_422_naming_it(db: &TestDb) {
     let mut l = lora("a");
     l.base_model = base.display().to_string();
     db.store.create_lora(&l).await.expect("lora");
-    let app = router(common::with_trainer_models(
-        AppState::new(db.store.clone(), common::options("intake")).with_max_seq_len(8),
-    ));
+    let app = router(
+        AppState::new(db.store.clone(), common::options("intake"))
+            .with_max_seq_len(8)
+            .with_base_models(Some(std::sync::Arc::new(Vocabulary(base.clone())))),
+    );
     // The first item is inline too (so no cache lookup): give it a valid rollout.
     let with_first = |mut body: Value| {
         body["requests"][0] = body["requests"][1].clone();
@@ -119,4 +121,27 @@ async fn unknown_training_fields_are_ignored_as_claas_does() {
     let (status, _) = post(&app, &body).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     db.cleanup().await;
+}
+
+/// Base models as the API sees them through its seam: the checkpoint at one directory has
+/// the vocabulary its `config.json` names (claas-engine's `TrainerModels` reads it the same
+/// way; `engine/tests` checks that one).
+struct Vocabulary(std::path::PathBuf);
+
+impl claas_api::in_process::BaseModels for Vocabulary {
+    fn vocab_size(&self, base_model: &str) -> Option<u64> {
+        if std::path::Path::new(base_model) != self.0 {
+            return None;
+        }
+        let text = std::fs::read_to_string(self.0.join("config.json")).ok()?;
+        serde_json::from_str::<Value>(&text).ok()?["vocab_size"].as_u64()
+    }
+
+    fn write_initial_adapter(
+        &self,
+        _dir: &std::path::Path,
+        _lora: &claas_core::types::NewLora,
+    ) -> Result<Option<String>, String> {
+        Ok(None)
+    }
 }

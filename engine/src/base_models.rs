@@ -46,3 +46,20 @@ impl BaseModels for TrainerModels {
             .map_err(|e| e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vocabulary_is_read_from_a_checkpoints_config() {
+        let dir = std::env::temp_dir().join(format!("claas-vocab-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("config.json"), r#"{"vocab_size": 1000}"#).expect("config");
+        let models = TrainerModels::new(std::env::temp_dir());
+        let id = dir.display().to_string();
+        assert_eq!(models.vocab_size(&id), Some(1000));
+        assert_eq!(models.vocab_size("no/such-model"), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

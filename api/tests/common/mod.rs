@@ -125,13 +125,3 @@ pub fn inline_feedback(lora_id: &str) -> Value {
         "prompt_token_ids": [1, 2], "response_token_ids": [3], "response_logprobs": [-0.5],
         "system_prompt": "s"}]})
 }
-
-/// `state` with the trainer's view of the base models on this machine, as `claas api` and
-/// `claas dev` run: the API writes version 0 of a new LoRA and checks token ids against the
-/// vocabulary.
-pub fn with_trainer_models(state: AppState) -> AppState {
-    let dir = state.options.data_dir.clone();
-    state.with_base_models(Some(std::sync::Arc::new(claas_engine::TrainerModels::new(
-        dir,
-    ))))
-}

@@ -4,6 +4,8 @@
 //! exports version 1 it never wrote, a delete removes the objects, and the id created again
 //! never meets the deleted LoRA's files in any node's cache.
 
+// The API's test helpers (options, a server on a real socket, a JSON client).
+#[path = "../api/tests/common/mod.rs"]
 mod common;
 
 use std::path::PathBuf;
@@ -92,7 +94,7 @@ async fn versions_travel_through_the_bucket_between_api_and_worker() {
         feedback_max_wait_s: 60,
         ..common::options("s3")
     };
-    let state = common::with_trainer_models(AppState::new(db.store.clone(), options))
+    let state = with_trainer_models(AppState::new(db.store.clone(), options))
         .with_adapters(AdapterStore::s3(&url, &api_cache).expect("store"));
     let api = common::serve(state).await;
     let http = reqwest::Client::new();
@@ -293,7 +295,7 @@ async fn a_vllm_that_never_served_an_s3_adapter_gets_it_from_its_nodes_worker() 
         lora_root: api_cache.display().to_string(),
         ..common::options("s3-load")
     };
-    let state = common::with_trainer_models(AppState::new(db.store.clone(), options))
+    let state = with_trainer_models(AppState::new(db.store.clone(), options))
         .with_adapters(AdapterStore::s3(&url, &api_cache).expect("store"))
         .with_upstream(Some(claas_api::upstream::Upstream::new(
             &fake.url,
@@ -353,4 +355,10 @@ async fn a_vllm_that_never_served_an_s3_adapter_gets_it_from_its_nodes_worker() 
     stop.send(true).expect("stop");
     handle.await.expect("join").expect("worker");
     db.cleanup().await;
+}
+
+/// The API writes version 0 itself, as `claas api` does where the base model is.
+fn with_trainer_models(state: AppState) -> AppState {
+    let dir = state.options.data_dir.clone();
+    state.with_base_models(Some(Arc::new(claas_engine::TrainerModels::new(dir))))
 }

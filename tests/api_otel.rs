@@ -4,6 +4,8 @@
 //! receiver must hold the request's span and one span per job phase, all in one trace.
 //! (One test in this binary: the tracing subscriber is global to the process.)
 
+// The API's test helpers (options, a server on a real socket, a JSON client).
+#[path = "../api/tests/common/mod.rs"]
 mod common;
 
 use std::sync::{Arc, Mutex};

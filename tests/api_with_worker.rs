@@ -1,5 +1,7 @@
 //! The HTTP contract, through the real router, on both stores.
 
+// The API's test helpers (options, a server on a real socket, a JSON client).
+#[path = "../api/tests/common/mod.rs"]
 mod common;
 
 use std::sync::Arc;
