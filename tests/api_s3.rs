@@ -8,6 +8,9 @@
 #[path = "../api/tests/common/mod.rs"]
 mod common;
 
+#[path = "common/trainer_models.rs"]
+mod trainer_models;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,7 +97,7 @@ async fn versions_travel_through_the_bucket_between_api_and_worker() {
         feedback_max_wait_s: 60,
         ..common::options("s3")
     };
-    let state = with_trainer_models(AppState::new(db.store.clone(), options))
+    let state = trainer_models::with_trainer_models(AppState::new(db.store.clone(), options))
         .with_adapters(AdapterStore::s3(&url, &api_cache).expect("store"));
     let api = common::serve(state).await;
     let http = reqwest::Client::new();
@@ -295,7 +298,7 @@ async fn a_vllm_that_never_served_an_s3_adapter_gets_it_from_its_nodes_worker() 
         lora_root: api_cache.display().to_string(),
         ..common::options("s3-load")
     };
-    let state = with_trainer_models(AppState::new(db.store.clone(), options))
+    let state = trainer_models::with_trainer_models(AppState::new(db.store.clone(), options))
         .with_adapters(AdapterStore::s3(&url, &api_cache).expect("store"))
         .with_upstream(Some(claas_api::upstream::Upstream::new(
             &fake.url,
@@ -355,10 +358,4 @@ async fn a_vllm_that_never_served_an_s3_adapter_gets_it_from_its_nodes_worker() 
     stop.send(true).expect("stop");
     handle.await.expect("join").expect("worker");
     db.cleanup().await;
-}
-
-/// The API writes version 0 itself, as `claas api` does where the base model is.
-fn with_trainer_models(state: AppState) -> AppState {
-    let dir = state.options.data_dir.clone();
-    state.with_base_models(Some(Arc::new(claas_engine::TrainerModels::new(dir))))
 }

@@ -3,6 +3,9 @@
 //! `distill_result.metadata.total_loss` from the candle SDPO step, and the published
 //! version holds a changed adapter.
 
+#[path = "common/trainer_models.rs"]
+mod trainer_models;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -102,7 +105,7 @@ async fn contract(db: &TestDb) {
         },
     );
     let handle = tokio::spawn(async move { worker.run(rx).await });
-    let app = router(with_trainer_models(AppState::new(
+    let app = router(trainer_models::with_trainer_models(AppState::new(
         store,
         ApiOptions {
             max_body_bytes: 1 << 20,
@@ -437,12 +440,4 @@ async fn claas_client_contract_with_a_real_step_postgres() {
 fn hex_sha256(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
-}
-
-/// The API writes version 0 itself, as `claas api` does where the base model is.
-fn with_trainer_models(state: AppState) -> AppState {
-    let dir = state.options.data_dir.clone();
-    state.with_base_models(Some(std::sync::Arc::new(claas_engine::TrainerModels::new(
-        dir,
-    ))))
 }

@@ -65,10 +65,6 @@ struct Trained {
     optimizer: AdamW,
 }
 
-fn storage_error(e: claas_core::Error) -> PhaseError {
-    PhaseError::retryable("storage_error", e.to_string())
-}
-
 fn trainer_error(e: claas_trainer::Error) -> PhaseError {
     match e {
         claas_trainer::Error::InvalidInput(m) => PhaseError::fatal("invalid_input", m),
@@ -76,7 +72,7 @@ fn trainer_error(e: claas_trainer::Error) -> PhaseError {
             PhaseError::bad_sample(index, message)
         }
         claas_trainer::Error::Checkpoint(m) => PhaseError::fatal("adapter_unreadable", m),
-        claas_trainer::Error::Io(e) => PhaseError::retryable("storage_error", e.to_string()),
+        claas_trainer::Error::Io(e) => PhaseError::storage(e),
         other => PhaseError::retryable("trainer_error", other.to_string()),
     }
 }
@@ -304,7 +300,10 @@ impl Trainer for CandleTrainer {
         let from = match &self.opts.store {
             // A version another node published: read it from the object store's cache.
             Some(s) if s.is_remote() => {
-                let dir = s.materialize(&from.uri).await.map_err(storage_error)?;
+                let dir = s
+                    .materialize(&from.uri)
+                    .await
+                    .map_err(PhaseError::storage)?;
                 AdapterSource {
                     uri: dir.display().to_string(),
                     ..from.clone()
@@ -369,8 +368,8 @@ impl Trainer for CandleTrainer {
             storage::adapter_sha256(&target)
         })
         .await
-        .map_err(|e| PhaseError::retryable("storage_error", e.to_string()))?
-        .map_err(|e| PhaseError::retryable("storage_error", e.to_string()))?;
+        .map_err(PhaseError::storage)?
+        .map_err(PhaseError::storage)?;
         let uri = match &self.opts.store {
             Some(s) if s.is_remote() => s
                 .publish(
@@ -378,7 +377,7 @@ impl Trainer for CandleTrainer {
                     &AdapterStore::version_name(version, &job.write_tag),
                 )
                 .await
-                .map_err(storage_error)?,
+                .map_err(PhaseError::storage)?,
             _ => format!("file://{}", dir.display()),
         };
         Ok(StoredAdapter { uri, sha256: sha })

@@ -94,6 +94,11 @@ impl PhaseError {
     }
 
     /// A transient failure: the job goes back to the queue with backoff.
+    /// Adapter storage (local files or the object store) failed: retryable.
+    pub fn storage(e: impl std::fmt::Display) -> Self {
+        Self::retryable("storage_error", e.to_string())
+    }
+
     pub fn retryable(code: &str, message: impl Into<String>) -> Self {
         PhaseError {
             code: code.into(),

@@ -91,7 +91,6 @@ pub async fn fetch_if_missing(
     hub: &HubSettings,
 ) -> Result<Fetched, HubError> {
     if !claas_trainer::resolve::is_hub_id(id)
-        || Path::new(id).join("config.json").is_file()
         || claas_trainer::resolve::existing_model_dir(id, data_dir).is_some()
         || claas_trainer::resolve::hf_cache_snapshot_in(&hub.cache_dir, id).is_some()
         || hub.offline
@@ -102,12 +101,7 @@ pub async fn fetch_if_missing(
 }
 
 async fn download(id: &str, hub: &HubSettings) -> Result<Vec<String>, HubError> {
-    let fail = |what: &str, detail: String| HubError::Download {
-        id: id.into(),
-        what: what.into(),
-        endpoint: hub.endpoint.clone(),
-        detail,
-    };
+    let fail = |what: &str, detail: String| failed(id, hub, what, detail);
     let mut builder = ApiBuilder::from_cache(Cache::new(hub.cache_dir.clone()))
         .with_endpoint(hub.endpoint.clone())
         .with_progress(hub.progress_bar)
@@ -151,12 +145,7 @@ async fn download(id: &str, hub: &HubSettings) -> Result<Vec<String>, HubError> 
 
 /// The repository's file list; the Hub's 401/403/404 become errors that say what to do.
 async fn list(id: &str, hub: &HubSettings, repo: &ApiRepo) -> Result<RepoInfo, HubError> {
-    let fail = |detail: String| HubError::Download {
-        id: id.into(),
-        what: "the file list".into(),
-        endpoint: hub.endpoint.clone(),
-        detail,
-    };
+    let fail = |detail: String| failed(id, hub, "the file list", detail);
     let resp = repo
         .info_request()
         .send()
@@ -177,6 +166,15 @@ async fn list(id: &str, hub: &HubSettings, repo: &ApiRepo) -> Result<RepoInfo, H
         401 | 403 if code == "RepoNotFound" => Err(not_found(id, hub)),
         401 | 403 => Err(unauthorized(id, hub, status)),
         _ => Err(fail(format!("HTTP {status}"))),
+    }
+}
+
+fn failed(id: &str, hub: &HubSettings, what: &str, detail: String) -> HubError {
+    HubError::Download {
+        id: id.into(),
+        what: what.into(),
+        endpoint: hub.endpoint.clone(),
+        detail,
     }
 }
 

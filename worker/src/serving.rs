@@ -67,17 +67,13 @@ impl VllmServing {
             return Ok(path);
         }
         match &self.store {
-            Some(s) => s.materialize(uri).await.map_err(storage_error),
+            Some(s) => s.materialize(uri).await.map_err(PhaseError::storage),
             None => Err(PhaseError::fatal(
                 "storage_error",
                 format!("{uri} is remote but this worker has no object store"),
             )),
         }
     }
-}
-
-fn storage_error(e: claas_core::Error) -> PhaseError {
-    PhaseError::retryable("storage_error", e.to_string())
 }
 
 #[async_trait]

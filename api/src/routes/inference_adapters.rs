@@ -5,8 +5,6 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
-
 use crate::error::ApiError;
 use crate::upstream::Upstream;
 use claas_core::queue::SharedStore;
@@ -67,14 +65,10 @@ async fn request_from_node(store: &SharedStore, up: &Upstream, lora_id: &str) ->
     let deadline = tokio::time::Instant::now() + ADAPTER_REQUEST_WAIT;
     while tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let listed = match up.get("/v1/models").await {
-            Ok(r) => r.json::<Value>().await.unwrap_or_default(),
-            Err(_) => continue,
+        let Ok(adapters) = up.adapters().await else {
+            continue;
         };
-        let served = listed["data"]
-            .as_array()
-            .is_some_and(|d| d.iter().any(|m| m["id"] == lora_id));
-        if served {
+        if adapters.iter().any(|(name, _)| name == lora_id) {
             tracing::info!(
                 lora_id,
                 vllm = up.base_url(),
