@@ -1,9 +1,9 @@
 //! claas-api: the stateless HTTP service. Any replica can serve any request: all state
 //! lives in the queue store (and, with its issue, the shared completion cache).
 //!
-//! It imports only `claas-core`. What needs a model in this process (the embedded engine,
-//! version 0 of a LoRA) comes through [`in_process`], which `claas-engine` implements, so
-//! the API links neither candle nor the trainer (`make layers`; ARCHITECTURE.md).
+//! It imports only `claas-core`. Inference goes through [`inference`] (the vLLM fleet proxy
+//! here, the candle engine in `claas-engine`) and base-model files through [`in_process`],
+//! so the API depends on neither candle nor the trainer (`make layers`; ARCHITECTURE.md).
 
 pub mod auth;
 pub mod cache;
@@ -79,6 +79,8 @@ pub struct AppState {
     pub cache: Arc<dyn CompletionCache>,
     /// The vLLMs inference is proxied to; none in the embedded default.
     pub backends: Option<Arc<Backends>>,
+    /// The inference backend over `backends`, built once when they are set.
+    proxy: Option<Arc<dyn inference::Inference>>,
     /// In-process inference when no vLLM is configured (`claas dev`).
     pub engine: Option<Arc<dyn inference::Inference>>,
     /// Base-model checkpoints on this machine (version 0 of new LoRAs, intake checks).
@@ -147,6 +149,7 @@ impl AppState {
                 Duration::from_secs(3600),
             )),
             backends: None,
+            proxy: None,
             engine: None,
             base_models: None,
             http_metrics: Arc::new(metrics::HttpMetrics::new()),
@@ -209,9 +212,8 @@ impl AppState {
     }
 
     /// One vLLM, always available.
-    pub fn with_upstream(mut self, upstream: Option<Upstream>) -> AppState {
-        self.backends = upstream.map(|u| Arc::new(Backends::new(vec![u], Duration::ZERO)));
-        self
+    pub fn with_upstream(self, upstream: Option<Upstream>) -> AppState {
+        self.with_backends(upstream.map(|u| Backends::new(vec![u], Duration::ZERO)))
     }
 
     pub fn with_engine(mut self, engine: Option<Arc<dyn inference::Inference>>) -> AppState {
@@ -222,15 +224,8 @@ impl AppState {
     /// The inference backend requests go to: the vLLM fleet when one is configured, else
     /// the in-process engine; 503 when there is neither.
     pub fn inference(&self) -> error::ApiResult<Arc<dyn inference::Inference>> {
-        if let Some(backends) = &self.backends {
-            return Ok(Arc::new(routes::inference_vllm::VllmProxy::new(
-                backends.clone(),
-                self.store.clone(),
-                self.options.default_base_model.clone(),
-            )));
-        }
-        self.engine
-            .clone()
+        (self.proxy.clone())
+            .or_else(|| self.engine.clone())
             .ok_or_else(error::ApiError::no_inference_backend)
     }
 
@@ -241,6 +236,13 @@ impl AppState {
 
     pub fn with_backends(mut self, backends: Option<Backends>) -> AppState {
         self.backends = backends.map(Arc::new);
+        self.proxy = self.backends.clone().map(|b| {
+            Arc::new(routes::inference_vllm::VllmProxy::new(
+                b,
+                self.store.clone(),
+                self.options.default_base_model.clone(),
+            )) as Arc<dyn inference::Inference>
+        });
         self
     }
 
