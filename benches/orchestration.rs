@@ -8,7 +8,6 @@
 //!
 //! cargo bench --bench orchestration [-- JOBS]   (CLAAS_WORKER_DRAIN_GRACE_MS: default 50)
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use claas_core::config::{Residency, TrainerDevice};
@@ -68,7 +67,7 @@ async fn run(db: TestDb, jobs: usize) -> anyhow::Result<()> {
     // starts at once; the poll wait is between jobs, not inside one.
     let worker = Worker::new(
         db.store.clone(),
-        Arc::new(exec),
+        exec,
         WorkerOptions {
             poll_interval: Duration::from_millis(20),
             drain_grace: Duration::from_millis(

@@ -149,13 +149,14 @@ fn worker_options(cfg: &Config, store: AdapterStore) -> Result<WorkerOptions> {
 
 /// The configured executor. The candle one resolves the base model (creating the tiny
 /// random preset under the data directory on first use) and loads it once, here.
-async fn executor(cfg: &Config, adapters: &AdapterStore) -> Result<Arc<dyn Executor>> {
+async fn executor(cfg: &Config, adapters: &AdapterStore) -> Result<Executor> {
     Ok(match cfg.worker.executor {
         ExecutorKind::Simulated => Arc::new(SimulatedExecutor {
             step: Duration::from_millis(cfg.worker.simulated_step_ms),
             root: cfg.storage.lora_root.clone(),
-        }),
-        ExecutorKind::Candle => Arc::new(candle_executor(cfg, adapters.clone()).await?),
+        })
+        .into(),
+        ExecutorKind::Candle => candle_executor(cfg, adapters.clone()).await?.into(),
     })
 }
 
@@ -338,11 +339,11 @@ pub async fn dev(cfg: Config) -> Result<()> {
     );
     let adapters = adapter_store(&cfg)?;
     let shutdown = shutdown_signal();
-    let (exec, parts): (Arc<dyn Executor>, _) = match cfg.worker.executor {
+    let (exec, parts): (Executor, _) = match cfg.worker.executor {
         ExecutorKind::Candle => {
             let exec = candle_executor(&cfg, adapters.clone()).await?;
             let parts = exec.inference_parts();
-            (Arc::new(exec), Some(parts))
+            (exec.into(), Some(parts))
         }
         ExecutorKind::Simulated => (executor(&cfg, &adapters).await?, None),
     };

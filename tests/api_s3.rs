@@ -12,7 +12,6 @@ mod common;
 mod trainer_models;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use claas_api::AppState;
@@ -80,7 +79,7 @@ async fn versions_travel_through_the_bucket_between_api_and_worker() {
     let (stop, rx) = tokio::sync::watch::channel(false);
     let worker = Worker::new(
         db.store.clone(),
-        Arc::new(exec),
+        exec,
         WorkerOptions {
             poll_interval: Duration::from_millis(50),
             store: Some(worker_store),
@@ -279,7 +278,7 @@ async fn a_vllm_that_never_served_an_s3_adapter_gets_it_from_its_nodes_worker() 
     let (stop, rx) = tokio::sync::watch::channel(false);
     let worker = Worker::new(
         db.store.clone(),
-        Arc::new(exec),
+        exec,
         WorkerOptions {
             poll_interval: Duration::from_millis(50),
             vllm_url: Some(fake.url.clone()),

@@ -7,7 +7,6 @@
 mod trainer_models;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -98,7 +97,7 @@ async fn contract(db: &TestDb) {
     let (stop, rx) = watch::channel(false);
     let worker = Worker::new(
         store.clone(),
-        Arc::new(exec),
+        exec,
         WorkerOptions {
             poll_interval: Duration::from_millis(50),
             ..WorkerOptions::new("trained-test", vec![base_model.clone()])

@@ -346,7 +346,7 @@ async fn chat_while_a_job_trains_in_the_same_process_sees_one_version_or_the_nex
     let (stop, rx) = tokio::sync::watch::channel(false);
     let worker = Worker::new(
         db.store.clone(),
-        Arc::new(exec),
+        exec,
         WorkerOptions {
             poll_interval: Duration::from_millis(50),
             ..WorkerOptions::new("w", vec![BASE.into()])

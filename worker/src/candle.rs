@@ -21,7 +21,7 @@ use claas_trainer::template::ChatTokenizer;
 use claas_trainer::{sdpo_step, AdamW, AdapterConfig, LoraAdapter, Qwen3, StepConfig, StepSample};
 
 use crate::executor::{
-    AdapterSource, Distilled, JobContext, NoServing, PhaseError, PhaseResult, Serving, Split,
+    AdapterSource, Distilled, Executor, JobContext, NoServing, PhaseError, PhaseResult, Serving,
     StoredAdapter, Trainer,
 };
 use crate::serving::{VllmOptions, VllmServing};
@@ -44,8 +44,21 @@ pub struct CandleOptions {
     pub vllm: Option<VllmOptions>,
 }
 
-/// The candle trainer with the serving control its configuration asks for.
-pub type CandleExecutor = Split<CandleTrainer>;
+/// The candle trainer with the serving control its configuration asks for; the trainer
+/// stays reachable for what embedded inference shares with it.
+pub struct CandleExecutor {
+    pub trainer: Arc<CandleTrainer>,
+    pub serving: Arc<dyn Serving>,
+}
+
+impl From<CandleExecutor> for Executor {
+    fn from(c: CandleExecutor) -> Self {
+        Executor {
+            trainer: c.trainer,
+            serving: c.serving,
+        }
+    }
+}
 
 pub struct CandleTrainer {
     opts: CandleOptions,
@@ -93,16 +106,16 @@ fn uri_path(uri: &str) -> PathBuf {
     PathBuf::from(uri.strip_prefix("file://").unwrap_or(uri))
 }
 
-impl Split<CandleTrainer> {
+impl CandleExecutor {
     /// The trainer, and beside it the local vLLM's control when one is configured.
     /// Blocking (it loads the model): call it from a blocking context or at start-up.
     pub fn new(opts: CandleOptions) -> claas_trainer::Result<Self> {
-        let serving: Box<dyn Serving> = match &opts.vllm {
-            Some(v) => Box::new(VllmServing::new(v.clone(), opts.store.clone())),
-            None => Box::new(NoServing),
+        let serving: Arc<dyn Serving> = match &opts.vllm {
+            Some(v) => Arc::new(VllmServing::new(v.clone(), opts.store.clone())),
+            None => Arc::new(NoServing),
         };
-        Ok(Split {
-            trainer: CandleTrainer::new(opts)?,
+        Ok(CandleExecutor {
+            trainer: Arc::new(CandleTrainer::new(opts)?),
             serving,
         })
     }

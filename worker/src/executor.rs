@@ -3,6 +3,7 @@
 //! whether a retry can help.
 
 use std::any::Any;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use claas_core::types::{Orchestration, Sample, TrainingConfig};
@@ -47,7 +48,7 @@ pub struct AdapterSource {
 }
 
 /// The outcome of the distill phase: metrics for the API and an executor-specific artifact
-/// (the new adapter) that [`Executor::store_adapter`] persists.
+/// (the new adapter) that [`Trainer::store_adapter`] persists.
 pub struct Distilled {
     pub metrics: serde_json::Value,
     pub artifact: Box<dyn Any + Send + Sync>,
@@ -111,65 +112,6 @@ impl PhaseError {
 
 pub type PhaseResult<T> = Result<T, PhaseError>;
 
-/// The phases of one job, in order: drain → sleep → vram → distill → (store) → reload → wake.
-#[async_trait]
-pub trait Executor: Send + Sync + 'static {
-    /// Waits until the local vLLM has no running or waiting request.
-    async fn drain(&self, job: &JobContext) -> PhaseResult<()>;
-    /// Puts the local vLLM to sleep at `orchestration.sleep_level`.
-    async fn sleep(&self, job: &JobContext) -> PhaseResult<()>;
-    /// Waits until enough GPU memory is free to train.
-    async fn wait_vram(&self, job: &JobContext) -> PhaseResult<()>;
-    /// One SDPO step on the batch, starting from the LoRA's current version `from`.
-    async fn distill(
-        &self,
-        job: &JobContext,
-        from: &AdapterSource,
-        samples: &[Sample],
-        training: &TrainingConfig,
-    ) -> PhaseResult<Distilled>;
-    /// Writes the new adapter as `version` to storage (not yet visible to anyone), in a
-    /// location named by `job.write_tag` that nothing else writes.
-    async fn store_adapter(
-        &self,
-        job: &JobContext,
-        version: i32,
-        distilled: Distilled,
-    ) -> PhaseResult<StoredAdapter>;
-    /// Loads the published version `serve` into the local vLLM under the LoRA's stable name.
-    async fn reload(&self, job: &JobContext, serve: &ServedVersion) -> PhaseResult<()>;
-    /// Wakes the local vLLM (also after failures).
-    async fn wake(&self, job: &JobContext) -> PhaseResult<()>;
-
-    /// Whether `sleep` and `wake` reach a vLLM (what a job's result reports as `vllm`).
-    fn controls_vllm(&self) -> bool {
-        true
-    }
-
-    /// Whether a job could run now; the reason when not (the local vLLM is down or still
-    /// loading). The worker claims nothing until it is, so no job spends an attempt on a
-    /// vLLM that cannot be drained.
-    async fn ready(&self) -> Result<(), String> {
-        Ok(())
-    }
-
-    /// Called once when the worker starts: a vLLM left asleep by a worker that died
-    /// mid-job must not stay asleep.
-    async fn on_start(&self) -> PhaseResult<()> {
-        Ok(())
-    }
-
-    /// Adapters the local vLLM serves, as (name, directory); `None` without a vLLM.
-    async fn served_adapters(&self) -> PhaseResult<Option<Vec<(String, String)>>> {
-        Ok(None)
-    }
-
-    /// Swaps adapter `name` to `dir` in the local vLLM without a gap (`load_inplace`).
-    async fn serve_adapter(&self, _name: &str, _dir: &str) -> PhaseResult<()> {
-        Ok(())
-    }
-}
-
 /// The trainer half of a job: room on the device, one step from a batch, the result
 /// stored. Candle now; Tinker's hosted training later. It knows nothing of the inference
 /// server beside it.
@@ -201,19 +143,34 @@ pub trait Trainer: Send + Sync + 'static {
 pub trait Serving: Send + Sync + 'static {
     /// Whether `sleep` and `wake` reach a vLLM (what a job's result reports as `vllm`).
     fn controls_vllm(&self) -> bool;
+    /// Waits until the server has no running or waiting request.
     async fn drain(&self, job: &JobContext) -> PhaseResult<()>;
+    /// Frees the server's GPU memory for the step (`orchestration.sleep_level`).
     async fn sleep(&self, job: &JobContext) -> PhaseResult<()>;
     /// Serves the published version `serve` under the LoRA's stable name.
     async fn reload(&self, job: &JobContext, serve: &ServedVersion) -> PhaseResult<()>;
+    /// Wakes the server (also after failures).
     async fn wake(&self, job: &JobContext) -> PhaseResult<()>;
-    /// Whether a job could run now; the reason when not.
-    async fn ready(&self) -> Result<(), String>;
-    /// Called once when the worker starts (a vLLM left asleep must not stay asleep).
-    async fn on_start(&self) -> PhaseResult<()>;
+
+    /// Whether a job could run now; the reason when not (the local vLLM is down or still
+    /// loading). The worker claims nothing until it is, so no job spends an attempt on a
+    /// vLLM that cannot be drained.
+    async fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Called once when the worker starts: a vLLM left asleep by a worker that died
+    /// mid-job must not stay asleep.
+    async fn on_start(&self) -> PhaseResult<()> {
+        Ok(())
+    }
     /// Adapters the server holds, as (name, directory); `None` without one.
-    async fn served_adapters(&self) -> PhaseResult<Option<Vec<(String, String)>>>;
-    /// Swaps adapter `name` to `dir` without a gap.
-    async fn serve_adapter(&self, name: &str, dir: &str) -> PhaseResult<()>;
+    async fn served_adapters(&self) -> PhaseResult<Option<Vec<(String, String)>>> {
+        Ok(None)
+    }
+    /// Swaps adapter `name` to `dir` without a gap (`load_inplace`).
+    async fn serve_adapter(&self, _name: &str, _dir: &str) -> PhaseResult<()> {
+        Ok(())
+    }
 }
 
 /// No inference server beside the worker (in process, or nothing serves): every serving
@@ -237,74 +194,32 @@ impl Serving for NoServing {
     async fn wake(&self, _job: &JobContext) -> PhaseResult<()> {
         Ok(())
     }
-    async fn ready(&self) -> Result<(), String> {
-        Ok(())
-    }
-    async fn on_start(&self) -> PhaseResult<()> {
-        Ok(())
-    }
-    async fn served_adapters(&self) -> PhaseResult<Option<Vec<(String, String)>>> {
-        Ok(None)
-    }
-    async fn serve_adapter(&self, _name: &str, _dir: &str) -> PhaseResult<()> {
-        Ok(())
+}
+
+/// What runs a job's phases: a trainer and the serving control beside it, so the phases
+/// (drain → sleep → vram → distill → store → reload → wake) read the same whichever
+/// trains and whatever serves.
+#[derive(Clone)]
+pub struct Executor {
+    pub trainer: Arc<dyn Trainer>,
+    pub serving: Arc<dyn Serving>,
+}
+
+impl Executor {
+    pub fn new(trainer: impl Trainer, serving: impl Serving) -> Self {
+        Executor {
+            trainer: Arc::new(trainer),
+            serving: Arc::new(serving),
+        }
     }
 }
 
-/// An executor made of a trainer and the serving control beside it, so a job's phases
-/// read the same whichever trains and whatever serves.
-pub struct Split<T> {
-    pub trainer: T,
-    pub serving: Box<dyn Serving>,
-}
-
-#[async_trait]
-impl<T: Trainer> Executor for Split<T> {
-    async fn drain(&self, job: &JobContext) -> PhaseResult<()> {
-        self.serving.drain(job).await
-    }
-    async fn sleep(&self, job: &JobContext) -> PhaseResult<()> {
-        self.serving.sleep(job).await
-    }
-    async fn wait_vram(&self, job: &JobContext) -> PhaseResult<()> {
-        self.trainer.wait_vram(job).await
-    }
-    async fn distill(
-        &self,
-        job: &JobContext,
-        from: &AdapterSource,
-        samples: &[Sample],
-        training: &TrainingConfig,
-    ) -> PhaseResult<Distilled> {
-        self.trainer.distill(job, from, samples, training).await
-    }
-    async fn store_adapter(
-        &self,
-        job: &JobContext,
-        version: i32,
-        distilled: Distilled,
-    ) -> PhaseResult<StoredAdapter> {
-        self.trainer.store_adapter(job, version, distilled).await
-    }
-    async fn reload(&self, job: &JobContext, serve: &ServedVersion) -> PhaseResult<()> {
-        self.serving.reload(job, serve).await
-    }
-    async fn wake(&self, job: &JobContext) -> PhaseResult<()> {
-        self.serving.wake(job).await
-    }
-    fn controls_vllm(&self) -> bool {
-        self.serving.controls_vllm()
-    }
-    async fn ready(&self) -> Result<(), String> {
-        self.serving.ready().await
-    }
-    async fn on_start(&self) -> PhaseResult<()> {
-        self.serving.on_start().await
-    }
-    async fn served_adapters(&self) -> PhaseResult<Option<Vec<(String, String)>>> {
-        self.serving.served_adapters().await
-    }
-    async fn serve_adapter(&self, name: &str, dir: &str) -> PhaseResult<()> {
-        self.serving.serve_adapter(name, dir).await
+/// One value that plays both parts (the simulated executor, a test's scripted one).
+impl<T: Trainer + Serving> From<Arc<T>> for Executor {
+    fn from(both: Arc<T>) -> Self {
+        Executor {
+            trainer: both.clone(),
+            serving: both,
+        }
     }
 }

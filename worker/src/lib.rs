@@ -17,7 +17,7 @@ pub mod vram;
 pub use candle::{CandleExecutor, CandleOptions, CandleTrainer};
 pub use executor::{
     AdapterSource, Distilled, Executor, JobContext, NoServing, PhaseError, ServedVersion, Serving,
-    Split, StoredAdapter, Trainer,
+    StoredAdapter, Trainer,
 };
 pub use runtime::{Worker, WorkerOptions};
 pub use serving::{VllmOptions, VllmServing};

@@ -15,8 +15,8 @@ use async_trait::async_trait;
 use claas_core::types::{Sample, TrainingConfig};
 
 use crate::executor::{
-    AdapterSource, Distilled, Executor, JobContext, PhaseError, PhaseResult, ServedVersion,
-    StoredAdapter,
+    AdapterSource, Distilled, JobContext, PhaseError, PhaseResult, ServedVersion, Serving,
+    StoredAdapter, Trainer,
 };
 
 pub struct SimulatedExecutor {
@@ -80,17 +80,7 @@ impl SimulatedExecutor {
 }
 
 #[async_trait]
-impl Executor for SimulatedExecutor {
-    async fn drain(&self, _job: &JobContext) -> PhaseResult<()> {
-        self.pause().await;
-        Ok(())
-    }
-
-    async fn sleep(&self, _job: &JobContext) -> PhaseResult<()> {
-        self.pause().await;
-        Ok(())
-    }
-
+impl Trainer for SimulatedExecutor {
     async fn wait_vram(&self, _job: &JobContext) -> PhaseResult<()> {
         self.pause().await;
         Ok(())
@@ -189,6 +179,24 @@ impl Executor for SimulatedExecutor {
             uri: format!("file://{}", path.display()),
             sha256,
         })
+    }
+}
+
+/// Serving that takes time and reaches nothing: a stand-in for the vLLM phases.
+#[async_trait]
+impl Serving for SimulatedExecutor {
+    fn controls_vllm(&self) -> bool {
+        true
+    }
+
+    async fn drain(&self, _job: &JobContext) -> PhaseResult<()> {
+        self.pause().await;
+        Ok(())
+    }
+
+    async fn sleep(&self, _job: &JobContext) -> PhaseResult<()> {
+        self.pause().await;
+        Ok(())
     }
 
     async fn reload(&self, _job: &JobContext, _serve: &ServedVersion) -> PhaseResult<()> {

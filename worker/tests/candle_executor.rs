@@ -8,7 +8,7 @@ use claas_core::config::{Residency, TrainerDevice};
 use claas_core::testing::{sample, TEST_BASE_MODEL};
 use claas_core::types::{Orchestration, TrainingConfig};
 use claas_trainer::random::{write_checkpoint, Preset};
-use claas_worker::{AdapterSource, CandleExecutor, CandleOptions, Executor, JobContext};
+use claas_worker::{AdapterSource, CandleExecutor, CandleOptions, JobContext, Trainer};
 
 fn tempdir(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("claas-exec-{name}-{}", uuid::Uuid::now_v7()))
@@ -51,6 +51,7 @@ async fn one_step(residency: Residency) -> serde_json::Value {
         target_modules: vec!["q_proj".into(), "down_proj".into()],
     };
     let distilled = exec
+        .trainer
         .distill(
             &ctx,
             &from,
@@ -64,7 +65,11 @@ async fn one_step(residency: Residency) -> serde_json::Value {
         lora_root.join("u/a/v0/adapter_model.safetensors").is_file(),
         "version 0 created on first use"
     );
-    let stored = exec.store_adapter(&ctx, 1, distilled).await.expect("store");
+    let stored = exec
+        .trainer
+        .store_adapter(&ctx, 1, distilled)
+        .await
+        .expect("store");
     let dir = PathBuf::from(stored.uri.strip_prefix("file://").expect("file uri"));
     assert_eq!(
         dir,
@@ -86,6 +91,7 @@ async fn one_step(residency: Residency) -> serde_json::Value {
         ..ctx.clone()
     };
     let other = exec
+        .trainer
         .distill(
             &again,
             &from,
@@ -94,7 +100,11 @@ async fn one_step(residency: Residency) -> serde_json::Value {
         )
         .await
         .expect("distill");
-    let second = exec.store_adapter(&again, 1, other).await.expect("store");
+    let second = exec
+        .trainer
+        .store_adapter(&again, 1, other)
+        .await
+        .expect("store");
     assert_ne!(second.uri, stored.uri);
     assert_ne!(second.sha256, stored.sha256, "another batch, other weights");
     assert_eq!(

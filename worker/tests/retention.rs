@@ -2,7 +2,6 @@
 //! `versions_keep` versions keep their files (and version 0); the history keeps every row;
 //! what attempts wrote and never published is removed once older than any lease.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use claas_core::adapter_store::AdapterStore;
@@ -61,7 +60,7 @@ async fn old_versions_lose_their_files_after_each_publish() {
     let (stop, rx) = watch::channel(false);
     let worker = Worker::new(
         db.store.clone(),
-        Arc::new(exec),
+        exec,
         WorkerOptions {
             poll_interval: Duration::from_millis(20),
             versions_keep: 1,

@@ -9,8 +9,8 @@ use claas_core::testing::{job, lora, TestDb, TEST_BASE_MODEL};
 use claas_core::types::{Job, JobStatus, Sample, TrainingConfig};
 use claas_worker::executor::PhaseResult;
 use claas_worker::{
-    AdapterSource, Distilled, Executor, JobContext, PhaseError, ServedVersion, StoredAdapter,
-    Worker, WorkerOptions,
+    AdapterSource, Distilled, JobContext, PhaseError, ServedVersion, Serving, StoredAdapter,
+    Trainer, Worker, WorkerOptions,
 };
 use tokio::sync::watch;
 
@@ -44,13 +44,7 @@ impl Scripted {
 }
 
 #[async_trait]
-impl Executor for Scripted {
-    async fn drain(&self, _: &JobContext) -> PhaseResult<()> {
-        self.run("drain")
-    }
-    async fn sleep(&self, _: &JobContext) -> PhaseResult<()> {
-        self.run("sleep")
-    }
+impl Trainer for Scripted {
     async fn wait_vram(&self, _: &JobContext) -> PhaseResult<()> {
         self.run("vram")
     }
@@ -78,6 +72,19 @@ impl Executor for Scripted {
             uri: format!("file:///loras/{}/v{version}", job.lora_id),
             sha256: "cd".repeat(32),
         })
+    }
+}
+
+#[async_trait]
+impl Serving for Scripted {
+    fn controls_vllm(&self) -> bool {
+        true
+    }
+    async fn drain(&self, _: &JobContext) -> PhaseResult<()> {
+        self.run("drain")
+    }
+    async fn sleep(&self, _: &JobContext) -> PhaseResult<()> {
+        self.run("sleep")
     }
     async fn reload(&self, _: &JobContext, _: &ServedVersion) -> PhaseResult<()> {
         self.run("reload")

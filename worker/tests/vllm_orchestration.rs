@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use claas_core::config::{Residency, TrainerDevice};
@@ -30,7 +29,7 @@ fn spawn_worker(
     tokio::task::JoinHandle<claas_core::Result<()>>,
 ) {
     let (stop, rx) = watch::channel(false);
-    let worker = Worker::new(db.store.clone(), Arc::new(exec), opts);
+    let worker = Worker::new(db.store.clone(), exec, opts);
     (stop, tokio::spawn(async move { worker.run(rx).await }))
 }
 

@@ -135,7 +135,7 @@ impl Worker {
         drop(run);
         if slept.load(Ordering::SeqCst) && outcome != Outcome::Succeeded {
             // vLLM must not stay asleep because training stopped early.
-            if let Err(e) = self.executor.wake(&ctx).await {
+            if let Err(e) = self.executor.serving.wake(&ctx).await {
                 tracing::error!(error = %e, "could not wake vLLM after the job stopped");
             }
         }
@@ -318,7 +318,7 @@ impl Worker {
         let training = &claimed.payload.training;
         loop {
             let samples: Vec<Sample> = batch.iter().map(|(_, s)| s.clone()).collect();
-            let step = self.executor.distill(ctx, from, &samples, training);
+            let step = self.executor.trainer.distill(ctx, from, &samples, training);
             let (phase, err) = match self.guarded(watch, Phase::Distill, step).await {
                 Ok(distilled) => return Ok((distilled, samples)),
                 Err(Stop::Failed(phase, e)) => (phase, e),
@@ -546,7 +546,7 @@ impl Worker {
             return Some("vLLM was slept and is left asleep (wake_on_failure is off)".into());
         }
         slept.store(false, Ordering::SeqCst);
-        Some(match self.executor.wake(ctx).await {
+        Some(match self.executor.serving.wake(ctx).await {
             Ok(()) => "vLLM was slept and woken again".into(),
             Err(e) => {
                 tracing::error!(error = %e, "could not wake vLLM after stopping");

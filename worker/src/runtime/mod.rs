@@ -3,7 +3,6 @@
 //! claimed job's run is in `job.rs`.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use claas_core::queue::{ClaimRequest, RetryPolicy, SharedStore};
@@ -82,15 +81,15 @@ impl WorkerOptions {
 /// A worker bound to a store and an executor.
 pub struct Worker {
     store: SharedStore,
-    executor: Arc<dyn Executor>,
+    executor: Executor,
     opts: WorkerOptions,
 }
 
 impl Worker {
-    pub fn new(store: SharedStore, executor: Arc<dyn Executor>, opts: WorkerOptions) -> Self {
+    pub fn new(store: SharedStore, executor: impl Into<Executor>, opts: WorkerOptions) -> Self {
         Worker {
             store,
-            executor,
+            executor: executor.into(),
             opts,
         }
     }
@@ -116,7 +115,7 @@ impl Worker {
             }
         }
         self.register_until_ok(&mut shutdown).await;
-        if let Err(e) = self.executor.on_start().await {
+        if let Err(e) = self.executor.serving.on_start().await {
             tracing::warn!(error = %e, "could not wake vLLM at start-up; the first job will");
         }
         let mut wake = self.store.wakeups().await?;
@@ -135,7 +134,7 @@ impl Worker {
                 self.maintenance().await;
                 last_maintenance = Instant::now();
             }
-            if let Err(why) = self.executor.ready().await {
+            if let Err(why) = self.executor.serving.ready().await {
                 if !waiting_for_vllm {
                     tracing::warn!(reason = %why, "not claiming jobs until vLLM is healthy");
                     waiting_for_vllm = true;
@@ -159,7 +158,7 @@ impl Worker {
                     // Idle: bring the local vLLM's adapters up to date (a version another
                     // node published, or one this node's vLLM lost). Job changes wake this
                     // loop, so a publish elsewhere is picked up within about a second.
-                    if self.executor.controls_vllm()
+                    if self.executor.serving.controls_vllm()
                         && last_reconcile.elapsed() >= RECONCILE_MIN_INTERVAL
                     {
                         self.reconcile().await;
@@ -228,7 +227,7 @@ impl Worker {
     /// version to that version (in place, so requests never meet a 404).
     async fn reconcile(&self) {
         self.load_requested().await;
-        let served = match self.executor.served_adapters().await {
+        let served = match self.executor.serving.served_adapters().await {
             Ok(Some(s)) => s,
             Ok(None) => return,
             Err(e) => {
@@ -249,7 +248,7 @@ impl Worker {
                 continue;
             }
             let current = current.display().to_string();
-            match self.executor.serve_adapter(&name, &current).await {
+            match self.executor.serving.serve_adapter(&name, &current).await {
                 Ok(()) => {
                     tracing::info!(lora_id = %name, from = %dir, to = %current, "served the current version")
                 }
@@ -282,7 +281,7 @@ impl Worker {
                     continue;
                 }
             };
-            match self.executor.serve_adapter(&lora_id, &dir).await {
+            match self.executor.serving.serve_adapter(&lora_id, &dir).await {
                 Ok(()) => tracing::info!(%lora_id, %dir, "loaded the adapter an API asked for"),
                 Err(e) => {
                     tracing::warn!(%lora_id, error = %e, "could not load the requested adapter")

@@ -66,7 +66,7 @@ impl Worker {
         };
         self.reload_phase(w, &published.serve).await?;
         let woke = self.wake_phase(w).await?;
-        let vllm = self.executor.controls_vllm();
+        let vllm = self.executor.serving.controls_vllm();
         Ok(serde_json::json!({
             "version": published.version,
             "metrics": published.metrics,
@@ -94,29 +94,36 @@ impl Worker {
 
     /// Drain, sleep and VRAM: the GPU is the trainer's once they pass.
     async fn make_room(&self, w: &mut Walk<'_>) -> Result<(), Stop> {
-        let (exec, ctx) = (&self.executor, w.ctx);
+        let ctx = w.ctx;
+        let (serving, trainer) = (&self.executor.serving, &self.executor.trainer);
         w.cancel_point()?;
         // The API stops routing chat to this node's vLLM from here on.
         self.set_state(WorkerState::Draining, ctx).await;
-        let grace = if exec.controls_vllm() {
+        let grace = if serving.controls_vllm() {
             self.opts.drain_grace
         } else {
             Duration::ZERO
         };
         let drain = async {
             tokio::time::sleep(grace).await;
-            exec.drain(ctx).await
+            serving.drain(ctx).await
         };
         self.step(w.lease, w.watch, w.clock, Phase::Drain, drain)
             .await?;
         w.cancel_point()?;
         w.slept.store(true, Ordering::SeqCst);
         self.set_state(WorkerState::Sleeping, ctx).await;
-        self.step(w.lease, w.watch, w.clock, Phase::Sleep, exec.sleep(ctx))
+        self.step(w.lease, w.watch, w.clock, Phase::Sleep, serving.sleep(ctx))
             .await?;
         w.cancel_point()?;
-        self.step(w.lease, w.watch, w.clock, Phase::Vram, exec.wait_vram(ctx))
-            .await?;
+        self.step(
+            w.lease,
+            w.watch,
+            w.clock,
+            Phase::Vram,
+            trainer.wait_vram(ctx),
+        )
+        .await?;
         Ok(())
     }
 
@@ -138,7 +145,7 @@ impl Worker {
         let metrics = distilled.metrics.clone();
         // Publishing checks that `from` is still current (else: version conflict).
         let version = from.version + 1;
-        let store = self.executor.store_adapter(ctx, version, distilled);
+        let store = self.executor.trainer.store_adapter(ctx, version, distilled);
         let stored = self
             .step(w.lease, w.watch, w.clock, Phase::Publish, store)
             .await?;
@@ -173,7 +180,7 @@ impl Worker {
     /// Loads the published version into vLLM (nothing to do in process). A failure here
     /// says the version is published but not served.
     async fn reload_phase(&self, w: &mut Walk<'_>, serve: &ServedVersion) -> Result<(), Stop> {
-        let reload = self.executor.reload(w.ctx, serve);
+        let reload = self.executor.serving.reload(w.ctx, serve);
         self.step(w.lease, w.watch, w.clock, Phase::Reload, reload)
             .await
             .map_err(|stop| match stop {
@@ -194,7 +201,7 @@ impl Worker {
         if !(w.slept.load(Ordering::SeqCst) && w.ctx.orchestration.wake_after) {
             return Ok(false);
         }
-        let wake = self.executor.wake(w.ctx);
+        let wake = self.executor.serving.wake(w.ctx);
         self.step(w.lease, w.watch, w.clock, Phase::Wake, wake)
             .await?;
         w.slept.store(false, Ordering::SeqCst);
