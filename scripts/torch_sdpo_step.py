@@ -26,7 +26,6 @@ Per-step wall times go to stderr; one JSON line with the results goes to stdout.
 
 import argparse
 import json
-import math
 import random
 import resource
 import statistics
@@ -90,12 +89,15 @@ def sdpo_loss(
         s_p = s_p / s_p.sum(-1, keepdim=True).clamp(min=1e-8)
         log_t = t_p.log()
         log_s = s_p.log()
+        # log(alpha) as a float32 tensor, as the reference does: alpha = 0 gives -inf,
+        # which logsumexp handles (math.log(0) would raise).
+        alpha_t = torch.tensor(alpha, dtype=s.dtype, device=s.device)
         log_m = torch.logsumexp(
-            torch.stack([log_s + math.log(1.0 - alpha), log_t + math.log(alpha)]), dim=0
+            torch.stack([log_s + torch.log(1 - alpha_t), log_t + torch.log(alpha_t)]), dim=0
         )
         kl_t = (t_p * (log_t - log_m)).sum(-1)
         kl_s = (s_p * (log_s - log_m)).sum(-1)
-        per_token = torch.lerp(kl_s, kl_t, alpha)
+        per_token = torch.lerp(kl_s, kl_t, alpha_t)
     else:
         match = teacher_indices == response_ids.unsqueeze(-1)
         in_topk = match.any(-1)

@@ -18,6 +18,7 @@ use claas_api::AppState;
 use claas_core::adapter_store::AdapterStore;
 use claas_core::config::{Residency, TrainerDevice};
 use claas_core::testing::{S3Server, TestDb};
+use claas_testutil::tempdir;
 use claas_trainer::random::{write_checkpoint, Preset};
 use claas_trainer::template::{ChatTokenizer, Message};
 use claas_worker::{CandleExecutor, CandleOptions, Worker, WorkerOptions};
@@ -25,10 +26,6 @@ use serde_json::{json, Value};
 
 /// Each test starts its own S3 server and points the AWS environment at it: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn tempdir(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("claas-s3-{name}-{}", uuid::Uuid::now_v7()))
-}
 
 /// Where a cache under `cache` keeps the version `uri` names, in the bucket at `url`.
 fn cached(cache: &std::path::Path, url: &str, uri: &Value) -> PathBuf {
@@ -55,7 +52,7 @@ async fn versions_travel_through_the_bucket_between_api_and_worker() {
     };
     let url = format!("s3://{}/adapters", s3.bucket());
     let model_dir = tempdir("model");
-    let d = model_dir.clone();
+    let d = model_dir.to_path_buf();
     tokio::task::spawn_blocking(move || write_checkpoint(Preset::Tiny, &d, 9))
         .await
         .expect("join")
@@ -67,8 +64,8 @@ async fn versions_travel_through_the_bucket_between_api_and_worker() {
     let worker_store = AdapterStore::s3(&url, &worker_cache).expect("store");
     let exec = CandleExecutor::new(CandleOptions {
         base_model_id: base.clone(),
-        model_dir: model_dir.clone(),
-        lora_root: worker_cache.clone(),
+        model_dir: model_dir.to_path_buf(),
+        lora_root: worker_cache.to_path_buf(),
         store: Some(worker_store.clone()),
         device: TrainerDevice::Cpu,
         residency: Residency::Host,
@@ -168,7 +165,8 @@ async fn versions_travel_through_the_bucket_between_api_and_worker() {
         .await
         .expect("delete");
     assert_eq!(r.status(), 200);
-    let fresh = AdapterStore::s3(&url, tempdir("fresh")).expect("store");
+    let fresh_cache = tempdir("fresh");
+    let fresh = AdapterStore::s3(&url, &fresh_cache).expect("store");
     let dir = fresh
         .materialize(v1_uri.as_str().unwrap_or_default())
         .await
@@ -224,7 +222,8 @@ async fn a_vllm_that_never_served_an_s3_adapter_gets_it_from_its_nodes_worker() 
     };
     let url = format!("s3://{}/adapters", s3.bucket());
     // Some node trained and published version 1 of "u/b".
-    let elsewhere = AdapterStore::s3(&url, tempdir("node-a")).expect("store");
+    let node_a_cache = tempdir("node-a");
+    let elsewhere = AdapterStore::s3(&url, &node_a_cache).expect("store");
     let name = AdapterStore::version_name(1, "elsewhere");
     let v1 = elsewhere.local_dir("u/b", &name);
     std::fs::create_dir_all(&v1).expect("dir");
@@ -247,7 +246,7 @@ async fn a_vllm_that_never_served_an_s3_adapter_gets_it_from_its_nodes_worker() 
     // Node B: a vLLM that has never seen "u/b", and its worker.
     let fake = FakeVllm::start(Options::default()).await;
     let model_dir = tempdir("model");
-    let d = model_dir.clone();
+    let d = model_dir.to_path_buf();
     tokio::task::spawn_blocking(move || write_checkpoint(Preset::Tiny, &d, 3))
         .await
         .expect("join")
@@ -256,8 +255,8 @@ async fn a_vllm_that_never_served_an_s3_adapter_gets_it_from_its_nodes_worker() 
     let node_store = AdapterStore::s3(&url, &node_cache).expect("store");
     let exec = CandleExecutor::new(CandleOptions {
         base_model_id: TEST_BASE_MODEL.into(),
-        model_dir: model_dir.clone(),
-        lora_root: node_cache.clone(),
+        model_dir: model_dir.to_path_buf(),
+        lora_root: node_cache.to_path_buf(),
         store: Some(node_store.clone()),
         device: TrainerDevice::Cpu,
         residency: Residency::Host,

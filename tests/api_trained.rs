@@ -16,28 +16,16 @@ use claas_api::{router, ApiOptions, AppState};
 use claas_core::config::{Residency, TrainerDevice};
 use claas_core::queue::SharedStore;
 use claas_core::testing::TestDb;
+use claas_testutil::http::{call, post};
+use claas_testutil::tempdir;
 use claas_trainer::random::{write_checkpoint, Preset};
 use claas_trainer::template::{ChatTokenizer, Message};
 use claas_trainer::LoraAdapter;
 use claas_worker::{CandleExecutor, CandleOptions, Worker, WorkerOptions};
 use http_body_util::BodyExt;
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::watch;
 use tower::ServiceExt;
-
-fn tempdir(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("claas-trained-{name}-{}", uuid::Uuid::now_v7()))
-}
-
-async fn call(app: &axum::Router, req: Request<Body>) -> (StatusCode, Value) {
-    let resp = app.clone().oneshot(req).await.expect("router answers");
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
-}
 
 /// Where version `n` of `lora_id` is stored, as recorded.
 async fn version_dir(app: &axum::Router, lora_id: &str, n: usize) -> PathBuf {
@@ -63,18 +51,12 @@ async fn export_status(app: &axum::Router, lora_id: &str, version: i32) -> Statu
     app.clone().oneshot(req).await.expect("answer").status()
 }
 
-fn post(uri: &str, body: &Value) -> Request<Body> {
-    Request::post(uri)
-        .header("content-type", "application/json")
-        .body(Body::from(body.to_string()))
-        .expect("request")
-}
-
 async fn contract(db: &TestDb) {
     let model_dir = tempdir("model");
     let lora_root = tempdir("loras");
+    let data_dir = tempdir("data");
     tokio::task::spawn_blocking({
-        let d = model_dir.clone();
+        let d = model_dir.to_path_buf();
         move || write_checkpoint(Preset::Tiny, &d, 5)
     })
     .await
@@ -84,8 +66,8 @@ async fn contract(db: &TestDb) {
     let base_model = model_dir.display().to_string();
     let exec = CandleExecutor::new(CandleOptions {
         base_model_id: base_model.clone(),
-        model_dir: model_dir.clone(),
-        lora_root: lora_root.clone(),
+        model_dir: model_dir.to_path_buf(),
+        lora_root: lora_root.to_path_buf(),
         store: None,
         device: TrainerDevice::Cpu,
         residency: Residency::Host,
@@ -114,7 +96,7 @@ async fn contract(db: &TestDb) {
             default_base_model: base_model.clone(),
             allowed_init_base_models: vec![base_model.clone()],
             lora_root: lora_root.display().to_string(),
-            data_dir: tempdir("data"),
+            data_dir: data_dir.to_path_buf(),
             max_lora_rank: None,
         },
     )));
@@ -418,8 +400,6 @@ async fn contract(db: &TestDb) {
 
     stop.send(true).expect("stop");
     handle.await.expect("join").expect("worker");
-    let _ = std::fs::remove_dir_all(&model_dir);
-    let _ = std::fs::remove_dir_all(&lora_root);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

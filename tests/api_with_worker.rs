@@ -7,11 +7,11 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
 use claas_api::{router, ApiOptions, AppState};
 use claas_core::queue::{RetryPolicy, SharedStore};
 use claas_core::testing::{lora, TestDb, TEST_BASE_MODEL};
+use claas_testutil::http::{call, get, post, post_raw};
 use claas_worker::{SimulatedExecutor, Worker, WorkerOptions};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
@@ -34,34 +34,6 @@ fn options() -> ApiOptions {
 
 fn app(store: &SharedStore, opts: ApiOptions) -> axum::Router {
     router(AppState::new(store.clone(), opts))
-}
-
-async fn call(app: &axum::Router, req: Request<Body>) -> (StatusCode, Value) {
-    let resp = app.clone().oneshot(req).await.expect("router answers");
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    let body = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).expect("every answer is JSON")
-    };
-    (status, body)
-}
-
-fn post(uri: &str, body: &Value) -> Request<Body> {
-    post_raw(uri, body.to_string(), &[])
-}
-
-fn post_raw(uri: &str, body: String, headers: &[(&str, &str)]) -> Request<Body> {
-    let mut b = Request::post(uri).header("content-type", "application/json");
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    b.body(Body::from(body)).expect("request")
-}
-
-fn get(uri: &str) -> Request<Body> {
-    Request::get(uri).body(Body::empty()).expect("request")
 }
 
 fn item(lora_id: &str, feedback: &str) -> Value {

@@ -5,16 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use claas_testutil::tempdir;
 use serde_json::Value;
 
 fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures/distill_step")
+        .join("tests/fixtures/distill_step")
         .join(rel)
-}
-
-fn tempdir(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("claas-offline-{name}-{}", uuid::Uuid::now_v7()))
 }
 
 fn claas(args: &[&str]) -> (bool, String, String) {
@@ -75,8 +72,6 @@ fn distill_replays_both_fixture_steps() {
     assert!(ok, "{err}");
     let m2: Value = serde_json::from_str(out.trim()).expect("json");
     close(&m2, &fixture("step2/expected_metrics.json"));
-    let _ = std::fs::remove_dir_all(&one);
-    let _ = std::fs::remove_dir_all(&two);
 }
 
 #[test]
@@ -107,7 +102,8 @@ fn distill_builds_the_teacher_prompt_when_ids_are_absent() {
     )
     .expect("adapter");
     adapter.save(&adapter_dir).expect("save");
-    let input = tempdir("input.json");
+    let inputs = tempdir("input");
+    let input = inputs.join("input.json");
     std::fs::write(
         &input,
         serde_json::json!({
@@ -141,16 +137,13 @@ fn distill_builds_the_teacher_prompt_when_ids_are_absent() {
     let m: Value = serde_json::from_str(out.trim()).expect("json");
     assert_eq!(m["tokens_processed"], 5);
     assert!(m["total_loss"].as_f64().expect("loss").is_finite());
-    for d in [&model, &adapter_dir, &input, &out_dir] {
-        let _ = std::fs::remove_dir_all(d);
-        let _ = std::fs::remove_file(d);
-    }
 }
 
 #[test]
 fn bad_input_fails_with_a_message_not_a_panic() {
     let out_dir = tempdir("bad");
-    let input = tempdir("bad-input.json");
+    let inputs = tempdir("bad-input");
+    let input = inputs.join("input.json");
     std::fs::write(
         &input,
         r#"{"samples": [{"prompt_token_ids": [1, 2], "response_token_ids": [3, 999],
@@ -176,7 +169,6 @@ fn bad_input_fails_with_a_message_not_a_panic() {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
-    let _ = std::fs::remove_file(&input);
 }
 
 fn claas_trainer_config(dir: &Path) -> claas_trainer::Qwen3Config {

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use claas_core::adapter_store::AdapterStore;
 use claas_core::testing::S3Server;
+use claas_testutil::tempdir;
 
 fn write_version(dir: &Path, marker: &str) {
     std::fs::create_dir_all(dir).expect("dir");
@@ -14,10 +15,6 @@ fn write_version(dir: &Path, marker: &str) {
     )
     .expect("config");
     std::fs::write(dir.join("adapter_model.safetensors"), vec![7u8; 4096]).expect("weights");
-}
-
-fn tempdir(name: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("claas-store-{name}-{}", uuid::Uuid::now_v7()))
 }
 
 #[tokio::test]
@@ -30,14 +27,16 @@ async fn s3_versions_publish_materialize_elsewhere_remove_and_find_orphans() {
     let url = format!("s3://{bucket}/adapters");
 
     // Node A trains version 1 and publishes it.
-    let a = AdapterStore::s3(&url, tempdir("a")).expect("store");
+    let a_cache = tempdir("a");
+    let a = AdapterStore::s3(&url, &a_cache).expect("store");
     assert!(a.is_remote());
     write_version(&a.local_dir("u/a", "v1"), "one");
     let uri = a.publish("u/a", "v1").await.expect("publish");
     assert_eq!(uri, format!("s3://{bucket}/adapters/u/a/v1"));
 
     // Node B, with an empty cache, reads the same files.
-    let b = AdapterStore::s3(&url, tempdir("b")).expect("store");
+    let b_cache = tempdir("b");
+    let b = AdapterStore::s3(&url, &b_cache).expect("store");
     let dir = b.materialize(&uri).await.expect("materialize");
     assert_eq!(dir, b.local_dir("u/a", "v1"));
     let config = std::fs::read_to_string(dir.join("adapter_config.json")).expect("config");
@@ -61,7 +60,8 @@ async fn s3_versions_publish_materialize_elsewhere_remove_and_find_orphans() {
     // Removing deletes the objects and the cached copy.
     b.remove(&uri).await.expect("remove");
     assert!(!dir.exists());
-    let c = AdapterStore::s3(&url, tempdir("c")).expect("store");
+    let c_cache = tempdir("c");
+    let c = AdapterStore::s3(&url, &c_cache).expect("store");
     let gone = c.materialize(&uri).await.expect("materialize");
     assert!(
         !gone.join("adapter_config.json").exists(),
@@ -78,7 +78,8 @@ async fn s3_versions_publish_materialize_elsewhere_remove_and_find_orphans() {
 
     // Orphans, on the same server (one per test binary: the AWS environment is global).
     let url = format!("s3://{}/adapters", server.bucket());
-    let s = AdapterStore::s3(&url, tempdir("orphans-s3")).expect("store");
+    let orphans_s3_cache = tempdir("orphans-s3");
+    let s = AdapterStore::s3(&url, &orphans_s3_cache).expect("store");
     orphans_are_unrecorded_writes_of_that_lora_only(&s).await;
 }
 
@@ -141,5 +142,4 @@ async fn orphans_are_unrecorded_writes_of_that_lora_only(s: &AdapterStore) {
 async fn local_orphans_are_unrecorded_writes_of_that_lora_only() {
     let root = tempdir("orphans");
     orphans_are_unrecorded_writes_of_that_lora_only(&AdapterStore::local(&root)).await;
-    let _ = std::fs::remove_dir_all(&root);
 }

@@ -1,25 +1,20 @@
 //! `claas model random`'s checkpoints load as real ones do, their ChatML template renders
 //! plain conversations exactly as Qwen3's template does, and a step on them trains.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device};
+use claas_testutil::tempdir;
 use claas_trainer::random::{write_checkpoint, Preset};
 use claas_trainer::template::{ChatTokenizer, Message};
 use claas_trainer::{sdpo_step, AdamW, AdapterConfig, LoraAdapter, Qwen3, StepConfig, StepSample};
-
-fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("claas-random-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
 
 #[test]
 fn the_chatml_template_renders_plain_conversations_as_qwen3_does() {
     let dir = tempdir("template");
     write_checkpoint(Preset::Tiny, &dir, 1).expect("write");
     let ours = ChatTokenizer::from_dir(&dir).expect("ours");
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tokenizer");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer");
     let qwen3 = ChatTokenizer::from_dir(&fixtures).expect("qwen3");
     let conversations = [
         vec![
@@ -52,7 +47,6 @@ fn the_chatml_template_renders_plain_conversations_as_qwen3_does() {
             assert_eq!(ids.first().copied(), ours.token_id("<|im_start|>"));
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -124,5 +118,4 @@ fn a_random_tiny_checkpoint_loads_and_trains() {
         first.total_loss,
         last.total_loss
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

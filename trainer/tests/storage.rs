@@ -1,9 +1,7 @@
 //! Adapter directories on disk: what a crashed write leaves behind is cleaned up, and
 //! nothing else is.
 
-fn tempdir(name: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("claas-storage-{name}-{}", std::process::id()))
-}
+use claas_testutil::tempdir;
 
 #[test]
 fn stale_temp_dirs_of_crashed_writes_are_removed_and_nothing_else() {
@@ -23,5 +21,4 @@ fn stale_temp_dirs_of_crashed_writes_are_removed_and_nothing_else() {
         claas_trainer::storage::remove_stale_temp_dirs(&root, std::time::Duration::from_secs(600))
             .expect("clean");
     assert_eq!(n, 0);
-    let _ = std::fs::remove_dir_all(&root);
 }

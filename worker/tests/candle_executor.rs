@@ -7,25 +7,22 @@ use std::path::PathBuf;
 use claas_core::config::{Residency, TrainerDevice};
 use claas_core::testing::{sample, TEST_BASE_MODEL};
 use claas_core::types::{Orchestration, TrainingConfig};
+use claas_testutil::tempdir;
 use claas_trainer::random::{write_checkpoint, Preset};
 use claas_worker::{AdapterSource, CandleExecutor, CandleOptions, JobContext, Trainer};
-
-fn tempdir(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("claas-exec-{name}-{}", uuid::Uuid::now_v7()))
-}
 
 async fn one_step(residency: Residency) -> serde_json::Value {
     let model_dir = tempdir("model");
     let lora_root = tempdir("loras");
-    let d = model_dir.clone();
+    let d = model_dir.to_path_buf();
     tokio::task::spawn_blocking(move || write_checkpoint(Preset::Tiny, &d, 9))
         .await
         .expect("join")
         .expect("checkpoint");
     let exec = CandleExecutor::new(CandleOptions {
         base_model_id: TEST_BASE_MODEL.into(),
-        model_dir: model_dir.clone(),
-        lora_root: lora_root.clone(),
+        model_dir: model_dir.to_path_buf(),
+        lora_root: lora_root.to_path_buf(),
         store: None,
         device: TrainerDevice::Cpu,
         residency,
@@ -112,8 +109,6 @@ async fn one_step(residency: Residency) -> serde_json::Value {
         stored.sha256,
         "the first attempt's files are untouched"
     );
-    let _ = std::fs::remove_dir_all(&model_dir);
-    let _ = std::fs::remove_dir_all(&lora_root);
     metrics
 }
 

@@ -2,33 +2,31 @@
 //! checkpoint the way huggingface.co does: the first start downloads into the cache, the
 //! second asks nothing, a gated model says to set HF_TOKEN, a missing one is named.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use claas_fake_vllm::hub::{FakeHub, COMMIT};
+use claas_testutil::{tempdir, TempDir};
 use claas_trainer::random::{write_checkpoint, Preset};
 use claas_worker::hub::{fetch_if_missing, Fetched, HubError, HubSettings};
 
 const REPO: &str = "tiny-org/tiny-qwen3";
 
-async fn start_hub(token: Option<&str>) -> FakeHub {
+/// The fake Hub, and the directory it serves (removed when the guard drops).
+async fn start_hub(token: Option<&str>) -> (FakeHub, TempDir) {
     let dir = tempdir("hub-files");
-    let d = dir.clone();
+    let d = dir.to_path_buf();
     tokio::task::spawn_blocking(move || write_checkpoint(Preset::Tiny, &d, 3))
         .await
         .expect("join")
         .expect("checkpoint");
-    FakeHub::start(REPO, dir, token).await
+    (FakeHub::start(REPO, dir.to_path_buf(), token).await, dir)
 }
 
-fn tempdir(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("claas-hub-{name}-{}", uuid::Uuid::now_v7()))
-}
-
-fn settings(endpoint: &str, token: Option<&str>) -> HubSettings {
+fn settings(endpoint: &str, token: Option<&str>, cache: &TempDir) -> HubSettings {
     HubSettings {
         endpoint: endpoint.into(),
         token: token.map(String::from),
-        cache_dir: tempdir("cache"),
+        cache_dir: cache.to_path_buf(),
         offline: false,
         progress_bar: false,
     }
@@ -40,8 +38,9 @@ fn same_file(a: &Path, b: &Path) -> bool {
 
 #[tokio::test]
 async fn a_hub_id_is_downloaded_once_and_then_read_from_the_cache() {
-    let hub = start_hub(None).await;
-    let s = settings(&hub.url, None);
+    let cache = tempdir("cache");
+    let (hub, _served) = start_hub(None).await;
+    let s = settings(&hub.url, None, &cache);
     let data_dir = tempdir("data");
 
     let first = fetch_if_missing(REPO, &data_dir, &s)
@@ -84,22 +83,23 @@ async fn a_hub_id_is_downloaded_once_and_then_read_from_the_cache() {
 
 #[tokio::test]
 async fn a_gated_model_says_to_set_hf_token_and_downloads_with_it() {
-    let hub = start_hub(Some("hf_secret")).await;
+    let cache = tempdir("cache");
+    let (hub, _served) = start_hub(Some("hf_secret")).await;
     let url = hub.url.clone();
     let data_dir = tempdir("data");
 
-    let err = fetch_if_missing(REPO, &data_dir, &settings(&url, None))
+    let err = fetch_if_missing(REPO, &data_dir, &settings(&url, None, &cache))
         .await
         .expect_err("no token");
     assert!(matches!(err, HubError::Unauthorized { status: 401, .. }));
     assert!(err.to_string().contains("set HF_TOKEN"), "{err}");
 
-    let err = fetch_if_missing(REPO, &data_dir, &settings(&url, Some("hf_wrong")))
+    let err = fetch_if_missing(REPO, &data_dir, &settings(&url, Some("hf_wrong"), &cache))
         .await
         .expect_err("wrong token");
     assert!(err.to_string().contains("HF_TOKEN is set"), "{err}");
 
-    let got = fetch_if_missing(REPO, &data_dir, &settings(&url, Some("hf_secret")))
+    let got = fetch_if_missing(REPO, &data_dir, &settings(&url, Some("hf_secret"), &cache))
         .await
         .expect("with the token");
     assert!(matches!(got, Fetched::Downloaded(_)));
@@ -107,12 +107,13 @@ async fn a_gated_model_says_to_set_hf_token_and_downloads_with_it() {
 
 #[tokio::test]
 async fn a_missing_repository_is_named() {
-    let hub = start_hub(None).await;
+    let cache = tempdir("cache");
+    let (hub, _served) = start_hub(None).await;
     let url = hub.url.clone();
     let err = fetch_if_missing(
         "tiny-org/no-such-model",
-        &tempdir("data"),
-        &settings(&url, None),
+        &tempdir("data").to_path_buf(),
+        &settings(&url, None, &cache),
     )
     .await
     .expect_err("missing");
@@ -123,10 +124,11 @@ async fn a_missing_repository_is_named() {
 
 #[tokio::test]
 async fn paths_presets_and_offline_mode_ask_nothing() {
-    let hub = start_hub(None).await;
+    let cache = tempdir("cache");
+    let (hub, _served) = start_hub(None).await;
     let url = hub.url.clone();
     let data_dir = tempdir("data");
-    let mut s = settings(&url, None);
+    let mut s = settings(&url, None, &cache);
     for id in ["tiny", "/no/such/dir", "./relative", "a/b/c"] {
         assert_eq!(
             fetch_if_missing(id, &data_dir, &s).await.expect(id),

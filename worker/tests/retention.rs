@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_versions_lose_their_files_after_each_publish() {
-    let root = std::env::temp_dir().join(format!("claas-retention-{}", uuid::Uuid::now_v7()));
+    let root = claas_testutil::tempdir("retention");
     let (model_dir, lora_root) = (root.join("model"), root.join("loras"));
     let m = model_dir.clone();
     tokio::task::spawn_blocking(move || write_checkpoint(Preset::Tiny, &m, 4))
@@ -115,5 +115,4 @@ async fn old_versions_lose_their_files_after_each_publish() {
         .collect();
     assert_eq!(pruned, [1, 2]);
     db.cleanup().await;
-    let _ = std::fs::remove_dir_all(&root);
 }

@@ -197,9 +197,9 @@ fn log_records(dir: &std::path::Path) -> Vec<(std::path::PathBuf, serde_json::Va
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trained_job_leaves_one_feedback_log_record_and_its_result_names_it() {
     let db = TestDb::sqlite().await;
-    let dir = std::env::temp_dir().join(format!("claas-flog-{}", uuid::Uuid::new_v4().simple()));
+    let dir = claas_testutil::tempdir("flog");
     let opts = WorkerOptions {
-        feedback_log_dir: Some(dir.clone()),
+        feedback_log_dir: Some(dir.to_path_buf()),
         ..options(true)
     };
     let j = run_one(&db, Arc::new(Scripted::default()), opts, true).await;
@@ -226,16 +226,15 @@ async fn a_trained_job_leaves_one_feedback_log_record_and_its_result_names_it() 
         .as_array()
         .is_some_and(|t| !t.is_empty()));
     assert!(rec["timing_ms"]["total"].as_u64().is_some());
-    let _ = std::fs::remove_dir_all(&dir);
     db.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_job_leaves_an_error_record_naming_its_phase() {
     let db = TestDb::sqlite().await;
-    let dir = std::env::temp_dir().join(format!("claas-flog-{}", uuid::Uuid::new_v4().simple()));
+    let dir = claas_testutil::tempdir("flog");
     let opts = WorkerOptions {
-        feedback_log_dir: Some(dir.clone()),
+        feedback_log_dir: Some(dir.to_path_buf()),
         ..options(true)
     };
     let j = run_one(
@@ -256,6 +255,5 @@ async fn a_failed_job_leaves_an_error_record_naming_its_phase() {
         "{rec}"
     );
     assert_eq!(rec["distill_result"], serde_json::Value::Null);
-    let _ = std::fs::remove_dir_all(&dir);
     db.cleanup().await;
 }

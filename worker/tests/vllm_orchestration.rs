@@ -11,13 +11,10 @@ use claas_core::config::{Residency, TrainerDevice};
 use claas_core::testing::{job, TestDb, TEST_BASE_MODEL};
 use claas_core::types::{Job, NewLora};
 use claas_fake_vllm::{FakeVllm, Options};
+use claas_testutil::{tempdir, TempDir};
 use claas_trainer::random::{write_checkpoint, Preset};
 use claas_worker::{CandleExecutor, CandleOptions, VllmOptions, Worker, WorkerOptions};
 use tokio::sync::watch;
-
-fn tempdir(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("claas-vllm-{name}-{}", uuid::Uuid::now_v7()))
-}
 
 /// Runs a worker over `db` with `exec` until the returned sender says stop.
 fn spawn_worker(
@@ -51,14 +48,15 @@ async fn executor_with(
     api_key: Option<&str>,
 ) -> CandleExecutor {
     let model_dir = tempdir("model");
-    let d = model_dir.clone();
+    let d = model_dir.to_path_buf();
     tokio::task::spawn_blocking(move || write_checkpoint(Preset::Tiny, &d, 3))
         .await
         .expect("join")
         .expect("checkpoint");
+    // Host residency reads the checkpoint here, so its files may go when this returns.
     CandleExecutor::new(CandleOptions {
         base_model_id: TEST_BASE_MODEL.into(),
-        model_dir,
+        model_dir: model_dir.to_path_buf(),
         lora_root: lora_root.to_path_buf(),
         store: None,
         device: TrainerDevice::Cpu,
@@ -83,7 +81,7 @@ async fn executor_with(
 /// finished job and the LoRA root.
 /// Where a run left its files: the LoRA root, and version 1 as recorded (if published).
 struct Stored {
-    root: PathBuf,
+    root: TempDir,
     v1: Option<PathBuf>,
 }
 
@@ -391,7 +389,8 @@ async fn with_s3_storage_an_idle_worker_serves_the_current_version_from_the_buck
     };
     let url = format!("s3://{}/adapters", s3.bucket());
     // Another node trained and published version 1 of "b".
-    let elsewhere = AdapterStore::s3(&url, tempdir("node-a")).expect("store");
+    let node_a_cache = tempdir("node-a");
+    let elsewhere = AdapterStore::s3(&url, &node_a_cache).expect("store");
     let name = AdapterStore::version_name(1, "elsewhere");
     let v1 = elsewhere.local_dir("b", &name);
     std::fs::create_dir_all(&v1).expect("dir");
