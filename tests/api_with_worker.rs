@@ -422,6 +422,14 @@ async fn prefer_wait_returns_claas_feedback_response(db: &TestDb) {
         assert!(resp["timing_ms"][k].is_u64(), "timing_ms.{k} in {resp}");
     }
     assert_eq!(resp["feedback_log_path"], "");
+    // The wait happens outside the router's layers; the request is still counted once,
+    // with the status it answered.
+    let text = metrics_text(&app).await;
+    let series = |status: &str| {
+        format!("claas_http_requests_total{{method=\"POST\",route=\"/v1/feedback\",status=\"{status}\"}}")
+    };
+    assert_eq!(sample(&text, &series("200")), Some(1.0), "{text}");
+    assert_eq!(sample(&text, &series("202")), None, "{text}");
     let asynchronous = [("prefer", "respond-async")];
     let (status, resp) = call(&app, post_raw("/v1/feedback", body, &asynchronous)).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{resp}");

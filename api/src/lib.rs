@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod cache;
 pub mod dashboard;
+pub mod deferred;
 pub mod error;
 pub mod in_process;
 pub mod inference;
@@ -337,11 +338,13 @@ pub fn router(state: AppState) -> Router {
             timeouts::deadline,
         ))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
-        .with_state(state);
+        .with_state(state.clone());
     // Routing happens inside `api`, after the raw slashes of LoRA ids are encoded.
-    Router::new()
+    let encoded = Router::new()
         .fallback_service(api)
-        .layer(axum::middleware::map_request(openapi::encode_lora_ids))
+        .layer(axum::middleware::map_request(openapi::encode_lora_ids));
+    // Outermost: a waiting feedback request waits outside every layer above.
+    Router::new().fallback_service(deferred::Deferring::new(encoded, state))
 }
 
 /// Who may make a request: the dashboard's (and the eval runs') pages admit admin keys and

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
@@ -15,6 +15,7 @@ use prometheus::{
     TextEncoder,
 };
 
+use crate::deferred::DeferredWait;
 use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 
@@ -66,6 +67,18 @@ impl HttpMetrics {
     }
 }
 
+impl HttpMetrics {
+    /// One answered request: its count by status, and its time since `started`.
+    pub fn count(&self, method: &str, route: &str, status: StatusCode, started: Instant) {
+        self.requests
+            .with_label_values(&[method, route, status.as_str()])
+            .inc();
+        self.latency
+            .with_label_values(&[method, route])
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
 impl Default for HttpMetrics {
     fn default() -> Self {
         HttpMetrics::new()
@@ -81,14 +94,15 @@ pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> R
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let method = req.method().to_string();
     let started = Instant::now();
-    let resp = next.run(req).await;
-    let m = &state.http_metrics;
-    m.requests
-        .with_label_values(&[&method, &route, resp.status().as_str()])
-        .inc();
-    m.latency
-        .with_label_values(&[&method, &route])
-        .observe(started.elapsed().as_secs_f64());
+    let mut resp = next.run(req).await;
+    // A request that goes on waiting outside the router is counted when it answers.
+    if let Some(wait) = resp.extensions_mut().get_mut::<DeferredWait>() {
+        wait.count_when_answered(started);
+        return resp;
+    }
+    state
+        .http_metrics
+        .count(&method, &route, resp.status(), started);
     resp
 }
 

@@ -17,6 +17,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::auth::Caller;
+use crate::deferred::DeferredWait;
 use crate::thinking::content_hash;
 
 use crate::error::{ApiError, ApiResult, ErrorBody, Errors, JsonBody};
@@ -408,7 +409,7 @@ pub async fn submit(
         state.options.feedback_max_wait_s,
     )?;
     // A request that will wait takes its place first, so one refused enqueues nothing.
-    let _waiting = if wait.is_zero() {
+    let slot = if wait.is_zero() {
         None
     } else {
         let slots = &state.waiting;
@@ -416,16 +417,19 @@ pub async fn submit(
         Some(permit.map_err(|_| ApiError::too_many_waiting(slots.limit))?)
     };
     // The enqueueing runs boxed: its state (the batch, the statements' futures) is freed
-    // before the wait, so a waiting request's future is small.
+    // before the wait.
     let enqueued = Box::pin(enqueue_batch(&state, caller, headers, req, body)).await?;
-    if wait.is_zero() || enqueued.status.is_terminal() {
-        return Ok(answer(enqueued));
+    match slot {
+        Some(slot) if !enqueued.status.is_terminal() => {
+            // The wait happens outside the router (`crate::deferred`), holding neither the
+            // feedback nor the job: thousands may wait at once.
+            let wait = DeferredWait::new(enqueued.id, enqueued.status, wait, slot);
+            let mut resp = accepted(enqueued.id, enqueued.status);
+            resp.extensions_mut().insert(wait);
+            Ok(resp)
+        }
+        _ => Ok(answer(enqueued)),
     }
-    // A waiting request keeps none of its feedback (nor the job, which holds it): thousands
-    // may wait at once.
-    let (id, status) = (enqueued.id, enqueued.status);
-    drop(enqueued);
-    Ok(wait_for(&state, id, status, wait).await)
 }
 
 /// Checks the batch and the caller's rights and limits, and enqueues its job.
@@ -483,12 +487,10 @@ async fn enqueue_batch(
     Ok(state.store.enqueue(&job).await?.job)
 }
 
-/// Waits until the job is terminal or `wait` passes, holding nothing but a place among
-/// the process's waiters (see `waiters`), then answers with the job as it is. The job is
-/// already accepted, so a database error reading it afterwards answers 202 (the caller
-/// polls) instead of failing a request whose feedback is safely queued.
-async fn wait_for(state: &AppState, id: Uuid, status: JobStatus, wait: Duration) -> Response {
-    state.waiting.jobs.wait(id, wait).await;
+/// The answer for job `id` as it is now, once its wait is over (`crate::deferred`). The
+/// job is already accepted, so a database error reading it answers 202 (the caller polls)
+/// instead of failing a request whose feedback is safely queued.
+pub(crate) async fn answer_now(state: &AppState, id: Uuid, status: JobStatus) -> Response {
     match state.store.get_job(id).await {
         Ok(Some(job)) => answer(job),
         Ok(None) => accepted(id, status),
