@@ -1,5 +1,5 @@
 # Each target is one CI step a person can run alone.
-.PHONY: dev test lint layers fmt bench bench-queue deploy-check
+.PHONY: dev test lint layers fmt bench bench-queue deploy-check cuda-check
 
 # The embedded default: API + worker in one process, SQLite under ./data, no other service.
 dev:
@@ -42,3 +42,9 @@ bench: bench-queue
 deploy-check:
 	scripts/validate-deploy.sh
 	cargo build --release --locked --bin claas
+
+# The CUDA build (`--features cuda`) compiled without a GPU or driver: candle's kernels with
+# nvcc from PyPI and all the Rust behind the feature (scripts/cuda-check.sh says what it
+# cannot do: link).
+cuda-check:
+	scripts/cuda-check.sh
