@@ -7,7 +7,8 @@
 //! request) and waits holding only the wait itself: the job's id, a place among the
 //! process's waiters, the request's slot and span. Then it answers with the job as it is.
 //! Without `Deferring` around the router the 202 goes out as it is, which is a correct
-//! answer (the caller polls). BENCHMARKS.md "Waiting feedback requests" has the figures.
+//! answer (the caller polls). The handler says how to answer ([`Answer`]), so this module
+//! knows nothing of feedback. BENCHMARKS.md "Waiting feedback requests" has the figures.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -30,12 +31,21 @@ use crate::AppState;
 /// The one route whose requests wait here.
 pub const FEEDBACK_ROUTE: &str = "/v1/feedback";
 
+/// How the handler answers once the wait is over: job `id` as it is now (`status` is what
+/// it was when the wait began).
+pub type Answer = for<'a> fn(
+    &'a AppState,
+    Uuid,
+    JobStatus,
+) -> Pin<Box<dyn Future<Output = Response> + Send + 'a>>;
+
 /// What the feedback handler leaves for [`Deferring`]: the wait still to do.
 #[derive(Clone)]
 pub struct DeferredWait {
     job_id: Uuid,
     status: JobStatus,
     wait: Duration,
+    answer: Answer,
     /// The request's place among `server.max_waiting_feedback`, held until it answers.
     _slot: Arc<OwnedSemaphorePermit>,
     /// The request's span, open until it answers.
@@ -50,11 +60,13 @@ impl DeferredWait {
         status: JobStatus,
         wait: Duration,
         slot: OwnedSemaphorePermit,
+        answer: Answer,
     ) -> Self {
         DeferredWait {
             job_id,
             status,
             wait,
+            answer,
             _slot: Arc::new(slot),
             span: tracing::Span::current(),
             started: None,
@@ -70,14 +82,10 @@ impl DeferredWait {
     /// the answer.
     async fn finish(self, state: Arc<AppState>) -> Response {
         state.waiting.jobs.wait(self.job_id, self.wait).await;
-        // Boxed: the read's state is not part of what a waiting request holds.
-        let resp = Box::pin(crate::routes::feedback::answer_now(
-            &state,
-            self.job_id,
-            self.status,
-        ))
-        .instrument(self.span.clone())
-        .await;
+        // Boxed by `answer`: the read's state is not part of what a waiting request holds.
+        let resp = (self.answer)(&state, self.job_id, self.status)
+            .instrument(self.span.clone())
+            .await;
         if let Some(started) = self.started {
             state
                 .http_metrics

@@ -423,7 +423,9 @@ pub async fn submit(
         Some(slot) if !enqueued.status.is_terminal() => {
             // The wait happens outside the router (`crate::deferred`), holding neither the
             // feedback nor the job: thousands may wait at once.
-            let wait = DeferredWait::new(enqueued.id, enqueued.status, wait, slot);
+            let wait = DeferredWait::new(enqueued.id, enqueued.status, wait, slot, |s, id, st| {
+                Box::pin(answer_now(s, id, st))
+            });
             let mut resp = accepted(enqueued.id, enqueued.status);
             resp.extensions_mut().insert(wait);
             Ok(resp)
@@ -490,7 +492,7 @@ async fn enqueue_batch(
 /// The answer for job `id` as it is now, once its wait is over (`crate::deferred`). The
 /// job is already accepted, so a database error reading it answers 202 (the caller polls)
 /// instead of failing a request whose feedback is safely queued.
-pub(crate) async fn answer_now(state: &AppState, id: Uuid, status: JobStatus) -> Response {
+async fn answer_now(state: &AppState, id: Uuid, status: JobStatus) -> Response {
     match state.store.get_job(id).await {
         Ok(Some(job)) => answer(job),
         Ok(None) => accepted(id, status),
