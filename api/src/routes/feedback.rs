@@ -21,6 +21,7 @@ use crate::deferred::DeferredWait;
 use crate::thinking::content_hash;
 
 use crate::error::{ApiError, ApiResult, ErrorBody, Errors, JsonBody};
+use crate::timeouts::WAIT_MARGIN;
 use crate::AppState;
 
 /// Most items one request may carry.
@@ -490,14 +491,19 @@ async fn enqueue_batch(
 }
 
 /// The answer for job `id` as it is now, once its wait is over (`crate::deferred`). The
-/// job is already accepted, so a database error reading it answers 202 (the caller polls)
-/// instead of failing a request whose feedback is safely queued.
+/// job is already accepted, so a database error reading it, or a read slower than
+/// [`WAIT_MARGIN`] (the wait runs outside the router's deadline), answers 202 (the caller
+/// polls) instead of failing a request whose feedback is safely queued.
 async fn answer_now(state: &AppState, id: Uuid, status: JobStatus) -> Response {
-    match state.store.get_job(id).await {
-        Ok(Some(job)) => answer(job),
-        Ok(None) => accepted(id, status),
-        Err(e) => {
+    match tokio::time::timeout(WAIT_MARGIN, state.store.get_job(id)).await {
+        Ok(Ok(Some(job))) => answer(job),
+        Ok(Ok(None)) => accepted(id, status),
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, job_id = %id, "could not read a waited-on job");
+            accepted(id, status)
+        }
+        Err(_) => {
+            tracing::warn!(job_id = %id, "reading a waited-on job took too long");
             accepted(id, status)
         }
     }
