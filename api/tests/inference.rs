@@ -2,97 +2,19 @@
 //! cache keeps, and feedback resolved from it — on a real socket, as clients call it.
 
 mod common;
+mod proxy;
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
-use claas_api::cache::{CompletionCache, MemoryCache};
 use claas_api::upstream::{Backends, Upstream};
-use claas_api::{ApiOptions, AppState};
-use claas_core::queue::ClaimRequest;
+use claas_api::AppState;
 use claas_core::testing::{TestDb, TEST_BASE_MODEL};
 use claas_core::types::{WorkerInfo, WorkerState};
 use claas_fake_vllm::{decode, encode, logprob, FakeVllm, Options, IM_END};
 use serde_json::{json, Value};
 
-struct Env {
-    api: String,
-    fake: FakeVllm,
-    db: TestDb,
-    http: reqwest::Client,
-}
-
-fn options() -> ApiOptions {
-    ApiOptions {
-        max_lora_rank: Some(32),
-        ..common::options("inference")
-    }
-}
-
-async fn start_with(fake_opts: Options, cache: Arc<dyn CompletionCache>) -> Env {
-    let key = fake_opts.api_key.clone();
-    let fake = FakeVllm::start(Options {
-        served_model_name: TEST_BASE_MODEL.into(),
-        ..fake_opts
-    })
-    .await;
-    let db = TestDb::sqlite().await;
-    let state = AppState::new(db.store.clone(), options())
-        .with_cache(cache)
-        .with_upstream(Some(Upstream::new(&fake.url, key, Duration::from_secs(30))));
-    let api = common::serve(state).await;
-    Env {
-        api,
-        fake,
-        db,
-        http: reqwest::Client::new(),
-    }
-}
-
-async fn start() -> Env {
-    let env = start_with(
-        Options {
-            api_key: Some("vllm-secret".into()),
-            ..Options::default()
-        },
-        Arc::new(MemoryCache::new(
-            claas_api::cache::Bounds::new(100, 10_000),
-            Duration::from_secs(3600),
-        )),
-    )
-    .await;
-    make_lora(&env, "me/a", 8).await;
-    env
-}
-
-impl Env {
-    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        common::post_json(&self.http, &format!("{}{path}", self.api), body).await
-    }
-
-    /// Claims the queued job `job_id` as a worker would and returns what it would train.
-    async fn job_payload(&self, job_id: &str) -> Value {
-        let claimed = common::claim_one(&self.db.store, TEST_BASE_MODEL).await;
-        assert_eq!(claimed.job.id.to_string(), job_id);
-        serde_json::to_value(&claimed.payload).expect("payload")
-    }
-}
-
-fn chat(model: Option<&str>, user: &str) -> Value {
-    let mut b = json!({"messages": [
-        {"role": "system", "content": "You are terse."},
-        {"role": "user", "content": user}]});
-    if let Some(m) = model {
-        b["model"] = json!(m);
-    }
-    b
-}
-
-fn feedback(lora: &str, response: &str) -> Value {
-    json!({"requests": [{"lora_id": lora, "prompt": "Say hi", "response": response,
-        "feedback": "shorter please"}]})
-}
+use proxy::{chat, feedback, make_lora, options, start};
 
 /// The ids and log-probs the fake sampled for `model` answering `user`.
 fn expected_rollout(fake: &FakeVllm, model: &str, user: &str, think: bool) -> (Vec<u32>, Vec<f32>) {
@@ -378,10 +300,6 @@ async fn an_older_vllm_without_token_ids_is_retokenised_and_aligned() {
     );
 }
 
-async fn make_lora(env: &Env, lora_id: &str, rank: u32) -> std::path::PathBuf {
-    common::local_lora(&env.db.store, lora_id, rank).await
-}
-
 #[tokio::test]
 async fn an_adapter_vllm_does_not_know_is_loaded_from_its_current_version_then_served() {
     let env = start().await;
@@ -610,112 +528,4 @@ async fn when_every_node_is_asleep_chat_waits_then_gets_503_with_retry_after() {
         .await
         .expect("state");
     assert_eq!(waiting.await.expect("join"), 200);
-}
-
-#[tokio::test]
-async fn delete_cancels_the_loras_jobs_unloads_it_removes_its_files_and_frees_the_id() {
-    let env = start().await;
-    let dir = make_lora(&env, "u/gone", 8).await;
-    // vLLM serves it (loaded on first use), and it has queued feedback.
-    let (status, _) = env
-        .post("/v1/chat/completions", &chat(Some("u/gone"), "hi"))
-        .await;
-    assert_eq!(status, 200);
-    assert_eq!(env.fake.loras().len(), 1);
-    let text = "[u/gone] You said: hi";
-    let (status, queued) = env.post("/v1/feedback", &feedback("u/gone", text)).await;
-    assert_eq!(status, 202, "{queued}");
-
-    let del = |id: &str| {
-        let http = env.http.clone();
-        let url = format!("{}/v1/lora?lora_id={id}", env.api);
-        async move {
-            let r = http.delete(url).send().await.expect("delete");
-            (r.status().as_u16(), r.json::<Value>().await.expect("json"))
-        }
-    };
-    let (status, body) = del("u/gone").await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["deleted"], true);
-    assert_eq!(body["cancelled_jobs"], 1);
-    let job_id = uuid::Uuid::parse_str(queued["job_id"].as_str().expect("id")).expect("uuid");
-    let job = env
-        .db
-        .store
-        .get_job(job_id)
-        .await
-        .expect("get")
-        .expect("kept");
-    assert_eq!(job.status, claas_core::types::JobStatus::Cancelled);
-    assert!(env.fake.loras().is_empty(), "unloaded from vLLM");
-    assert!(!dir.exists(), "its files are gone");
-    // Feedback for it is refused; a second delete finds nothing.
-    let (status, _) = env.post("/v1/feedback", &feedback("u/gone", text)).await;
-    assert_eq!(status, 404);
-    let (status, body) = del("u/gone").await;
-    assert_eq!((status, body["deleted"].clone()), (200, json!(false)));
-    let (status, _) = del("..%2Fetc").await;
-    assert_eq!(status, 400);
-    // The id starts afresh.
-    make_lora(&env, "u/gone", 16).await;
-    let lora = env
-        .db
-        .store
-        .get_lora("u/gone")
-        .await
-        .expect("get")
-        .expect("new");
-    assert_eq!((lora.rank, lora.current_version), (16, 0));
-}
-
-#[tokio::test]
-async fn delete_waits_for_the_running_job_to_stop() {
-    let env = start().await;
-    make_lora(&env, "u/busy", 8).await;
-    let text = "[u/busy] You said: hi";
-    let (status, _) = env
-        .post("/v1/chat/completions", &chat(Some("u/busy"), "hi"))
-        .await;
-    assert_eq!(status, 200);
-    let (status, queued) = env.post("/v1/feedback", &feedback("u/busy", text)).await;
-    assert_eq!(status, 202, "{queued}");
-    // A worker has it.
-    let claimed = env
-        .db
-        .store
-        .claim(&ClaimRequest {
-            worker_id: "w".into(),
-            base_models: vec![TEST_BASE_MODEL.into()],
-            lease: Duration::from_secs(60),
-            max_batch_samples: 1,
-        })
-        .await
-        .expect("claim")
-        .expect("job");
-    let url = format!("{}/v1/lora?lora_id=u/busy", env.api);
-    let pending = tokio::spawn(env.http.delete(url).send());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !pending.is_finished(),
-        "the delete waits while the job runs"
-    );
-    let job = env
-        .db
-        .store
-        .get_job(claimed.job.id)
-        .await
-        .expect("get")
-        .expect("job");
-    assert!(job.cancel_requested, "the running job was asked to stop");
-    // The worker sees the request at its next phase boundary and stops.
-    assert!(env
-        .db
-        .store
-        .finish_cancelled(&claimed.lease(), "cancelled by request")
-        .await
-        .expect("stop"));
-    let r = pending.await.expect("join").expect("answer");
-    assert_eq!(r.status(), 200);
-    let body: Value = r.json().await.expect("json");
-    assert_eq!(body["status"], "deleted");
 }
