@@ -319,8 +319,12 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
         .merge(dashboard::routes())
 }
 
+/// The whole API as one service: the routes, their layers, and waiting feedback requests
+/// taken out of them while they wait ([`deferred`]).
+pub type App = deferred::Deferring;
+
 /// The whole API.
-pub fn router(state: AppState) -> Router {
+pub fn router(state: AppState) -> App {
     let limit = state.options.max_body_bytes;
     let (routes, _) = api_routes().split_for_parts();
     let api = routes
@@ -344,7 +348,7 @@ pub fn router(state: AppState) -> Router {
         .fallback_service(api)
         .layer(axum::middleware::map_request(openapi::encode_lora_ids));
     // Outermost: a waiting feedback request waits outside every layer above.
-    Router::new().fallback_service(deferred::Deferring::new(encoded, state))
+    deferred::Deferring::new(encoded, state)
 }
 
 /// Who may make a request: the dashboard's (and the eval runs') pages admit admin keys and
@@ -385,7 +389,9 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     // The client's address reaches handlers (failed logins are throttled per address).
-    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let app = axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
+        std::net::SocketAddr,
+    >(router(state));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -94,10 +94,9 @@ pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> R
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let method = req.method().to_string();
     let started = Instant::now();
-    let mut resp = next.run(req).await;
+    let resp = next.run(req).await;
     // A request that goes on waiting outside the router is counted when it answers.
-    if let Some(wait) = resp.extensions_mut().get_mut::<DeferredWait>() {
-        wait.count_when_answered(started);
+    if DeferredWait::count_when_answered(&resp, started) {
         return resp;
     }
     state

@@ -428,7 +428,7 @@ pub async fn submit(
                 Box::pin(answer_now(s, id, st))
             });
             let mut resp = accepted(enqueued.id, enqueued.status);
-            resp.extensions_mut().insert(wait);
+            wait.attach(&mut resp);
             Ok(resp)
         }
         _ => Ok(answer(enqueued)),

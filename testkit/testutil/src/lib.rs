@@ -52,18 +52,24 @@ impl AsRef<Path> for TempDir {
 }
 
 pub mod http {
-    //! Requests to an axum router, answered in process (no socket).
+    //! Requests to an axum router (or any service shaped like one), answered in process
+    //! (no socket).
+
+    use std::convert::Infallible;
 
     use axum::body::Body;
     use axum::http::{Request, StatusCode};
-    use axum::Router;
+    use axum::response::Response;
     use http_body_util::BodyExt;
     use serde_json::Value;
-    use tower::ServiceExt;
+    use tower::{Service, ServiceExt};
 
     /// Sends `req` and returns the status and the JSON body (`Null` when empty). A body
     /// that is not JSON fails the test: every answer of the API is JSON.
-    pub async fn call(app: &Router, req: Request<Body>) -> (StatusCode, Value) {
+    pub async fn call<S>(app: &S, req: Request<Body>) -> (StatusCode, Value)
+    where
+        S: Service<Request<Body>, Response = Response, Error = Infallible> + Clone,
+    {
         let resp = app.clone().oneshot(req).await.expect("the router answers");
         let status = resp.status();
         let bytes = resp.into_body().collect().await.expect("a body").to_bytes();
