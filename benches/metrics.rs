@@ -223,6 +223,7 @@ async fn dashboard_pages(db: &TestDb, schema: &str, n: usize) -> anyhow::Result<
         ("/metrics".into(), "/metrics".into()),
     ];
     let http = reqwest::Client::new();
+    let dir = claas_testutil::tempdir("bench-metrics");
     for (name, path) in pages {
         let store = claas_core::queue::PgStore::connect(&db.url, Some(schema), 4).await?;
         let options = claas_api::ApiOptions {
@@ -232,11 +233,8 @@ async fn dashboard_pages(db: &TestDb, schema: &str, n: usize) -> anyhow::Result<
             max_attempts: 3,
             default_base_model: "base".into(),
             allowed_init_base_models: vec!["base".into()],
-            lora_root: std::env::temp_dir()
-                .join("claas-bench")
-                .display()
-                .to_string(),
-            data_dir: std::env::temp_dir().join("claas-bench-data"),
+            lora_root: dir.join("loras").display().to_string(),
+            data_dir: dir.join("data"),
             max_lora_rank: None,
         };
         let state = claas_api::AppState::new(std::sync::Arc::new(store), options);

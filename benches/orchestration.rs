@@ -10,11 +10,10 @@
 
 use std::time::{Duration, Instant};
 
-use claas_core::config::{Residency, TrainerDevice};
 use claas_core::testing::{job, TestDb, TEST_BASE_MODEL};
 use claas_core::types::{JobStatus, NewLora};
 use claas_fake_vllm::{FakeVllm, Options};
-use claas_trainer::random::{write_checkpoint, Preset};
+use claas_worker::testing::{cpu_options, tiny_checkpoint};
 use claas_worker::{CandleExecutor, CandleOptions, VllmOptions, Worker, WorkerOptions};
 use tokio::sync::watch;
 
@@ -25,20 +24,12 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 async fn run(db: TestDb, jobs: usize) -> anyhow::Result<()> {
     let backend = db.store.backend();
-    let dir = std::env::temp_dir().join(format!("claas-bench-orch-{}", uuid::Uuid::now_v7()));
+    let dir = claas_testutil::tempdir("bench-orch");
     let model_dir = dir.join("model");
     let lora_root = dir.join("loras");
-    let m = model_dir.clone();
-    tokio::task::spawn_blocking(move || write_checkpoint(Preset::Tiny, &m, 3)).await??;
+    tiny_checkpoint(&model_dir, 3).await;
     let fake = FakeVllm::start(Options::default()).await;
     let exec = CandleExecutor::new(CandleOptions {
-        base_model_id: TEST_BASE_MODEL.into(),
-        model_dir,
-        lora_root: lora_root.clone(),
-        store: None,
-        device: TrainerDevice::Cpu,
-        residency: Residency::Host,
-        max_seq_len: 4096,
         vllm: Some(VllmOptions {
             url: fake.url.clone(),
             api_key: None,
@@ -50,6 +41,7 @@ async fn run(db: TestDb, jobs: usize) -> anyhow::Result<()> {
             reload_attempts: 3,
             reload_backoff: Duration::from_secs(1),
         }),
+        ..cpu_options(TEST_BASE_MODEL, model_dir, lora_root.clone())
     })?;
     db.store
         .create_lora(&NewLora {
@@ -140,7 +132,7 @@ async fn run(db: TestDb, jobs: usize) -> anyhow::Result<()> {
         .collect();
     println!("{backend}: phase p50 (ms): {}", line.join(", "));
     db.cleanup().await;
-    let _ = std::fs::remove_dir_all(dir);
+    drop(dir);
     Ok(())
 }
 

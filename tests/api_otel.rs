@@ -61,13 +61,15 @@ async fn a_feedback_request_and_every_phase_of_its_job_share_one_trace() {
     claas_core::telemetry::init(Some(&collector), "claas-test");
 
     let db = TestDb::sqlite().await;
+    let dir = claas_testutil::tempdir("otel");
     db.store.create_lora(&lora("traced")).await.expect("lora");
     let (stop, rx) = tokio::sync::watch::channel(false);
     let worker = Worker::new(
         db.store.clone(),
         Arc::new(SimulatedExecutor {
             step: Duration::from_millis(1),
-            root: std::env::temp_dir().join("claas-otel-tests"),
+            // The API's LoRA root (`common::options`).
+            root: dir.join("loras"),
         }),
         WorkerOptions {
             poll_interval: Duration::from_millis(50),
@@ -75,7 +77,7 @@ async fn a_feedback_request_and_every_phase_of_its_job_share_one_trace() {
         },
     );
     let run = tokio::spawn(async move { worker.run(rx).await });
-    let base = common::serve(AppState::new(db.store.clone(), common::options("otel"))).await;
+    let base = common::serve(AppState::new(db.store.clone(), common::options(&dir))).await;
 
     let body = json!({"requests": [{
         "lora_id": "traced", "prompt": "Write a haiku", "response": "Leaves fall",

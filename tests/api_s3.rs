@@ -16,11 +16,10 @@ use std::time::Duration;
 
 use claas_api::AppState;
 use claas_core::adapter_store::AdapterStore;
-use claas_core::config::{Residency, TrainerDevice};
 use claas_core::testing::{S3Server, TestDb};
 use claas_testutil::tempdir;
-use claas_trainer::random::{write_checkpoint, Preset};
 use claas_trainer::template::{ChatTokenizer, Message};
+use claas_worker::testing::{cpu_options, tiny_checkpoint};
 use claas_worker::{CandleExecutor, CandleOptions, Worker, WorkerOptions};
 use serde_json::{json, Value};
 
@@ -52,25 +51,15 @@ async fn versions_travel_through_the_bucket_between_api_and_worker() {
     };
     let url = format!("s3://{}/adapters", s3.bucket());
     let model_dir = tempdir("model");
-    let d = model_dir.to_path_buf();
-    tokio::task::spawn_blocking(move || write_checkpoint(Preset::Tiny, &d, 9))
-        .await
-        .expect("join")
-        .expect("checkpoint");
+    tiny_checkpoint(&model_dir, 9).await;
     let base = model_dir.display().to_string();
     let (api_cache, worker_cache) = (tempdir("api"), tempdir("worker"));
     let db = TestDb::sqlite().await;
 
     let worker_store = AdapterStore::s3(&url, &worker_cache).expect("store");
     let exec = CandleExecutor::new(CandleOptions {
-        base_model_id: base.clone(),
-        model_dir: model_dir.to_path_buf(),
-        lora_root: worker_cache.to_path_buf(),
         store: Some(worker_store.clone()),
-        device: TrainerDevice::Cpu,
-        residency: Residency::Host,
-        max_seq_len: 4096,
-        vllm: None,
+        ..cpu_options(&base, &model_dir, &worker_cache)
     })
     .expect("executor");
     let (stop, rx) = tokio::sync::watch::channel(false);
@@ -91,7 +80,7 @@ async fn versions_travel_through_the_bucket_between_api_and_worker() {
         lora_root: api_cache.display().to_string(),
         feedback_default_wait_s: 60,
         feedback_max_wait_s: 60,
-        ..common::options("s3")
+        ..common::options(&api_cache)
     };
     let state = trainer_models::with_trainer_models(AppState::new(db.store.clone(), options))
         .with_adapters(AdapterStore::s3(&url, &api_cache).expect("store"));
@@ -246,21 +235,11 @@ async fn a_vllm_that_never_served_an_s3_adapter_gets_it_from_its_nodes_worker() 
     // Node B: a vLLM that has never seen "u/b", and its worker.
     let fake = FakeVllm::start(Options::default()).await;
     let model_dir = tempdir("model");
-    let d = model_dir.to_path_buf();
-    tokio::task::spawn_blocking(move || write_checkpoint(Preset::Tiny, &d, 3))
-        .await
-        .expect("join")
-        .expect("checkpoint");
+    tiny_checkpoint(&model_dir, 3).await;
     let node_cache = tempdir("node-b");
     let node_store = AdapterStore::s3(&url, &node_cache).expect("store");
     let exec = CandleExecutor::new(CandleOptions {
-        base_model_id: TEST_BASE_MODEL.into(),
-        model_dir: model_dir.to_path_buf(),
-        lora_root: node_cache.to_path_buf(),
         store: Some(node_store.clone()),
-        device: TrainerDevice::Cpu,
-        residency: Residency::Host,
-        max_seq_len: 4096,
         vllm: Some(VllmOptions {
             url: fake.url.clone(),
             api_key: None,
@@ -272,6 +251,7 @@ async fn a_vllm_that_never_served_an_s3_adapter_gets_it_from_its_nodes_worker() 
             reload_attempts: 2,
             reload_backoff: Duration::from_millis(10),
         }),
+        ..cpu_options(TEST_BASE_MODEL, &model_dir, &node_cache)
     })
     .expect("executor");
     let (stop, rx) = tokio::sync::watch::channel(false);
@@ -294,7 +274,7 @@ async fn a_vllm_that_never_served_an_s3_adapter_gets_it_from_its_nodes_worker() 
         default_base_model: base.clone(),
         allowed_init_base_models: vec![base.clone()],
         lora_root: api_cache.display().to_string(),
-        ..common::options("s3-load")
+        ..common::options(&api_cache)
     };
     let state = trainer_models::with_trainer_models(AppState::new(db.store.clone(), options))
         .with_adapters(AdapterStore::s3(&url, &api_cache).expect("store"))

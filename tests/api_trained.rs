@@ -13,22 +13,21 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use candle_core::Device;
 use claas_api::{router, ApiOptions, AppState};
-use claas_core::config::{Residency, TrainerDevice};
 use claas_core::queue::SharedStore;
 use claas_core::testing::TestDb;
 use claas_testutil::http::{call, post};
 use claas_testutil::tempdir;
-use claas_trainer::random::{write_checkpoint, Preset};
 use claas_trainer::template::{ChatTokenizer, Message};
 use claas_trainer::LoraAdapter;
-use claas_worker::{CandleExecutor, CandleOptions, Worker, WorkerOptions};
+use claas_worker::testing::tiny_executor;
+use claas_worker::{Worker, WorkerOptions};
 use http_body_util::BodyExt;
 use serde_json::json;
 use tokio::sync::watch;
 use tower::ServiceExt;
 
 /// Where version `n` of `lora_id` is stored, as recorded.
-async fn version_dir(app: &axum::Router, lora_id: &str, n: usize) -> PathBuf {
+async fn version_dir(app: &claas_api::App, lora_id: &str, n: usize) -> PathBuf {
     let (_, versions) = call(
         app,
         Request::get(format!("/v1/lora/{lora_id}/versions"))
@@ -42,7 +41,7 @@ async fn version_dir(app: &axum::Router, lora_id: &str, n: usize) -> PathBuf {
     claas_core::types::local_path(uri).expect("a local version")
 }
 
-async fn export_status(app: &axum::Router, lora_id: &str, version: i32) -> StatusCode {
+async fn export_status(app: &claas_api::App, lora_id: &str, version: i32) -> StatusCode {
     let req = Request::get(format!(
         "/v1/lora/export?lora_id={lora_id}&version={version}"
     ))
@@ -55,26 +54,9 @@ async fn contract(db: &TestDb) {
     let model_dir = tempdir("model");
     let lora_root = tempdir("loras");
     let data_dir = tempdir("data");
-    tokio::task::spawn_blocking({
-        let d = model_dir.to_path_buf();
-        move || write_checkpoint(Preset::Tiny, &d, 5)
-    })
-    .await
-    .expect("join")
-    .expect("checkpoint");
     // The base model is named by its checkpoint directory, so init writes version 0 itself.
     let base_model = model_dir.display().to_string();
-    let exec = CandleExecutor::new(CandleOptions {
-        base_model_id: base_model.clone(),
-        model_dir: model_dir.to_path_buf(),
-        lora_root: lora_root.to_path_buf(),
-        store: None,
-        device: TrainerDevice::Cpu,
-        residency: Residency::Host,
-        max_seq_len: 4096,
-        vllm: None,
-    })
-    .expect("executor");
+    let exec = tiny_executor(&base_model, &model_dir, &lora_root, 5).await;
     let store: SharedStore = db.store.clone();
     let (stop, rx) = watch::channel(false);
     let worker = Worker::new(

@@ -4,6 +4,7 @@
 #[path = "../api/tests/common/mod.rs"]
 mod common;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +19,8 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tower::ServiceExt;
 
-fn options() -> ApiOptions {
+/// The API's options, its directories under `dir` (the test's own, held while it runs).
+fn options(dir: &Path) -> ApiOptions {
     ApiOptions {
         max_body_bytes: 64 * 1024,
         feedback_default_wait_s: 0,
@@ -26,13 +28,13 @@ fn options() -> ApiOptions {
         max_attempts: 3,
         default_base_model: TEST_BASE_MODEL.into(),
         allowed_init_base_models: vec![TEST_BASE_MODEL.into()],
-        lora_root: "/tmp/claas-api-tests".into(),
-        data_dir: std::env::temp_dir().join("claas-api-tests-data"),
+        lora_root: dir.join("loras").display().to_string(),
+        data_dir: dir.join("data"),
         max_lora_rank: None,
     }
 }
 
-fn app(store: &SharedStore, opts: ApiOptions) -> axum::Router {
+fn app(store: &SharedStore, opts: ApiOptions) -> claas_api::App {
     router(AppState::new(store.clone(), opts))
 }
 
@@ -82,14 +84,15 @@ fn assert_error(status: StatusCode, body: &Value, want: StatusCode, needle: &str
     assert_eq!(body["detail"].as_str(), Some(msg), "CLaaS's detail: {body}");
 }
 
-/// Runs an in-process worker with the simulated executor until the returned sender fires.
-fn start_worker(store: &SharedStore) -> watch::Sender<bool> {
+/// Runs an in-process worker with the simulated executor, its versions under `dir`'s
+/// LoRA root (as [`options`]), until the returned sender fires.
+fn start_worker(store: &SharedStore, dir: &Path) -> watch::Sender<bool> {
     let (tx, rx) = watch::channel(false);
     let worker = Worker::new(
         store.clone(),
         Arc::new(SimulatedExecutor {
             step: Duration::from_millis(1),
-            root: std::env::temp_dir().join("claas-api-tests"),
+            root: dir.join("loras"),
         }),
         WorkerOptions {
             lease: Duration::from_secs(30),
@@ -126,7 +129,8 @@ claas_core::both_stores!(
 );
 
 async fn lora_init_registers_and_lists_versions(db: &TestDb) {
-    let app = app(&db.store, options());
+    let dir = claas_testutil::tempdir("api");
+    let app = app(&db.store, options(&dir));
     let (status, body) = call(&app, post("/v1/lora/init", &json!({"lora_id": "user/new"}))).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["lora_id"], "user/new");
@@ -159,7 +163,7 @@ async fn lora_init_registers_and_lists_versions(db: &TestDb) {
         &db.store,
         ApiOptions {
             max_lora_rank: Some(32),
-            ..options()
+            ..options(&dir)
         },
     );
     let big = json!({"lora_id": "user/big", "lora_r": 64});
@@ -192,7 +196,8 @@ async fn lora_init_registers_and_lists_versions(db: &TestDb) {
 }
 
 async fn hostile_lora_ids_are_rejected_before_touching_storage(db: &TestDb) {
-    let app = app(&db.store, options());
+    let dir = claas_testutil::tempdir("api");
+    let app = app(&db.store, options(&dir));
     let long = "x".repeat(129);
     let hostile: [&str; 15] = [
         "..",
@@ -227,7 +232,8 @@ async fn hostile_lora_ids_are_rejected_before_touching_storage(db: &TestDb) {
 }
 
 async fn loras_are_listed_by_literal_prefix(db: &TestDb) {
-    let app = app(&db.store, options());
+    let dir = claas_testutil::tempdir("api");
+    let app = app(&db.store, options(&dir));
     for id in ["alice/a", "alice/b", "alice2/x", "bob/a", "a_b/x", "aXb/y"] {
         let (status, body) = call(&app, post("/v1/lora/init", &json!({"lora_id": id}))).await;
         assert_eq!(status, StatusCode::OK, "{body}");
@@ -247,8 +253,9 @@ async fn loras_are_listed_by_literal_prefix(db: &TestDb) {
 }
 
 async fn feedback_is_accepted_with_a_pollable_job(db: &TestDb) {
+    let dir = claas_testutil::tempdir("api");
     db.store.create_lora(&lora("user/a")).await.expect("lora");
-    let app = app(&db.store, options());
+    let app = app(&db.store, options(&dir));
     let req = post("/v1/feedback", &batch(vec![item("user/a", "too long")]));
     let (status, body) = call(&app, req).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
@@ -267,9 +274,10 @@ async fn feedback_is_accepted_with_a_pollable_job(db: &TestDb) {
 }
 
 async fn feedback_validation_matches_claas(db: &TestDb) {
+    let dir = claas_testutil::tempdir("api");
     db.store.create_lora(&lora("a")).await.expect("lora");
     db.store.create_lora(&lora("b")).await.expect("lora");
-    let app = app(&db.store, options());
+    let app = app(&db.store, options(&dir));
     let unprocessable = StatusCode::UNPROCESSABLE_ENTITY;
     let cases: Vec<(Value, StatusCode, &str)> =
         vec![
@@ -349,7 +357,8 @@ async fn feedback_validation_matches_claas(db: &TestDb) {
 }
 
 async fn oversized_and_malformed_bodies_get_the_envelope(db: &TestDb) {
-    let app = app(&db.store, options());
+    let dir = claas_testutil::tempdir("api");
+    let app = app(&db.store, options(&dir));
     let huge = "x".repeat(100 * 1024);
     let (status, body) = call(&app, post_raw("/v1/feedback", huge, &[])).await;
     assert_error(status, &body, StatusCode::PAYLOAD_TOO_LARGE, "exceeds");
@@ -372,8 +381,9 @@ async fn oversized_and_malformed_bodies_get_the_envelope(db: &TestDb) {
 }
 
 async fn idempotency_key_replays_or_rejects(db: &TestDb) {
+    let dir = claas_testutil::tempdir("api");
     db.store.create_lora(&lora("a")).await.expect("lora");
-    let app = app(&db.store, options());
+    let app = app(&db.store, options(&dir));
     let body = batch(vec![item("a", "no emoji")]).to_string();
     let key = [("idempotency-key", "k-1")];
     let (s1, first) = call(&app, post_raw("/v1/feedback", body.clone(), &key)).await;
@@ -397,9 +407,10 @@ async fn idempotency_key_replays_or_rejects(db: &TestDb) {
 }
 
 async fn prefer_wait_returns_claas_feedback_response(db: &TestDb) {
+    let dir = claas_testutil::tempdir("api");
     db.store.create_lora(&lora("a")).await.expect("lora");
-    let stop = start_worker(&db.store);
-    let app = app(&db.store, options());
+    let stop = start_worker(&db.store, &dir);
+    let app = app(&db.store, options(&dir));
     let body = batch(vec![
         item("a", "good recursive solution"),
         item("a", "shorter"),
@@ -439,11 +450,12 @@ async fn prefer_wait_returns_claas_feedback_response(db: &TestDb) {
 }
 
 async fn default_wait_serves_unchanged_claas_clients(db: &TestDb) {
+    let dir = claas_testutil::tempdir("api");
     db.store.create_lora(&lora("a")).await.expect("lora");
-    let stop = start_worker(&db.store);
+    let stop = start_worker(&db.store, &dir);
     let opts = ApiOptions {
         feedback_default_wait_s: 20,
-        ..options()
+        ..options(&dir)
     };
     let app = app(&db.store, opts);
     let (status, resp) = call(
@@ -461,9 +473,10 @@ async fn default_wait_serves_unchanged_claas_clients(db: &TestDb) {
 }
 
 async fn failed_job_never_answers_200(db: &TestDb) {
+    let dir = claas_testutil::tempdir("api");
     db.store.create_lora(&lora("a")).await.expect("lora");
-    let stop = start_worker(&db.store);
-    let app = app(&db.store, options());
+    let stop = start_worker(&db.store, &dir);
+    let app = app(&db.store, options(&dir));
     let body = batch(vec![item("a", "[simulate:fatal]")]).to_string();
     let (status, resp) = call(
         &app,
@@ -484,8 +497,9 @@ async fn failed_job_never_answers_200(db: &TestDb) {
 }
 
 async fn cancel_and_list_jobs(db: &TestDb) {
+    let dir = claas_testutil::tempdir("api");
     db.store.create_lora(&lora("a")).await.expect("lora");
-    let app = app(&db.store, options());
+    let app = app(&db.store, options(&dir));
     let mut ids = Vec::new();
     for n in 0..3 {
         let req = post("/v1/feedback", &batch(vec![item("a", &format!("f{n}"))]));
@@ -522,20 +536,21 @@ async fn cancel_and_list_jobs(db: &TestDb) {
 }
 
 async fn health_reports_database_and_workers(db: &TestDb) {
-    let app = app(&db.store, options());
+    let dir = claas_testutil::tempdir("api");
+    let app = app(&db.store, options(&dir));
     let (status, body) = call(&app, get("/v1/health")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["status"], "ok");
     assert_eq!(body["database"]["up"], true);
     assert_eq!(body["workers"]["alive"], 0);
-    let stop = start_worker(&db.store);
+    let stop = start_worker(&db.store, &dir);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (_, body) = call(&app, get("/v1/health")).await;
     assert_eq!(body["workers"]["alive"], 1);
     let _ = stop.send(true);
 }
 
-async fn metrics_text(app: &axum::Router) -> String {
+async fn metrics_text(app: &claas_api::App) -> String {
     let resp = app
         .clone()
         .oneshot(get("/metrics"))
@@ -557,7 +572,8 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 }
 
 async fn metrics_report_queue_jobs_phases_losses_workers_and_requests(db: &TestDb) {
-    let app = app(&db.store, options());
+    let dir = claas_testutil::tempdir("api");
+    let app = app(&db.store, options(&dir));
     db.store.create_lora(&lora("m/a")).await.expect("lora");
     for i in 0..3 {
         let (status, body) = call(
@@ -587,7 +603,7 @@ async fn metrics_report_queue_jobs_phases_losses_workers_and_requests(db: &TestD
         "{text}"
     );
 
-    let stop = start_worker(&db.store);
+    let stop = start_worker(&db.store, &dir);
     let started = std::time::Instant::now();
     let text = loop {
         let text = metrics_text(&app).await;
@@ -628,9 +644,10 @@ async fn metrics_report_queue_jobs_phases_losses_workers_and_requests(db: &TestD
 }
 
 async fn waiting_requests_past_the_limit_get_503_and_enqueue_nothing(db: &TestDb) {
+    let dir = claas_testutil::tempdir("api");
     db.store.create_lora(&lora("a")).await.expect("lora");
     // No worker: a waiting request stays open for its whole wait.
-    let state = AppState::new(db.store.clone(), options()).with_max_waiting(1);
+    let state = AppState::new(db.store.clone(), options(&dir)).with_max_waiting(1);
     let app = router(state);
     let wait = [("prefer", "wait=3")];
     let first = {

@@ -45,7 +45,7 @@ fn number(v: &Value, what: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claas_eval_harness_and_openclaw_plugin_run_unchanged() {
-    let (_dev, base, dir) = start_dev("claas-clients").await;
+    let (_dev, base, _) = start_dev("claas-clients").await;
     let http = reqwest::Client::new();
 
     // --- The eval harness (mode=local, no openclaw_url). ---
@@ -156,5 +156,4 @@ async fn claas_eval_harness_and_openclaw_plugin_run_unchanged() {
     ] {
         number(&meta[key], key);
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -86,8 +86,6 @@ async fn chat_feedback_chat_on_claas_dev() {
         lps(&second),
         "version 1 answers, not version 0"
     );
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `CLAAS_BASE_MODEL_ID` names a Hub model that is not on this machine: the first `claas dev`
@@ -95,8 +93,8 @@ async fn chat_feedback_chat_on_claas_dev() {
 /// answers from it; the second start finds it there and asks the Hub nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claas_dev_downloads_a_hub_model_once() {
-    let dir = std::env::temp_dir().join(format!("claas-hub-e2e-{}", uuid::Uuid::now_v7()));
-    common::tiny_checkpoint(&dir.join("served")).await;
+    let dir = claas_testutil::tempdir("hub-e2e");
+    claas_worker::testing::tiny_checkpoint(&dir.join("served"), 5).await;
     let hub =
         claas_fake_vllm::hub::FakeHub::start("tiny-org/tiny-qwen3", dir.join("served"), None).await;
     let data = dir.join("data").display().to_string();

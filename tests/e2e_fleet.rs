@@ -20,7 +20,8 @@ struct Fleet {
     base: String,
     api: Proc,
     workers: Vec<Proc>,
-    adapters: std::path::PathBuf,
+    /// Removed after the processes above are killed (fields drop in order).
+    _adapters: claas_testutil::TempDir,
 }
 
 fn worker_env(db_url: &str, id: &str, adapters: &std::path::Path) -> Vec<(String, String)> {
@@ -56,8 +57,7 @@ async fn start_fleet(db: &TestDb) -> Fleet {
             ("CLAAS_JOB_MAX_ATTEMPTS", "5"),
         ]),
     );
-    let adapters =
-        std::env::temp_dir().join(format!("claas-e2e-{}", uuid::Uuid::new_v4().simple()));
+    let adapters = claas_testutil::tempdir("e2e");
     let workers = ["w1", "w2"]
         .iter()
         .map(|id| spawn(id, &["worker"], &worker_env(&db.url, id, &adapters)))
@@ -68,7 +68,7 @@ async fn start_fleet(db: &TestDb) -> Fleet {
         base,
         api,
         workers,
-        adapters,
+        _adapters: adapters,
     }
 }
 
@@ -217,7 +217,6 @@ async fn sigkilled_worker_loses_no_job_and_trains_nothing_twice() {
     assert_exactly_once(&db.store, &jobs).await;
     assert_requeued_after_lease_loss(&db.store, &victim).await;
     assert!(fleet.api.is_running() && fleet.workers[1].is_running());
-    let _ = std::fs::remove_dir_all(&fleet.adapters);
     drop(fleet);
     db.cleanup().await;
 }
@@ -255,7 +254,6 @@ async fn frozen_worker_cannot_finish_or_publish_after_its_lease() {
         fleet.workers[0].is_running(),
         "the thawed worker keeps serving"
     );
-    let _ = std::fs::remove_dir_all(&fleet.adapters);
     drop(fleet);
     db.cleanup().await;
 }
@@ -264,8 +262,7 @@ async fn frozen_worker_cannot_finish_or_publish_after_its_lease() {
 async fn sigterm_hands_the_job_back_within_the_grace_period() {
     let db = TestDb::postgres().await;
     db.store.create_lora(&lora("team/a")).await.expect("lora");
-    let adapters =
-        std::env::temp_dir().join(format!("claas-e2e-{}", uuid::Uuid::new_v4().simple()));
+    let adapters = claas_testutil::tempdir("e2e");
     let mut vars = worker_env(&db.url, "w-term", &adapters);
     vars.push(("CLAAS_WORKER_SHUTDOWN_GRACE_S".into(), "0.5".into()));
     vars.push(("CLAAS_SIMULATED_STEP_MS".into(), "2000".into()));
@@ -304,8 +301,7 @@ async fn sigterm_hands_the_job_back_within_the_grace_period() {
 async fn a_writer_frozen_mid_save_never_changes_a_published_version() {
     let db = TestDb::postgres().await;
     db.store.create_lora(&lora("team/a")).await.expect("lora");
-    let adapters =
-        std::env::temp_dir().join(format!("claas-e2e-{}", uuid::Uuid::new_v4().simple()));
+    let adapters = claas_testutil::tempdir("e2e");
     // The simulated save spends its phase time between writing and renaming, in a
     // blocking thread that outlives the lease, as the trainer's save does.
     let mut slow = worker_env(&db.url, "w1", &adapters);
@@ -349,7 +345,6 @@ async fn a_writer_frozen_mid_save_never_changes_a_published_version() {
     );
     assert!(w1.is_running() && w2.is_running());
     drop((w1, w2));
-    let _ = std::fs::remove_dir_all(&adapters);
     db.cleanup().await;
 }
 
@@ -358,8 +353,7 @@ async fn a_writer_frozen_mid_save_never_changes_a_published_version() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_with_a_bad_storage_url_stops_at_start_up() {
     let db = TestDb::postgres().await;
-    let adapters =
-        std::env::temp_dir().join(format!("claas-e2e-{}", uuid::Uuid::new_v4().simple()));
+    let adapters = claas_testutil::tempdir("e2e");
     let mut vars = worker_env(&db.url, "w-bad-s3", &adapters);
     vars.push(("CLAAS_STORAGE_BACKEND".into(), "s3".into()));
     vars.push(("CLAAS_STORAGE_URL".into(), "s3:///no-bucket".into()));

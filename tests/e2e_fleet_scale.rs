@@ -311,7 +311,7 @@ async fn two_hundred_workers_and_two_apis_fit_a_default_postgres() {
     let seen = Arc::new(Watch::default());
     let (stop_watch, watch_rx) = watch::channel(false);
     let watcher = tokio::spawn(watch_server(pg.url.clone(), seen.clone(), watch_rx));
-    let root = std::env::temp_dir().join(format!("claas-scale-{}", uuid::Uuid::new_v4().simple()));
+    let root = claas_testutil::tempdir("scale");
     let defaults = Config::default().database;
     let started = Instant::now();
     let (stop, workers) = start_workers(&pg.url, WORKERS, defaults.max_listeners, &root).await;
@@ -489,7 +489,6 @@ async fn two_hundred_workers_and_two_apis_fit_a_default_postgres() {
         peak <= 100,
         "the server never held more than max_connections: {peak}"
     );
-    let _ = std::fs::remove_dir_all(&root);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -506,7 +505,7 @@ async fn workers_without_a_listener_claim_by_polling() {
     let (_apis, bases) = start_apis(&pg.url).await;
     let store = queue::connect(&pg.url, 2).await.expect("store");
     store.create_lora(&lora("fleet/l0")).await.expect("lora");
-    let root = std::env::temp_dir().join(format!("claas-poll-{}", uuid::Uuid::new_v4().simple()));
+    let root = claas_testutil::tempdir("poll");
     let (stop, workers) = start_workers(&pg.url, 2, 0, &root).await;
     let r: serde_json::Value = reqwest::Client::new()
         .post(format!("{}/v1/feedback", bases[0]))
@@ -541,5 +540,4 @@ async fn workers_without_a_listener_claim_by_polling() {
     for w in workers {
         let _ = w.await;
     }
-    let _ = std::fs::remove_dir_all(&root);
 }

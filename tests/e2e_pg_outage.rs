@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +22,7 @@ const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 /// A Postgres cluster in a temporary directory, run as the `postgres` user.
 struct Cluster {
-    dir: PathBuf,
+    dir: claas_testutil::TempDir,
     port: u16,
     /// More server options (`-c name=value ...`).
     options: &'static str,
@@ -45,8 +45,7 @@ fn as_postgres(program: &str, args: &[&str]) -> bool {
 
 impl Cluster {
     fn create(options: &'static str) -> Cluster {
-        let dir = std::env::temp_dir().join(format!("claas-pg-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).expect("cluster dir");
+        let dir = claas_testutil::tempdir("pg");
         let ok = Command::new("chown")
             .args(["-R", "postgres:postgres", dir.to_str().unwrap_or_default()])
             .status()
@@ -123,7 +122,7 @@ impl Drop for Cluster {
             "pg_ctl",
             &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
         );
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // `dir` (the cluster's files) goes when the fields drop, after the server stopped.
     }
 }
 

@@ -28,10 +28,10 @@ fn chat(user: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_traffic_never_errors_while_a_node_trains_and_every_node_serves_the_new_version() {
     let db = TestDb::postgres().await;
-    let root = std::env::temp_dir().join(format!("claas-vllm-fleet-{}", uuid::Uuid::now_v7()));
+    let root = claas_testutil::tempdir("vllm-fleet");
     let model = root.join("model");
     let adapters = root.join("loras");
-    common::tiny_checkpoint(&model).await;
+    claas_worker::testing::tiny_checkpoint(&model, 5).await;
     let model_id = model.display().to_string();
     let adapters_s = adapters.display().to_string();
 

@@ -55,10 +55,10 @@ async fn schemathesis_finds_no_5xx_no_schema_break_and_a_2xx_from_every_operatio
         return;
     };
     let db = TestDb::postgres().await;
-    let root = std::env::temp_dir().join(format!("claas-fuzz-{}", uuid::Uuid::now_v7()));
+    let root = claas_testutil::tempdir("fuzz");
     let model = root.join("model");
     let data = root.join("data");
-    common::tiny_checkpoint(&model).await;
+    claas_worker::testing::tiny_checkpoint(&model, 5).await;
     let model_id = model.display().to_string();
     let vllm = common::fake_vllm(&model_id).await;
 
@@ -248,6 +248,5 @@ headers = {{ Authorization = "Bearer {admin}" }}
         run.status.success(),
         "schemathesis reported failures:\n{fuzz_log}"
     );
-    let _ = std::fs::remove_dir_all(&root);
     db.cleanup().await;
 }

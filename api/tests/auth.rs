@@ -7,15 +7,12 @@ mod common;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use claas_api::auth::Auth;
-use claas_api::{router, ApiOptions, AppState};
+use claas_api::{router, AppState};
 use claas_core::testing::{lora, TestDb, TEST_BASE_MODEL};
+use claas_testutil::{tempdir, TempDir};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
-
-fn options() -> ApiOptions {
-    common::options("auth")
-}
 
 struct Keys {
     alice: String,
@@ -23,9 +20,11 @@ struct Keys {
     admin: String,
     revoked: String,
     metrics: String,
+    /// The API's directories, removed when the test ends.
+    _dir: TempDir,
 }
 
-async fn setup(db: &TestDb, max_queued: i64) -> (axum::Router, Keys) {
+async fn setup(db: &TestDb, max_queued: i64) -> (claas_api::App, Keys) {
     for id in ["alice", "alice/x", "alice2/x", "Alice/z", "bob/y"] {
         db.store.create_lora(&lora(id)).await.expect("lora");
     }
@@ -34,7 +33,8 @@ async fn setup(db: &TestDb, max_queued: i64) -> (axum::Router, Keys) {
     let (_, admin) = common::create_key(db, "ops", &[], true).await;
     let (revoked_id, revoked) = common::create_key(db, "old", &["alice"], false).await;
     assert!(db.store.revoke_api_key(&revoked_id).await.expect("revoke"));
-    let state = AppState::new(db.store.clone(), options()).with_auth(Auth::new(
+    let dir = tempdir("auth");
+    let state = AppState::new(db.store.clone(), common::options(&dir)).with_auth(Auth::new(
         None,
         Some("scrape-me".into()),
         max_queued,
@@ -47,12 +47,13 @@ async fn setup(db: &TestDb, max_queued: i64) -> (axum::Router, Keys) {
             admin,
             revoked,
             metrics: "scrape-me".into(),
+            _dir: dir,
         },
     )
 }
 
 async fn call(
-    app: &axum::Router,
+    app: &claas_api::App,
     method: &str,
     uri: &str,
     key: Option<&str>,
@@ -361,8 +362,9 @@ async fn queued_jobs_per_key_are_capped_with_429(db: &TestDb) {
 }
 
 async fn with_no_key_anywhere_the_api_is_open(db: &TestDb) {
+    let dir = tempdir("auth");
     db.store.create_lora(&lora("anyone/a")).await.expect("lora");
-    let app = router(AppState::new(db.store.clone(), options()));
+    let app = router(AppState::new(db.store.clone(), common::options(&dir)));
     let (s, b) = call(
         &app,
         "POST",
@@ -433,8 +435,9 @@ async fn keys_are_managed_over_http_by_admins(db: &TestDb) {
 }
 
 async fn revoking_every_key_leaves_the_api_closed(db: &TestDb) {
+    let dir = tempdir("auth");
     db.store.create_lora(&lora("anyone/a")).await.expect("lora");
-    let app = router(AppState::new(db.store.clone(), options()));
+    let app = router(AppState::new(db.store.clone(), common::options(&dir)));
     let (id, _) = common::create_key(db, "only", &["anyone"], false).await;
     let (status, _) = call(&app, "GET", "/v1/jobs", None, None).await;
     assert_eq!(
@@ -465,7 +468,7 @@ async fn revoking_every_key_leaves_the_api_closed(db: &TestDb) {
         "anonymous admin key: {body}"
     );
     // A fresh replica (no cached answer) agrees.
-    let fresh = router(AppState::new(db.store.clone(), options()));
+    let fresh = router(AppState::new(db.store.clone(), common::options(&dir)));
     let (status, _) = call(
         &fresh,
         "POST",
@@ -532,9 +535,10 @@ async fn the_last_admin_key_cannot_be_revoked(db: &TestDb) {
 }
 
 async fn an_explicit_open_setting_opens_the_api(db: &TestDb) {
+    let dir = tempdir("auth");
     db.store.create_lora(&lora("anyone/a")).await.expect("lora");
     common::create_key(db, "ops", &[], true).await;
-    let open = AppState::new(db.store.clone(), options()).with_auth(Auth::open());
+    let open = AppState::new(db.store.clone(), common::options(&dir)).with_auth(Auth::open());
     let (status, body) = call(
         &router(open),
         "POST",
@@ -544,7 +548,8 @@ async fn an_explicit_open_setting_opens_the_api(db: &TestDb) {
     )
     .await;
     assert_eq!(status, StatusCode::ACCEPTED, "server.auth: open, {body}");
-    let auto = AppState::new(db.store.clone(), options()).with_auth(Auth::new(None, None, 0));
+    let auto =
+        AppState::new(db.store.clone(), common::options(&dir)).with_auth(Auth::new(None, None, 0));
     let (status, _) = call(&router(auto), "GET", "/v1/jobs", None, None).await;
     assert_eq!(
         status,

@@ -61,6 +61,7 @@ fn screenshot_path(name: &str) -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_cancels_a_job_in_a_real_browser() {
+    let dir = claas_testutil::tempdir("browser");
     let Some((_driver, webdriver)) = chromedriver().await else {
         return;
     };
@@ -77,7 +78,7 @@ async fn an_admin_cancels_a_job_in_a_real_browser() {
     }
     let target = ids[1];
     let admin = "claas_browser_test_admin_key";
-    let state = AppState::new(db.store.clone(), common::options("browser"))
+    let state = AppState::new(db.store.clone(), common::options(&dir))
         .with_auth(Auth::new(Some(admin.into()), None, 0))
         .with_session_secret(Some("browser test"));
     let base = common::serve(state).await;

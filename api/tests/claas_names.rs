@@ -38,9 +38,10 @@ async fn claas_clients_reach_loras_by_their_vllm_adapter_names() {
     })
     .await;
     let db = TestDb::sqlite().await;
-    common::local_lora(&db.store, "eval/no_emoji", 8).await;
-    common::local_lora(&db.store, "openclaw/assistant", 8).await;
-    let state = AppState::new(db.store.clone(), common::options("names")).with_upstream(Some(
+    let dir = claas_testutil::tempdir("names");
+    common::local_lora(&db.store, &dir, "eval/no_emoji", 8).await;
+    common::local_lora(&db.store, &dir, "openclaw/assistant", 8).await;
+    let state = AppState::new(db.store.clone(), common::options(&dir)).with_upstream(Some(
         Upstream::new(&fake.url, None, Duration::from_secs(30)),
     ));
     let api = common::serve(state).await;

@@ -92,14 +92,11 @@ async fn fail_next(db: &TestDb) -> uuid::Uuid {
 }
 
 async fn pages_show_the_queue_and_actions_need_the_csrf_token(db: &TestDb) {
+    let dir = claas_testutil::tempdir("dashboard");
     db.store.create_lora(&lora("team/a")).await.expect("lora");
     let queued = job("team/a", 2);
     db.store.enqueue(&queued).await.expect("enqueue");
-    let base = common::serve(AppState::new(
-        db.store.clone(),
-        common::options("dashboard"),
-    ))
-    .await;
+    let base = common::serve(AppState::new(db.store.clone(), common::options(&dir))).await;
     let http = client();
 
     let (status, html, nonce) = page(&http, &format!("{base}/v1/dashboard"), None).await;
@@ -210,16 +207,13 @@ async fn pages_show_the_queue_and_actions_need_the_csrf_token(db: &TestDb) {
 }
 
 async fn retry_and_delete_are_recorded(db: &TestDb) {
+    let dir = claas_testutil::tempdir("dashboard");
     db.store.create_lora(&lora("a")).await.expect("lora");
     let j = job("a", 1);
     db.store.enqueue(&j).await.expect("enqueue");
     let failed = fail_next(db).await;
     assert_eq!(failed, j.id);
-    let base = common::serve(AppState::new(
-        db.store.clone(),
-        common::options("dashboard"),
-    ))
-    .await;
+    let base = common::serve(AppState::new(db.store.clone(), common::options(&dir))).await;
     let http = client();
     let url = format!("{base}/v1/dashboard/jobs/{failed}");
     let (_, html, nonce) = page(&http, &url, None).await;
@@ -264,9 +258,10 @@ async fn retry_and_delete_are_recorded(db: &TestDb) {
 }
 
 async fn with_keys_on_only_admins_get_in(db: &TestDb) {
+    let dir = claas_testutil::tempdir("dashboard");
     let (_, admin) = common::create_key(db, "ops", &[], true).await;
     let (_, tenant) = common::create_key(db, "alice", &["alice"], false).await;
-    let state = AppState::new(db.store.clone(), common::options("dashboard"))
+    let state = AppState::new(db.store.clone(), common::options(&dir))
         .with_auth(Auth::new(None, None, 0))
         .with_session_secret(Some("test secret"));
     let base = common::serve(state).await;
@@ -379,8 +374,9 @@ async fn with_keys_on_only_admins_get_in(db: &TestDb) {
 }
 
 async fn failed_logins_are_throttled_per_address(db: &TestDb) {
+    let dir = claas_testutil::tempdir("dashboard");
     let (_, admin) = common::create_key(db, "ops", &[], true).await;
-    let state = AppState::new(db.store.clone(), common::options("dashboard"))
+    let state = AppState::new(db.store.clone(), common::options(&dir))
         .with_auth(Auth::new(None, None, 0))
         .with_session_secret(Some("test secret"));
     let base = common::serve(state).await;
@@ -416,6 +412,7 @@ async fn failed_logins_are_throttled_per_address(db: &TestDb) {
 /// The job page shows the trainer's `teacher_scored_texts` (each sample's teacher prompt
 /// as rendered, then its response), escaped.
 async fn a_trained_jobs_page_shows_what_the_teacher_scored(db: &TestDb) {
+    let dir = claas_testutil::tempdir("dashboard");
     db.store.create_lora(&lora("team/t")).await.expect("lora");
     db.store.enqueue(&job("team/t", 1)).await.expect("enqueue");
     let c = common::claim_one(&db.store, TEST_BASE_MODEL).await;
@@ -427,11 +424,7 @@ async fn a_trained_jobs_page_shows_what_the_teacher_scored(db: &TestDb) {
         .complete(&c.lease(), &result, None)
         .await
         .expect("complete"));
-    let base = common::serve(AppState::new(
-        db.store.clone(),
-        common::options("dashboard"),
-    ))
-    .await;
+    let base = common::serve(AppState::new(db.store.clone(), common::options(&dir))).await;
     let url = format!("{base}/v1/dashboard/jobs/{}", c.job.id);
     let (status, html, _) = page(&client(), &url, None).await;
     assert_eq!(status, 200);

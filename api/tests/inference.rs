@@ -343,7 +343,7 @@ async fn upstream_failures_and_bad_requests_get_clear_errors() {
 
     // No inference server configured: 503 that says how to configure one.
     let db = TestDb::sqlite().await;
-    let url = common::serve(AppState::new(db.store.clone(), options())).await;
+    let url = common::serve(AppState::new(db.store.clone(), options(&env.dir))).await;
     let r = reqwest::Client::new()
         .post(format!("{url}/v1/chat/completions"))
         .json(&chat(None, "x"))
@@ -465,6 +465,7 @@ async fn when_every_node_is_asleep_chat_waits_then_gets_503_with_retry_after() {
     })
     .await;
     let db = TestDb::sqlite().await;
+    let dir = claas_testutil::tempdir("asleep");
     db.store
         .register_worker(&WorkerInfo {
             id: "node".into(),
@@ -485,7 +486,7 @@ async fn when_every_node_is_asleep_chat_waits_then_gets_503_with_retry_after() {
         vec![Upstream::new(&fake.url, None, Duration::from_secs(5))],
         Duration::from_millis(300),
     );
-    let state = AppState::new(db.store.clone(), options()).with_backends(Some(backends));
+    let state = AppState::new(db.store.clone(), options(&dir)).with_backends(Some(backends));
     let api = common::serve(state).await;
     let http = reqwest::Client::new();
     let started = std::time::Instant::now();

@@ -23,7 +23,7 @@ fn inline(lora_id: &str, prompt_ids: Value, response_ids: Value) -> Value {
          "response_logprobs": vec![-0.5; n], "system_prompt": "s"}]})
 }
 
-async fn post(app: &axum::Router, body: &Value) -> (StatusCode, String) {
+async fn post(app: &claas_api::App, body: &Value) -> (StatusCode, String) {
     let req = Request::post("/v1/feedback")
         .header("content-type", "application/json")
         .body(Body::from(body.to_string()))
@@ -39,8 +39,9 @@ async fn post(app: &axum::Router, body: &Value) -> (StatusCode, String) {
 }
 
 async fn a_sample_the_trainer_would_refuse_is_a_422_naming_it(db: &TestDb) {
+    let dir = claas_testutil::tempdir("intake");
     // A base checkpoint on this machine with a 1,000-token vocabulary.
-    let base = std::env::temp_dir().join(format!("claas-intake-{}", uuid::Uuid::now_v7()));
+    let base = dir.join("base");
     std::fs::create_dir_all(&base).expect("dir");
     std::fs::write(
         base.join("config.json"),
@@ -51,7 +52,7 @@ async fn a_sample_the_trainer_would_refuse_is_a_422_naming_it(db: &TestDb) {
     l.base_model = base.display().to_string();
     db.store.create_lora(&l).await.expect("lora");
     let app = router(
-        AppState::new(db.store.clone(), common::options("intake"))
+        AppState::new(db.store.clone(), common::options(&dir))
             .with_max_seq_len(8)
             .with_base_models(Some(std::sync::Arc::new(Vocabulary(base.clone())))),
     );
@@ -98,14 +99,14 @@ async fn a_sample_the_trainer_would_refuse_is_a_422_naming_it(db: &TestDb) {
     );
     let (status, message) = post(&app, &with_first(inline("a", json!([1, 2]), json!([999])))).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{message}");
-    let _ = std::fs::remove_dir_all(&base);
 }
 
 #[tokio::test]
 async fn unknown_training_fields_are_ignored_as_claas_does() {
+    let dir = claas_testutil::tempdir("intake");
     let db = TestDb::sqlite().await;
     db.store.create_lora(&lora("a")).await.expect("lora");
-    let app = router(AppState::new(db.store.clone(), common::options("intake")));
+    let app = router(AppState::new(db.store.clone(), common::options(&dir)));
     let mut body = inline("a", json!([1, 2]), json!([3]));
     body["requests"] = json!([body["requests"][1].clone()]);
     body["requests"][0]["training"] = json!({"learning_rate": 1e-5, "a_future_knob": 3});

@@ -16,7 +16,7 @@ claas_core::both_stores!(
     clients_that_hang_up_while_waiting_leave_nothing_behind,
 );
 
-async fn init(app: &axum::Router, key: &str, body: Value) -> (StatusCode, Option<String>) {
+async fn init(app: &claas_api::App, key: &str, body: Value) -> (StatusCode, Option<String>) {
     let req = Request::post("/v1/lora/init")
         .header("content-type", "application/json")
         .header("authorization", format!("Bearer {key}"))
@@ -32,9 +32,10 @@ async fn init(app: &axum::Router, key: &str, body: Value) -> (StatusCode, Option
 }
 
 async fn a_key_creates_at_most_its_hourly_share_of_loras(db: &TestDb) {
+    let dir = claas_testutil::tempdir("limits");
     let (_, alice) = common::create_key(db, "alice", &["alice"], false).await;
     let (_, bob) = common::create_key(db, "bob", &["bob"], false).await;
-    let state = AppState::new(db.store.clone(), common::options("limits"))
+    let state = AppState::new(db.store.clone(), common::options(&dir))
         .with_auth(Auth::new(None, None, 0))
         .with_max_lora_inits_per_hour(2);
     let app = router(state);
@@ -73,11 +74,12 @@ async fn a_key_creates_at_most_its_hourly_share_of_loras(db: &TestDb) {
 /// other requests meanwhile, and each waiting request answers as soon as its job ends.
 async fn hundreds_of_waiting_requests_share_one_poller_and_answer_when_their_jobs_end(db: &TestDb) {
     const N: usize = 300;
+    let dir = claas_testutil::tempdir("limits");
     db.store
         .create_lora(&claas_core::testing::lora("w"))
         .await
         .expect("lora");
-    let state = AppState::new(db.store.clone(), common::options("limits"));
+    let state = AppState::new(db.store.clone(), common::options(&dir));
     let app = router(state.clone());
     let feedback = |i: usize| {
         let body = json!({"requests": [{"lora_id": "w", "prompt": "p", "response": "r",
@@ -151,11 +153,12 @@ async fn hundreds_of_waiting_requests_share_one_poller_and_answer_when_their_job
 /// its entry; its feedback stays queued. Opening and dropping waits cannot grow the process.
 async fn clients_that_hang_up_while_waiting_leave_nothing_behind(db: &TestDb) {
     const N: usize = 50;
+    let dir = claas_testutil::tempdir("limits");
     db.store
         .create_lora(&claas_core::testing::lora("h"))
         .await
         .expect("lora");
-    let state = AppState::new(db.store.clone(), common::options("limits")).with_max_waiting(N);
+    let state = AppState::new(db.store.clone(), common::options(&dir)).with_max_waiting(N);
     let app = router(state.clone());
     let waiting: Vec<_> = (0..N)
         .map(|i| {

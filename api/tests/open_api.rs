@@ -15,17 +15,13 @@ use tower::ServiceExt;
 
 claas_core::both_stores!(an_open_api_is_not_a_target_for_other_sites_pages,);
 
-fn options() -> claas_api::ApiOptions {
-    common::options("open-api")
-}
-
 fn feedback(lora_id: &str) -> Value {
     common::inline_feedback(lora_id)
 }
 
 /// One request with raw headers; returns the status and the error code, if any.
 async fn raw(
-    app: &axum::Router,
+    app: &claas_api::App,
     method: &str,
     uri: &str,
     headers: &[(&str, &str)],
@@ -51,8 +47,9 @@ async fn raw(
 }
 
 async fn an_open_api_is_not_a_target_for_other_sites_pages(db: &TestDb) {
+    let dir = claas_testutil::tempdir("open-api");
     db.store.create_lora(&lora("anyone/a")).await.expect("lora");
-    let app = router(AppState::new(db.store.clone(), options()));
+    let app = router(AppState::new(db.store.clone(), common::options(&dir)));
     let json = ("content-type", "application/json");
     let local = ("host", "127.0.0.1:8080");
     // A form or a no-cors fetch can only send text/plain, a form encoding or multipart.
@@ -122,8 +119,10 @@ async fn an_open_api_is_not_a_target_for_other_sites_pages(db: &TestDb) {
     // Names added by configuration are answered.
     let mut server = claas_core::config::Config::default().server;
     server.allowed_hosts = vec!["claas.internal".into()];
-    let named =
-        router(AppState::new(db.store.clone(), options()).with_auth(Auth::from_config(&server)));
+    let named = router(
+        AppState::new(db.store.clone(), common::options(&dir))
+            .with_auth(Auth::from_config(&server)),
+    );
     let (s, _) = raw(
         &named,
         "GET",
@@ -134,7 +133,7 @@ async fn an_open_api_is_not_a_target_for_other_sites_pages(db: &TestDb) {
     assert_eq!(s, StatusCode::OK);
     // With keys on, a bearer key is what counts, whatever the Host.
     let (_, secret) = common::create_key(db, "ops", &[], true).await;
-    let keyed = router(AppState::new(db.store.clone(), options()));
+    let keyed = router(AppState::new(db.store.clone(), common::options(&dir)));
     let bearer = format!("Bearer {secret}");
     let (s, _) = raw(
         &keyed,

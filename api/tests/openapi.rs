@@ -2,6 +2,8 @@
 //! diff: `cargo insta review`, or `INSTA_UPDATE=always cargo test -p claas-api --test
 //! openapi`), and the router serves exactly the operations it lists.
 
+use std::path::Path;
+
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use claas_api::{router, ApiOptions, AppState};
@@ -43,7 +45,7 @@ fn concrete(path: &str) -> String {
         .replace("{file}", "learning_curves.png")
 }
 
-async fn answer(app: &axum::Router, method: Method, uri: &str) -> (StatusCode, Value) {
+async fn answer(app: &claas_api::App, method: Method, uri: &str) -> (StatusCode, Value) {
     let req = Request::builder()
         .method(method)
         .uri(uri)
@@ -59,8 +61,8 @@ async fn answer(app: &axum::Router, method: Method, uri: &str) -> (StatusCode, V
     )
 }
 
-/// The API, open (no keys), on `db`.
-fn app(db: &TestDb) -> axum::Router {
+/// The API, open (no keys), on `db`, its directories under `dir`.
+fn app(db: &TestDb, dir: &Path) -> claas_api::App {
     let opts = ApiOptions {
         max_body_bytes: 64 * 1024,
         feedback_default_wait_s: 0,
@@ -68,8 +70,8 @@ fn app(db: &TestDb) -> axum::Router {
         max_attempts: 3,
         default_base_model: TEST_BASE_MODEL.into(),
         allowed_init_base_models: vec![TEST_BASE_MODEL.into()],
-        lora_root: "/tmp/claas-openapi-test".into(),
-        data_dir: std::env::temp_dir().join("claas-openapi-test-data"),
+        lora_root: dir.join("loras").display().to_string(),
+        data_dir: dir.join("data"),
         max_lora_rank: None,
     };
     router(AppState::new(db.store.clone(), opts))
@@ -84,7 +86,8 @@ fn routed(status: StatusCode, body: &Value) -> bool {
 #[tokio::test]
 async fn the_router_serves_exactly_the_documented_operations() {
     let db = TestDb::sqlite().await;
-    let app = app(&db);
+    let dir = claas_testutil::tempdir("openapi");
+    let app = app(&db, &dir);
     let doc = document();
     let ops = operations(&doc);
     assert!(
@@ -146,7 +149,8 @@ async fn the_router_serves_exactly_the_documented_operations() {
 #[tokio::test]
 async fn the_document_is_served_at_openapi_json() {
     let db = TestDb::sqlite().await;
-    let app = app(&db);
+    let dir = claas_testutil::tempdir("openapi");
+    let app = app(&db, &dir);
     let (status, body) = answer(&app, Method::GET, "/openapi.json").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, document());

@@ -21,6 +21,7 @@ fn short() -> Timeouts {
 
 #[tokio::test]
 async fn a_body_that_trickles_in_gets_408_and_a_hung_dependency_504() {
+    let dir = claas_testutil::tempdir("timeouts");
     let db = TestDb::sqlite().await;
     // A "vLLM" that accepts connections and never answers.
     let hung = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -33,7 +34,7 @@ async fn a_body_that_trickles_in_gets_408_and_a_hung_dependency_504() {
             held.push(s);
         }
     });
-    let state = AppState::new(db.store.clone(), common::options("timeouts"))
+    let state = AppState::new(db.store.clone(), common::options(&dir))
         .with_upstream(Some(Upstream::new(
             &hung_url,
             None,

@@ -53,13 +53,13 @@ mod tests {
 
     #[test]
     fn the_vocabulary_is_read_from_a_checkpoints_config() {
-        let dir = std::env::temp_dir().join(format!("claas-vocab-{}", std::process::id()));
+        let root = claas_testutil::tempdir("vocab");
+        let dir = root.join("model");
         std::fs::create_dir_all(&dir).expect("dir");
         std::fs::write(dir.join("config.json"), r#"{"vocab_size": 1000}"#).expect("config");
-        let models = TrainerModels::new(std::env::temp_dir());
+        let models = TrainerModels::new(root.join("data"));
         let id = dir.display().to_string();
         assert_eq!(models.vocab_size(&id), Some(1000));
         assert_eq!(models.vocab_size("no/such-model"), None);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -14,8 +14,9 @@ use claas_api::{ApiOptions, AppState};
 use claas_core::testing::TestDb;
 use claas_core::types::NewLora;
 use claas_engine::Engine;
-use claas_trainer::random::{write_checkpoint, Preset};
+use claas_testutil::{tempdir, TempDir};
 use claas_trainer::{AdapterConfig, ChatTokenizer, LoraAdapter, Message, Qwen3};
+use claas_worker::testing::{tiny_checkpoint, tiny_executor};
 use serde_json::{json, Value};
 
 const BASE: &str = "tiny-test";
@@ -26,17 +27,14 @@ struct Env {
     http: reqwest::Client,
     model: Arc<Qwen3>,
     tok: Arc<ChatTokenizer>,
-    root: std::path::PathBuf,
+    /// The model, the LoRAs and the API's data; removed when the test ends.
+    root: TempDir,
 }
 
 async fn start() -> Env {
-    let root = std::env::temp_dir().join(format!("claas-embedded-{}", uuid::Uuid::now_v7()));
+    let root = tempdir("embedded");
     let dir = root.join("model");
-    let d = dir.clone();
-    tokio::task::spawn_blocking(move || write_checkpoint(Preset::Tiny, &d, 21))
-        .await
-        .expect("join")
-        .expect("checkpoint");
+    tiny_checkpoint(&dir, 21).await;
     let model = Arc::new(Qwen3::load(&dir, &Device::Cpu, DType::F32).expect("model"));
     let tok = Arc::new(ChatTokenizer::from_dir(&dir).expect("tokenizer"));
     let db = TestDb::sqlite().await;
@@ -44,9 +42,7 @@ async fn start() -> Env {
     let opts = ApiOptions {
         default_base_model: BASE.into(),
         allowed_init_base_models: vec![BASE.into()],
-        lora_root: root.join("loras").display().to_string(),
-        data_dir: root.clone(),
-        ..common::options("embedded")
+        ..common::options(&root)
     };
     let state = AppState::new(db.store.clone(), opts).with_engine(Some(Arc::new(engine)));
     let api = common::serve(state).await;
@@ -310,36 +306,18 @@ async fn completions_score_models_and_errors() {
 /// versions: every answer is version 0's until the publish, then version 1's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_while_a_job_trains_in_the_same_process_sees_one_version_or_the_next() {
-    use claas_core::config::{Residency, TrainerDevice};
-    use claas_worker::{CandleExecutor, CandleOptions, Worker, WorkerOptions};
+    use claas_worker::{Worker, WorkerOptions};
 
-    let root = std::env::temp_dir().join(format!("claas-embedded-train-{}", uuid::Uuid::now_v7()));
+    let root = tempdir("embedded-train");
     let dir = root.join("model");
-    let d = dir.clone();
-    tokio::task::spawn_blocking(move || write_checkpoint(Preset::Tiny, &d, 23))
-        .await
-        .expect("join")
-        .expect("checkpoint");
     let db = TestDb::sqlite().await;
-    let exec = CandleExecutor::new(CandleOptions {
-        base_model_id: BASE.into(),
-        model_dir: dir,
-        lora_root: root.join("loras"),
-        store: None,
-        device: TrainerDevice::Cpu,
-        residency: Residency::Host,
-        max_seq_len: 4096,
-        vllm: None,
-    })
-    .expect("executor");
+    let exec = tiny_executor(BASE, &dir, root.join("loras"), 23).await;
     let (model, tok) = exec.inference_parts();
     let engine = Engine::new(model.expect("resident"), tok, BASE.into(), db.store.clone());
     let opts = ApiOptions {
         default_base_model: BASE.into(),
         allowed_init_base_models: vec![BASE.into()],
-        lora_root: root.join("loras").display().to_string(),
-        data_dir: root.clone(),
-        ..common::options("embedded")
+        ..common::options(&root)
     };
     let state = AppState::new(db.store.clone(), opts).with_engine(Some(Arc::new(engine)));
     let api = common::serve(state).await;
@@ -425,5 +403,4 @@ async fn chat_while_a_job_trains_in_the_same_process_sees_one_version_or_the_nex
     );
     stop.send(true).expect("stop");
     handle.await.expect("join").expect("worker");
-    let _ = std::fs::remove_dir_all(&root);
 }

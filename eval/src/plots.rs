@@ -222,7 +222,7 @@ mod tests {
         if let Err(why) = font() {
             panic!("plots need a font on this machine: {why}");
         }
-        let dir = std::env::temp_dir().join(format!("claas-plots-{}", std::process::id()));
+        let dir = claas_testutil::tempdir("plots");
         let runs = vec![("no_emoji".to_string(), (0..4).map(step).collect::<Vec<_>>())];
         let written = draw_all(&dir, &runs).expect("plots");
         let names: Vec<_> = written
@@ -242,6 +242,5 @@ mod tests {
             let img = image::open(p).expect("a PNG that decodes");
             assert!(img.width() >= 640 && img.height() == 420, "{}", p.display());
         }
-        std::fs::remove_dir_all(&dir).expect("clean up");
     }
 }

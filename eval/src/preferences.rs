@@ -148,8 +148,7 @@ mod tests {
 
     #[test]
     fn a_directory_adds_preferences_and_overrides_builtin_ones_by_name() {
-        let dir = std::env::temp_dir().join(format!("claas-prefs-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
+        let dir = claas_testutil::tempdir("prefs");
         let mut concise = shipped()["concise"].clone();
         concise.feedback_string = "Be terser still.".into();
         let mut mine = concise.clone();
@@ -159,7 +158,6 @@ mod tests {
             std::fs::write(dir.join(format!("{}.yaml", p.name)), yaml).expect("write");
         }
         let all = with_builtin(Some(&dir)).expect("load");
-        let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(
             all.keys().collect::<Vec<_>>(),
             ["concise", "formal", "identity", "no_emoji"]
@@ -219,8 +217,7 @@ mod tests {
             "unknown preference 'sarcasm' (known: concise, identity, no_emoji)"
         );
 
-        let dir = std::env::temp_dir().join(format!("claas-prefs-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
+        let dir = claas_testutil::tempdir("prefs");
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/preferences/concise.yaml");
         std::fs::copy(&src, dir.join("a.yaml")).expect("copy");
         std::fs::copy(&src, dir.join("b.yaml")).expect("copy");
@@ -233,6 +230,5 @@ mod tests {
         std::fs::write(dir.join("b.yaml"), "name: x\nfeedback: y\n").expect("write");
         let e = load_dir(&dir).expect_err("bad file");
         assert!(e.to_string().contains("b.yaml"), "{e}");
-        std::fs::remove_dir_all(&dir).expect("clean up");
     }
 }

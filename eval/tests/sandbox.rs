@@ -73,14 +73,14 @@ fn output(verdict: &CodeVerdict) -> &str {
     }
 }
 
-/// A host directory anyone may write to, so only the sandbox keeps a payload out of it
-/// (not the drop to `nobody`); removed on drop.
-struct HostDir(PathBuf);
+/// A host directory (outside the sandbox, under the host's temporary directory) anyone may
+/// write to, so only the sandbox keeps a payload out of it (not the drop to `nobody`);
+/// removed on drop, also when the test panics.
+struct HostDir(claas_testutil::TempDir);
 
 impl HostDir {
     fn new(name: &str) -> HostDir {
-        let dir = std::env::temp_dir().join(format!("claas-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("host dir");
+        let dir = claas_testutil::tempdir(name);
         let open = std::os::unix::fs::PermissionsExt::from_mode(0o777);
         std::fs::set_permissions(&dir, open).expect("chmod host dir");
         HostDir(dir)
@@ -88,12 +88,6 @@ impl HostDir {
 
     fn path(&self, file: &str) -> PathBuf {
         self.0.join(file)
-    }
-}
-
-impl Drop for HostDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -8,12 +8,17 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use claas_testutil::TempDir;
+
 /// A child process that is killed when dropped; its stderr goes to a log file that is
-/// printed if the test fails.
+/// printed if the test fails. Its directories (the log's, and the data directory of
+/// [`start_dev`]) are removed after it is killed and its log printed.
 pub struct Proc {
     pub name: String,
     pub child: Child,
     pub log: PathBuf,
+    scratch: TempDir,
+    data: Option<TempDir>,
 }
 
 impl Proc {
@@ -63,10 +68,8 @@ impl Drop for Proc {
 
 /// Starts `claas <args>` with exactly the given environment on top of PATH and RUST_LOG.
 pub fn spawn(name: &str, args: &[&str], env: &[(String, String)]) -> Proc {
-    let log = std::env::temp_dir().join(format!(
-        "claas-e2e-{name}-{}.log",
-        uuid::Uuid::new_v4().simple()
-    ));
+    let scratch = claas_testutil::tempdir(&format!("e2e-{name}"));
+    let log = scratch.join("stderr.log");
     let file = std::fs::File::create(&log).expect("log file");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_claas"));
     cmd.args(args)
@@ -84,8 +87,7 @@ pub fn spawn(name: &str, args: &[&str], env: &[(String, String)]) -> Proc {
         .any(|(k, _)| k == "CLAAS_DATA_DIR" || k == "FEEDBACK_LOG_DIR")
     {
         // Not the working directory's ./data/feedback.
-        let logs = std::env::temp_dir().join("claas-e2e-feedback-logs");
-        cmd.env("FEEDBACK_LOG_DIR", logs);
+        cmd.env("FEEDBACK_LOG_DIR", scratch.join("feedback"));
     }
     for (k, v) in env {
         cmd.env(k, v);
@@ -95,6 +97,8 @@ pub fn spawn(name: &str, args: &[&str], env: &[(String, String)]) -> Proc {
         name: name.to_string(),
         child,
         log,
+        scratch,
+        data: None,
     }
 }
 
@@ -160,13 +164,13 @@ pub fn feedback(lora_id: &str, text: &str) -> serde_json::Value {
 
 /// Starts `claas dev` (the candle trainer, SQLite and files in a fresh directory) on a
 /// free port and waits until it answers; returns the process, its base URL and its data
-/// directory.
+/// directory (the process owns it: it is removed when the process is dropped).
 pub async fn start_dev(name: &str) -> (Proc, String, std::path::PathBuf) {
-    let dir = std::env::temp_dir().join(format!("claas-{name}-e2e-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let owned = claas_testutil::tempdir(&format!("{name}-e2e"));
+    let dir = owned.to_path_buf();
     let port = free_port().to_string();
     let data = dir.display().to_string();
-    let dev = spawn(
+    let mut dev = spawn(
         "dev",
         &["dev"],
         &env(&[
@@ -177,20 +181,10 @@ pub async fn start_dev(name: &str) -> (Proc, String, std::path::PathBuf) {
             ("CLAAS_WORKER_EXECUTOR", "candle"),
         ]),
     );
+    dev.data = Some(owned);
     let base = format!("http://127.0.0.1:{port}");
     wait_http(&base).await;
     (dev, base, dir)
-}
-
-/// A tiny random Qwen3 checkpoint written to `dir` (the same weights every time).
-pub async fn tiny_checkpoint(dir: &std::path::Path) {
-    let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        claas_trainer::random::write_checkpoint(claas_trainer::random::Preset::Tiny, &dir, 5)
-    })
-    .await
-    .expect("join")
-    .expect("checkpoint");
 }
 
 /// A fake vLLM 0.15 serving `model_id` with the tiny checkpoint's byte tokenizer.

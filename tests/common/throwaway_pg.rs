@@ -1,13 +1,15 @@
 //! A Postgres cluster of its own for a test that must control the server's settings
 //! (`max_connections`), started with the local installation's `initdb` and `pg_ctl` as the
-//! `postgres` user, and stopped on drop.
+//! `postgres` user, and stopped on drop (then its directory is removed).
 
 use std::path::PathBuf;
 use std::process::Command;
 
+use claas_testutil::TempDir;
+
 pub struct ThrowawayPg {
     bin: PathBuf,
-    dir: PathBuf,
+    dir: TempDir,
     pub url: String,
 }
 
@@ -46,11 +48,10 @@ impl ThrowawayPg {
     /// no server installation is found.
     pub fn start(settings: &[&str]) -> Option<ThrowawayPg> {
         let bin = server_bin()?;
-        let dir = std::env::temp_dir().join(format!("claas-pg-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).expect("cluster dir");
+        let dir = claas_testutil::tempdir("pg");
         let _ = Command::new("chown")
             .args(["postgres:postgres"])
-            .arg(&dir)
+            .arg(&*dir)
             .status();
         let data = dir.join("data");
         let data_s = data.display().to_string();
@@ -110,6 +111,6 @@ impl Drop for ThrowawayPg {
             &["-D", &data, "-m", "immediate", "stop"],
         )
         .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // `dir` (the cluster's files) goes when the fields drop, after the server stopped.
     }
 }

@@ -2,16 +2,16 @@
 //! without an adapter, and sampling is reproducible.
 
 use candle_core::{DType, Device, Tensor};
+use claas_testutil::{tempdir, TempDir};
 use claas_trainer::generate::{full_logits, generate, Finish, Sampling};
 use claas_trainer::random::{write_checkpoint, Preset};
 use claas_trainer::{AdapterConfig, KvCache, LoraAdapter, Qwen3};
 
-/// A tiny checkpoint in a directory of its own per call: tests run in parallel, and one
-/// that found another's half-written checkpoint failed to load it.
-fn tiny() -> (Qwen3, std::path::PathBuf) {
-    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("claas-gen-{}-{call}", std::process::id()));
+/// A tiny checkpoint in a directory of its own per call (tests run in parallel, and one
+/// that found another's half-written checkpoint failed to load it), removed when the
+/// returned guard drops.
+fn tiny() -> (Qwen3, TempDir) {
+    let dir = tempdir("gen");
     write_checkpoint(Preset::Tiny, &dir, 11).expect("checkpoint");
     (
         Qwen3::load(&dir, &Device::Cpu, DType::F32).expect("load"),
@@ -53,7 +53,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn cached_decoding_matches_the_full_forward_at_every_position() {
-    let (model, _) = tiny();
+    let (model, _dir) = tiny();
     let lora = adapter(&model);
     let ids: Vec<u32> = vec![257, 10, 72, 101, 108, 108, 111, 258, 10, 257, 97, 115, 115];
     // A cache that grows (5 → 10 → 20 positions, copying what it holds) and one with room.
@@ -94,7 +94,7 @@ fn cached_decoding_matches_the_full_forward_at_every_position() {
 
 #[test]
 fn greedy_and_seeded_sampling_are_reproducible_and_logprobs_are_raw() {
-    let (model, _) = tiny();
+    let (model, _dir) = tiny();
     let prompt = [257u32, 10, 72, 105, 258, 10, 257, 97, 10];
     let greedy = Sampling {
         temperature: 0.0,

@@ -179,8 +179,8 @@ mod tests {
             result: Some(&result),
             phase_ms: &[(Phase::Drain, 5), (Phase::Sleep, 7), (Phase::Distill, 100)],
         };
-        let dir = std::env::temp_dir().join(format!("claas-flog-{}", Uuid::new_v4().simple()));
-        let path = write(dir.clone(), &record).await.expect("written");
+        let dir = claas_testutil::tempdir("flog");
+        let path = write(dir.to_path_buf(), &record).await.expect("written");
         let read: Value =
             serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
         assert_eq!(read["status"], "ok");
@@ -196,6 +196,5 @@ mod tests {
             .map(|e| e.expect("entry").file_name())
             .collect();
         assert_eq!(names.len(), 1, "no temporary file is left: {names:?}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -35,11 +35,12 @@ async fn run(store: &SharedStore, texts: &[&str]) -> Vec<(JobStatus, Option<Stri
         store.enqueue(j).await.expect("enqueue");
     }
     let (stop, rx) = watch::channel(false);
+    let root = claas_testutil::tempdir("bad-samples");
     let worker = Worker::new(
         store.clone(),
         Arc::new(SimulatedExecutor {
             step: Duration::from_millis(1),
-            root: std::env::temp_dir().join("claas-bad-sample-tests"),
+            root: root.to_path_buf(),
         }),
         WorkerOptions {
             poll_interval: Duration::from_millis(20),

@@ -4,30 +4,20 @@
 
 use std::path::PathBuf;
 
-use claas_core::config::{Residency, TrainerDevice};
+use claas_core::config::Residency;
 use claas_core::testing::{sample, TEST_BASE_MODEL};
 use claas_core::types::{Orchestration, TrainingConfig};
 use claas_testutil::tempdir;
-use claas_trainer::random::{write_checkpoint, Preset};
+use claas_worker::testing::{cpu_options, tiny_checkpoint};
 use claas_worker::{AdapterSource, CandleExecutor, CandleOptions, JobContext, Trainer};
 
 async fn one_step(residency: Residency) -> serde_json::Value {
     let model_dir = tempdir("model");
     let lora_root = tempdir("loras");
-    let d = model_dir.to_path_buf();
-    tokio::task::spawn_blocking(move || write_checkpoint(Preset::Tiny, &d, 9))
-        .await
-        .expect("join")
-        .expect("checkpoint");
+    tiny_checkpoint(&model_dir, 9).await;
     let exec = CandleExecutor::new(CandleOptions {
-        base_model_id: TEST_BASE_MODEL.into(),
-        model_dir: model_dir.to_path_buf(),
-        lora_root: lora_root.to_path_buf(),
-        store: None,
-        device: TrainerDevice::Cpu,
         residency,
-        max_seq_len: 4096,
-        vllm: None,
+        ..cpu_options(TEST_BASE_MODEL, &model_dir, &lora_root)
     })
     .expect("executor");
     let ctx = JobContext {

@@ -6,19 +6,15 @@ use std::path::Path;
 
 use claas_fake_vllm::hub::{FakeHub, COMMIT};
 use claas_testutil::{tempdir, TempDir};
-use claas_trainer::random::{write_checkpoint, Preset};
 use claas_worker::hub::{fetch_if_missing, Fetched, HubError, HubSettings};
+use claas_worker::testing::tiny_checkpoint;
 
 const REPO: &str = "tiny-org/tiny-qwen3";
 
 /// The fake Hub, and the directory it serves (removed when the guard drops).
 async fn start_hub(token: Option<&str>) -> (FakeHub, TempDir) {
     let dir = tempdir("hub-files");
-    let d = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || write_checkpoint(Preset::Tiny, &d, 3))
-        .await
-        .expect("join")
-        .expect("checkpoint");
+    tiny_checkpoint(&dir, 3).await;
     (FakeHub::start(REPO, dir.to_path_buf(), token).await, dir)
 }
 

@@ -5,33 +5,17 @@
 use std::time::{Duration, Instant};
 
 use claas_core::adapter_store::AdapterStore;
-use claas_core::config::{Residency, TrainerDevice};
 use claas_core::testing::{job, TestDb, TEST_BASE_MODEL};
 use claas_core::types::{JobStatus, NewLora};
-use claas_trainer::random::{write_checkpoint, Preset};
-use claas_worker::{CandleExecutor, CandleOptions, Worker, WorkerOptions};
+use claas_worker::testing::tiny_executor;
+use claas_worker::{Worker, WorkerOptions};
 use tokio::sync::watch;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_versions_lose_their_files_after_each_publish() {
     let root = claas_testutil::tempdir("retention");
     let (model_dir, lora_root) = (root.join("model"), root.join("loras"));
-    let m = model_dir.clone();
-    tokio::task::spawn_blocking(move || write_checkpoint(Preset::Tiny, &m, 4))
-        .await
-        .expect("join")
-        .expect("checkpoint");
-    let exec = CandleExecutor::new(CandleOptions {
-        base_model_id: TEST_BASE_MODEL.into(),
-        model_dir,
-        lora_root: lora_root.clone(),
-        store: None,
-        device: TrainerDevice::Cpu,
-        residency: Residency::Host,
-        max_seq_len: 4096,
-        vllm: None,
-    })
-    .expect("executor");
+    let exec = tiny_executor(TEST_BASE_MODEL, &model_dir, lora_root.clone(), 4).await;
     // What a crashed attempt left long ago, and what one is writing now: only the first
     // is an orphan.
     let stale = lora_root.join("r/@v1-deadbeefdeadbeef");

@@ -7,12 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use claas_core::config::{Residency, TrainerDevice};
 use claas_core::testing::{job, TestDb, TEST_BASE_MODEL};
 use claas_core::types::{Job, NewLora};
 use claas_fake_vllm::{FakeVllm, Options};
 use claas_testutil::{tempdir, TempDir};
-use claas_trainer::random::{write_checkpoint, Preset};
+use claas_worker::testing::{cpu_options, tiny_checkpoint};
 use claas_worker::{CandleExecutor, CandleOptions, VllmOptions, Worker, WorkerOptions};
 use tokio::sync::watch;
 
@@ -48,20 +47,9 @@ async fn executor_with(
     api_key: Option<&str>,
 ) -> CandleExecutor {
     let model_dir = tempdir("model");
-    let d = model_dir.to_path_buf();
-    tokio::task::spawn_blocking(move || write_checkpoint(Preset::Tiny, &d, 3))
-        .await
-        .expect("join")
-        .expect("checkpoint");
+    tiny_checkpoint(&model_dir, 3).await;
     // Host residency reads the checkpoint here, so its files may go when this returns.
     CandleExecutor::new(CandleOptions {
-        base_model_id: TEST_BASE_MODEL.into(),
-        model_dir: model_dir.to_path_buf(),
-        lora_root: lora_root.to_path_buf(),
-        store: None,
-        device: TrainerDevice::Cpu,
-        residency: Residency::Host,
-        max_seq_len: 4096,
         vllm: Some(VllmOptions {
             url: fake.url.clone(),
             api_key: api_key.map(str::to_owned),
@@ -73,6 +61,7 @@ async fn executor_with(
             reload_attempts: 2,
             reload_backoff: Duration::from_millis(10),
         }),
+        ..cpu_options(TEST_BASE_MODEL, &model_dir, lora_root)
     })
     .expect("executor")
 }

@@ -37,9 +37,10 @@ async fn idle_worker_is_woken_at_once_even_after_its_listener_is_killed() {
     let db = TestDb::postgres().await;
     db.store.create_lora(&lora("a")).await.expect("lora");
     let (stop, rx) = watch::channel(false);
+    let root = claas_testutil::tempdir("wakeups");
     let exec = SimulatedExecutor {
         step: Duration::ZERO,
-        root: std::env::temp_dir().join("claas-wakeups"),
+        root: root.to_path_buf(),
     };
     let worker = Worker::new(db.store.clone(), Arc::new(exec), options("listener-test"));
     let handle = tokio::spawn(async move { worker.run(rx).await });

@@ -3,12 +3,15 @@
 
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
+
 use claas_api::{ApiOptions, AppState};
 use claas_core::testing::TEST_BASE_MODEL;
 use serde_json::Value;
 
-/// Options on the test base model; `name` keeps each file's directories apart.
-pub fn options(name: &str) -> ApiOptions {
+/// Options on the test base model, with the LoRAs and the data under `dir` (a test's
+/// own [`claas_testutil::tempdir`], held while the API runs).
+pub fn options(dir: &Path) -> ApiOptions {
     ApiOptions {
         max_body_bytes: 1 << 20,
         feedback_default_wait_s: 0,
@@ -16,11 +19,8 @@ pub fn options(name: &str) -> ApiOptions {
         max_attempts: 3,
         default_base_model: TEST_BASE_MODEL.into(),
         allowed_init_base_models: vec![TEST_BASE_MODEL.into()],
-        lora_root: std::env::temp_dir()
-            .join(format!("claas-{name}-tests"))
-            .display()
-            .to_string(),
-        data_dir: std::env::temp_dir().join(format!("claas-{name}-tests-data")),
+        lora_root: dir.join("loras").display().to_string(),
+        data_dir: dir.join("data"),
         max_lora_rank: None,
     }
 }
@@ -88,15 +88,16 @@ pub async fn create_key(
     (id, secret)
 }
 
-/// Registers LoRA `lora_id` on the test base model with version 0 in a fresh local
-/// directory holding only its `adapter_config.json` (what the proxy needs to load it into
-/// a fake vLLM); returns that directory.
+/// Registers LoRA `lora_id` on the test base model with version 0 in a fresh directory
+/// under `under` (a test's tempdir) holding only its `adapter_config.json` (what the proxy
+/// needs to load it into a fake vLLM); returns that directory.
 pub async fn local_lora(
     store: &claas_core::queue::SharedStore,
+    under: &Path,
     lora_id: &str,
     rank: u32,
-) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("claas-lora-{}", uuid::Uuid::now_v7()));
+) -> PathBuf {
+    let dir = under.join(format!("lora-{}", uuid::Uuid::now_v7()));
     std::fs::create_dir_all(&dir).expect("dir");
     std::fs::write(
         dir.join("adapter_config.json"),

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use claas_api::upstream::Upstream;
 use claas_api::{ApiOptions, AppState};
 use claas_core::testing::{TestDb, TEST_BASE_MODEL};
 use claas_fake_vllm::{FakeVllm, Options};
+use claas_testutil::TempDir;
 use serde_json::{json, Value};
 
 use crate::common;
@@ -20,12 +22,15 @@ pub struct Env {
     pub fake: FakeVllm,
     pub db: TestDb,
     pub http: reqwest::Client,
+    /// The API's directories and the LoRAs' files, removed when the test ends.
+    pub dir: TempDir,
 }
 
-pub fn options() -> ApiOptions {
+/// The options of the proxy's API, its directories under `dir`.
+pub fn options(dir: &Path) -> ApiOptions {
     ApiOptions {
         max_lora_rank: Some(32),
-        ..common::options("inference")
+        ..common::options(dir)
     }
 }
 
@@ -37,7 +42,8 @@ pub async fn start_with(fake_opts: Options, cache: Arc<dyn CompletionCache>) -> 
     })
     .await;
     let db = TestDb::sqlite().await;
-    let state = AppState::new(db.store.clone(), options())
+    let dir = claas_testutil::tempdir("proxy");
+    let state = AppState::new(db.store.clone(), options(&dir))
         .with_cache(cache)
         .with_upstream(Some(Upstream::new(&fake.url, key, Duration::from_secs(30))));
     let api = common::serve(state).await;
@@ -46,6 +52,7 @@ pub async fn start_with(fake_opts: Options, cache: Arc<dyn CompletionCache>) -> 
         fake,
         db,
         http: reqwest::Client::new(),
+        dir,
     }
 }
 
@@ -94,5 +101,5 @@ pub fn feedback(lora: &str, response: &str) -> Value {
 }
 
 pub async fn make_lora(env: &Env, lora_id: &str, rank: u32) -> std::path::PathBuf {
-    common::local_lora(&env.db.store, lora_id, rank).await
+    common::local_lora(&env.db.store, &env.dir, lora_id, rank).await
 }

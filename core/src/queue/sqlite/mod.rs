@@ -386,7 +386,8 @@ mod tests {
 
     #[tokio::test]
     async fn every_commit_syncs_the_wal_so_accepted_feedback_survives_a_power_loss() {
-        let file = std::env::temp_dir().join(format!("claas-sync-{}.db", uuid::Uuid::new_v4()));
+        let dir = claas_testutil::tempdir("sync");
+        let file = dir.join("claas.db");
         let store = SqliteStore::connect(&format!("sqlite:{}", file.display()))
             .await
             .expect("store");
@@ -400,9 +401,6 @@ mod tests {
             .await
             .expect("synchronous");
         store.pool.close().await;
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
-        }
         assert_eq!(journal, "wal");
         assert_eq!(sync, 2, "synchronous must be FULL");
     }
