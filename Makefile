@@ -9,11 +9,12 @@ dev:
 # and Redis at $$REDIS_URL, default redis://127.0.0.1:6379; installs the python `openai` client
 # into target/py for the proxy's client test, and Debian's chromium + chromedriver for the
 # dashboard's browser test, schemathesis into target/schemathesis-venv for the OpenAPI fuzz, and
-# Debian's bubblewrap for the eval's coding-probe sandbox).
+# Debian's bubblewrap for the eval's coding-probe sandbox, and the `tinker` SDK 0.38.0 into
+# target/tinker-venv, run against the fake Tinker).
 test:
 	CLAAS_TEST_PYTHON="$$(scripts/test-python.sh)" CLAAS_TEST_CHROMEDRIVER="$$(scripts/test-browser.sh)" \
 	  CLAAS_TEST_SCHEMATHESIS="$$(scripts/test-schemathesis.sh)" \
-	  CLAAS_EVAL_BWRAP="$$(scripts/test-sandbox.sh)" \
+	  CLAAS_EVAL_BWRAP="$$(scripts/test-sandbox.sh)" CLAAS_TEST_TINKER_PYTHON="$$(scripts/test-tinker.sh)" \
 	  cargo test --workspace --all-targets
 
 lint: layers

@@ -11,6 +11,9 @@ pub mod hub;
 pub mod runtime;
 pub mod serving;
 pub mod simulated;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod tinker;
 pub mod vllm;
 pub mod vram;
 
@@ -22,3 +25,4 @@ pub use executor::{
 pub use runtime::{Worker, WorkerOptions};
 pub use serving::{VllmOptions, VllmServing};
 pub use simulated::SimulatedExecutor;
+pub use tinker::TinkerTrainer;

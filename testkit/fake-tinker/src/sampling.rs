@@ -1,0 +1,190 @@
+//! Sampling routes (§6.10, §6.11, §6.13): sampling sessions on a base model or a
+//! `sampler_weights` checkpoint, and `asample`, whose result is a protobuf `SampleResponse`
+//! (a `compute_logprobs` is an `asample` with `prompt_logprobs: true`).
+
+use axum::body::Bytes;
+use axum::extract::Path;
+use prost::Message;
+use serde::Deserialize;
+
+use crate::futures::{submit, Outcome};
+use crate::proto::{self, SampleResponse, SampledSequence};
+use crate::*;
+
+pub(crate) fn routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route(
+            "/api/v1/create_sampling_session",
+            post(create_sampling_session),
+        )
+        .route("/api/v1/samplers/{id}", get(get_sampler))
+        .route("/api/v1/asample", post(asample))
+}
+
+#[derive(Deserialize)]
+struct CreateSamplingSession {
+    session_id: String,
+    sampling_session_seq_id: u64,
+    base_model: Option<String>,
+    model_path: Option<String>,
+}
+
+/// What a sampler samples from: a checkpoint's weights, or a base model's.
+fn resolve(
+    s: &Shared,
+    world: &World,
+    base_model: Option<&str>,
+    model_path: Option<&str>,
+) -> Result<(String, u64), Reject> {
+    if let Some(path) = model_path {
+        let c = world.checkpoints.get(path).ok_or_else(|| {
+            reject(
+                StatusCode::NOT_FOUND,
+                format!("checkpoint {path} not found"),
+            )
+        })?;
+        return Ok((c.base_model.clone(), c.weights));
+    }
+    match base_model {
+        Some(b) if s.knows_base_model(b) => Ok((b.to_owned(), model::base_weights(b))),
+        Some(b) => Err(reject(
+            StatusCode::BAD_REQUEST,
+            format!("unknown base model {b:?}"),
+        )),
+        None => Err(reject(
+            StatusCode::BAD_REQUEST,
+            "give base_model or model_path",
+        )),
+    }
+}
+
+async fn create_sampling_session(State(s): State<Arc<Shared>>, body: Bytes) -> Answer {
+    let req: CreateSamplingSession = parse(&body)?;
+    let mut world = s.world();
+    world.live_session(&req.session_id)?;
+    let (base_model, weights) = resolve(
+        &s,
+        &world,
+        req.base_model.as_deref(),
+        req.model_path.as_deref(),
+    )?;
+    let id = format!("{}:sample:{}", req.session_id, req.sampling_session_seq_id);
+    let sampler = Sampler {
+        session: req.session_id,
+        base_model,
+        model_path: req.model_path,
+        weights,
+    };
+    world.samplers.insert(id.clone(), sampler);
+    Ok(ok(
+        json!({"sampling_session_id": id, "type": "create_sampling_session"}),
+    ))
+}
+
+async fn get_sampler(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+    match s.world().samplers.get(&id) {
+        None => detail(StatusCode::NOT_FOUND, &format!("sampler {id} not found")),
+        Some(sampler) => {
+            let mut body = json!({"sampler_id": id, "base_model": sampler.base_model});
+            if let Some(path) = &sampler.model_path {
+                body["model_path"] = json!(path);
+            }
+            ok(body)
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Asample {
+    #[serde(default = "one")]
+    num_samples: usize,
+    prompt: ModelInput,
+    sampling_params: SamplingParams,
+    sampling_session_id: Option<String>,
+    base_model: Option<String>,
+    model_path: Option<String>,
+    #[serde(default)]
+    prompt_logprobs: bool,
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Deserialize)]
+struct ModelInput {
+    chunks: Vec<TextChunk>,
+}
+
+#[derive(Deserialize)]
+struct TextChunk {
+    tokens: Vec<i32>,
+}
+
+#[derive(Deserialize)]
+struct SamplingParams {
+    max_tokens: Option<usize>,
+    seed: Option<i64>,
+}
+
+/// Tokens a sample may have when the request sets no `max_tokens`.
+const DEFAULT_MAX_TOKENS: usize = 16;
+
+async fn asample(State(s): State<Arc<Shared>>, body: Bytes) -> Answer {
+    let req: Asample = parse(&body)?;
+    let mut world = s.world();
+    let weights = sampler_weights(&s, &world, &req)?;
+    let prompt: Vec<i32> = req
+        .prompt
+        .chunks
+        .iter()
+        .flat_map(|c| c.tokens.clone())
+        .collect();
+    if prompt.is_empty() {
+        return Err(reject(StatusCode::BAD_REQUEST, "the prompt has no tokens"));
+    }
+    let max_tokens = req.sampling_params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+    let seed = req.sampling_params.seed.unwrap_or(0);
+    let sequences = (0..req.num_samples)
+        .map(|i| sequence(weights, &prompt, seed, i, max_tokens))
+        .collect();
+    let response = SampleResponse {
+        sequences,
+        prompt_logprobs: req
+            .prompt_logprobs
+            .then(|| proto::f32_bytes(&model::prompt_logprobs(weights, &prompt))),
+        prompt_cache_hit_tokens: 0,
+    };
+    let result = Outcome::Proto(response.encode_to_vec());
+    submit(&s, &mut world, result, None, Some(req.num_samples))
+}
+
+/// Sample number `index`, with a log-prob per token (the SDK needs them non-empty).
+fn sequence(weights: u64, prompt: &[i32], seed: i64, index: usize, max: usize) -> SampledSequence {
+    let (tokens, logprobs, hit_max) = model::sample(weights, prompt, seed, index, max);
+    let stop_reason = if hit_max {
+        proto::STOP_REASON_LENGTH
+    } else {
+        proto::STOP_REASON_STOP
+    };
+    SampledSequence {
+        stop_reason,
+        tokens: proto::i32_bytes(&tokens),
+        logprobs: Some(proto::f32_bytes(&logprobs)),
+    }
+}
+
+/// The weights an `asample` samples from: its sampling session's (whose session must be
+/// live), else its `model_path`'s or `base_model`'s.
+fn sampler_weights(s: &Shared, world: &World, req: &Asample) -> Result<u64, Reject> {
+    let Some(id) = &req.sampling_session_id else {
+        let (base, path) = (req.base_model.as_deref(), req.model_path.as_deref());
+        return resolve(s, world, base, path).map(|(_, w)| w);
+    };
+    let sampler = world
+        .samplers
+        .get(id)
+        .ok_or_else(|| reject(StatusCode::NOT_FOUND, format!("sampler {id} not found")))?;
+    world.live_session(&sampler.session)?;
+    Ok(sampler.weights)
+}
