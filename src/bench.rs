@@ -22,6 +22,17 @@ pub enum BenchCommand {
     Step(crate::train::StepBench),
     /// Embedded inference: time to first token and greedy decode tokens/s.
     Decode(crate::train::DecodeBench),
+    /// Checkpoint load time on the CPU in f32 (`Qwen3::load`), per run and the median.
+    Load(LoadBench),
+}
+
+#[derive(Args)]
+pub struct LoadBench {
+    /// Checkpoint directory (e.g. from `claas model random`).
+    #[arg(long)]
+    model: std::path::PathBuf,
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
 }
 
 #[derive(Args)]
@@ -55,7 +66,35 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Decode(b) => {
             tokio::task::spawn_blocking(move || crate::train::bench_decode(b)).await?
         }
+        BenchCommand::Load(b) => tokio::task::spawn_blocking(move || load(b)).await?,
     }
+}
+
+/// `claas bench load`: wall time of `Qwen3::load` on the CPU in f32, each run dropping the
+/// model before the next (the page cache stays warm after the first).
+fn load(b: LoadBench) -> Result<()> {
+    use candle_core::{DType, Device};
+    if b.runs == 0 {
+        bail!("--runs must be > 0");
+    }
+    let mut secs = Vec::with_capacity(b.runs);
+    for run in 1..=b.runs {
+        let started = Instant::now();
+        let model = claas_trainer::model::Qwen3::load(&b.model, &Device::Cpu, DType::F32)?;
+        let s = started.elapsed().as_secs_f64();
+        drop(model);
+        println!("run {run}: {s:.3} s");
+        secs.push(s);
+    }
+    secs.sort_by(f64::total_cmp);
+    println!(
+        "candle: load {} median {:.3} s over {} runs ({} threads)",
+        b.model.display(),
+        secs[secs.len() / 2],
+        b.runs,
+        candle_core::utils::get_num_threads()
+    );
+    Ok(())
 }
 
 async fn queue(b: QueueBench) -> Result<()> {

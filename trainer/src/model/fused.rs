@@ -309,8 +309,6 @@ impl candle_core::CustomOp1 for Transpose2d {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
-        const TILE: usize = 64;
         let CpuStorage::F32(x) = x else {
             candle_core::bail!("transpose-2d: f32 only");
         };
@@ -318,26 +316,7 @@ impl candle_core::CustomOp1 for Transpose2d {
             candle_core::bail!("transpose-2d: contiguous input only");
         };
         let (rows, cols) = l.shape().dims2()?;
-        let x = &x[x0..x1];
-        let mut out = vec![0f32; x.len()];
-        if rows > 0 {
-            // Each task: TILE output rows (input columns c0..), filled a TILE x TILE tile at
-            // a time so reads and writes both stay in cache.
-            out.par_chunks_mut(TILE * rows)
-                .enumerate()
-                .for_each(|(block, o)| {
-                    let c0 = block * TILE;
-                    let width = o.len() / rows;
-                    for r0 in (0..rows).step_by(TILE) {
-                        for r in r0..(r0 + TILE).min(rows) {
-                            let src = &x[r * cols + c0..][..width];
-                            for (j, v) in src.iter().enumerate() {
-                                o[j * rows + r] = *v;
-                            }
-                        }
-                    }
-                });
-        }
+        let out = super::load::transpose_with(&x[x0..x1], &[rows, cols], |v| v);
         Ok((CpuStorage::F32(out), Shape::from((cols, rows))))
     }
 }

@@ -19,6 +19,7 @@ mod attend;
 mod cached;
 mod checkpoint;
 mod fused;
+mod load;
 mod simd;
 
 pub use cached::KvCache;
@@ -52,15 +53,16 @@ pub struct Qwen3 {
 impl Qwen3 {
     /// Loads `config.json` and the weights (`model.safetensors`, or the shards listed in
     /// `model.safetensors.index.json`) from a checkpoint directory, in `dtype` on `device`.
+    /// Each tensor is read from disk straight into f32 (projections transposed in the same
+    /// pass), then converted to `dtype` and moved to `device`, one tensor at a time; the
+    /// values are exactly those of [`Qwen3::from_tensors`] on the same tensors.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let config = Qwen3Config::from_dir(dir)?;
-        let mut tensors = HashMap::new();
-        for file in weight_files(dir)? {
-            let loaded = candle_core::safetensors::load(&file, &Device::Cpu)
-                .map_err(|e| checkpoint(format!("cannot read {}: {e}", file.display())))?;
-            tensors.extend(loaded);
-        }
-        Self::from_tensors(config, tensors, device, dtype)
+        let mut ckpt = load::Checkpoint::open(weight_files(dir)?)?;
+        Self::build(config, device, dtype, |name, shape, transpose| {
+            let t = ckpt.read(name, shape, transpose)?;
+            Ok(t.to_dtype(dtype)?.to_device(device)?)
+        })
     }
 
     /// Builds the model from named tensors (Hugging Face names).
@@ -70,7 +72,7 @@ impl Qwen3 {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
+        Self::build(config, device, dtype, |name, shape, transpose| {
             let t = tensors
                 .remove(name)
                 .ok_or_else(|| checkpoint(format!("checkpoint has no tensor {name}")))?;
@@ -80,41 +82,66 @@ impl Qwen3 {
                     t.dims()
                 )));
             }
-            Ok(t.to_dtype(dtype)?.to_device(device)?)
-        };
+            let t = t.to_dtype(dtype)?.to_device(device)?;
+            Ok(if transpose { transpose_2d(&t)? } else { t })
+        })
+    }
+
+    /// The model from `take(name, shape, transpose)`: the tensor `name` of `shape` in the
+    /// model's dtype on `device`, transposed when asked (the projections).
+    fn build(
+        config: Qwen3Config,
+        device: &Device,
+        dtype: DType,
+        mut take: impl FnMut(&str, &[usize], bool) -> Result<Tensor>,
+    ) -> Result<Self> {
         let c = &config;
-        let embed = take("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+        let embed = take(
+            "model.embed_tokens.weight",
+            &[c.vocab_size, c.hidden_size],
+            false,
+        )?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let mut proj = Vec::with_capacity(7);
             for m in Module::ALL {
                 let (inp, out) = c.shape_of(m);
-                let w = take(
-                    &format!("{p}.{}.{}.weight", m.block(), m.name()),
-                    &[out, inp],
-                )?;
-                proj.push(transpose_2d(&w)?);
+                let name = format!("{p}.{}.{}.weight", m.block(), m.name());
+                proj.push(take(&name, &[out, inp], true)?);
             }
             let proj: [Tensor; 7] = proj
                 .try_into()
                 .map_err(|_| checkpoint("seven projections per layer"))?;
             layers.push(Layer {
                 proj,
-                q_norm: take(&format!("{p}.self_attn.q_norm.weight"), &[c.head_dim])?,
-                k_norm: take(&format!("{p}.self_attn.k_norm.weight"), &[c.head_dim])?,
-                input_norm: take(&format!("{p}.input_layernorm.weight"), &[c.hidden_size])?,
+                q_norm: take(
+                    &format!("{p}.self_attn.q_norm.weight"),
+                    &[c.head_dim],
+                    false,
+                )?,
+                k_norm: take(
+                    &format!("{p}.self_attn.k_norm.weight"),
+                    &[c.head_dim],
+                    false,
+                )?,
+                input_norm: take(
+                    &format!("{p}.input_layernorm.weight"),
+                    &[c.hidden_size],
+                    false,
+                )?,
                 post_attention_norm: take(
                     &format!("{p}.post_attention_layernorm.weight"),
                     &[c.hidden_size],
+                    false,
                 )?,
             });
         }
-        let norm = take("model.norm.weight", &[c.hidden_size])?;
+        let norm = take("model.norm.weight", &[c.hidden_size], false)?;
         let lm_head = if c.tie_word_embeddings {
             embed.clone()
         } else {
-            take("lm_head.weight", &[c.vocab_size, c.hidden_size])?
+            take("lm_head.weight", &[c.vocab_size, c.hidden_size], false)?
         };
         Ok(Qwen3 {
             config,
