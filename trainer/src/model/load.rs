@@ -151,11 +151,10 @@ impl Checkpoint {
                 let raw = &bytemuck::cast_slice::<u32, u8>(words)[..nbytes];
                 let x = Tensor::from_raw_buffer(raw, dtype, shape, &Device::Cpu)?;
                 let x = x.to_dtype(DType::F32)?;
-                return Ok(if transpose {
-                    super::fused::transpose_2d(&x)?
-                } else {
-                    x
-                });
+                if !transpose {
+                    return Ok(x);
+                }
+                transpose_with(&x.flatten_all()?.to_vec1::<f32>()?, shape, |v| v)
             }
         };
         let dims = if transpose {
