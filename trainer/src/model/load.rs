@@ -104,9 +104,9 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// The tensor `name`, which must have `shape`, in f32 on the CPU; with `transpose`, a
-    /// 2-D tensor's transpose, contiguous. Values are exactly candle's `to_dtype(F32)`.
-    pub(super) fn read(&mut self, name: &str, shape: &[usize], transpose: bool) -> Result<Tensor> {
+    /// Where tensor `name` lies (file, stored dtype, offset), checked against the `shape`
+    /// the config implies.
+    fn locate(&self, name: &str, shape: &[usize], transpose: bool) -> Result<(usize, DType, u64)> {
         let e = self
             .entries
             .get(name)
@@ -117,29 +117,46 @@ impl Checkpoint {
                 e.shape
             )));
         }
-        let (path, file) = &self.files[e.file];
-        let n: usize = shape.iter().product();
-        let nbytes = n * e.dtype.size_in_bytes();
-        let at = |err: std::io::Error| checkpoint(format!("cannot read {}: {err}", path.display()));
-        if e.dtype == DType::F32 && !transpose {
-            let mut out = vec![0f32; n];
-            read_par(file, e.offset, bytemuck::cast_slice_mut(&mut out)).map_err(at)?;
-            return Ok(Tensor::from_vec(out, shape, &Device::Cpu)?);
-        }
+        Ok((e.file, e.dtype, e.offset))
+    }
+
+    /// `nbytes` from `offset` of file `file`, read into the scratch buffer.
+    fn read_scratch(&mut self, file: usize, offset: u64, nbytes: usize) -> Result<&[u32]> {
         let nwords = nbytes.div_ceil(4);
         if self.scratch.len() < nwords {
             self.scratch.resize(nwords, 0);
         }
-        let words = &mut self.scratch[..nwords];
-        read_par(
-            file,
-            e.offset,
-            &mut bytemuck::cast_slice_mut(words)[..nbytes],
-        )
-        .map_err(at)?;
-        let words: &[u32] = words;
+        let (path, f) = &self.files[file];
+        let bytes = &mut bytemuck::cast_slice_mut(&mut self.scratch[..nwords])[..nbytes];
+        read_par(f, offset, bytes).map_err(|e| read_error(path, e))?;
+        Ok(&self.scratch[..nwords])
+    }
+
+    /// The tensor `name`, which must have `shape`, as stored (its file's dtype), on the CPU.
+    pub(super) fn read_stored(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let (file, dtype, offset) = self.locate(name, shape, false)?;
+        let nbytes = shape.iter().product::<usize>() * dtype.size_in_bytes();
+        let words = self.read_scratch(file, offset, nbytes)?;
+        let raw = &bytemuck::cast_slice::<u32, u8>(words)[..nbytes];
+        Ok(Tensor::from_raw_buffer(raw, dtype, shape, &Device::Cpu)?)
+    }
+
+    /// The tensor `name`, which must have `shape`, in f32 on the CPU; with `transpose`, a
+    /// 2-D tensor's transpose, contiguous. Values are exactly candle's `to_dtype(F32)`.
+    pub(super) fn read(&mut self, name: &str, shape: &[usize], transpose: bool) -> Result<Tensor> {
+        let (file, dtype, offset) = self.locate(name, shape, transpose)?;
+        let n: usize = shape.iter().product();
+        if dtype == DType::F32 && !transpose {
+            let (path, f) = &self.files[file];
+            let mut out = vec![0f32; n];
+            read_par(f, offset, bytemuck::cast_slice_mut(&mut out))
+                .map_err(|e| read_error(path, e))?;
+            return Ok(Tensor::from_vec(out, shape, &Device::Cpu)?);
+        }
+        let nbytes = n * dtype.size_in_bytes();
+        let words = self.read_scratch(file, offset, nbytes)?;
         let halves = || &bytemuck::cast_slice::<u32, u16>(words)[..n];
-        let t = match e.dtype {
+        let t = match dtype {
             DType::F32 => transpose_with(bytemuck::cast_slice::<u32, f32>(words), shape, |v| v),
             DType::BF16 => decode(halves(), shape, transpose, |v| {
                 half::bf16::from_bits(v).to_f32()
@@ -164,6 +181,10 @@ impl Checkpoint {
         };
         Ok(Tensor::from_vec(t, dims, &Device::Cpu)?)
     }
+}
+
+fn read_error(path: &std::path::Path, e: std::io::Error) -> crate::error::Error {
+    checkpoint(format!("cannot read {}: {e}", path.display()))
 }
 
 /// Fills `buf` from `file` at `offset`, in chunks read in parallel.

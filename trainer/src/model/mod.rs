@@ -50,18 +50,30 @@ pub struct Qwen3 {
     dtype: DType,
 }
 
+/// `t` in `dtype` on `device`, transposed there when asked (a projection).
+fn place(t: Tensor, device: &Device, dtype: DType, transpose: bool) -> Result<Tensor> {
+    let t = t.to_dtype(dtype)?.to_device(device)?;
+    Ok(if transpose { transpose_2d(&t)? } else { t })
+}
+
 impl Qwen3 {
     /// Loads `config.json` and the weights (`model.safetensors`, or the shards listed in
     /// `model.safetensors.index.json`) from a checkpoint directory, in `dtype` on `device`.
-    /// Each tensor is read from disk straight into f32 (projections transposed in the same
-    /// pass), then converted to `dtype` and moved to `device`, one tensor at a time; the
-    /// values are exactly those of [`Qwen3::from_tensors`] on the same tensors.
+    /// One tensor at a time: for an f32 model on the CPU each is read from disk straight
+    /// into f32, the projections transposed in the same pass; for any other dtype or device
+    /// it is read as stored and placed as [`Qwen3::from_tensors`] places it (converted,
+    /// moved, then transposed where it lands). The values are exactly those of
+    /// [`Qwen3::from_tensors`] on the same tensors.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let config = Qwen3Config::from_dir(dir)?;
         let mut ckpt = load::Checkpoint::open(weight_files(dir)?)?;
+        let direct = dtype == DType::F32 && device.is_cpu();
         Self::build(config, device, dtype, |name, shape, transpose| {
-            let t = ckpt.read(name, shape, transpose)?;
-            Ok(t.to_dtype(dtype)?.to_device(device)?)
+            if direct {
+                ckpt.read(name, shape, transpose)
+            } else {
+                place(ckpt.read_stored(name, shape)?, device, dtype, transpose)
+            }
         })
     }
 
@@ -82,8 +94,7 @@ impl Qwen3 {
                     t.dims()
                 )));
             }
-            let t = t.to_dtype(dtype)?.to_device(device)?;
-            Ok(if transpose { transpose_2d(&t)? } else { t })
+            place(t, device, dtype, transpose)
         })
     }
 
