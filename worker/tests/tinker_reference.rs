@@ -186,6 +186,7 @@ fn the_port_builds_the_datums_and_advantages_claas_builds() {
                 distill_datums(&scored[i..=i], kl_coef)
                     .expect("one")
                     .1
+                    .samples
                     .kl_gain
             })
             .collect();

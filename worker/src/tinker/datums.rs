@@ -38,18 +38,14 @@ pub struct SampleStats {
     pub adv_abs_mean_raw: f64,
 }
 
-/// The batch's numbers as CLaaS reports them: completion lengths summed, everything else
-/// averaged over samples (each sample weighs the same, whatever its length).
+/// The batch's numbers as CLaaS reports them: its size, and the samples' numbers with
+/// completion lengths summed and everything else averaged over samples (each sample weighs
+/// the same, whatever its length).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct BatchStats {
     pub batch_size: usize,
-    pub completion_len: usize,
-    pub effective_kl_coef: f64,
-    pub kl_gain: f64,
-    pub adv_mean: f64,
-    pub adv_abs_mean: f64,
-    pub kl_mean: f64,
-    pub adv_abs_mean_raw: f64,
+    #[serde(flatten)]
+    pub samples: SampleStats,
 }
 
 impl BatchStats {
@@ -105,13 +101,15 @@ pub fn distill_datums(
     let avg = |f: fn(&SampleStats) -> f64| stats.iter().map(f).sum::<f64>() / n;
     let batch = BatchStats {
         batch_size: stats.len(),
-        completion_len: stats.iter().map(|s| s.completion_len).sum(),
-        effective_kl_coef: avg(|s| s.effective_kl_coef),
-        kl_gain: avg(|s| s.kl_gain),
-        adv_mean: avg(|s| s.adv_mean),
-        adv_abs_mean: avg(|s| s.adv_abs_mean),
-        kl_mean: avg(|s| s.kl_mean),
-        adv_abs_mean_raw: avg(|s| s.adv_abs_mean_raw),
+        samples: SampleStats {
+            completion_len: stats.iter().map(|s| s.completion_len).sum(),
+            effective_kl_coef: avg(|s| s.effective_kl_coef),
+            kl_gain: avg(|s| s.kl_gain),
+            adv_mean: avg(|s| s.adv_mean),
+            adv_abs_mean: avg(|s| s.adv_abs_mean),
+            kl_mean: avg(|s| s.kl_mean),
+            adv_abs_mean_raw: avg(|s| s.adv_abs_mean_raw),
+        },
     };
     Ok((datums, batch))
 }
@@ -232,14 +230,17 @@ mod tests {
         let b = scored(&[1], &[2], &[-1.0], &[-0.999]);
         let (datums, batch) = distill_datums(&[a, b], 0.5).expect("batch");
         assert_eq!(
-            (datums.len(), batch.batch_size, batch.completion_len),
+            (datums.len(), batch.batch_size, batch.samples.completion_len),
             (2, 2, 3)
         );
         assert!(
-            (batch.kl_gain - 2.5).abs() < 1e-12,
+            (batch.samples.kl_gain - 2.5).abs() < 1e-12,
             "(1 + 4) / 2: {batch:?}"
         );
-        assert!((batch.effective_kl_coef - 1.25).abs() < 1e-12, "{batch:?}");
+        assert!(
+            (batch.samples.effective_kl_coef - 1.25).abs() < 1e-12,
+            "{batch:?}"
+        );
     }
 
     #[test]
