@@ -4,8 +4,8 @@
 //! future protocol (submit, then poll `/api/v1/retrieve_future`), and protobuf for
 //! forward_backward and for sample results.
 //!
-//! It owns the HTTP exchange and nothing above it: sessions, models, seq ids and checkpoint
-//! names are the caller's (the Tinker backend's) to keep. [`TinkerClient`] has one method per
+//! It owns the HTTP exchange and the process's session ([`Sessions`]: heartbeats, seq ids);
+//! models, sampling sessions and checkpoint names are the caller's (the Tinker backend's). [`TinkerClient`] has one method per
 //! call CLaaS makes; each future-returning call has a `submit_*` form that returns a
 //! [`Pending`] handle and a plain form that also waits for the result.
 //!
@@ -26,6 +26,7 @@ mod path;
 mod proto;
 mod results;
 mod sampling;
+mod session;
 mod training;
 mod types;
 
@@ -33,6 +34,7 @@ pub use error::{Error, Result};
 pub use futures::{FutureResult, Pending, Polled};
 pub use path::{CheckpointKind, TinkerPath};
 pub use results::{CreateModelResponse, LoadWeightsResponse};
+pub use session::{Seq, Sessions};
 pub use types::{
     AdamParams, Datum, ForwardBackwardOutput, LossFn, ModelData, ModelInfo, OptimStepResponse,
     SampleResponse, SampledSequence, SamplerSource, SamplingParams, ServerCapabilities, Stop,

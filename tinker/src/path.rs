@@ -42,6 +42,16 @@ impl TinkerPath {
     pub fn checkpoint_id(&self) -> String {
         format!("{}/{}", self.kind.as_str(), self.name)
     }
+
+    /// The sampler checkpoint of a training state's run and name (`weights/<name>` →
+    /// `sampler_weights/<name>`), as a caller that saves both under one name keeps them;
+    /// `None` when this is not a training state.
+    pub fn sampler_twin(&self) -> Option<TinkerPath> {
+        (self.kind == CheckpointKind::Weights).then(|| TinkerPath {
+            kind: CheckpointKind::SamplerWeights,
+            ..self.clone()
+        })
+    }
 }
 
 impl fmt::Display for TinkerPath {

@@ -100,6 +100,54 @@ pub async fn fetch_if_missing(
     download(id, hub).await.map(Fetched::Downloaded)
 }
 
+/// The files a process needs of a model that another service runs (Tinker): the chat
+/// template and vocabulary.
+const TOKENIZER_FILES: [&str; 2] = ["tokenizer.json", "tokenizer_config.json"];
+
+/// The Hub cache's snapshot directory holding `id`'s tokenizer (`id` a Hub id), where
+/// only [`TOKENIZER_FILES`] are fetched when missing, never the weights.
+pub async fn fetch_tokenizer(id: &str, hub: &HubSettings) -> Result<PathBuf, HubError> {
+    let cached = Cache::new(hub.cache_dir.clone()).model(id.to_string());
+    if let Some(dir) = TOKENIZER_FILES
+        .iter()
+        .map(|f| cached.get(f))
+        .collect::<Option<Vec<_>>>()
+        .and_then(|paths| paths[0].parent().map(Path::to_path_buf))
+    {
+        return Ok(dir);
+    }
+    if hub.offline {
+        return Err(failed(
+            id,
+            hub,
+            "the tokenizer",
+            "HF_HUB_OFFLINE is set and the Hub cache has no tokenizer.json for it".into(),
+        ));
+    }
+    let fail = |what: &str, detail: String| failed(id, hub, what, detail);
+    let mut builder = ApiBuilder::from_cache(Cache::new(hub.cache_dir.clone()))
+        .with_endpoint(hub.endpoint.clone())
+        .with_progress(false)
+        .with_user_agent("claas-rs", env!("CARGO_PKG_VERSION"));
+    if hub.token.is_some() {
+        builder = builder.with_token(hub.token.clone());
+    }
+    let api = builder
+        .build()
+        .map_err(|e| fail("the client", e.to_string()))?;
+    let repo = api.model(id.to_string());
+    let mut dir = None;
+    for file in TOKENIZER_FILES {
+        let path = repo.get(file).await.map_err(|e| match status_of(&e) {
+            Some(s @ (401 | 403)) => unauthorized(id, hub, s),
+            Some(404) => not_found(id, hub),
+            _ => fail(file, e.to_string()),
+        })?;
+        dir = path.parent().map(Path::to_path_buf);
+    }
+    dir.ok_or_else(|| fail("the tokenizer", "no snapshot directory".into()))
+}
+
 async fn download(id: &str, hub: &HubSettings) -> Result<Vec<String>, HubError> {
     let fail = |what: &str, detail: String| failed(id, hub, what, detail);
     let mut builder = ApiBuilder::from_cache(Cache::new(hub.cache_dir.clone()))

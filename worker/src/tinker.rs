@@ -22,13 +22,14 @@
 //! for nothing.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use claas_core::types::{Sample, TrainingConfig};
-use claas_tinker::{AdamParams, CheckpointKind, LossFn, SamplerSource, TinkerClient, TinkerPath};
+use claas_tinker::{
+    AdamParams, CheckpointKind, LossFn, SamplerSource, Seq, Sessions, TinkerClient, TinkerPath,
+};
 use claas_trainer::template::ChatTokenizer;
 use futures::future::try_join_all;
 use sha2::Digest;
@@ -40,11 +41,10 @@ pub use datums::{
 };
 
 use crate::executor::{
-    AdapterSource, Distilled, JobContext, PhaseError, PhaseResult, StoredAdapter, Trainer,
+    AdapterSource, Distilled, JobContext, PhaseError, PhaseResult, ServedVersion, Serving,
+    StoredAdapter, Trainer,
 };
 
-/// How often a live session is kept alive (the SDK's heartbeat period, wire doc §2).
-const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 /// The checkpoint name of a LoRA's initial weights (CLaaS's `init_lora`).
 const INIT_NAME: &str = "init";
 
@@ -54,31 +54,7 @@ pub struct TinkerTrainer {
     client: TinkerClient,
     base_model: String,
     tokenizer: Arc<ChatTokenizer>,
-    session: tokio::sync::Mutex<Option<Session>>,
-}
-
-/// A live Tinker session and the seq ids handed out in it: training models and sampling
-/// sessions are each numbered from 0 per session (wire doc §6.3, §6.10).
-struct Session {
-    id: String,
-    models: u64,
-    samplers: u64,
-    /// Set by the heartbeat when Tinker answers 410.
-    expired: Arc<AtomicBool>,
-    heartbeat: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        self.heartbeat.abort();
-    }
-}
-
-/// Which per-session counter a seq id comes from.
-#[derive(Clone, Copy)]
-enum Seq {
-    Model,
-    Sampler,
+    sessions: Sessions,
 }
 
 /// What distill hands to store_adapter: the trained model and its next request's seq id.
@@ -86,37 +62,6 @@ struct Trained {
     session: String,
     model_id: String,
     next_seq: i32,
-}
-
-impl Session {
-    /// Starts heartbeats for session `id`; they stop (and mark it expired) on a 410.
-    fn start(client: &TinkerClient, id: String) -> Session {
-        let expired = Arc::new(AtomicBool::new(false));
-        let (client, sid, flag) = (client.clone(), id.clone(), expired.clone());
-        let heartbeat = tokio::spawn(async move {
-            let first = tokio::time::Instant::now() + HEARTBEAT_EVERY;
-            let mut every = tokio::time::interval_at(first, HEARTBEAT_EVERY);
-            loop {
-                every.tick().await;
-                match client.session_heartbeat(&sid).await {
-                    Ok(()) => {}
-                    Err(e) if e.is_session_expired() => {
-                        tracing::warn!(session = %sid, "Tinker ended the session");
-                        flag.store(true, Ordering::SeqCst);
-                        return;
-                    }
-                    Err(e) => tracing::warn!(session = %sid, error = %e, "Tinker heartbeat failed"),
-                }
-            }
-        });
-        Session {
-            id,
-            models: 0,
-            samplers: 0,
-            expired,
-            heartbeat,
-        }
-    }
 }
 
 impl TinkerTrainer {
@@ -128,10 +73,10 @@ impl TinkerTrainer {
         tokenizer: Arc<ChatTokenizer>,
     ) -> Self {
         TinkerTrainer {
-            client,
             base_model: base_model.into(),
             tokenizer,
-            session: tokio::sync::Mutex::new(None),
+            sessions: Sessions::new(client.clone()),
+            client,
         }
     }
 
@@ -168,26 +113,9 @@ impl TinkerTrainer {
         self.save(&trained, INIT_NAME).await
     }
 
-    /// A seq id from the session's `kind` counter, and the session it belongs to (opened
-    /// now when there is none, or Tinker ended the last one).
+    /// A seq id from the session's `kind` counter, and the session it belongs to.
     async fn reserve(&self, kind: Seq) -> PhaseResult<(String, u64)> {
-        let mut slot = self.session.lock().await;
-        let session = match slot.take() {
-            Some(s) if !s.expired.load(Ordering::SeqCst) => s,
-            _ => {
-                let id = self.client.create_session().await.map_err(tinker_error)?;
-                tracing::info!(session = %id, "opened a Tinker session");
-                Session::start(&self.client, id)
-            }
-        };
-        let s = slot.insert(session);
-        let counter = match kind {
-            Seq::Model => &mut s.models,
-            Seq::Sampler => &mut s.samplers,
-        };
-        let seq = *counter;
-        *counter += 1;
-        Ok((s.id.clone(), seq))
+        self.sessions.reserve(kind).await.map_err(tinker_error)
     }
 
     /// Awaits a call made in `session`. When Tinker says the session is over (410) it is
@@ -200,10 +128,7 @@ impl TinkerTrainer {
         match call.await {
             Ok(v) => Ok(v),
             Err(e) if e.is_session_expired() => {
-                let mut slot = self.session.lock().await;
-                if slot.as_ref().is_some_and(|s| s.id == session) {
-                    *slot = None;
-                }
+                self.sessions.forget(session).await;
                 Err(PhaseError::retryable(
                     "tinker_error",
                     format!("{e} (the session expired: the next attempt opens a new one)"),
@@ -388,13 +313,7 @@ fn lora_rank(rank: i32) -> PhaseResult<u32> {
 /// `None` for anything else.
 pub fn sampler_path_of(state_uri: &str) -> Option<String> {
     let path: TinkerPath = state_uri.parse().ok()?;
-    (path.kind == CheckpointKind::Weights).then(|| {
-        TinkerPath {
-            kind: CheckpointKind::SamplerWeights,
-            ..path
-        }
-        .to_string()
-    })
+    path.sampler_twin().map(|p| p.to_string())
 }
 
 #[async_trait]
@@ -483,6 +402,46 @@ impl Trainer for TinkerTrainer {
         let uri = self.save(&trained, &name).await?;
         let sha256 = hex::encode(sha2::Sha256::digest(uri.as_bytes()));
         Ok(StoredAdapter { uri, sha256 })
+    }
+}
+
+/// Serving on Tinker: no local vLLM to drain, sleep or wake. The API samples each LoRA at
+/// its current version's sampler checkpoint; `reload` proves that checkpoint serves by
+/// opening a sampling session on it, so a version whose sampler weights Tinker cannot load
+/// fails the job as published but not served (`reload_failed`).
+#[async_trait]
+impl Serving for TinkerTrainer {
+    fn controls_vllm(&self) -> bool {
+        false
+    }
+
+    async fn drain(&self, _job: &JobContext) -> PhaseResult<()> {
+        Ok(())
+    }
+
+    async fn sleep(&self, _job: &JobContext) -> PhaseResult<()> {
+        Ok(())
+    }
+
+    async fn reload(&self, _job: &JobContext, serve: &ServedVersion) -> PhaseResult<()> {
+        let Some(sampler) = sampler_path_of(&serve.uri) else {
+            // An initial version no Tinker checkpoint holds: the base model serves it.
+            return Ok(());
+        };
+        let path: TinkerPath = sampler.parse().map_err(|e| {
+            PhaseError::fatal(
+                "tinker_error",
+                format!("{sampler} is not a Tinker path: {e}"),
+            )
+        })?;
+        let (session, seq) = self.reserve(Seq::Sampler).await?;
+        let source = SamplerSource::ModelPath(path);
+        let open = self.client.create_sampling_session(&session, seq, &source);
+        self.tinker(&session, open).await.map(|_| ())
+    }
+
+    async fn wake(&self, _job: &JobContext) -> PhaseResult<()> {
+        Ok(())
     }
 }
 

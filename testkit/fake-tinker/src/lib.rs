@@ -50,6 +50,9 @@ pub struct Options {
     /// How long `retrieve_future` holds the poll of a pending future before it answers
     /// `try_again`: the SDK polls again at once, so the server must long-poll (§4.3).
     pub long_poll: Duration,
+    /// The token ids samples are drawn from (default 1000..2000); a test whose tokenizer
+    /// is smaller picks ids it can decode.
+    pub sample_vocab: std::ops::Range<i32>,
 }
 
 impl Default for Options {
@@ -58,6 +61,7 @@ impl Default for Options {
             api_key: None,
             base_models: vec![DEFAULT_BASE_MODEL.into()],
             long_poll: Duration::from_millis(500),
+            sample_vocab: 1000..2000,
         }
     }
 }

@@ -9,7 +9,7 @@
 //! * `forward_backward` folds each datum into the model's pending gradient ([`accumulate`]);
 //!   `optim_step` folds (gradient, step, learning rate) into the weights ([`adam_step`]).
 //!   A step with learning rate 0 changes nothing, as with Adam.
-//! * A sample's tokens (ids 1000..2000) and length (3..=8 tokens, or `max_tokens`) are
+//! * A sample's tokens (ids from a range, 1000..2000 unless set) and length (3..=8 tokens, or `max_tokens`) are
 //!   hashes of (weights, prompt, seed, sample index).
 
 /// FNV-1a's offset basis: the hash of nothing.
@@ -85,6 +85,7 @@ pub fn sample(
     seed: i64,
     index: usize,
     max_tokens: usize,
+    vocab: &std::ops::Range<i32>,
 ) -> (Vec<i32>, Vec<f32>, bool) {
     let mut h = prompt.iter().fold(mix(weights, seed as u64), |h, &t| {
         mix(h, u64::from(t as u32))
@@ -92,8 +93,9 @@ pub fn sample(
     h = mix(h, index as u64);
     let natural = 3 + (h % 6) as usize;
     let len = natural.min(max_tokens);
+    let span = u64::try_from(vocab.end - vocab.start).unwrap_or(1).max(1);
     let tokens: Vec<i32> = (0..len)
-        .map(|i| 1000 + (mix(h, i as u64) % 1000) as i32)
+        .map(|i| vocab.start + (mix(h, i as u64) % span) as i32)
         .collect();
     let logprobs = tokens
         .iter()
@@ -151,7 +153,7 @@ mod tests {
     #[test]
     fn a_sample_respects_max_tokens_and_matches_the_prompt_logprobs_of_its_continuation() {
         let w = base_weights("base");
-        let (tokens, lps, hit_max) = sample(w, &[1, 2, 3], 0, 0, 2);
+        let (tokens, lps, hit_max) = sample(w, &[1, 2, 3], 0, 0, 2, &(1000..2000));
         assert_eq!((tokens.len(), lps.len(), hit_max), (2, 2, true));
         let full: Vec<i32> = [1, 2, 3].iter().chain(&tokens).copied().collect();
         assert_eq!(prompt_logprobs(w, &full)[3..], lps[..]);

@@ -146,7 +146,7 @@ async fn asample(State(s): State<Arc<Shared>>, body: Bytes) -> Answer {
     let max_tokens = req.sampling_params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
     let seed = req.sampling_params.seed.unwrap_or(0);
     let sequences = (0..req.num_samples)
-        .map(|i| sequence(weights, &prompt, seed, i, max_tokens))
+        .map(|i| sequence(weights, &prompt, seed, i, max_tokens, &s.opts.sample_vocab))
         .collect();
     let response = SampleResponse {
         sequences,
@@ -160,8 +160,15 @@ async fn asample(State(s): State<Arc<Shared>>, body: Bytes) -> Answer {
 }
 
 /// Sample number `index`, with a log-prob per token (the SDK needs them non-empty).
-fn sequence(weights: u64, prompt: &[i32], seed: i64, index: usize, max: usize) -> SampledSequence {
-    let (tokens, logprobs, hit_max) = model::sample(weights, prompt, seed, index, max);
+fn sequence(
+    weights: u64,
+    prompt: &[i32],
+    seed: i64,
+    index: usize,
+    max: usize,
+    vocab: &std::ops::Range<i32>,
+) -> SampledSequence {
+    let (tokens, logprobs, hit_max) = model::sample(weights, prompt, seed, index, max, vocab);
     let stop_reason = if hit_max {
         proto::STOP_REASON_LENGTH
     } else {
