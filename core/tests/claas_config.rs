@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use claas_core::config::{Config, Profile, Sources, StorageBackend};
+use claas_core::config::{Config, Mode, Profile, Sources, StorageBackend};
 use claas_core::Error;
 
 const SEED_LOCAL: &str = "defaults:
@@ -184,7 +184,7 @@ fn claas_containers_arguments_override_the_profile_and_the_environment() {
 }
 
 #[test]
-fn claas_modal_and_tinker_profiles_stop_start_up_saying_what_to_run() {
+fn claas_modal_profile_stops_start_up_saying_what_to_run() {
     let err = load(
         Profile::Fleet,
         &[("modal.yaml", SEED_MODAL)],
@@ -193,17 +193,6 @@ fn claas_modal_and_tinker_profiles_stop_start_up_saying_what_to_run() {
     )
     .expect_err("modal is refused");
     assert!(err.to_string().contains("claas worker"), "{err}");
-    let err = load(
-        Profile::Fleet,
-        &[("tinker.yaml", SEED_TINKER)],
-        file("tinker.yaml"),
-        &[],
-    )
-    .expect_err("tinker is refused until its backend lands");
-    assert!(
-        err.to_string().contains("tinker") && err.to_string().contains("not available"),
-        "{err}"
-    );
     let err = load(Profile::Fleet, &[], |_| (Some("modal"), None, vec![]), &[])
         .expect_err("--config-name modal");
     assert!(err.to_string().contains("claas worker"), "{err}");
@@ -218,6 +207,52 @@ fn claas_modal_and_tinker_profiles_stop_start_up_saying_what_to_run() {
 }
 
 #[test]
+fn claas_tinker_profile_selects_tinker_with_its_model_key_and_state_file() {
+    let cfg = load(
+        Profile::Fleet,
+        &[("tinker.yaml", SEED_TINKER)],
+        file("tinker.yaml"),
+        &[("TINKER_API_KEY", "tml-abc")],
+    )
+    .expect("CLaaS's tinker profile loads");
+    assert_eq!(cfg.mode, Mode::Tinker);
+    assert_eq!(cfg.tinker.base_model, "Qwen/Qwen3-30B-A3B");
+    assert_eq!(cfg.tinker.api_key.as_deref(), Some("tml-abc"));
+    assert_eq!(
+        cfg.tinker.state_path.as_deref(),
+        Some(Path::new("/data/tinker_state.json"))
+    );
+    // LoRAs are made on, and workers train, the one model Tinker serves.
+    assert_eq!(cfg.model.base_model_id, "Qwen/Qwen3-30B-A3B");
+    assert_eq!(cfg.model.allowed_init_base_models, ["Qwen/Qwen3-30B-A3B"]);
+    assert_eq!(cfg.worker.base_models, ["Qwen/Qwen3-30B-A3B"]);
+    let cfg = load(
+        Profile::Fleet,
+        &[],
+        |_| {
+            (
+                Some("tinker"),
+                None,
+                vec!["storage_backend=tinker_json".into()],
+            )
+        },
+        &[
+            ("CLAAS_TINKER_API_KEY", "tml-claas"),
+            ("TINKER_BASE_URL", "http://127.0.0.1:9"),
+        ],
+    )
+    .expect("--config-name tinker with tinker_json");
+    assert_eq!(cfg.mode, Mode::Tinker);
+    assert_eq!(cfg.tinker.api_key.as_deref(), Some("tml-claas"));
+    assert_eq!(cfg.tinker.base_url.as_deref(), Some("http://127.0.0.1:9"));
+    assert!(
+        cfg.ignored.iter().any(|i| i.starts_with("storage_backend")),
+        "{:?}",
+        cfg.ignored
+    );
+}
+
+#[test]
 fn claas_distill_execution_mode_is_read_as_mode() {
     load(
         Profile::Fleet,
@@ -226,13 +261,21 @@ fn claas_distill_execution_mode_is_read_as_mode() {
         &[("CLAAS_DISTILL_EXECUTION_MODE", "local")],
     )
     .expect("local is this build's mode");
+    let cfg = load(
+        Profile::Fleet,
+        &[],
+        |_| (None, None, vec![]),
+        &[("CLAAS_DISTILL_EXECUTION_MODE", "Tinker")],
+    )
+    .expect("tinker");
+    assert_eq!(cfg.mode, Mode::Tinker);
     let err = load(
         Profile::Fleet,
         &[],
         |_| (None, None, vec![]),
-        &[("CLAAS_DISTILL_EXECUTION_MODE", "tinker")],
+        &[("CLAAS_DISTILL_EXECUTION_MODE", "modal")],
     )
-    .expect_err("tinker");
+    .expect_err("modal");
     assert!(
         err.to_string().contains("CLAAS_DISTILL_EXECUTION_MODE"),
         "{err}"

@@ -143,6 +143,35 @@ pub struct QueueConfig {
     pub retry_max_s: f64,
 }
 
+/// Where LoRAs are trained and served (CLaaS's `mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// This fleet's workers train (`worker.executor`), vLLM or the embedded engine serves.
+    #[default]
+    Local,
+    /// Tinker trains and samples (`tinker.*`): workers need no GPU and no model weights,
+    /// versions are Tinker checkpoints, chat goes to Tinker's sampler.
+    Tinker,
+}
+
+/// Tinker, with `mode: tinker`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TinkerConfig {
+    /// The base model as Tinker names it; every LoRA is trained on it, and its
+    /// `tokenizer.json` (a directory, a preset, or from the Hub) renders prompts.
+    /// Default `Qwen/Qwen3-30B-A3B`. CLaaS key `tinker_base_model`; env `CLAAS_TINKER_BASE_MODEL`.
+    pub base_model: String,
+    /// Env `TINKER_API_KEY` or `CLAAS_TINKER_API_KEY`; required with `mode: tinker`.
+    pub api_key: Option<String>,
+    /// Tinker's endpoint; default the SDK's. Env `TINKER_BASE_URL`.
+    pub base_url: Option<String>,
+    /// A CLaaS `tinker_state.json` for `claas tinker import`. CLaaS key `tinker_state_path`;
+    /// env `CLAAS_TINKER_STATE_PATH`.
+    pub state_path: Option<PathBuf>,
+}
+
 /// Which implementation runs a job's phases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -35,6 +35,8 @@ const FLAT: &[(&str, &str)] = &[
     ),
     ("base_model_id", "model.base_model_id"),
     ("completion_cache_size", "cache.completion_cache_size"),
+    ("tinker_base_model", "tinker.base_model"),
+    ("tinker_state_path", "tinker.state_path"),
 ];
 
 /// CLaaS keys that mean nothing here: accepted, each reported once with the reason.
@@ -50,14 +52,6 @@ const IGNORED: &[(&str, &str)] = &[
     (
         "hf_secret_name",
         "a Modal secret's name; Modal is not a backend here",
-    ),
-    (
-        "tinker_base_model",
-        "read only with mode: tinker, which is not available yet",
-    ),
-    (
-        "tinker_state_path",
-        "read only with mode: tinker, which is not available yet",
     ),
 ];
 
@@ -83,19 +77,16 @@ pub fn profile(name: &str) -> Result<&'static str> {
         })
 }
 
-/// Refuses the CLaaS modes this build cannot run, saying what to run instead.
-pub fn check_mode(mode: &str, origin: &str) -> Result<()> {
+/// The mode CLaaS's `mode` names, refusing the ones this build cannot run and saying what
+/// to run instead.
+pub fn check_mode(mode: &str, origin: &str) -> Result<&'static str> {
     match mode.trim().to_ascii_lowercase().as_str() {
-        "local" => Ok(()),
+        "local" => Ok("local"),
+        "tinker" => Ok("tinker"),
         "modal" => Err(Error::Config(format!(
             "{origin}: mode modal (CLaaS's Modal backend) does not exist in claas-rs: run \
              `claas worker` on the GPU node instead, a fleet worker that claims jobs from the \
              same queue (README \"Coming from CLaaS\")"
-        ))),
-        "tinker" => Err(Error::Config(format!(
-            "{origin}: mode tinker is not available yet: the Tinker backend has not landed. \
-             Until it does, train on a GPU node (mode: local, `claas worker`) or on this \
-             machine's CPU (`claas dev`)"
         ))),
         other => Err(Error::Config(format!(
             "{origin}: unknown mode '{other}' (CLaaS's modes: local, tinker, modal)"
@@ -116,7 +107,8 @@ pub fn translate(input: Dict, origin: &str) -> Result<Translated> {
     let mut out = Translated::default();
     for (key, value) in input {
         if key == "mode" {
-            check_mode(&scalar(&value, origin, &key)?, origin)?;
+            let mode = check_mode(&scalar(&value, origin, &key)?, origin)?;
+            set(&mut out.dict, "mode", Value::from(mode));
         } else if key == "storage_backend" {
             let backend = match scalar(&value, origin, &key)?.as_str() {
                 "local_fs" | "local" => "local",
@@ -128,14 +120,19 @@ pub fn translate(input: Dict, origin: &str) -> Result<Translated> {
                     )))
                 }
                 "tinker_json" => {
-                    return Err(Error::Config(format!(
-                        "{origin}: storage_backend tinker_json needs the Tinker backend, \
-                         which has not landed; use local_fs or s3"
-                    )))
+                    // Versions are Tinker checkpoints recorded in the database; local files
+                    // hold nothing but the feedback log.
+                    out.ignored.push((
+                        key,
+                        "with mode: tinker, versions are Tinker checkpoints recorded in \
+                         the database, not a JSON file (`claas tinker import` reads one)",
+                    ));
+                    continue;
                 }
                 other => {
                     return Err(Error::Config(format!(
-                        "{origin}: storage_backend '{other}' is not known (accepted: local_fs, s3)"
+                        "{origin}: storage_backend '{other}' is not known (accepted: local_fs, s3, \
+                         tinker_json)"
                     )))
                 }
             };

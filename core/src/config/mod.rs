@@ -53,6 +53,11 @@ pub const ENV_NAMES: &[(&str, &str)] = &[
     ("CLAAS_WORKER_ID", "worker.id"),
     ("CLAAS_WORKER_BASE_MODELS", "worker.base_models"),
     ("CLAAS_WORKER_EXECUTOR", "worker.executor"),
+    ("CLAAS_TINKER_BASE_MODEL", "tinker.base_model"),
+    ("TINKER_API_KEY", "tinker.api_key"),
+    ("CLAAS_TINKER_API_KEY", "tinker.api_key"),
+    ("TINKER_BASE_URL", "tinker.base_url"),
+    ("CLAAS_TINKER_STATE_PATH", "tinker.state_path"),
     ("CLAAS_SIMULATED_STEP_MS", "worker.simulated_step_ms"),
     ("CLAAS_TRAINER_DEVICE", "trainer.device"),
     ("CLAAS_TRAINER_RESIDENCY", "trainer.residency"),
@@ -136,8 +141,6 @@ pub const IGNORED_ENV_NAMES: &[(&str, &str)] = &[
         "CLAAS_ATTN_IMPLEMENTATION",
         "the candle trainer has one attention implementation; there is nothing to choose",
     ),
-    ("CLAAS_TINKER_API_KEY", "claas-rs has no Tinker engine"),
-    ("CLAAS_TINKER_STATE_PATH", "claas-rs has no Tinker engine"),
     (
         "CLAAS_CONFIG_NAME",
         "profiles are chosen by the subcommand and --config",
@@ -154,6 +157,8 @@ pub struct Config {
     /// log line each at start-up.
     #[serde(skip)]
     pub ignored: Vec<String>,
+    /// `local` or `tinker`. Default `local`. Env `CLAAS_DISTILL_EXECUTION_MODE`.
+    pub mode: Mode,
     pub server: ServerConfig,
     pub database: DatabaseConfig,
     pub queue: QueueConfig,
@@ -164,6 +169,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub cache: CacheConfig,
     pub telemetry: TelemetryConfig,
+    pub tinker: TinkerConfig,
 }
 
 impl Default for Config {
@@ -174,6 +180,7 @@ impl Default for Config {
         Config {
             data_dir: PathBuf::from("./data"),
             ignored: vec![],
+            mode: Mode::Local,
             server: ServerConfig {
                 host: "0.0.0.0".into(),
                 port: 8080,
@@ -250,6 +257,12 @@ impl Default for Config {
             telemetry: TelemetryConfig {
                 feedback_log_dir: None,
                 otlp_endpoint: None,
+            },
+            tinker: TinkerConfig {
+                base_model: "Qwen/Qwen3-30B-A3B".into(),
+                api_key: None,
+                base_url: None,
+                state_path: None,
             },
         }
     }
@@ -344,9 +357,10 @@ impl Config {
                 claas::translate(read_dict(Yaml::file(path), &origin)?, &origin)?,
             );
         }
-        if let Some((_, mode)) = env.clone().only(&[DISTILL_EXECUTION_MODE]).iter().next() {
-            claas::check_mode(&mode, DISTILL_EXECUTION_MODE)?;
-        }
+        let env_mode = match env.clone().only(&[DISTILL_EXECUTION_MODE]).iter().next() {
+            Some((_, mode)) => Some(claas::check_mode(&mode, DISTILL_EXECUTION_MODE)?),
+            None => None,
+        };
         let env = env
             .filter_map(|key| {
                 ENV_NAMES
@@ -356,6 +370,9 @@ impl Config {
             })
             .split("__");
         fig = fig.merge(env);
+        if let Some(mode) = env_mode {
+            fig = fig.merge(Serialized::global("mode", mode));
+        }
         if !sources.overrides.is_empty() {
             fig = add(fig, claas::overrides(sources.overrides)?);
         }
@@ -370,6 +387,18 @@ impl Config {
     }
 
     fn fill_derived(&mut self) {
+        if self.mode == Mode::Tinker {
+            // Tinker trains and serves one base model: LoRAs are made on it alone.
+            let base = self.tinker.base_model.clone();
+            self.model.base_model_id = base.clone();
+            self.model.allowed_init_base_models = vec![base.clone()];
+            self.worker.base_models = vec![base];
+        }
+        for value in [&mut self.tinker.api_key, &mut self.tinker.base_url] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                *value = None;
+            }
+        }
         if self.telemetry.feedback_log_dir.is_none() {
             self.telemetry.feedback_log_dir = Some(self.data_dir.join("feedback"));
         }
