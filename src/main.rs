@@ -5,6 +5,7 @@ mod bench;
 mod eval;
 mod keys;
 mod serve;
+mod tinker;
 mod train;
 
 use std::path::PathBuf;

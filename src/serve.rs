@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use claas_api::AppState;
 use claas_core::adapter_store::AdapterStore;
-use claas_core::config::{Config, ExecutorKind};
+use claas_core::config::{Config, ExecutorKind, Mode};
 use claas_core::queue::{self, PoolSettings, RetryPolicy, SharedStore};
 use claas_worker::{
     CandleExecutor, CandleOptions, Executor, SimulatedExecutor, VllmOptions, Worker, WorkerOptions,
@@ -123,7 +123,12 @@ fn worker_options(cfg: &Config, store: AdapterStore) -> Result<WorkerOptions> {
             .unwrap_or_else(|| format!("{host}-{}", std::process::id())),
         hostname: host,
         gpu: None,
-        vllm_url: cfg.vllm.base_url.clone(),
+        // With Tinker, no vLLM runs beside the worker.
+        vllm_url: cfg
+            .vllm
+            .base_url
+            .clone()
+            .filter(|_| cfg.mode == Mode::Local),
         base_models: cfg.worker.base_models.clone(),
         lease: Duration::from_secs_f64(cfg.queue.lock_timeout_s),
         max_batch_samples: cfg.queue.feedback_max_batch_size,
@@ -150,6 +155,9 @@ fn worker_options(cfg: &Config, store: AdapterStore) -> Result<WorkerOptions> {
 /// The configured executor. The candle one resolves the base model (creating the tiny
 /// random preset under the data directory on first use) and loads it once, here.
 async fn executor(cfg: &Config, adapters: &AdapterStore) -> Result<Executor> {
+    if cfg.mode == Mode::Tinker {
+        return crate::tinker::executor(cfg).await;
+    }
     Ok(match cfg.worker.executor {
         ExecutorKind::Simulated => Arc::new(SimulatedExecutor {
             step: Duration::from_millis(cfg.worker.simulated_step_ms),
@@ -291,11 +299,21 @@ async fn app_state(cfg: &Config, store: SharedStore, adapters: AdapterStore) -> 
              (create one with `claas keys create`, or set CLAAS_ADMIN_KEY)"
         );
     }
-    let models = Arc::new(claas_engine::TrainerModels::new(cfg.data_dir.clone()));
-    Ok(AppState::from_config(cfg, store, adapters)
+    let state = AppState::from_config(cfg, store.clone(), adapters)
         .await
-        .context("connecting the completion cache (cache.redis_url, REDIS_URL)")?
-        .with_base_models(Some(models)))
+        .context("connecting the completion cache (cache.redis_url, REDIS_URL)")?;
+    if cfg.mode == Mode::Tinker {
+        // Tinker samples and holds every version, version 0 included: no vLLM, no local
+        // base-model files.
+        let sampler = crate::tinker::sampler(cfg, store).await?;
+        tracing::info!(base_model = %cfg.tinker.base_model, "mode tinker: chat is served by Tinker's sampler");
+        return Ok(state
+            .with_backends(None)
+            .with_base_models(None)
+            .with_engine(Some(Arc::new(sampler))));
+    }
+    let models = Arc::new(claas_engine::TrainerModels::new(cfg.data_dir.clone()));
+    Ok(state.with_base_models(Some(models)))
 }
 
 pub async fn api(cfg: Config, migrate: bool) -> Result<()> {
@@ -340,6 +358,7 @@ pub async fn dev(cfg: Config) -> Result<()> {
     let adapters = adapter_store(&cfg)?;
     let shutdown = shutdown_signal();
     let (exec, parts): (Executor, _) = match cfg.worker.executor {
+        _ if cfg.mode == Mode::Tinker => (executor(&cfg, &adapters).await?, None),
         ExecutorKind::Candle => {
             let exec = candle_executor(&cfg, adapters.clone()).await?;
             let parts = exec.inference_parts();
@@ -348,7 +367,7 @@ pub async fn dev(cfg: Config) -> Result<()> {
         ExecutorKind::Simulated => (executor(&cfg, &adapters).await?, None),
     };
     let mut state = app_state(&cfg, store.clone(), adapters.clone()).await?;
-    if cfg.vllm.base_url.is_none() && cfg.vllm.backends.is_empty() {
+    if cfg.mode == Mode::Local && cfg.vllm.base_url.is_none() && cfg.vllm.backends.is_empty() {
         let engine = inference_engine(&cfg, store.clone(), parts).await?;
         tracing::info!(
             model = %cfg.model.base_model_id,

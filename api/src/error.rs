@@ -269,6 +269,24 @@ impl ApiError {
         )
     }
 
+    /// Tinker's sampler failed: 503 with `Retry-After` when trying again may help (a 5xx,
+    /// a future that timed out, an ended session), else 502. The message names the call
+    /// and carries Tinker's.
+    pub fn sampler_failed(retryable: bool, message: impl std::fmt::Display) -> Self {
+        let message = format!("Tinker's sampler failed: {message}");
+        if retryable {
+            let mut e = Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "sampler_unavailable",
+                message,
+            );
+            e.retry_after = Some(1);
+            e
+        } else {
+            Self::new(StatusCode::BAD_GATEWAY, "sampler_error", message)
+        }
+    }
+
     /// 502: the inference server did not answer.
     pub fn upstream_unreachable(detail: impl std::fmt::Display) -> Self {
         Self::new(

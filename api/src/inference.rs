@@ -37,7 +37,7 @@ pub enum Chunk {
 }
 
 /// One inference backend: the vLLM fleet (`routes::inference_vllm`), the in-process candle
-/// engine (`claas-engine`), Tinker's sampler later. Answers have vLLM's shapes (with
+/// engine and Tinker's sampler (both `claas-engine`). Answers have vLLM's shapes (with
 /// `prompt_token_ids`, each choice's `token_ids` and `logprobs.content`), so the handlers
 /// above resolve names, cache rollouts, strip thinking and stream once for every backend.
 #[async_trait]
@@ -67,6 +67,22 @@ pub trait Inference: Send + Sync {
     /// The backend's own model list in OpenAI's shape, when it keeps one (vLLM); `None`:
     /// the handler lists the base model and the LoRAs it knows.
     async fn models(self: Arc<Self>) -> ApiResult<Option<Value>> {
+        Ok(None)
+    }
+
+    /// CLaaS's `GET /v1/sampler/status` (`model_path`, `base_model`), when this backend is
+    /// Tinker's sampler; `None` otherwise.
+    async fn sampler_status(self: Arc<Self>) -> Option<Value> {
+        None
+    }
+
+    /// CLaaS's `POST /v1/sampler/refresh`: requests naming the base model sample from
+    /// `model_path` (the base model again when `None`). `Ok(None)`: this backend has no
+    /// sampler.
+    async fn sampler_refresh(
+        self: Arc<Self>,
+        _model_path: Option<String>,
+    ) -> ApiResult<Option<Value>> {
         Ok(None)
     }
 }

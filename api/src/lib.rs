@@ -295,7 +295,9 @@ impl AppState {
 
 /// Every route, each registered with its OpenAPI operation (see [`openapi`]).
 pub fn api_routes() -> OpenApiRouter<AppState> {
-    use routes::{feedback, health, inference, jobs, keys, lora, lora_delete, lora_versions};
+    use routes::{
+        feedback, health, inference, jobs, keys, lora, lora_delete, lora_versions, sampler,
+    };
     OpenApiRouter::with_openapi(openapi::base())
         .routes(utoipa_axum::routes!(feedback::submit))
         .routes(utoipa_axum::routes!(jobs::list))
@@ -316,6 +318,8 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
         .routes(utoipa_axum::routes!(inference::completions))
         .routes(utoipa_axum::routes!(inference::models))
         .routes(utoipa_axum::routes!(inference::score))
+        .routes(utoipa_axum::routes!(sampler::status))
+        .routes(utoipa_axum::routes!(sampler::refresh))
         .merge(dashboard::routes())
 }
 

@@ -10,13 +10,14 @@ use axum::Json;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
-use crate::{Engine, Run, RunEvent};
+use crate::runner::{finish_reason, logprob_entry, Run, RunEvent, Runner};
 use claas_api::error::{ApiError, ApiResult};
 use claas_api::inference::Chunk;
+use claas_trainer::ChatTokenizer;
 
-/// The embedded engine's answer in vLLM's chat completion shape.
-pub(crate) async fn embedded_answer(
-    engine: &Engine,
+/// A run's answer in vLLM's chat completion shape.
+pub(crate) async fn answer(
+    tokenizer: &ChatTokenizer,
     mut run: Run,
     request: &Value,
 ) -> ApiResult<Value> {
@@ -25,7 +26,7 @@ pub(crate) async fn embedded_answer(
     let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
     let entries: Vec<Value> = tokens
         .iter()
-        .map(|t| crate::logprob_entry(engine, t, top))
+        .map(|t| logprob_entry(tokenizer, t, top))
         .collect();
     let (p, c) = (run.prompt_ids.len(), ids.len());
     Ok(json!({
@@ -37,7 +38,7 @@ pub(crate) async fn embedded_answer(
             "index": 0,
             "message": {"role": "assistant", "content": text, "reasoning": null},
             "logprobs": {"content": entries},
-            "finish_reason": crate::finish_reason(finish),
+            "finish_reason": finish_reason(finish),
             "stop_reason": null,
             "token_ids": ids,
         }],
@@ -46,9 +47,9 @@ pub(crate) async fn embedded_answer(
     }))
 }
 
-/// The embedded engine's answer as vLLM-shaped stream chunks.
-pub(crate) fn embedded_chunks(
-    engine: Arc<Engine>,
+/// A run's answer as vLLM-shaped stream chunks.
+pub(crate) fn chunks<R: Runner>(
+    runner: Arc<R>,
     mut run: Run,
     request: Value,
 ) -> mpsc::Receiver<Chunk> {
@@ -75,12 +76,12 @@ pub(crate) fn embedded_chunks(
                 Some(RunEvent::Token { token, text }) => {
                     n += 1;
                     Chunk::Data(chunk(json!({"index": 0, "delta": {"content": text},
-                        "logprobs": {"content": [crate::logprob_entry(&engine, &token, top)]},
+                        "logprobs": {"content": [logprob_entry(runner.tokenizer(), &token, top)]},
                         "finish_reason": null, "token_ids": [token.id]})))
                 }
                 Some(RunEvent::Done(f, rest)) => {
                     let last = chunk(json!({"index": 0, "delta": {"content": rest},
-                        "logprobs": null, "finish_reason": crate::finish_reason(f)}));
+                        "logprobs": null, "finish_reason": finish_reason(f)}));
                     if tx.send(Chunk::Data(last)).await.is_err() {
                         return;
                     }
@@ -112,14 +113,14 @@ pub(crate) fn embedded_chunks(
     rx
 }
 
-/// A text completion from the embedded engine, in vLLM's shape (streamed as SSE when
-/// asked). Not cached, as on the vLLM path.
-pub(crate) async fn embedded_completion(
-    engine: &Arc<Engine>,
+/// A text completion in vLLM's shape (streamed as SSE when asked). Not cached, as on the
+/// vLLM path.
+pub(crate) async fn completion<R: Runner>(
+    runner: Arc<R>,
     body: Map<String, Value>,
 ) -> ApiResult<Response> {
     let prompt = match &body["prompt"] {
-        Value::String(s) => engine.encode(s)?,
+        Value::String(s) => runner.tokenizer().encode(s).map_err(crate::runner::bad)?,
         Value::Array(a) if a.iter().all(Value::is_u64) => a
             .iter()
             .filter_map(Value::as_u64)
@@ -137,7 +138,7 @@ pub(crate) async fn embedded_completion(
         .unwrap_or_default()
         .to_owned();
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let mut run = engine.start(&model, prompt, &body).await?;
+    let mut run = runner.run(&model, prompt, &body).await?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let created = chrono::Utc::now().timestamp();
     if stream {
@@ -151,7 +152,7 @@ pub(crate) async fn embedded_completion(
             loop {
                 let line = match run.events.recv().await {
                     Some(RunEvent::Token { text, .. }) => chunk(&text, Value::Null),
-                    Some(RunEvent::Done(f, rest)) => chunk(&rest, json!(crate::finish_reason(f))),
+                    Some(RunEvent::Done(f, rest)) => chunk(&rest, json!(finish_reason(f))),
                     Some(RunEvent::Failed(e)) => {
                         json!({"error": {"code": "generation_failed", "message": e}})
                     }
@@ -181,7 +182,7 @@ pub(crate) async fn embedded_completion(
     Ok(Json(
         json!({"id": id, "object": "text_completion", "created": created, "model": run.model,
         "choices": [{"index": 0, "text": text, "logprobs": null,
-            "finish_reason": crate::finish_reason(finish), "stop_reason": null,
+            "finish_reason": finish_reason(finish), "stop_reason": null,
             "token_ids": ids, "prompt_token_ids": run.prompt_ids}],
         "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}}),
     )

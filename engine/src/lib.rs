@@ -3,16 +3,21 @@
 //! model the trainer holds (one copy of the weights) and the LoRA named by `model` at its
 //! current version. Answers have vLLM's shapes (token ids, raw log-probs), so the API's
 //! caching and feedback work the same on either path. One generation runs at a time;
-//! requests queue fairly (FIFO).
+//! requests queue fairly (FIFO). With `mode: tinker`, [`TinkerSampler`] answers instead:
+//! the same shapes, from Tinker's sampler (`tinker.rs`); both share `runner.rs`.
 //!
-//! It implements `claas_api::in_process` (the API's seam for in-process inference and for
-//! base-model files); it may import the API, the core and the trainer, and nothing imports
-//! it but the binary and tests.
+//! It implements `claas_api::inference` and `claas_api::in_process` (the API's seams for
+//! inference and for base-model files); it may import the API, the core, the trainer and
+//! the Tinker client, and nothing imports it but the binary and tests.
 
 mod answers;
 mod base_models;
+mod runner;
+mod tinker;
 
 pub use base_models::TrainerModels;
+pub use runner::{Run, RunEvent};
+pub use tinker::TinkerSampler;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,12 +27,13 @@ use axum::response::Response;
 use claas_api::inference::{Chunk, Generation, Inference};
 use claas_core::queue::SharedStore;
 use claas_core::types::local_path;
-use claas_trainer::generate::{generate, Finish, Sampling, Token};
-use claas_trainer::{AdapterConfig, ChatTokenizer, LoraAdapter, Message, Qwen3};
-use serde_json::{json, Map, Value};
+use claas_trainer::generate::generate;
+use claas_trainer::{AdapterConfig, ChatTokenizer, LoraAdapter, Qwen3};
+use serde_json::{Map, Value};
 use tokio::sync::{mpsc, Semaphore};
 
 use claas_api::error::{ApiError, ApiResult};
+use runner::{bad, engine_error, Runner};
 
 /// The in-process inference engine.
 pub struct Engine {
@@ -44,144 +50,6 @@ pub struct Engine {
     stop_ids: Vec<u32>,
 }
 
-fn engine_error(e: impl std::fmt::Display) -> ApiError {
-    ApiError::internal(format!("embedded inference failed: {e}"))
-}
-
-fn bad(e: claas_trainer::Error) -> ApiError {
-    match e {
-        claas_trainer::Error::InvalidInput(m)
-        | claas_trainer::Error::InvalidSample { message: m, .. } => ApiError::invalid(m),
-        other => engine_error(other),
-    }
-}
-
-/// The request's sampling settings, validated.
-fn sampling(
-    body: &Map<String, Value>,
-    stop_ids: &[u32],
-    default_max: usize,
-) -> ApiResult<Sampling> {
-    let num = |k: &str| body.get(k).filter(|v| !v.is_null());
-    let temperature = match num("temperature") {
-        None => 1.0,
-        Some(v) => v
-            .as_f64()
-            .filter(|t| (0.0..=2.0).contains(t))
-            .ok_or_else(|| ApiError::invalid("temperature must be a number within [0, 2]"))?,
-    };
-    let top_p = match num("top_p") {
-        None => 1.0,
-        Some(v) => v
-            .as_f64()
-            .filter(|p| *p > 0.0 && *p <= 1.0)
-            .ok_or_else(|| ApiError::invalid("top_p must be within (0, 1]"))?,
-    };
-    let max_tokens = match num("max_tokens").or_else(|| num("max_completion_tokens")) {
-        None => default_max,
-        Some(v) => v
-            .as_u64()
-            .filter(|m| (1..=32_768).contains(m))
-            .ok_or_else(|| ApiError::invalid("max_tokens must be an integer within [1, 32768]"))?
-            as usize,
-    };
-    let top_logprobs =
-        match num("top_logprobs") {
-            None => 0,
-            Some(v) => v.as_u64().filter(|k| *k <= 20).ok_or_else(|| {
-                ApiError::invalid("top_logprobs must be an integer within [0, 20]")
-            })? as usize,
-        };
-    let seed = match num("seed") {
-        None => None,
-        Some(v) => Some(
-            v.as_u64()
-                .ok_or_else(|| ApiError::invalid("seed must be a non-negative integer"))?,
-        ),
-    };
-    Ok(Sampling {
-        temperature: temperature as f32,
-        top_p: top_p as f32,
-        max_tokens,
-        seed,
-        stop_ids: stop_ids.to_vec(),
-        top_logprobs,
-    })
-}
-
-fn stop_strings(body: &Map<String, Value>) -> ApiResult<Vec<String>> {
-    match body.get("stop") {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::String(s)) => Ok(vec![s.clone()]),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|s| {
-                s.as_str()
-                    .map(str::to_owned)
-                    .ok_or_else(|| ApiError::invalid("stop must be a string or a list of strings"))
-            })
-            .collect(),
-        Some(_) => Err(ApiError::invalid(
-            "stop must be a string or a list of strings",
-        )),
-    }
-}
-
-/// Message content as text (a string, or the text parts of a list).
-fn text_of(content: &Value) -> String {
-    match content {
-        Value::String(s) => s.clone(),
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str).or(p.as_str()))
-            .collect::<Vec<_>>()
-            .join("\n"),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    }
-}
-
-/// What one request produces, as it is produced.
-pub struct Run {
-    pub model: String,
-    pub prompt_ids: Vec<u32>,
-    /// Token events, then the end.
-    pub events: mpsc::Receiver<RunEvent>,
-}
-
-impl Run {
-    /// The whole answer: its tokens, its text, and why it ended.
-    pub async fn collect(&mut self) -> ApiResult<(Vec<Token>, String, Finish)> {
-        let (mut tokens, mut text) = (Vec::new(), String::new());
-        loop {
-            match self.events.recv().await {
-                Some(RunEvent::Token { token, text: t }) => {
-                    tokens.push(token);
-                    text.push_str(&t);
-                }
-                Some(RunEvent::Done(f, rest)) => {
-                    text.push_str(&rest);
-                    return Ok((tokens, text, f));
-                }
-                Some(RunEvent::Failed(e)) => {
-                    return Err(ApiError::internal(format!("generation failed: {e}")))
-                }
-                None => return Err(ApiError::internal("generation stopped unexpectedly")),
-            }
-        }
-    }
-}
-
-pub enum RunEvent {
-    Token {
-        token: Token,
-        text: String,
-    },
-    /// The end, with any text held back because it ended inside a character.
-    Done(Finish, String),
-    Failed(String),
-}
-
 /// The most tokens (prompt + answer) one embedded request may span, whatever the model's
 /// own context: the trainer's default `max_seq_len`.
 pub const MAX_CONTEXT: usize = 8192;
@@ -193,10 +61,7 @@ impl Engine {
         base_name: String,
         store: SharedStore,
     ) -> Engine {
-        let stop_ids = ["<|im_end|>", "<|endoftext|>"]
-            .iter()
-            .filter_map(|t| tokenizer.token_id(t))
-            .collect();
+        let stop_ids = runner::stop_ids(&tokenizer);
         Engine {
             model,
             tokenizer,
@@ -279,32 +144,6 @@ impl Engine {
         Ok(Some(adapter))
     }
 
-    /// Token ids of the chat `messages` rendered with the checkpoint's template.
-    pub fn chat_prompt(
-        &self,
-        messages: &[Value],
-        add_generation_prompt: bool,
-        kwargs: &Map<String, Value>,
-    ) -> ApiResult<Vec<u32>> {
-        let msgs: Vec<Message> = messages
-            .iter()
-            .map(|m| Message::new(m["role"].as_str().unwrap_or("user"), text_of(&m["content"])))
-            .collect();
-        let text = self
-            .tokenizer
-            .render(&msgs, add_generation_prompt, kwargs)
-            .map_err(bad)?;
-        self.tokenizer.encode(&text).map_err(bad)
-    }
-
-    pub fn encode(&self, text: &str) -> ApiResult<Vec<u32>> {
-        self.tokenizer.encode(text).map_err(bad)
-    }
-
-    pub fn decode_one(&self, id: u32) -> String {
-        self.tokenizer.decode(&[id]).unwrap_or_default()
-    }
-
     /// Starts generating after `prompt_ids` for `model`; tokens arrive on the returned
     /// run's channel as they are sampled (after the requests before it have finished).
     pub async fn start(
@@ -314,9 +153,9 @@ impl Engine {
         body: &Map<String, Value>,
     ) -> ApiResult<Run> {
         let adapter = self.adapter(model).await?;
-        let sampling = sampling(body, &self.stop_ids, 256)?;
+        let sampling = runner::sampling(body, &self.stop_ids, 1.0, 256)?;
         self.check_context(prompt_ids.len(), sampling.max_tokens)?;
-        let stops = stop_strings(body)?;
+        let stops = runner::stop_strings(body)?;
         self.model.check_ids("prompt", &prompt_ids).map_err(bad)?;
         let (tx, rx) = mpsc::channel(64);
         let engine = self.clone();
@@ -372,109 +211,66 @@ impl Engine {
         })
     }
 
-    /// The text of generated `ids` without stop tokens, cut before the first stop string;
-    /// true when one was found. Decoded over the whole answer, so characters split across
-    /// tokens come out whole.
     fn visible_text(&self, ids: &[u32], stops: &[String]) -> (String, bool) {
-        let kept: Vec<u32> = ids
-            .iter()
-            .copied()
-            .filter(|i| !self.stop_ids.contains(i))
-            .collect();
-        let mut text = self.tokenizer.decode(&kept).unwrap_or_default();
-        let cut = stops
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| text.find(s.as_str()))
-            .min();
-        if let Some(c) = cut {
-            text.truncate(c);
-        }
-        (text, cut.is_some())
+        runner::visible_text(&self.tokenizer, &self.stop_ids, ids, stops)
     }
 
-    /// Log-probs of `completion`'s tokens as the answer to `messages` (CLaaS `/v1/score`).
-    pub async fn score_completion(
+    /// The log-prob of each token of `ids` from `prompt_len` on, after the requests
+    /// before it.
+    async fn token_logprobs(
         &self,
         model: &str,
-        messages: &[Value],
-        completion: &str,
-    ) -> ApiResult<Value> {
-        let prompt = self.chat_prompt(messages, true, &Map::new())?;
-        let mut full_messages = messages.to_vec();
-        full_messages.push(json!({"role": "assistant", "content": completion}));
-        let full = self.chat_prompt(&full_messages, false, &Map::new())?;
-        self.check_context(full.len(), 0)?;
-        let completion_ids: Vec<u32> = full.get(prompt.len()..).unwrap_or_default().to_vec();
-        if completion_ids.is_empty() {
-            return Ok(
-                json!({"logprobs": [], "tokens": [], "prompt_tokens": prompt.len(),
-                "completion_tokens": 0, "logprob_sum": 0.0}),
-            );
-        }
+        ids: Vec<u32>,
+        prompt_len: usize,
+    ) -> ApiResult<Vec<f32>> {
+        self.check_context(ids.len(), 0)?;
         let adapter = self.adapter(model).await?;
         let model_arc = self.model.clone();
-        let (p, ids) = (prompt.len(), full.clone());
         let _turn = self.turn.acquire().await.map_err(engine_error)?;
-        let lps: Vec<f32> = tokio::task::spawn_blocking(move || {
-            claas_trainer::generate::token_logprobs(&model_arc, &ids, p, adapter.as_deref())
+        tokio::task::spawn_blocking(move || {
+            claas_trainer::generate::token_logprobs(
+                &model_arc,
+                &ids,
+                prompt_len,
+                adapter.as_deref(),
+            )
         })
         .await
         .map_err(engine_error)?
-        .map_err(bad)?;
-        let tokens: Vec<String> = completion_ids.iter().map(|i| self.decode_one(*i)).collect();
-        let sum: f64 = lps.iter().map(|l| f64::from(*l)).sum();
-        Ok(
-            json!({"logprobs": lps, "tokens": tokens, "prompt_tokens": prompt.len(),
-            "completion_tokens": completion_ids.len(), "logprob_sum": sum}),
-        )
+        .map_err(bad)
     }
 }
 
-/// A vLLM-shaped log-prob entry for `token` (sampled token first in the top list).
-pub fn logprob_entry(engine: &Engine, token: &Token, top: usize) -> Value {
-    let text = engine.decode_one(token.id);
-    let mut tops = vec![json!({"token": text, "logprob": token.logprob, "bytes": text.as_bytes()})];
-    for (id, lp) in token
-        .top
-        .iter()
-        .filter(|(id, _)| *id != token.id)
-        .take(top.saturating_sub(1))
-    {
-        let t = engine.decode_one(*id);
-        tops.push(json!({"token": t, "logprob": lp, "bytes": t.as_bytes()}));
+#[async_trait]
+impl Runner for Engine {
+    fn tokenizer(&self) -> &ChatTokenizer {
+        &self.tokenizer
     }
-    tops.truncate(top);
-    json!({"token": text, "logprob": token.logprob, "bytes": text.as_bytes(), "top_logprobs": tops})
-}
 
-pub fn finish_reason(f: Finish) -> &'static str {
-    match f {
-        Finish::Stop => "stop",
-        Finish::Length => "length",
+    async fn run(
+        self: Arc<Self>,
+        model: &str,
+        prompt_ids: Vec<u32>,
+        body: &Map<String, Value>,
+    ) -> ApiResult<Run> {
+        self.start(model, prompt_ids, body).await
     }
-}
 
-impl Engine {
-    /// Starts a chat answer for vLLM's request body (`messages`, `model`, sampling).
-    async fn start_chat(self: &Arc<Self>, request: &Value) -> ApiResult<Run> {
-        let messages = request["messages"].as_array().cloned().unwrap_or_default();
-        let kwargs = request["chat_template_kwargs"]
-            .as_object()
-            .cloned()
-            .unwrap_or_default();
-        let prompt = self.chat_prompt(&messages, true, &kwargs)?;
-        let body = request.as_object().cloned().unwrap_or_default();
-        let model = request["model"].as_str().unwrap_or_default().to_owned();
-        self.start(&model, prompt, &body).await
+    async fn logprobs(
+        self: Arc<Self>,
+        model: &str,
+        ids: Vec<u32>,
+        prompt_len: usize,
+    ) -> ApiResult<Vec<f32>> {
+        self.token_logprobs(model, ids, prompt_len).await
     }
 }
 
 #[async_trait]
 impl Inference for Engine {
     async fn chat(self: Arc<Self>, request: &Value) -> ApiResult<Generation<Value>> {
-        let run = self.start_chat(request).await?;
-        let answer = answers::embedded_answer(&self, run, request).await?;
+        let run = runner::start_chat(self.clone(), request).await?;
+        let answer = answers::answer(&self.tokenizer, run, request).await?;
         Ok(Generation::local(answer))
     }
 
@@ -482,13 +278,13 @@ impl Inference for Engine {
         self: Arc<Self>,
         request: &Value,
     ) -> ApiResult<Generation<mpsc::Receiver<Chunk>>> {
-        let run = self.start_chat(request).await?;
-        let chunks = answers::embedded_chunks(self, run, request.clone());
+        let run = runner::start_chat(self.clone(), request).await?;
+        let chunks = answers::chunks(self, run, request.clone());
         Ok(Generation::local(chunks))
     }
 
     async fn completion(self: Arc<Self>, request: Map<String, Value>) -> ApiResult<Response> {
-        answers::embedded_completion(&self, request).await
+        answers::completion(self, request).await
     }
 
     async fn score(
@@ -499,10 +295,10 @@ impl Inference for Engine {
     ) -> ApiResult<Value> {
         // No model named: the base model.
         let model = if model.is_empty() {
-            &self.base_name
+            self.base_name.clone()
         } else {
-            model
+            model.to_owned()
         };
-        self.score_completion(model, messages, completion).await
+        runner::score(self, &model, messages, completion).await
     }
 }

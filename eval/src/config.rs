@@ -1,8 +1,8 @@
 //! `claas eval`'s configuration: CLaaS's `EvalConfig` fields and defaults, read from
 //! `configs/eval.yaml` and overridden on the command line Hydra-style
 //! (`num_steps=2 preferences=[no_emoji] training.learning_rate=1e-4`). An unknown key is an
-//! error naming it; `mode` must be `local` (CLaaS's `tinker` and `modal` are other
-//! backends this project does not have).
+//! error naming it; `mode` is `local` or `tinker` (the API at `claas_url` runs one or the
+//! other; CLaaS's `modal` is a backend this project does not have).
 
 use std::path::Path;
 
@@ -17,7 +17,9 @@ pub const ALL_METRICS: [&str; 4] = ["logprob", "compliance", "general", "collaps
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EvalConfig {
-    /// `local` (the API at `claas_url` trains); `tinker` and `modal` are refused.
+    /// `local` or `tinker`: what the API at `claas_url` runs (with `tinker`, the answers
+    /// given feedback are sampled at temperature 0.7, as CLaaS's eval does); `modal` is
+    /// refused.
     pub mode: String,
     pub claas_url: String,
     /// Base model of the LoRAs the eval creates; none: the API's configured base model.
@@ -115,17 +117,17 @@ impl EvalConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         match self.mode.as_str() {
-            "local" => {}
-            "tinker" | "modal" => {
-                return Err(invalid(format!(
-                    "mode: '{}' is one of CLaaS's remote backends, which claas-rs does not have; \
-                     use mode=local against a running claas (claas dev, or claas api with workers)",
-                    self.mode
-                )))
+            "local" | "tinker" => {}
+            "modal" => {
+                return Err(invalid(
+                    "mode: 'modal' is CLaaS's Modal backend, which claas-rs does not have; use \
+                     mode=local (or tinker) against a running claas (claas dev, or claas api \
+                     with workers)",
+                ))
             }
             other => {
                 return Err(invalid(format!(
-                    "mode: '{other}' is not a mode (accepted: local)"
+                    "mode: '{other}' is not a mode (accepted: local, tinker)"
                 )))
             }
         }
@@ -277,12 +279,11 @@ mod tests {
     }
 
     #[test]
-    fn only_local_mode_runs() {
+    fn local_and_tinker_run_and_modal_is_refused() {
         assert!(load(&["mode=local"]).is_ok());
-        for m in ["tinker", "modal"] {
-            let e = load(&[&format!("mode={m}")]).expect_err("refused");
-            assert!(e.to_string().contains("does not have"), "{e}");
-        }
+        assert!(load(&["mode=tinker"]).is_ok());
+        let e = load(&["mode=modal"]).expect_err("refused");
+        assert!(e.to_string().contains("does not have"), "{e}");
         assert!(load(&["mode=cloud"]).is_err());
     }
 

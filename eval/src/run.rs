@@ -143,13 +143,18 @@ async fn run_preference(
     progress.start(&pref.name, resume_from, cfg.num_steps);
     let feedback = vec![pref.feedback_string.as_str(); cfg.feedback_repetitions as usize].join(" ");
     let probes = &pref.probe_prompts;
+    // CLaaS samples the answers it gives feedback on at 0.7 on Tinker, greedily otherwise.
+    let temperature = if cfg.mode == "tinker" { 0.7 } else { 0.0 };
     for step in resume_from..cfg.num_steps {
         let started = Instant::now();
         let mut items = Vec::new();
         let mut first_response = None;
         for i in 0..cfg.batch_size {
             let prompt = &probes[((step * cfg.batch_size + i) as usize) % probes.len()];
-            match client.chat(&lora_id, prompt, 0.0, cfg.max_tokens, 0).await {
+            match client
+                .chat(&lora_id, prompt, temperature, cfg.max_tokens, 0)
+                .await
+            {
                 Ok(a) => {
                     first_response.get_or_insert(a.text.clone());
                     items.push(

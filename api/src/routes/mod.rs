@@ -14,3 +14,4 @@ pub mod lora_delete;
 pub mod lora_id;
 pub mod lora_versions;
 mod rollout;
+pub mod sampler;

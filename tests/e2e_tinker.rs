@@ -1,0 +1,192 @@
+//! The README's loop in Tinker mode, through the real `claas dev` binary against the fake
+//! Tinker: no GPU, no vLLM, no model weights on this machine (the base model's tokenizer
+//! files alone come from the Hub). Init, chat, feedback with `Prefer: wait`, version 1 is a
+//! Tinker checkpoint, the next chat comes from its sampler; the python `openai` client works
+//! unchanged; a missing key stops start-up with a message.
+
+mod common;
+
+use std::time::Duration;
+
+use claas_fake_tinker::{FakeTinker, Options};
+use serde_json::{json, Value};
+
+/// The Hub id the tokenizer is fetched under, and the base model Tinker serves.
+const BASE: &str = "tiny-org/tiny-qwen3";
+
+/// The fake Tinker serving `BASE`, sampling ids of lowercase letters (the tiny byte
+/// tokenizer decodes them).
+async fn fake_tinker() -> FakeTinker {
+    FakeTinker::start(Options {
+        base_models: vec![BASE.into()],
+        sample_vocab: 97..123,
+        ..Options::default()
+    })
+    .await
+}
+
+/// `claas dev` in Tinker mode on a free port, its tokenizer from a fake Hub.
+async fn start_tinker_dev(
+    tinker: &FakeTinker,
+    key: Option<&str>,
+) -> (
+    common::Proc,
+    String,
+    claas_fake_vllm::hub::FakeHub,
+    claas_testutil::TempDir,
+) {
+    let dir = claas_testutil::tempdir("tinker-e2e");
+    claas_worker::testing::tiny_checkpoint(&dir.join("served"), 5).await;
+    let hub = claas_fake_vllm::hub::FakeHub::start(BASE, dir.join("served"), None).await;
+    let data = dir.join("data").display().to_string();
+    let cache = dir.join("hf-cache").display().to_string();
+    let port = common::free_port().to_string();
+    let database = format!("sqlite://{data}/claas.db");
+    let mut vars = vec![
+        ("CLAAS_API_PORT", port.as_str()),
+        ("CLAAS_DATA_DIR", &data),
+        ("DATABASE_URL", &database),
+        ("CLAAS_DISTILL_EXECUTION_MODE", "tinker"),
+        ("CLAAS_TINKER_BASE_MODEL", BASE),
+        ("TINKER_BASE_URL", &tinker.url),
+        ("HF_ENDPOINT", &hub.url),
+        ("HF_HUB_CACHE", &cache),
+        ("CLAAS_WORKER_EXECUTOR", "candle"),
+    ];
+    if let Some(k) = key {
+        vars.push(("TINKER_API_KEY", k));
+    }
+    let proc = common::spawn("dev-tinker", &["dev"], &common::env(&vars));
+    (proc, format!("http://127.0.0.1:{port}"), hub, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_loop_runs_on_tinker() {
+    let tinker = fake_tinker().await;
+    let (dev, base, hub, _dir) = start_tinker_dev(&tinker, Some("tml-e2e")).await;
+    common::wait_http(&base).await;
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: Value, wait: bool| {
+        let mut r = http.post(format!("{base}{path}")).json(&body);
+        if wait {
+            r = r.header("Prefer", "wait=60");
+        }
+        async move {
+            let r = r.send().await.expect("answer");
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.expect("json"))
+        }
+    };
+    // Only the tokenizer came from the Hub: no weights on this machine.
+    assert!(hub.requests() > 0, "{}", dev.log_text());
+    let (status, body) = post("/v1/lora/init", json!({"lora_id": "me/assistant"}), false).await;
+    assert!(status == 200 || status == 201, "{body}");
+
+    let ask = json!({"model": "me/assistant", "max_tokens": 16, "logprobs": true,
+        "messages": [{"role": "system", "content": "You are terse."},
+                     {"role": "user", "content": "Explain recursion"}]});
+    let (status, first) = post("/v1/chat/completions", ask.clone(), false).await;
+    assert_eq!(status, 200, "{first} {}", dev.log_text());
+    let text = first["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_owned();
+    assert!(
+        !text.is_empty() && text.chars().all(|c| c.is_ascii_lowercase()),
+        "Tinker's tokens, decoded: {text:?}"
+    );
+
+    let (status, body) = post(
+        "/v1/feedback",
+        json!({"requests": [{"lora_id": "me/assistant", "prompt": "Explain recursion",
+            "response": text, "feedback": "too long"}]}),
+        true,
+    )
+    .await;
+    assert_eq!(
+        status,
+        200,
+        "the step ran on Tinker: {body} {}",
+        dev.log_text()
+    );
+    let metadata = &body["distill_result"]["metadata"];
+    assert!(metadata["tinker_model_id"].is_string(), "{body}");
+    let versions: Value = http
+        .get(format!("{base}/v1/lora/me/assistant/versions"))
+        .send()
+        .await
+        .expect("versions")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(versions["current_version"], 1, "{versions}");
+    let v1 = versions["versions"]
+        .as_array()
+        .and_then(|a| a.iter().find(|v| v["version"] == 1))
+        .expect("version 1");
+    assert!(
+        v1["storage_uri"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("tinker://") && u.contains("/weights/v1-")),
+        "{v1}"
+    );
+
+    // The next answer comes from version 1's sampler checkpoint, not the base model's.
+    let (status, second) = post("/v1/chat/completions", ask, false).await;
+    assert_eq!(status, 200, "{second}");
+    let lps = |v: &Value| -> Vec<f64> {
+        v["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|e| e["logprob"].as_f64()).collect())
+            .unwrap_or_default()
+    };
+    assert!(!lps(&first).is_empty());
+    assert_ne!(
+        lps(&first),
+        lps(&second),
+        "version 1 answers, not version 0"
+    );
+
+    // CLaaS's sampler routes: the base model until an admin refreshes.
+    let status: Value = http
+        .get(format!("{base}/v1/sampler/status"))
+        .send()
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(status, json!({"model_path": null, "base_model": BASE}));
+
+    if let Ok(python) = std::env::var("CLAAS_TEST_PYTHON") {
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/openai_client_check.py"
+        );
+        let out = tokio::process::Command::new(python)
+            .args([script, &format!("{base}/v1"), BASE, "tinker"])
+            .output()
+            .await
+            .expect("run python");
+        assert!(
+            out.status.success(),
+            "openai client check failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        eprintln!("python part skipped: CLAAS_TEST_PYTHON is not set (make test sets it)");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tinker_mode_without_a_key_stops_start_up_saying_which_variable() {
+    let tinker = fake_tinker().await;
+    let (mut dev, _base, _hub, _dir) = start_tinker_dev(&tinker, None).await;
+    let exit = dev
+        .wait_exit(Duration::from_secs(60))
+        .expect("claas dev exits");
+    assert!(!exit.success());
+    let log = dev.log_text();
+    assert!(log.contains("TINKER_API_KEY"), "{log}");
+}
