@@ -2,7 +2,8 @@
 //! Tinker: no GPU, no vLLM, no model weights on this machine (the base model's tokenizer
 //! files alone come from the Hub). Init, chat, feedback with `Prefer: wait`, version 1 is a
 //! Tinker checkpoint, the next chat comes from its sampler; the python `openai` client works
-//! unchanged; a missing key stops start-up with a message.
+//! unchanged; retention and delete remove checkpoints on Tinker; a missing key stops
+//! start-up with a message.
 
 mod common;
 
@@ -29,6 +30,7 @@ async fn fake_tinker() -> FakeTinker {
 async fn start_tinker_dev(
     tinker: &FakeTinker,
     key: Option<&str>,
+    extra: &[(&str, &str)],
 ) -> (
     common::Proc,
     String,
@@ -56,6 +58,7 @@ async fn start_tinker_dev(
     if let Some(k) = key {
         vars.push(("TINKER_API_KEY", k));
     }
+    vars.extend_from_slice(extra);
     let proc = common::spawn("dev-tinker", &["dev"], &common::env(&vars));
     (proc, format!("http://127.0.0.1:{port}"), hub, dir)
 }
@@ -63,7 +66,7 @@ async fn start_tinker_dev(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_loop_runs_on_tinker() {
     let tinker = fake_tinker().await;
-    let (dev, base, hub, _dir) = start_tinker_dev(&tinker, Some("tml-e2e")).await;
+    let (dev, base, hub, _dir) = start_tinker_dev(&tinker, Some("tml-e2e"), &[]).await;
     common::wait_http(&base).await;
     let http = reqwest::Client::new();
     let post = |path: &str, body: Value, wait: bool| {
@@ -182,11 +185,77 @@ async fn the_readme_loop_runs_on_tinker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tinker_mode_without_a_key_stops_start_up_saying_which_variable() {
     let tinker = fake_tinker().await;
-    let (mut dev, _base, _hub, _dir) = start_tinker_dev(&tinker, None).await;
+    let (mut dev, _base, _hub, _dir) = start_tinker_dev(&tinker, None, &[]).await;
     let exit = dev
         .wait_exit(Duration::from_secs(60))
         .expect("claas dev exits");
     assert!(!exit.success());
     let log = dev.log_text();
     assert!(log.contains("TINKER_API_KEY"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruned_and_deleted_versions_leave_no_checkpoint_on_tinker() {
+    let tinker = fake_tinker().await;
+    let keep_one = [("CLAAS_ADAPTER_VERSIONS_KEEP", "1")];
+    let (dev, base, _hub, _dir) = start_tinker_dev(&tinker, Some("tml-e2e"), &keep_one).await;
+    common::wait_http(&base).await;
+    let http = reqwest::Client::new();
+    let init = http
+        .post(format!("{base}/v1/lora/init"))
+        .json(&json!({"lora_id": "me/short"}))
+        .send()
+        .await
+        .expect("init");
+    assert!(init.status().is_success());
+    let mut states = Vec::new();
+    for step in 1..=2 {
+        let r = http
+            .post(format!("{base}/v1/feedback"))
+            .header("Prefer", "wait=60")
+            .json(&common::feedback("me/short", "shorter"))
+            .send()
+            .await
+            .expect("feedback");
+        assert_eq!(r.status(), 200, "step {step}: {}", dev.log_text());
+        let versions: Value = http
+            .get(format!("{base}/v1/lora/me/short/versions"))
+            .send()
+            .await
+            .expect("versions")
+            .json()
+            .await
+            .expect("json");
+        let uri = versions["versions"]
+            .as_array()
+            .and_then(|a| a.iter().find(|v| v["version"] == step))
+            .and_then(|v| v["storage_uri"].as_str())
+            .expect("the step's version")
+            .to_owned();
+        states.push(uri);
+    }
+    let sampler = |state: &str| state.replace("/weights/", "/sampler_weights/");
+    // Keeping one version besides version 0: version 1's checkpoints went after step 2.
+    let on_tinker = common::eventually(Duration::from_secs(10), "version 1 pruned", || {
+        let have = tinker.checkpoints();
+        let gone = !have.contains(&states[0]) && !have.contains(&sampler(&states[0]));
+        async move { gone.then_some(have) }
+    })
+    .await;
+    assert!(
+        on_tinker.contains(&states[1]) && on_tinker.contains(&sampler(&states[1])),
+        "{on_tinker:?}"
+    );
+
+    let deleted = http
+        .delete(format!("{base}/v1/lora?lora_id=me/short"))
+        .send()
+        .await
+        .expect("delete");
+    assert!(deleted.status().is_success());
+    common::eventually(Duration::from_secs(10), "every checkpoint deleted", || {
+        let empty = tinker.checkpoints().is_empty();
+        async move { empty.then_some(()) }
+    })
+    .await;
 }

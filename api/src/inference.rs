@@ -70,6 +70,12 @@ pub trait Inference: Send + Sync {
         Ok(None)
     }
 
+    /// Removes a deleted LoRA's version where this backend keeps versions (Tinker's
+    /// checkpoints); `Ok(false)` for one the adapter store removes (files, objects).
+    async fn remove_version(self: Arc<Self>, _uri: &str) -> ApiResult<bool> {
+        Ok(false)
+    }
+
     /// CLaaS's `GET /v1/sampler/status` (`model_path`, `base_model`), when this backend is
     /// Tinker's sampler; `None` otherwise.
     async fn sampler_status(self: Arc<Self>) -> Option<Value> {

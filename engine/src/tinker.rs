@@ -331,6 +331,19 @@ impl Inference for TinkerSampler {
         runner::score(self, &model, messages, completion).await
     }
 
+    /// Deletes a deleted LoRA's checkpoints (training state and sampler weights) on Tinker.
+    async fn remove_version(self: Arc<Self>, uri: &str) -> ApiResult<bool> {
+        let Ok(state) = uri.parse::<TinkerPath>() else {
+            return Ok(false);
+        };
+        let client = self.sessions.client();
+        client
+            .delete_checkpoint_and_sampler_twin(&state)
+            .await
+            .map_err(failed)?;
+        Ok(true)
+    }
+
     async fn sampler_status(self: Arc<Self>) -> Option<Value> {
         let path = self
             .refreshed

@@ -222,6 +222,19 @@ impl TinkerClient {
         Ok(())
     }
 
+    /// Deletes `state` and, when it is a training state, the sampler weights saved beside it
+    /// under the same name ([`TinkerPath::sampler_twin`]); one already gone (404) counts as
+    /// deleted.
+    pub async fn delete_checkpoint_and_sampler_twin(&self, state: &TinkerPath) -> Result<()> {
+        for path in std::iter::once(state.clone()).chain(state.sampler_twin()) {
+            match self.delete_checkpoint(&path).await {
+                Err(e) if e.status() == Some(404) => {}
+                other => other?,
+            }
+        }
+        Ok(())
+    }
+
     /// POSTs a JSON submit to the route named `call` and returns its handle.
     pub(crate) async fn submit<T>(
         &self,

@@ -135,6 +135,13 @@ pub trait Trainer: Send + Sync + 'static {
         version: i32,
         distilled: Distilled,
     ) -> PhaseResult<StoredAdapter>;
+
+    /// Removes a stored version that is no longer wanted (pruned, never published), when
+    /// it lives where only this trainer reaches (Tinker's checkpoints); `Ok(false)` for a
+    /// URI the adapter store removes (files, objects).
+    async fn remove_stored(&self, _uri: &str) -> PhaseResult<bool> {
+        Ok(false)
+    }
 }
 
 /// The serving-control half of a job: what the inference server beside the worker needs

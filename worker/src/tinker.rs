@@ -403,6 +403,17 @@ impl Trainer for TinkerTrainer {
         let sha256 = hex::encode(sha2::Sha256::digest(uri.as_bytes()));
         Ok(StoredAdapter { uri, sha256 })
     }
+
+    /// Deletes a version's training state and its sampler weights on Tinker (one already
+    /// gone counts as deleted).
+    async fn remove_stored(&self, uri: &str) -> PhaseResult<bool> {
+        let Ok(state) = uri.parse::<TinkerPath>() else {
+            return Ok(false);
+        };
+        let delete = self.client.delete_checkpoint_and_sampler_twin(&state);
+        delete.await.map_err(tinker_error)?;
+        Ok(true)
+    }
 }
 
 /// Serving on Tinker: no local vLLM to drain, sleep or wake. The API samples each LoRA at

@@ -134,7 +134,18 @@ async fn clean_up(
     uris.extend(purged.unwrap_or_default());
     uris.sort();
     uris.dedup();
+    let backend = state.inference().ok();
     for uri in &uris {
+        if let Some(b) = &backend {
+            match b.clone().remove_version(uri).await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(%uri, error = %e.message, "could not remove a deleted version");
+                    continue;
+                }
+            }
+        }
         if let Err(e) = state.adapters.remove(uri).await {
             tracing::warn!(%uri, error = %e, "could not remove a deleted version");
         }

@@ -432,6 +432,11 @@ impl Worker {
 
     /// Removes one version's files, wherever they are stored.
     async fn remove_version(&self, uri: &str) -> claas_core::Result<()> {
+        match self.executor.trainer.remove_stored(uri).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => return Err(claas_core::Error::Storage(e.to_string())),
+        }
         match (&self.opts.store, claas_core::types::local_path(uri)) {
             (Some(store), _) => store.remove(uri).await,
             (None, Some(path)) => claas_core::adapter_store::remove_local(&path).await,
