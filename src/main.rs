@@ -96,6 +96,16 @@ enum Command {
     Model(train::ModelCommand),
     /// Replays one SDPO step offline from a samples file; prints the metrics as JSON.
     Distill(train::DistillArgs),
+    /// Tinker: `claas tinker import [FILE]` brings a CLaaS `tinker_state.json`'s LoRAs here.
+    Tinker {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Use the embedded profile's database (SQLite under ./data).
+        #[arg(long)]
+        local: bool,
+        #[command(subcommand)]
+        cmd: TinkerCommand,
+    },
     /// API keys: `claas keys create --name N --prefix P`, `list`, `revoke ID`.
     Keys {
         #[command(flatten)]
@@ -106,6 +116,14 @@ enum Command {
         #[command(subcommand)]
         cmd: keys::KeysCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum TinkerCommand {
+    /// Imports each LoRA of CLaaS's `tinker_state.json` (FILE, else `tinker.state_path` /
+    /// `CLAAS_TINKER_STATE_PATH`, else `~/.claas/tinker_state.json`): version 0 is its
+    /// current Tinker checkpoint. Running it again changes nothing.
+    Import { file: Option<PathBuf> },
 }
 
 /// The embedded profile with `--local`, else the fleet's.
@@ -212,6 +230,14 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Distill(a) => {
             claas_core::telemetry::init(None, "claas");
             tokio::task::spawn_blocking(move || train::distill(a)).await?
+        }
+        Command::Tinker { cfg, local, cmd } => {
+            let cfg = load(profile(local), &cfg, "claas-tinker")?;
+            let store = serve::open_store(&cfg).await?;
+            store.migrate().await?;
+            match cmd {
+                TinkerCommand::Import { file } => tinker::import(&cfg, store, file).await,
+            }
         }
         Command::Keys { cfg, local, cmd } => {
             let cfg = load(profile(local), &cfg, "claas-keys")?;

@@ -75,3 +75,141 @@ pub async fn sampler(cfg: &Config, store: SharedStore) -> Result<claas_engine::T
         store,
     ))
 }
+
+/// One LoRA in CLaaS's `tinker_state.json` (`claas/training/engine/tinker/state.py`).
+#[derive(Debug, serde::Deserialize)]
+struct ClaasEntry {
+    tinker_path: String,
+    base_model: String,
+    rank: i32,
+    #[serde(default)]
+    step: i64,
+    sampler_weights_path: Option<String>,
+}
+
+/// The file `claas tinker import` reads: the one given, else `tinker.state_path`
+/// (`CLAAS_TINKER_STATE_PATH`), else CLaaS's default `~/.claas/tinker_state.json`.
+fn state_file(cfg: &Config, file: Option<PathBuf>) -> Result<PathBuf> {
+    file.or_else(|| cfg.tinker.state_path.clone())
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".claas/tinker_state.json"))
+        })
+        .ok_or_else(|| {
+            anyhow!("name the file: claas tinker import FILE (or set CLAAS_TINKER_STATE_PATH)")
+        })
+}
+
+/// `claas tinker import [FILE]`: each LoRA of a CLaaS `tinker_state.json` becomes a LoRA
+/// here whose version 0 is its current Tinker checkpoint, so the next step trains from it
+/// and chat samples its sampler weights. Idempotent: a LoRA already imported is reported
+/// and left alone. Fails (after importing the rest) when any entry could not be imported.
+pub async fn import(cfg: &Config, store: SharedStore, file: Option<PathBuf>) -> Result<()> {
+    let path = state_file(cfg, file)?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading CLaaS's Tinker state {}", path.display()))?;
+    let entries: std::collections::BTreeMap<String, serde_json::Value> =
+        serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not CLaaS's tinker_state.json (a JSON object)",
+                path.display()
+            )
+        })?;
+    let mut refused = 0;
+    for (lora_id, raw) in &entries {
+        match import_one(cfg, &store, lora_id, raw).await {
+            Ok(done) => println!("{lora_id}: {done}"),
+            Err(why) => {
+                refused += 1;
+                println!("{lora_id}: not imported: {why}");
+            }
+        }
+    }
+    if refused > 0 {
+        anyhow::bail!(
+            "{refused} of {} LoRAs were not imported (see above)",
+            entries.len()
+        );
+    }
+    Ok(())
+}
+
+/// Imports one entry; says what it did, or why not.
+async fn import_one(
+    cfg: &Config,
+    store: &SharedStore,
+    lora_id: &str,
+    raw: &serde_json::Value,
+) -> Result<&'static str, String> {
+    claas_core::types::validate_lora_id(lora_id).map_err(|e| e.to_string())?;
+    let entry: ClaasEntry =
+        serde_json::from_value(raw.clone()).map_err(|e| format!("not a CLaaS entry: {e}"))?;
+    if entry.base_model != cfg.tinker.base_model {
+        return Err(format!(
+            "its base model {} is not tinker.base_model ({}), the one this deployment trains",
+            entry.base_model, cfg.tinker.base_model
+        ));
+    }
+    if entry.rank <= 0 {
+        return Err(format!("rank {} is not positive", entry.rank));
+    }
+    let state: claas_tinker::TinkerPath = entry
+        .tinker_path
+        .parse()
+        .map_err(|e| format!("tinker_path: {e}"))?;
+    let twin = state
+        .sampler_twin()
+        .ok_or("tinker_path is not a training state (tinker://…/weights/…)")?;
+    let (uri, sha256) = match entry.sampler_weights_path.as_deref() {
+        Some(p) if p == twin.to_string() => {
+            use sha2::Digest;
+            let uri = state.to_string();
+            let sha = hex::encode(sha2::Sha256::digest(uri.as_bytes()));
+            (uri, sha)
+        }
+        Some(p) => {
+            return Err(format!(
+                "its sampler weights {p} are not saved beside {state} ({twin})"
+            ))
+        }
+        // CLaaS's `init`: a state with no sampler weights, an untrained LoRA that answers
+        // as the base model; it starts here as a new LoRA of the same rank.
+        None if entry.step == 0 => (String::new(), String::new()),
+        None => {
+            return Err(format!(
+                "step {} has no sampler_weights_path to serve",
+                entry.step
+            ))
+        }
+    };
+    if let Some(existing) = store.get_lora(lora_id).await.map_err(|e| e.to_string())? {
+        let current = store
+            .current_version(&existing)
+            .await
+            .map_err(|e| e.to_string())?;
+        if current.is_some_and(|v| v.storage_uri == uri && existing.rank == entry.rank) {
+            return Ok("already imported");
+        }
+        return Err(format!(
+            "a LoRA with this id exists here (version {})",
+            existing.current_version
+        ));
+    }
+    let lora = claas_core::types::NewLora {
+        lora_id: lora_id.to_owned(),
+        base_model: entry.base_model,
+        rank: entry.rank,
+        alpha: f64::from(entry.rank) * 2.0,
+        target_modules: claas_api::routes::lora::DEFAULT_TARGETS
+            .iter()
+            .map(|t| t.to_string())
+            .collect(),
+        initial_uri: uri,
+        initial_sha256: sha256,
+    };
+    store.create_lora(&lora).await.map_err(|e| e.to_string())?;
+    Ok(if entry.step == 0 {
+        "imported (untrained)"
+    } else {
+        "imported"
+    })
+}

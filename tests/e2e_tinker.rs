@@ -259,3 +259,85 @@ async fn pruned_and_deleted_versions_leave_no_checkpoint_on_tinker() {
     })
     .await;
 }
+
+/// Runs `claas tinker import FILE` on the database of the `claas dev` whose directory is
+/// `dir`; returns whether it succeeded and what it printed.
+fn import(dir: &std::path::Path, file: &std::path::Path) -> (bool, String) {
+    let data = dir.join("data").display().to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_claas"))
+        .args(["tinker", "import"])
+        .arg(file)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", format!("sqlite://{data}/claas.db"))
+        .env("CLAAS_TINKER_BASE_MODEL", BASE)
+        .output()
+        .expect("run claas tinker import");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claas_tinker_state_file_is_imported_and_its_loras_train_on() {
+    let tinker = fake_tinker().await;
+    let (dev, base, _hub, dir) = start_tinker_dev(&tinker, Some("tml-e2e"), &[]).await;
+    common::wait_http(&base).await;
+    // A LoRA that CLaaS trained: its training state and sampler weights on Tinker.
+    let client = claas_tinker::TinkerClient::new(claas_tinker::Config::new(&tinker.url, "tml-x"))
+        .expect("client");
+    let tok = claas_testutil::tempdir("tinker-import-tok");
+    claas_worker::testing::tiny_checkpoint(&tok, 5).await;
+    let trainer =
+        claas_worker::TinkerTrainer::from_tokenizer_dir(client, BASE, &tok).expect("trainer");
+    let state = trainer.init_lora(4).await.expect("a checkpoint");
+    let sampler = state.replace("/weights/", "/sampler_weights/");
+    let file = dir.join("tinker_state.json");
+    let entries = json!({
+        "me/imported": {"tinker_path": state, "base_model": BASE, "rank": 4, "step": 3,
+            "sampler_weights_path": sampler, "old_paths": null},
+        "me/fresh": {"tinker_path": "tinker://run-9/weights/init", "base_model": BASE,
+            "rank": 8, "step": 0, "sampler_weights_path": null, "old_paths": null},
+        "other/model": {"tinker_path": state, "base_model": "Qwen/Qwen3-8B", "rank": 4,
+            "step": 1, "sampler_weights_path": sampler},
+    });
+    std::fs::write(&file, serde_json::to_vec_pretty(&entries).expect("json")).expect("write");
+
+    let (ok, out) = import(&dir, &file);
+    assert!(!ok, "one entry is for another base model: {out}");
+    assert!(out.contains("me/imported: imported"), "{out}");
+    assert!(out.contains("me/fresh: imported (untrained)"), "{out}");
+    assert!(
+        out.contains("other/model: not imported") && out.contains("Qwen/Qwen3-8B"),
+        "{out}"
+    );
+    let (_, again) = import(&dir, &file);
+    assert!(
+        again.contains("me/imported: already imported"),
+        "running it again changes nothing: {again}"
+    );
+
+    let http = reqwest::Client::new();
+    let chat = http
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&json!({"model": "me/imported", "max_tokens": 8,
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .expect("chat");
+    assert_eq!(chat.status(), 200, "{}", dev.log_text());
+    let loads = tinker.count("load_weights");
+    let r = http
+        .post(format!("{base}/v1/feedback"))
+        .header("Prefer", "wait=60")
+        .json(&common::feedback("me/imported", "shorter"))
+        .send()
+        .await
+        .expect("feedback");
+    assert_eq!(r.status(), 200, "{}", dev.log_text());
+    assert_eq!(
+        tinker.count("load_weights"),
+        loads + 1,
+        "the step trained from CLaaS's state"
+    );
+}

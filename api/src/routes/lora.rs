@@ -16,7 +16,7 @@ use crate::error::{ApiError, ApiResult, ErrorBody, Errors, JsonBody, QueryParams
 use crate::AppState;
 
 /// The projections CLaaS adapts by default: attention and MLP.
-const DEFAULT_TARGETS: [&str; 7] = [
+pub const DEFAULT_TARGETS: [&str; 7] = [
     "q_proj",
     "k_proj",
     "v_proj",
