@@ -143,6 +143,7 @@ impl TinkerClient {
         if iteration == 0 {
             req = req.header("X-Tinker-Create-Promise-Roundtrip-Time", "0");
         }
+        let _in_flight = self.stats.enter();
         let resp = match req.send().await {
             Ok(resp) => resp,
             Err(e) if e.is_timeout() => return Ok(Poll::Pending),

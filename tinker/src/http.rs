@@ -37,13 +37,16 @@ impl TinkerClient {
         let mut attempt = 1;
         loop {
             let req = self.request(&method, route, &body, &idempotency_key);
-            let err = match req.send().await {
+            let in_flight = self.stats.enter();
+            let sent = req.send().await;
+            let err = match sent {
                 Ok(resp) => match check(call, resp).await {
                     Ok(resp) => return Ok(resp),
                     Err(e) => e,
                 },
                 Err(source) => Error::Transport { call, source },
             };
+            drop(in_flight);
             if !err.is_retryable() || attempt >= self.config.retry.max_attempts {
                 return Err(err);
             }

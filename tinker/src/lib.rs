@@ -27,6 +27,7 @@ mod proto;
 mod results;
 mod sampling;
 mod session;
+mod stats;
 mod training;
 mod types;
 
@@ -35,6 +36,7 @@ pub use futures::{FutureResult, Pending, Polled};
 pub use path::{CheckpointKind, TinkerPath};
 pub use results::{CreateModelResponse, LoadWeightsResponse};
 pub use session::{Seq, Sessions};
+pub use stats::StatsSnapshot;
 pub use types::{
     AdamParams, Datum, ForwardBackwardOutput, LossFn, ModelData, ModelInfo, OptimStepResponse,
     SampleResponse, SampledSequence, SamplerSource, SamplingParams, ServerCapabilities, Stop,
@@ -129,6 +131,7 @@ impl Config {
 pub struct TinkerClient {
     http: reqwest::Client,
     config: Config,
+    stats: std::sync::Arc<stats::CallStats>,
 }
 
 impl TinkerClient {
@@ -146,7 +149,12 @@ impl TinkerClient {
             .user_agent(concat!("claas-tinker/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| Error::Config(format!("HTTP client: {e}")))?;
-        Ok(TinkerClient { http, config })
+        let stats = Default::default();
+        Ok(TinkerClient {
+            http,
+            config,
+            stats,
+        })
     }
 
     /// A client configured from the environment ([`Config::from_env`]).
@@ -156,6 +164,11 @@ impl TinkerClient {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The requests this client and its clones have in flight and have sent.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
     }
 }
 
