@@ -26,6 +26,18 @@ async fn fake_tinker() -> FakeTinker {
     .await
 }
 
+/// The fake Tinker serving `BASE` with the tiny model at `dir` computing every number:
+/// real samples, log-probs, loss, gradient and Adam steps.
+async fn model_tinker(dir: &std::path::Path) -> FakeTinker {
+    claas_worker::testing::tiny_checkpoint(dir, 5).await;
+    FakeTinker::start(Options {
+        base_models: vec![BASE.into()],
+        model_dir: Some(dir.to_path_buf()),
+        ..Options::default()
+    })
+    .await
+}
+
 /// `claas dev` in Tinker mode on a free port, its tokenizer from a fake Hub.
 async fn start_tinker_dev(
     tinker: &FakeTinker,
@@ -65,7 +77,8 @@ async fn start_tinker_dev(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_loop_runs_on_tinker() {
-    let tinker = fake_tinker().await;
+    let model = claas_testutil::tempdir("tinker-e2e-model");
+    let tinker = model_tinker(&model).await;
     let (dev, base, hub, _dir) = start_tinker_dev(&tinker, Some("tml-e2e"), &[]).await;
     common::wait_http(&base).await;
     let http = reqwest::Client::new();
@@ -94,10 +107,6 @@ async fn the_readme_loop_runs_on_tinker() {
         .as_str()
         .expect("content")
         .to_owned();
-    assert!(
-        !text.is_empty() && text.chars().all(|c| c.is_ascii_lowercase()),
-        "Tinker's tokens, decoded: {text:?}"
-    );
 
     let (status, body) = post(
         "/v1/feedback",

@@ -123,6 +123,21 @@ impl LoraAdapter {
         Self::from_tensors(model, config, tensors, device)
     }
 
+    /// A copy of these weights in variables of its own: training the copy (or this one)
+    /// leaves the other as it was.
+    pub fn snapshot(&self, model: &Qwen3Config) -> Result<Self> {
+        let mut tensors = HashMap::new();
+        for (key, var) in &self.params {
+            tensors.insert(key.clone(), var.as_tensor().copy()?);
+        }
+        let device = self
+            .params
+            .values()
+            .next()
+            .map_or(Device::Cpu, |v| v.device().clone());
+        Self::from_tensors(model, self.config.clone(), tensors, &device)
+    }
+
     fn from_tensors(
         model: &Qwen3Config,
         config: AdapterConfig,

@@ -29,6 +29,7 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
+mod brain;
 mod futures;
 pub mod model;
 mod proto;
@@ -53,6 +54,10 @@ pub struct Options {
     /// The token ids samples are drawn from (default 1000..2000); a test whose tokenizer
     /// is smaller picks ids it can decode.
     pub sample_vocab: std::ops::Range<i32>,
+    /// A Qwen3 checkpoint directory (the tiny one) whose model computes every number:
+    /// samples, log-probs, the loss and its gradient, Adam steps (`brain.rs`). `None`: the
+    /// hash model (`model.rs`), fast and predictable.
+    pub model_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -62,6 +67,7 @@ impl Default for Options {
             base_models: vec![DEFAULT_BASE_MODEL.into()],
             long_poll: Duration::from_millis(500),
             sample_vocab: 1000..2000,
+            model_dir: None,
         }
     }
 }
@@ -169,6 +175,7 @@ impl World {
 
 struct Shared {
     opts: Options,
+    brain: Option<brain::Brain>,
     knobs: Knobs,
     world: Mutex<World>,
 }
@@ -192,8 +199,12 @@ pub struct FakeTinker {
 
 impl FakeTinker {
     pub async fn start(opts: Options) -> FakeTinker {
+        let brain = opts.model_dir.as_deref().map(|dir| {
+            brain::Brain::load(dir).unwrap_or_else(|e| panic!("fake Tinker's model {dir:?}: {e}"))
+        });
         let shared = Arc::new(Shared {
             opts,
+            brain,
             knobs: Knobs::default(),
             world: Mutex::new(World::default()),
         });

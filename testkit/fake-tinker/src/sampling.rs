@@ -125,6 +125,17 @@ struct TextChunk {
 struct SamplingParams {
     max_tokens: Option<usize>,
     seed: Option<i64>,
+    #[serde(default = "one_f64")]
+    temperature: f64,
+    #[serde(default = "one_f64")]
+    top_p: f64,
+    /// Stop strings or token ids; the model path honours token ids.
+    #[serde(default)]
+    stop: Option<serde_json::Value>,
+}
+
+fn one_f64() -> f64 {
+    1.0
 }
 
 /// Tokens a sample may have when the request sets no `max_tokens`.
@@ -145,18 +156,72 @@ async fn asample(State(s): State<Arc<Shared>>, body: Bytes) -> Answer {
     }
     let max_tokens = req.sampling_params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
     let seed = req.sampling_params.seed.unwrap_or(0);
-    let sequences = (0..req.num_samples)
-        .map(|i| sequence(weights, &prompt, seed, i, max_tokens, &s.opts.sample_vocab))
-        .collect();
+    let (sequences, prompt_lps) = match &s.brain {
+        Some(b) => brain_samples(b, weights, &prompt, &req, max_tokens)
+            .map_err(|e| reject(StatusCode::INTERNAL_SERVER_ERROR, e))?,
+        None => {
+            let vocab = &s.opts.sample_vocab;
+            let seqs = (0..req.num_samples)
+                .map(|i| sequence(weights, &prompt, seed, i, max_tokens, vocab))
+                .collect();
+            let lps = req
+                .prompt_logprobs
+                .then(|| model::prompt_logprobs(weights, &prompt));
+            (seqs, lps)
+        }
+    };
     let response = SampleResponse {
         sequences,
-        prompt_logprobs: req
-            .prompt_logprobs
-            .then(|| proto::f32_bytes(&model::prompt_logprobs(weights, &prompt))),
+        prompt_logprobs: prompt_lps.map(|l| proto::f32_bytes(&l)),
         prompt_cache_hit_tokens: 0,
     };
     let result = Outcome::Proto(response.encode_to_vec());
     submit(&s, &mut world, result, None, Some(req.num_samples))
+}
+
+/// The samples (and prompt log-probs when asked) from the model ([`crate::brain`]).
+fn brain_samples(
+    b: &crate::brain::Brain,
+    weights: u64,
+    prompt: &[i32],
+    req: &Asample,
+    max_tokens: usize,
+) -> Result<(Vec<SampledSequence>, Option<Vec<f32>>), String> {
+    let sp = &req.sampling_params;
+    let stop_ids = match &sp.stop {
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(serde_json::Value::as_u64)
+            .map(|t| t as u32)
+            .collect(),
+        _ => Vec::new(),
+    };
+    let params = crate::brain::SampleParams {
+        temperature: sp.temperature,
+        top_p: sp.top_p,
+        max_tokens,
+        seed: sp.seed.unwrap_or(0) as u64,
+        stop_ids,
+    };
+    let mut sequences = Vec::new();
+    for i in 0..req.num_samples {
+        let (tokens, logprobs, hit_max) = b.sample(weights, prompt, &params, i)?;
+        sequences.push(SampledSequence {
+            stop_reason: if hit_max {
+                proto::STOP_REASON_LENGTH
+            } else {
+                proto::STOP_REASON_STOP
+            },
+            tokens: proto::i32_bytes(&tokens),
+            logprobs: Some(proto::f32_bytes(&logprobs)),
+        });
+    }
+    let lps = if req.prompt_logprobs {
+        Some(b.prompt_logprobs(weights, prompt)?)
+    } else {
+        None
+    };
+    Ok((sequences, lps))
 }
 
 /// Sample number `index`, with a log-prob per token (the SDK needs them non-empty).

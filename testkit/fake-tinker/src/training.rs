@@ -62,9 +62,14 @@ async fn create_model(State(s): State<Arc<Shared>>, body: Bytes) -> Answer {
     let mut world = s.world();
     world.live_session(&req.session_id)?;
     let id = model_id(&req.session_id, req.model_seq_id);
+    let weights = model::base_weights(&req.base_model);
+    if let Some(b) = &s.brain {
+        b.start_model(&id, weights, req.lora_config.rank, &req.base_model)
+            .map_err(|e| reject(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    }
     let model = Model {
         session: req.session_id,
-        weights: model::base_weights(&req.base_model),
+        weights,
         base_model: req.base_model,
         rank: req.lora_config.rank,
         steps: 0,
@@ -94,8 +99,9 @@ async fn get_info(State(s): State<Arc<Shared>>, body: Bytes) -> Answer {
     })))
 }
 
-/// One decoded datum: its targets and the importance-sampling inputs.
+/// One decoded datum: its input tokens, targets and the importance-sampling inputs.
 struct Datum {
+    inputs: Vec<i32>,
     targets: Vec<i64>,
     old_logprobs: Vec<f32>,
     advantages: Vec<f32>,
@@ -114,15 +120,16 @@ fn dense<'a>(t: &'a Tensor, name: &str, dtype: i32) -> Result<&'a [u8], String> 
 }
 
 fn decode_datum(d: &proto::Datum) -> Result<Datum, String> {
-    let inputs: usize = d
+    let tokens: Vec<i32> = d
         .model_input
         .iter()
-        .map(|c| {
+        .flat_map(|c| {
             c.encoded_text
                 .as_ref()
-                .map_or(0, |t| proto::i32s(&t.tokens).len())
+                .map_or_else(Vec::new, |t| proto::i32s(&t.tokens))
         })
-        .sum();
+        .collect();
+    let inputs = tokens.len();
     let input = |name: &str| {
         d.loss_fn_inputs
             .get(name)
@@ -148,6 +155,7 @@ fn decode_datum(d: &proto::Datum) -> Result<Datum, String> {
         ));
     }
     Ok(Datum {
+        inputs: tokens,
         targets,
         old_logprobs,
         advantages,
@@ -172,7 +180,11 @@ async fn forward_backward(State(s): State<Arc<Shared>>, body: Bytes) -> Answer {
         .map_err(bad)?;
     let mut world = s.world();
     let m = world.live_model(&req.model_id)?;
-    let (output, grad) = run_forward_backward(m.weights, m.grad, &data);
+    let (output, grad) = match &s.brain {
+        Some(b) => brain_forward_backward(b, &req.model_id, m.grad, &data, req.forward_only)
+            .map_err(|e| reject(StatusCode::INTERNAL_SERVER_ERROR, e))?,
+        None => run_forward_backward(m.weights, m.grad, &data),
+    };
     if !req.forward_only {
         m.grad = Some(grad);
     }
@@ -187,12 +199,50 @@ fn run_forward_backward(
     data: &[Datum],
 ) -> (ForwardBackwardOutput, u64) {
     let mut grad = grad;
-    let (mut all, mut offsets, mut loss) = (Vec::new(), vec![0i64], 0.0);
+    let mut per_datum = Vec::new();
+    let mut loss = 0.0;
     for d in data {
         let lps = model::target_logprobs(weights, &d.targets);
         loss += model::importance_sampling_loss(&lps, &d.old_logprobs, &d.advantages);
         grad = Some(model::accumulate(grad, &d.targets, &d.advantages));
-        all.extend_from_slice(&lps);
+        per_datum.push(lps);
+    }
+    (output_of(&per_datum, loss), grad.unwrap_or(0))
+}
+
+/// [`run_forward_backward`] on the model ([`crate::brain`]): real log-probs, loss and
+/// gradient; the fingerprint still folds in the datums, so the next weights are named.
+fn brain_forward_backward(
+    b: &crate::brain::Brain,
+    model_id: &str,
+    grad: Option<u64>,
+    data: &[Datum],
+    forward_only: bool,
+) -> Result<(ForwardBackwardOutput, u64), String> {
+    let mut grad = grad;
+    let mut per_datum = Vec::new();
+    let mut loss = 0.0;
+    for d in data {
+        let (lps, l) = b.forward_backward(
+            model_id,
+            &d.inputs,
+            &d.targets,
+            &d.old_logprobs,
+            &d.advantages,
+            forward_only,
+        )?;
+        loss += l;
+        grad = Some(model::accumulate(grad, &d.targets, &d.advantages));
+        per_datum.push(lps);
+    }
+    Ok((output_of(&per_datum, loss), grad.unwrap_or(0)))
+}
+
+/// forward_backward's answer: each datum's target log-probs, and `loss:sum`.
+fn output_of(per_datum: &[Vec<f32>], loss: f64) -> ForwardBackwardOutput {
+    let (mut all, mut offsets) = (Vec::new(), vec![0i64]);
+    for lps in per_datum {
+        all.extend_from_slice(lps);
         offsets.push(4 * all.len() as i64);
     }
     let logprobs = BatchedTensor {
@@ -204,14 +254,13 @@ fn run_forward_backward(
     let record = ArrayRecord {
         type_tag: "ArrayRecord".into(),
         fields: HashMap::from([("logprobs".to_owned(), logprobs)]),
-        num_datums: data.len() as i64,
+        num_datums: per_datum.len() as i64,
     };
-    let output = ForwardBackwardOutput {
+    ForwardBackwardOutput {
         loss_fn_output_type: "ArrayRecord".into(),
         loss_fn_outputs: vec![record],
         metrics: HashMap::from([("loss:sum".to_owned(), loss)]),
-    };
-    (output, grad.unwrap_or(0))
+    }
 }
 
 #[derive(Deserialize)]
@@ -225,13 +274,19 @@ struct OptimStep {
 #[serde(default)]
 struct AdamParams {
     learning_rate: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
 }
 
 impl Default for AdamParams {
     fn default() -> Self {
-        // The SDK's default (`tinker/types/optimizer.py`).
+        // The SDK's defaults (`tinker/types/optimizer.py`).
         AdamParams {
             learning_rate: 1e-4,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-12,
         }
     }
 }
@@ -241,12 +296,19 @@ async fn optim_step(State(s): State<Arc<Shared>>, body: Bytes) -> Answer {
     let mut world = s.world();
     let m = world.live_model(&req.model_id)?;
     m.steps += 1;
-    m.weights = model::adam_step(
-        m.weights,
-        m.steps,
-        m.grad.take(),
-        req.adam_params.learning_rate,
-    );
+    let a = &req.adam_params;
+    let before = m.weights;
+    m.weights = model::adam_step(m.weights, m.steps, m.grad.take(), a.learning_rate);
+    if let Some(b) = s.brain.as_ref().filter(|_| m.weights != before) {
+        let adam = crate::brain::Adam {
+            learning_rate: a.learning_rate,
+            beta1: a.beta1,
+            beta2: a.beta2,
+            eps: a.eps,
+        };
+        b.optim_step(&req.model_id, &adam, m.weights)
+            .map_err(|e| reject(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    }
     let result = Outcome::Json(json!({"metrics": {"step:max": m.steps as f64}}));
     submit(&s, &mut world, result, Some(&req.model_id), None)
 }
@@ -380,6 +442,10 @@ async fn load_weights(State(s): State<Arc<Shared>>, body: Bytes) -> Answer {
         return submit(&s, &mut world, result, Some(&id), None);
     };
     let session = id.split(":train:").next().unwrap_or_default().to_owned();
+    if let Some(b) = &s.brain {
+        b.start_model(&id, c.weights, c.rank, &c.base_model)
+            .map_err(|e| reject(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    }
     let model = Model {
         session,
         base_model: c.base_model,
