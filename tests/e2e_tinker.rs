@@ -144,6 +144,7 @@ async fn the_readme_loop_runs_on_tinker() {
     );
 
     // The next answer comes from version 1's sampler checkpoint, not the base model's.
+    let ask_again = ask.clone();
     let (status, second) = post("/v1/chat/completions", ask, false).await;
     assert_eq!(status, 200, "{second}");
     let lps = |v: &Value| -> Vec<f64> {
@@ -157,6 +158,21 @@ async fn the_readme_loop_runs_on_tinker() {
         lps(&first),
         lps(&second),
         "version 1 answers, not version 0"
+    );
+
+    // Rolling back to version 0 serves (and would train from) version 0 again.
+    let (status, body) = post(
+        "/v1/lora/me/assistant/rollback",
+        json!({"version": 0}),
+        false,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, third) = post("/v1/chat/completions", ask_again, false).await;
+    assert_eq!(status, 200, "{third}");
+    assert_eq!(
+        third["choices"][0]["token_ids"], first["choices"][0]["token_ids"],
+        "after the rollback, version 0's answer: {third}"
     );
 
     // CLaaS's sampler routes: the base model until an admin refreshes.
@@ -349,4 +365,46 @@ async fn a_claas_tinker_state_file_is_imported_and_its_loras_train_on() {
         loads + 1,
         "the step trained from CLaaS's state"
     );
+}
+
+/// `claas eval mode=tinker` (CLaaS's eval default) against a claas in Tinker mode: one step
+/// trains on Tinker and records CLaaS's Tinker metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claas_eval_in_tinker_mode_trains_on_tinker() {
+    let model = claas_testutil::tempdir("tinker-eval-model");
+    let tinker = model_tinker(&model).await;
+    let (dev, base, _hub, dir) = start_tinker_dev(&tinker, Some("tml-e2e"), &[]).await;
+    common::wait_http(&base).await;
+    let out = dir.join("eval-run");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_claas"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("eval")
+        .args([
+            "mode=tinker",
+            &format!("claas_url={base}"),
+            &format!("output_dir={}", out.display()),
+            "preferences=[no_emoji]",
+            "metrics=[logprob,compliance]",
+            "num_steps=1",
+            "max_tokens=16",
+            "batch_size=2",
+            "steps_per_batch=1",
+            "collapse_steps=[]",
+        ])
+        .output()
+        .expect("claas eval runs");
+    assert!(
+        run.status.success(),
+        "claas eval failed:\n{}\n{}",
+        String::from_utf8_lossy(&run.stderr),
+        dev.log_text()
+    );
+    let steps = std::fs::read_to_string(out.join("no_emoji").join("steps.jsonl")).expect("steps");
+    let step: Value = serde_json::from_str(steps.lines().next().expect("a step")).expect("json");
+    let metrics = &step["sdpo_metrics"];
+    assert!(
+        metrics["adv_mean"].is_number(),
+        "CLaaS's Tinker metrics: {step}"
+    );
+    assert!(metrics["tinker_model_id"].is_string(), "{step}");
 }
