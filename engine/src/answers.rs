@@ -10,10 +10,30 @@ use axum::Json;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
-use crate::runner::{finish_reason, logprob_entry, Run, RunEvent, Runner};
+use crate::runner::{finish_reason, logprob_entry, start_chat, Run, RunEvent, Runner};
 use claas_api::error::{ApiError, ApiResult};
 use claas_api::inference::Chunk;
+use claas_api::inference::Generation;
 use claas_trainer::ChatTokenizer;
+
+/// `Inference::chat` for any runner: the answer in vLLM's chat completion shape.
+pub(crate) async fn chat<R: Runner>(
+    runner: Arc<R>,
+    request: &Value,
+) -> ApiResult<Generation<Value>> {
+    let run = start_chat(runner.clone(), request).await?;
+    let answer = answer(runner.tokenizer(), run, request).await?;
+    Ok(Generation::local(answer))
+}
+
+/// `Inference::chat_stream` for any runner: vLLM's stream chunks.
+pub(crate) async fn chat_stream<R: Runner>(
+    runner: Arc<R>,
+    request: &Value,
+) -> ApiResult<Generation<mpsc::Receiver<Chunk>>> {
+    let run = start_chat(runner.clone(), request).await?;
+    Ok(Generation::local(chunks(runner, run, request.clone())))
+}
 
 /// A run's answer in vLLM's chat completion shape.
 pub(crate) async fn answer(

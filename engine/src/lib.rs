@@ -269,18 +269,14 @@ impl Runner for Engine {
 #[async_trait]
 impl Inference for Engine {
     async fn chat(self: Arc<Self>, request: &Value) -> ApiResult<Generation<Value>> {
-        let run = runner::start_chat(self.clone(), request).await?;
-        let answer = answers::answer(&self.tokenizer, run, request).await?;
-        Ok(Generation::local(answer))
+        answers::chat(self, request).await
     }
 
     async fn chat_stream(
         self: Arc<Self>,
         request: &Value,
     ) -> ApiResult<Generation<mpsc::Receiver<Chunk>>> {
-        let run = runner::start_chat(self.clone(), request).await?;
-        let chunks = answers::chunks(self, run, request.clone());
-        Ok(Generation::local(chunks))
+        answers::chat_stream(self, request).await
     }
 
     async fn completion(self: Arc<Self>, request: Map<String, Value>) -> ApiResult<Response> {

@@ -300,21 +300,14 @@ impl Runner for TinkerSampler {
 #[async_trait]
 impl Inference for TinkerSampler {
     async fn chat(self: Arc<Self>, request: &Value) -> ApiResult<Generation<Value>> {
-        let run = runner::start_chat(self.clone(), request).await?;
-        let answer = answers::answer(&self.tokenizer, run, request).await?;
-        Ok(Generation::local(answer))
+        answers::chat(self, request).await
     }
 
     async fn chat_stream(
         self: Arc<Self>,
         request: &Value,
     ) -> ApiResult<Generation<mpsc::Receiver<Chunk>>> {
-        let run = runner::start_chat(self.clone(), request).await?;
-        Ok(Generation::local(answers::chunks(
-            self,
-            run,
-            request.clone(),
-        )))
+        answers::chat_stream(self, request).await
     }
 
     async fn completion(self: Arc<Self>, request: Map<String, Value>) -> ApiResult<Response> {
