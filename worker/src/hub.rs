@@ -125,17 +125,7 @@ pub async fn fetch_tokenizer(id: &str, hub: &HubSettings) -> Result<PathBuf, Hub
         ));
     }
     let fail = |what: &str, detail: String| failed(id, hub, what, detail);
-    let mut builder = ApiBuilder::from_cache(Cache::new(hub.cache_dir.clone()))
-        .with_endpoint(hub.endpoint.clone())
-        .with_progress(false)
-        .with_user_agent("claas-rs", env!("CARGO_PKG_VERSION"));
-    if hub.token.is_some() {
-        builder = builder.with_token(hub.token.clone());
-    }
-    let api = builder
-        .build()
-        .map_err(|e| fail("the client", e.to_string()))?;
-    let repo = api.model(id.to_string());
+    let repo = repo(id, hub, false)?;
     let mut dir = None;
     for file in TOKENIZER_FILES {
         let path = repo.get(file).await.map_err(|e| match status_of(&e) {
@@ -148,19 +138,24 @@ pub async fn fetch_tokenizer(id: &str, hub: &HubSettings) -> Result<PathBuf, Hub
     dir.ok_or_else(|| fail("the tokenizer", "no snapshot directory".into()))
 }
 
-async fn download(id: &str, hub: &HubSettings) -> Result<Vec<String>, HubError> {
-    let fail = |what: &str, detail: String| failed(id, hub, what, detail);
+/// The Hub repository `id` through the cache, as `hub` says to reach it.
+fn repo(id: &str, hub: &HubSettings, progress_bar: bool) -> Result<ApiRepo, HubError> {
     let mut builder = ApiBuilder::from_cache(Cache::new(hub.cache_dir.clone()))
         .with_endpoint(hub.endpoint.clone())
-        .with_progress(hub.progress_bar)
+        .with_progress(progress_bar)
         .with_user_agent("claas-rs", env!("CARGO_PKG_VERSION"));
     if hub.token.is_some() {
         builder = builder.with_token(hub.token.clone());
     }
     let api = builder
         .build()
-        .map_err(|e| fail("the client", e.to_string()))?;
-    let repo = api.model(id.to_string());
+        .map_err(|e| failed(id, hub, "the client", e.to_string()))?;
+    Ok(api.model(id.to_string()))
+}
+
+async fn download(id: &str, hub: &HubSettings) -> Result<Vec<String>, HubError> {
+    let fail = |what: &str, detail: String| failed(id, hub, what, detail);
+    let repo = repo(id, hub, hub.progress_bar)?;
 
     let files = checkpoint_files(&list(id, hub, &repo).await?);
     if !files.iter().any(|f| f == "config.json") {

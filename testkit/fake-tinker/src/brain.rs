@@ -16,18 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use candle_core::{DType, Device, Tensor, D};
 use claas_trainer::generate::{generate, token_logprobs, Finish, Sampling};
 use claas_trainer::loss::log_softmax;
-use claas_trainer::{AdamW, AdapterConfig, LoraAdapter, Qwen3};
-
-/// Every projection, as Tinker's LoRA trains them all.
-const TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+use claas_trainer::{AdamW, AdapterConfig, LoraAdapter, Module, Qwen3};
 
 pub(crate) struct Brain {
     model: Qwen3,
@@ -86,7 +75,8 @@ impl Brain {
         let adapter = match self.adapter(weights) {
             Some(a) => a.snapshot(&self.model.config).map_err(err)?,
             None => {
-                let targets = TARGETS.iter().map(|t| t.to_string()).collect();
+                // Every projection, as Tinker's LoRA trains them all.
+                let targets = Module::ALL.iter().map(|m| m.name().to_owned()).collect();
                 let config = AdapterConfig::for_lora(rank as i32, f64::from(rank), targets, base);
                 LoraAdapter::init(&self.model.config, config, 0).map_err(err)?
             }
