@@ -1,9 +1,7 @@
 """The python `openai` client, unchanged, against the claas proxy.
 
-Usage: python openai_client_check.py BASE_URL MODEL [tinker]  (BASE_URL ends in /v1)
-Prints what it was shown; exits non-zero when the client cannot use an answer. With
-`tinker`, a log-prob entry's alternatives hold the sampled token only (Tinker's sampler
-returns no others).
+Usage: python openai_client_check.py BASE_URL MODEL  (BASE_URL ends in /v1)
+Prints what it was shown; exits non-zero when the client cannot use an answer.
 """
 
 import sys
@@ -13,7 +11,6 @@ import openai
 
 def main() -> None:
     base_url, model = sys.argv[1], sys.argv[2]
-    tops = 1 if sys.argv[3:] == ["tinker"] else 2
     client = openai.OpenAI(base_url=base_url, api_key="unused")
     messages = [
         {"role": "system", "content": "You are terse."},
@@ -29,7 +26,7 @@ def main() -> None:
         model=model, messages=messages, logprobs=True, top_logprobs=2
     )
     entries = with_lp.choices[0].logprobs.content
-    assert entries and all(len(e.top_logprobs) == tops for e in entries), with_lp
+    assert entries and all(len(e.top_logprobs) == 2 for e in entries), with_lp
     print(f"logprobs: {len(entries)} tokens")
 
     parts = []

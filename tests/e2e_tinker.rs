@@ -192,7 +192,7 @@ async fn the_readme_loop_runs_on_tinker() {
             "/scripts/openai_client_check.py"
         );
         let out = tokio::process::Command::new(python)
-            .args([script, &format!("{base}/v1"), BASE, "tinker"])
+            .args([script, &format!("{base}/v1"), BASE])
             .output()
             .await
             .expect("run python");

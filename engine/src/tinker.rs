@@ -9,7 +9,7 @@
 //! `POST /v1/sampler/refresh` chose (CLaaS's one global sampler). Sampling sessions are
 //! opened once per LoRA version and kept; sampling settings follow CLaaS's Tinker backend
 //! (inventory §3.4: temperature 0.7 and 2048 tokens unless asked, a trailing stop token
-//! dropped).
+//! dropped). Unlike CLaaS's, `top_logprobs` is answered: Tinker's `topk_sample_logprobs`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -160,8 +160,9 @@ impl TinkerSampler {
         }
     }
 
-    /// The sampling settings Tinker takes for this request.
-    fn params(&self, body: &Map<String, Value>) -> ApiResult<(SamplingParams, Vec<String>)> {
+    /// The sampling settings Tinker takes for this request, its stop strings, and how many
+    /// likeliest tokens to report at each position.
+    fn params(&self, body: &Map<String, Value>) -> ApiResult<(SamplingParams, Vec<String>, u32)> {
         let s = runner::sampling(
             body,
             &self.stop_ids,
@@ -187,7 +188,7 @@ impl TinkerSampler {
             top_k: -1,
             top_p: f64::from(s.top_p),
         };
-        Ok((params, stops))
+        Ok((params, stops, s.top_logprobs as u32))
     }
 }
 
@@ -216,12 +217,17 @@ impl Runner for TinkerSampler {
         prompt_ids: Vec<u32>,
         body: &Map<String, Value>,
     ) -> ApiResult<Run> {
-        let (params, stops) = self.params(body)?;
+        let (params, stops, topk) = self.params(body)?;
         let prompt = tinker_ids(&prompt_ids)?;
         let sampled = self
             .with_sampler(model, |s, seq| {
                 let (client, prompt, params) = (self.sessions.client(), &prompt, &params);
-                async move { client.sample(&s.id, seq, prompt, 1, params).await }
+                async move {
+                    match topk {
+                        0 => client.sample(&s.id, seq, prompt, 1, params).await,
+                        k => client.sample_with_topk(&s.id, seq, prompt, params, k).await,
+                    }
+                }
             })
             .await?;
         let seq = sampled
@@ -232,6 +238,7 @@ impl Runner for TinkerSampler {
         let logprobs = seq.logprobs.ok_or_else(|| {
             ApiError::sampler_failed(false, "asample returned tokens without log-probs")
         })?;
+        let mut top = seq.top.unwrap_or_default().into_iter();
         let mut tokens: Vec<Token> = seq
             .tokens
             .iter()
@@ -239,7 +246,9 @@ impl Runner for TinkerSampler {
             .map(|(&id, logprob)| Token {
                 id: id as u32,
                 logprob,
-                top: Vec::new(),
+                top: (top.next().unwrap_or_default().into_iter())
+                    .map(|(t, lp)| (t as u32, lp))
+                    .collect(),
             })
             .collect();
         // As CLaaS: the stop token that ended the answer is not part of it.

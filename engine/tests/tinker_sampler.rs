@@ -180,6 +180,21 @@ async fn a_lora_is_sampled_at_its_versions_sampler_checkpoint_with_tinkers_numbe
     let text: String = ids.iter().map(|&t| char::from(t as u8)).collect();
     assert_eq!(a["choices"][0]["message"]["content"], text);
 
+    // top_logprobs: Tinker's top-k at each position, the sampled token first.
+    let mut ask = chat("me/a", "Say hi");
+    ask["top_logprobs"] = json!(3);
+    let (status, t) = env.post("/v1/chat/completions", &ask).await;
+    assert_eq!(status, 200, "{t}");
+    let entries = t["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("logprobs");
+    assert!(!entries.is_empty());
+    for e in entries {
+        let tops = e["top_logprobs"].as_array().expect("top_logprobs");
+        assert_eq!(tops.len(), 3, "{e}");
+        assert_eq!(tops[0]["token"], e["token"], "{e}");
+    }
+
     // Score: Tinker's log-probs of the completion's tokens after the prompt.
     let (status, s) = env
         .post(

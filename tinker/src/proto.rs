@@ -2,7 +2,7 @@
 //! `ForwardBackwardRequest` out; `ForwardBackwardOutput` and `SampleResponse` back. Field
 //! numbers are the SDK's descriptor's (`tinker/proto/tinker_public_pb2.py`); arrays travel as
 //! packed little-endian bytes, as numpy writes them. Fields CLaaS never sets or reads (images,
-//! provenance spans, top-k) are left out: prost skips them when decoding.
+//! provenance spans, prompt top-k) are left out: prost skips them when decoding.
 
 use std::collections::HashMap;
 
@@ -112,6 +112,23 @@ pub(crate) struct SampledSequence {
     /// float32, one per token; empty or absent means none.
     #[prost(bytes = "vec", optional, tag = "3")]
     pub logprobs: Option<Vec<u8>>,
+    /// With `topk_sample_logprobs`: the most likely tokens at each position.
+    #[prost(message, optional, tag = "4")]
+    pub topk_sampled_logprobs: Option<TopkLogprobs>,
+}
+
+/// `(length, k)` matrices, row-major: int32 token ids and float32 log-probs; a row is padded
+/// with the sentinel (token 0, log-prob -99999) (`tinker/types/topk_logprobs.py`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct TopkLogprobs {
+    #[prost(bytes = "vec", tag = "1")]
+    pub token_ids: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub logprobs: Vec<u8>,
+    #[prost(uint32, tag = "3")]
+    pub k: u32,
+    #[prost(uint32, tag = "4")]
+    pub length: u32,
 }
 
 /// Little-endian packed values of one fixed width, read from `bytes` (whose length must be a

@@ -178,7 +178,36 @@ fn sequence(s: &proto::SampledSequence) -> Result<SampledSequence, String> {
         tokens: unpack(&s.tokens, i32::from_le_bytes)?,
         logprobs,
         stop_reason,
+        top: s.topk_sampled_logprobs.as_ref().map(topk).transpose()?,
     })
+}
+
+/// The SDK's sentinel for an empty top-k slot (`MASK_LOGPROB`).
+const MASK_LOGPROB: f32 = -99999.0;
+
+/// Top-k matrices as one list of pairs per position, padding dropped.
+fn topk(t: &proto::TopkLogprobs) -> Result<Vec<Vec<(i32, f32)>>, String> {
+    let (n, k) = (t.length as usize, t.k as usize);
+    let ids = unpack(&t.token_ids, i32::from_le_bytes)?;
+    let lps = unpack(&t.logprobs, f32::from_le_bytes)?;
+    if ids.len() != n * k || lps.len() != n * k {
+        return Err(format!(
+            "top-k matrices of {} ids and {} log-probs for {n} x {k}",
+            ids.len(),
+            lps.len()
+        ));
+    }
+    Ok((0..n)
+        .map(|row| {
+            let pairs = ids[row * k..(row + 1) * k]
+                .iter()
+                .zip(&lps[row * k..(row + 1) * k]);
+            pairs
+                .filter(|(&id, &lp)| !(id == 0 && lp == MASK_LOGPROB))
+                .map(|(&id, &lp)| (id, lp))
+                .collect()
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -232,9 +261,25 @@ mod tests {
                 stop_reason: 7,
                 tokens: vec![],
                 logprobs: None,
+                topk_sampled_logprobs: None,
             }],
             prompt_logprobs: None,
         };
         assert!(SampleResponse::decode(Polled::Proto(bad.encode_to_vec())).is_err());
+    }
+
+    #[test]
+    fn top_k_rows_drop_the_sdks_padding() -> Result<(), String> {
+        let matrices = proto::TopkLogprobs {
+            token_ids: proto::pack_i32(&[5, 9, 7, 0]),
+            logprobs: proto::pack_f32(&[-0.1, -2.0, -0.3, MASK_LOGPROB]),
+            k: 2,
+            length: 2,
+        };
+        let rows = topk(&matrices)?;
+        assert_eq!(rows, vec![vec![(5, -0.1), (9, -2.0)], vec![(7, -0.3)]]);
+        let short = proto::TopkLogprobs { k: 3, ..matrices };
+        assert!(topk(&short).is_err(), "matrices of the wrong size");
+        Ok(())
     }
 }

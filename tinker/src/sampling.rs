@@ -8,6 +8,15 @@ use crate::futures::Pending;
 use crate::types::{SampleResponse, SamplerSource, SamplingParams};
 use crate::{Error, Result, TinkerClient};
 
+/// What an `asample` asks for besides samples.
+#[derive(Debug, Default, Clone, Copy)]
+struct Extra {
+    /// The prompt's log-probs (`compute_logprobs`).
+    prompt_logprobs: bool,
+    /// The most likely tokens at each sampled position.
+    topk_sample_logprobs: u32,
+}
+
 impl TinkerClient {
     /// `create_sampling_session`: a sampler on a base model or a `sampler_weights`
     /// checkpoint. `seq_id` counts the session's sampling sessions from 0.
@@ -50,9 +59,29 @@ impl TinkerClient {
             prompt,
             num_samples,
             params,
-            false,
+            Extra::default(),
         )
         .await
+    }
+
+    /// [`Self::sample`] that also asks for the `topk` most likely tokens at each sampled
+    /// position ([`crate::SampledSequence::top`]).
+    pub async fn sample_with_topk(
+        &self,
+        sampling_session_id: &str,
+        seq_id: u64,
+        prompt: &[i32],
+        params: &SamplingParams,
+        topk: u32,
+    ) -> Result<SampleResponse> {
+        let extra = Extra {
+            topk_sample_logprobs: topk,
+            ..Extra::default()
+        };
+        let pending = self
+            .submit_sample(sampling_session_id, seq_id, prompt, 1, params, extra)
+            .await?;
+        self.wait(&pending).await
     }
 
     /// [`Self::asample`], then its result.
@@ -82,8 +111,12 @@ impl TinkerClient {
             max_tokens: Some(1),
             ..SamplingParams::default()
         };
+        let extra = Extra {
+            prompt_logprobs: true,
+            ..Extra::default()
+        };
         let pending = self
-            .submit_sample(sampling_session_id, seq_id, prompt, 1, &params, true)
+            .submit_sample(sampling_session_id, seq_id, prompt, 1, &params, extra)
             .await?;
         let call = "compute_logprobs";
         self.wait(&pending)
@@ -102,8 +135,12 @@ impl TinkerClient {
         prompt: &[i32],
         num_samples: u32,
         params: &SamplingParams,
-        prompt_logprobs: bool,
+        extra: Extra,
     ) -> Result<Pending<SampleResponse>> {
+        let Extra {
+            prompt_logprobs,
+            topk_sample_logprobs,
+        } = extra;
         let body = json!({
             "num_samples": num_samples,
             "prompt": {"chunks": [{"tokens": prompt, "type": "encoded_text"}]},
@@ -112,7 +149,7 @@ impl TinkerClient {
             "seq_id": seq_id,
             "prompt_logprobs": prompt_logprobs,
             "topk_prompt_logprobs": 0,
-            "topk_sample_logprobs": 0,
+            "topk_sample_logprobs": topk_sample_logprobs,
             "prompt_alt_tokens_k": 0,
             "type": "sample",
         });

@@ -193,6 +193,9 @@ pub struct SampledSequence {
     /// One per token, when the server sent them.
     pub logprobs: Option<Vec<f32>>,
     pub stop_reason: StopReason,
+    /// With `topk_sample_logprobs`: per token, the most likely `(token, log-prob)` pairs at
+    /// its position, best first (the sentinel padding dropped).
+    pub top: Option<Vec<Vec<(i32, f32)>>>,
 }
 
 /// An `asample` result.

@@ -72,6 +72,21 @@ async def main(base_model):
     assert again.sequences[0].tokens == seq.tokens, "sampling is not deterministic"
     print(f"sample: {seq.tokens}")
 
+    # The API's top_logprobs: the SDK reads the fake's top-k matrices (k per position,
+    # best first).
+    with_topk = await teacher.sample_async(
+        types.ModelInput.from_ints(PROMPT),
+        num_samples=1,
+        sampling_params=sampling_params(),
+        topk_sample_logprobs=3,
+    )
+    topk = with_topk.sequences[0].topk_logprobs
+    assert topk is not None and len(topk) == len(with_topk.sequences[0].tokens), topk
+    for row in topk:
+        assert row is not None and len(row) == 3, row
+        assert all(a[1] >= b[1] for a, b in zip(row, row[1:])), row
+    print(f"topk: {topk[0]}")
+
     # engine.py:311: teacher log-probs of prompt + response.
     full = PROMPT + list(seq.tokens)
     teacher_lps = await teacher.compute_logprobs_async(types.ModelInput.from_ints(full))

@@ -179,14 +179,15 @@ impl Brain {
         Ok(out)
     }
 
-    /// One sampled continuation: tokens, their log-probs, and whether it hit `max_tokens`.
+    /// One sampled continuation: tokens, their log-probs, whether it hit `max_tokens`, and
+    /// the `params.topk` likeliest tokens at each position.
     pub(crate) fn sample(
         &self,
         weights: u64,
         prompt: &[i32],
         params: &SampleParams,
         index: usize,
-    ) -> R<(Vec<i32>, Vec<f32>, bool)> {
+    ) -> R<Sampled> {
         let ids: Vec<u32> = prompt.iter().map(|&t| t as u32).collect();
         let adapter = self.adapter(weights);
         let sampling = Sampling {
@@ -195,15 +196,22 @@ impl Brain {
             max_tokens: params.max_tokens,
             seed: Some(params.seed.wrapping_add(index as u64)),
             stop_ids: params.stop_ids.clone(),
-            top_logprobs: 0,
+            top_logprobs: params.topk,
         };
         let (tokens, finish) =
             generate(&self.model, adapter.as_deref(), &ids, &sampling, |_| true).map_err(err)?;
         let ids = tokens.iter().map(|t| t.id as i32).collect();
         let lps = tokens.iter().map(|t| t.logprob).collect();
-        Ok((ids, lps, finish == Finish::Length))
+        let top = tokens
+            .iter()
+            .map(|t| t.top.iter().map(|&(id, lp)| (id as i32, lp)).collect())
+            .collect();
+        Ok((ids, lps, finish == Finish::Length, top))
     }
 }
+
+/// A sample: tokens, log-probs, whether it hit `max_tokens`, each position's top-k.
+pub(crate) type Sampled = (Vec<i32>, Vec<f32>, bool, Vec<Vec<(i32, f32)>>);
 
 /// The sampling settings of an `asample` request.
 pub(crate) struct SampleParams {
@@ -212,4 +220,6 @@ pub(crate) struct SampleParams {
     pub max_tokens: usize,
     pub seed: u64,
     pub stop_ids: Vec<u32>,
+    /// `topk_sample_logprobs` (at most 20).
+    pub topk: usize,
 }

@@ -114,6 +114,40 @@ pub(crate) struct SampledSequence {
     /// float32, one per token; the SDK reads an empty string as "no log-probs".
     #[prost(bytes = "vec", optional, tag = "3")]
     pub logprobs: Option<Vec<u8>>,
+    #[prost(message, optional, tag = "4")]
+    pub topk_sampled_logprobs: Option<TopkLogprobs>,
+}
+
+/// `(length, k)` row-major matrices of int32 ids and float32 log-probs, rows padded with
+/// (0, -99999) (`tinker/types/topk_logprobs.py`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct TopkLogprobs {
+    #[prost(bytes = "vec", tag = "1")]
+    pub token_ids: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub logprobs: Vec<u8>,
+    #[prost(uint32, tag = "3")]
+    pub k: u32,
+    #[prost(uint32, tag = "4")]
+    pub length: u32,
+}
+
+/// Per-position `(token, log-prob)` lists as the matrices, padded to `k`.
+pub(crate) fn topk(rows: &[Vec<(i32, f32)>], k: usize) -> TopkLogprobs {
+    let (mut ids, mut lps) = (Vec::new(), Vec::new());
+    for row in rows {
+        for j in 0..k {
+            let (id, lp) = row.get(j).copied().unwrap_or((0, -99999.0));
+            ids.push(id);
+            lps.push(lp);
+        }
+    }
+    TopkLogprobs {
+        token_ids: i32_bytes(&ids),
+        logprobs: f32_bytes(&lps),
+        k: k as u32,
+        length: rows.len() as u32,
+    }
 }
 
 pub(crate) fn i32s(bytes: &[u8]) -> Vec<i32> {

@@ -105,6 +105,8 @@ struct Asample {
     model_path: Option<String>,
     #[serde(default)]
     prompt_logprobs: bool,
+    #[serde(default)]
+    topk_sample_logprobs: usize,
 }
 
 fn one() -> usize {
@@ -161,8 +163,9 @@ async fn asample(State(s): State<Arc<Shared>>, body: Bytes) -> Answer {
             .map_err(|e| reject(StatusCode::INTERNAL_SERVER_ERROR, e))?,
         None => {
             let vocab = &s.opts.sample_vocab;
+            let k = req.topk_sample_logprobs;
             let seqs = (0..req.num_samples)
-                .map(|i| sequence(weights, &prompt, seed, i, max_tokens, vocab))
+                .map(|i| sequence(weights, &prompt, seed, i, max_tokens, vocab, k))
                 .collect();
             let lps = req
                 .prompt_logprobs
@@ -202,10 +205,11 @@ fn brain_samples(
         max_tokens,
         seed: sp.seed.unwrap_or(0) as u64,
         stop_ids,
+        topk: req.topk_sample_logprobs.min(20),
     };
     let mut sequences = Vec::new();
     for i in 0..req.num_samples {
-        let (tokens, logprobs, hit_max) = b.sample(weights, prompt, &params, i)?;
+        let (tokens, logprobs, hit_max, top) = b.sample(weights, prompt, &params, i)?;
         sequences.push(SampledSequence {
             stop_reason: if hit_max {
                 proto::STOP_REASON_LENGTH
@@ -214,6 +218,7 @@ fn brain_samples(
             },
             tokens: proto::i32_bytes(&tokens),
             logprobs: Some(proto::f32_bytes(&logprobs)),
+            topk_sampled_logprobs: (params.topk > 0).then(|| proto::topk(&top, params.topk)),
         });
     }
     let lps = if req.prompt_logprobs {
@@ -232,8 +237,25 @@ fn sequence(
     index: usize,
     max: usize,
     vocab: &std::ops::Range<i32>,
+    topk: usize,
 ) -> SampledSequence {
     let (tokens, logprobs, hit_max) = model::sample(weights, prompt, seed, index, max, vocab);
+    // The hash model's top-k at each position: the `topk` likeliest ids of the vocabulary.
+    let top = (topk > 0).then(|| {
+        let rows: Vec<Vec<(i32, f32)>> = (0..tokens.len())
+            .map(|i| {
+                let pos = prompt.len() + i;
+                let mut row: Vec<(i32, f32)> = vocab
+                    .clone()
+                    .map(|t| (t, model::logprob(weights, i64::from(t), pos)))
+                    .collect();
+                row.sort_by(|a, b| b.1.total_cmp(&a.1));
+                row.truncate(topk);
+                row
+            })
+            .collect();
+        proto::topk(&rows, topk)
+    });
     let stop_reason = if hit_max {
         proto::STOP_REASON_LENGTH
     } else {
@@ -243,6 +265,7 @@ fn sequence(
         stop_reason,
         tokens: proto::i32_bytes(&tokens),
         logprobs: Some(proto::f32_bytes(&logprobs)),
+        topk_sampled_logprobs: top,
     }
 }
 
