@@ -156,6 +156,18 @@ impl AdapterStore {
         }
     }
 
+    /// Whether `uri` names files this store reads: a local path, or an object in its bucket.
+    /// A version held elsewhere (a Tinker checkpoint) or not written yet (empty) is not.
+    pub fn holds(&self, uri: &str) -> bool {
+        if local_path(uri).is_some() {
+            return true;
+        }
+        match &self.kind {
+            Kind::S3 { bucket, .. } => uri.starts_with(&format!("s3://{bucket}/")),
+            _ => false,
+        }
+    }
+
     pub fn is_remote(&self) -> bool {
         matches!(self.kind, Kind::S3 { .. })
     }

@@ -345,3 +345,32 @@ async fn a_tenant_reads_the_sampler_status_but_cannot_refresh_everyones_base_mod
         .expect("json");
     assert_eq!(after["model_path"], Value::Null);
 }
+
+/// Export reads adapter files; a version Tinker holds has none here. It used to fail with
+/// 500 (the adapter store could not materialize a `tinker://` URI, nor the empty URI of a
+/// LoRA never trained).
+#[tokio::test]
+async fn exporting_a_version_tinker_holds_is_a_clear_4xx_not_a_500() {
+    let env = start().await;
+    let state = initial_checkpoint(&env).await;
+    env.lora("me/a", &state).await;
+    env.lora("me/new", "").await;
+    let export = |id: &str| {
+        let url = format!("{}/v1/lora/export?lora_id={id}", env.api);
+        let http = env.http.clone();
+        async move {
+            let r = http.get(url).send().await.expect("export");
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or_default())
+        }
+    };
+    let (status, body) = export("me/a").await;
+    assert_eq!(status, 409, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&state),
+        "names where the weights are: {body}"
+    );
+    let (status, body) = export("me/new").await;
+    assert_eq!(status, 404, "no files yet: {body}");
+}

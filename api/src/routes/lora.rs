@@ -479,6 +479,7 @@ const OPTIMIZER_FILE: &str = "optimizer_state.safetensors";
     params(ExportQuery),
     responses(
         (status = 200, description = "A zip of adapter_config.json and adapter_model.safetensors (and optimizer_state.safetensors with include_optimizer=true)", content_type = "application/zip", body = Vec<u8>),
+        (status = 409, body = ErrorBody, description = "The version is held outside this deployment's adapter storage (a Tinker checkpoint)"),
         (status = 500, body = ErrorBody, description = "The stored files do not match their recorded sha256"),
         Errors,
     )
@@ -505,17 +506,31 @@ pub async fn export(
         .ok_or_else(|| {
             ApiError::not_found(format!("LoRA {} has no version {version}", q.lora_id))
         })?;
-    let dir = state
-        .adapters
-        .materialize(&record.storage_uri)
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    if !dir.join("adapter_model.safetensors").is_file() {
-        return Err(ApiError::not_found(format!(
+    let no_files = || {
+        ApiError::not_found(format!(
             "version {version} of {} has no files yet (version 0 is written by the first \
              training job when init could not read the base model)",
             q.lora_id
+        ))
+    };
+    let uri = &record.storage_uri;
+    if uri.is_empty() {
+        return Err(no_files());
+    }
+    if !state.adapters.holds(uri) {
+        return Err(ApiError::conflict(format!(
+            "version {version} of {} is held outside this deployment's adapter storage, at \
+             {uri}: export it from there (a tinker:// checkpoint with Tinker's own tools)",
+            q.lora_id
         )));
+    }
+    let dir = state
+        .adapters
+        .materialize(uri)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    if !dir.join("adapter_model.safetensors").is_file() {
+        return Err(no_files());
     }
     let expected = record.sha256.clone();
     let mut files = PEFT_FILES.to_vec();
