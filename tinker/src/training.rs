@@ -44,6 +44,13 @@ impl TinkerClient {
         Ok(())
     }
 
+    /// `GET /api/v1/healthz`: Ok while Tinker answers `{"status": "ok"}`.
+    pub async fn healthz(&self) -> Result<()> {
+        let call = "healthz";
+        self.send(call, Method::GET, call, Body::Empty).await?;
+        Ok(())
+    }
+
     /// `get_server_capabilities`: the base models Tinker serves.
     pub async fn server_capabilities(&self) -> Result<ServerCapabilities> {
         let call = "get_server_capabilities";

@@ -47,6 +47,8 @@ use crate::executor::{
 
 /// The checkpoint name of a LoRA's initial weights (CLaaS's `init_lora`).
 const INIT_NAME: &str = "init";
+/// How long a healthy answer from Tinker lets the worker claim jobs without asking again.
+const HEALTHY_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The trainer half on Tinker. The tokenizer is the base model's (for the teacher prompt);
 /// the Tinker session is opened on first use and again after Tinker ends it.
@@ -55,6 +57,8 @@ pub struct TinkerTrainer {
     base_model: String,
     tokenizer: Arc<ChatTokenizer>,
     sessions: Sessions,
+    /// When Tinker last answered its health check.
+    healthy_at: std::sync::Mutex<Option<Instant>>,
 }
 
 /// What distill hands to store_adapter: the trained model and its next request's seq id.
@@ -77,6 +81,7 @@ impl TinkerTrainer {
             tokenizer,
             sessions: Sessions::new(client.clone()),
             client,
+            healthy_at: std::sync::Mutex::new(None),
         }
     }
 
@@ -452,6 +457,18 @@ impl Serving for TinkerTrainer {
     }
 
     async fn wake(&self, _job: &JobContext) -> PhaseResult<()> {
+        Ok(())
+    }
+
+    /// Claims wait while Tinker's health check fails, so an outage does not spend jobs'
+    /// attempts; a healthy answer holds for [`HEALTHY_FOR`].
+    async fn ready(&self) -> Result<(), String> {
+        let fresh = |at: &Option<Instant>| at.is_some_and(|t| t.elapsed() < HEALTHY_FOR);
+        if fresh(&self.healthy_at.lock().unwrap_or_else(|e| e.into_inner())) {
+            return Ok(());
+        }
+        self.client.healthz().await.map_err(|e| e.to_string())?;
+        *self.healthy_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         Ok(())
     }
 }

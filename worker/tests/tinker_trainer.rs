@@ -13,7 +13,7 @@ use claas_testutil::tempdir;
 use claas_tinker::{Config, RetryPolicy, SamplerSource, TinkerClient};
 use claas_worker::testing::tiny_checkpoint;
 use claas_worker::tinker::sampler_path_of;
-use claas_worker::{AdapterSource, JobContext, PhaseError, TinkerTrainer, Trainer};
+use claas_worker::{AdapterSource, JobContext, PhaseError, Serving, TinkerTrainer, Trainer};
 use sha2::Digest;
 
 /// A client of `fake` that tries each call twice, at once.
@@ -338,4 +338,26 @@ async fn a_bad_sample_is_refused_by_index_before_anything_is_sent() {
     };
     let err = distill_err(&trainer, &other, &batch()).await;
     assert_eq!(err.code, "wrong_base_model");
+}
+
+/// While Tinker's health check fails the worker claims nothing (the runtime waits on
+/// `Serving::ready`), so an outage does not spend jobs' attempts; it claims again once
+/// Tinker answers.
+#[tokio::test]
+async fn the_worker_waits_while_tinker_is_down() {
+    let (fake, trainer) = setup().await;
+    fake.knobs()
+        .unhealthy
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let down = Serving::ready(&trainer).await.expect_err("Tinker is down");
+    assert!(down.contains("healthz") && down.contains("503"), "{down}");
+    fake.knobs()
+        .unhealthy
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    Serving::ready(&trainer).await.expect("Tinker is back");
+    // A healthy answer holds for a while: no request per claim.
+    fake.knobs()
+        .unhealthy
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    Serving::ready(&trainer).await.expect("still fresh");
 }

@@ -87,6 +87,8 @@ pub struct Knobs {
     /// The next this-many submits to a route (`optim_step`, …) answer 503; see
     /// [`FakeTinker::fail_route`].
     pub route_errors: Mutex<HashMap<String, usize>>,
+    /// While set, `GET /api/v1/healthz` answers 503 (the other routes still work).
+    pub unhealthy: AtomicBool,
 }
 
 /// Routes that answer an `UntypedAPIFuture` (§4.1); `submit_errors` applies to these.
@@ -214,10 +216,8 @@ impl FakeTinker {
             .merge(sampling::routes())
             .route("/api/v1/retrieve_future", post(futures::retrieve_future))
             .route_layer(middleware::from_fn_with_state(shared.clone(), gate))
-            .route(
-                "/api/v1/healthz",
-                get(|| async { Json(json!({"status": "ok"})) }),
-            )
+            // Outside the key check, as the service's is.
+            .route("/api/v1/healthz", get(session::healthz))
             .fallback(|| async { detail(StatusCode::NOT_FOUND, "Not Found") })
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -24,6 +24,17 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         .route("/api/v1/get_server_capabilities", get(server_capabilities))
 }
 
+/// `{"status": "ok"}`, or 503 while [`crate::Knobs::unhealthy`] is set.
+pub(crate) async fn healthz(State(s): State<Arc<Shared>>) -> Response {
+    if s.knobs.unhealthy.load(std::sync::atomic::Ordering::SeqCst) {
+        return detail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the fake is down (unhealthy knob)",
+        );
+    }
+    ok(json!({"status": "ok"}))
+}
+
 /// Every flag at its default except the transport: plain httpx, no pyqwest (§1.4, §11.2).
 async fn client_config() -> Response {
     ok(json!({"use_pyqwest_transport": false}))
