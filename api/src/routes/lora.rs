@@ -470,6 +470,42 @@ const PEFT_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors
 /// The optimizer state beside them, exported on request.
 const OPTIMIZER_FILE: &str = "optimizer_state.safetensors";
 
+/// The local directory of `record`'s files: 404 when it has none yet, 409 when it is held
+/// outside this deployment's adapter storage (a Tinker checkpoint).
+async fn version_files(
+    state: &AppState,
+    lora_id: &str,
+    record: &claas_core::types::LoraVersion,
+) -> ApiResult<std::path::PathBuf> {
+    let version = record.version;
+    let no_files = || {
+        ApiError::not_found(format!(
+            "version {version} of {lora_id} has no files yet (version 0 is written by the \
+             first training job when init could not read the base model)"
+        ))
+    };
+    let uri = &record.storage_uri;
+    if uri.is_empty() {
+        return Err(no_files());
+    }
+    if !state.adapters.holds(uri) {
+        return Err(ApiError::conflict(format!(
+            "version {version} of {lora_id} is held outside this deployment's adapter \
+             storage, at {uri}: export it from there (a tinker:// checkpoint with Tinker's \
+             own tools)"
+        )));
+    }
+    let dir = state
+        .adapters
+        .materialize(uri)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    if !dir.join("adapter_model.safetensors").is_file() {
+        return Err(no_files());
+    }
+    Ok(dir)
+}
+
 /// `GET /v1/lora/export?lora_id=&version=`: a zip of the version's PEFT files, streamed,
 /// after checking the weights against the sha256 recorded at publish.
 #[utoipa::path(
@@ -506,32 +542,7 @@ pub async fn export(
         .ok_or_else(|| {
             ApiError::not_found(format!("LoRA {} has no version {version}", q.lora_id))
         })?;
-    let no_files = || {
-        ApiError::not_found(format!(
-            "version {version} of {} has no files yet (version 0 is written by the first \
-             training job when init could not read the base model)",
-            q.lora_id
-        ))
-    };
-    let uri = &record.storage_uri;
-    if uri.is_empty() {
-        return Err(no_files());
-    }
-    if !state.adapters.holds(uri) {
-        return Err(ApiError::conflict(format!(
-            "version {version} of {} is held outside this deployment's adapter storage, at \
-             {uri}: export it from there (a tinker:// checkpoint with Tinker's own tools)",
-            q.lora_id
-        )));
-    }
-    let dir = state
-        .adapters
-        .materialize(uri)
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    if !dir.join("adapter_model.safetensors").is_file() {
-        return Err(no_files());
-    }
+    let dir = version_files(&state, &q.lora_id, &record).await?;
     let expected = record.sha256.clone();
     let mut files = PEFT_FILES.to_vec();
     if q.include_optimizer && dir.join(OPTIMIZER_FILE).is_file() {
