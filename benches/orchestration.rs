@@ -8,10 +8,12 @@
 //!
 //! cargo bench --bench orchestration [-- JOBS]   (CLAAS_WORKER_DRAIN_GRACE_MS: default 50)
 
-use std::time::{Duration, Instant};
+mod common;
+
+use std::time::Duration;
 
 use claas_core::testing::{job, TestDb, TEST_BASE_MODEL};
-use claas_core::types::{JobStatus, NewLora};
+use claas_core::types::NewLora;
 use claas_fake_vllm::{FakeVllm, Options};
 use claas_worker::testing::{cpu_options, tiny_checkpoint};
 use claas_worker::{CandleExecutor, CandleOptions, VllmOptions, Worker, WorkerOptions};
@@ -77,29 +79,7 @@ async fn run(db: TestDb, jobs: usize) -> anyhow::Result<()> {
     let mut phases: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
     for i in 0..jobs + 2 {
         let j = job("bench", 1);
-        db.store.enqueue(&j).await?;
-        let started = Instant::now();
-        let done = loop {
-            let cur = db
-                .store
-                .get_job(j.id)
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("job vanished"))?;
-            if cur.status.is_terminal() {
-                break cur;
-            }
-            anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(60),
-                "job {} never ended",
-                j.id
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        };
-        anyhow::ensure!(
-            done.status == JobStatus::Succeeded,
-            "job failed: {:?}",
-            done.error
-        );
+        let done = common::run_to_end(&db.store, &j).await?;
         if i < 2 {
             continue; // warm-up: version 0 is written, caches fill
         }

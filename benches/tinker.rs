@@ -11,11 +11,13 @@
 //!
 //! cargo bench --bench tinker [-- JOBS [SAMPLES]]
 
+mod common;
+
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use claas_core::testing::{job, TestDb, TEST_BASE_MODEL};
-use claas_core::types::{JobStatus, NewLora};
+use claas_core::types::NewLora;
 use claas_fake_tinker::{FakeTinker, Options};
 use claas_tinker::{Config, TinkerClient};
 use claas_worker::testing::tiny_checkpoint;
@@ -65,30 +67,8 @@ async fn run(db: TestDb, jobs: usize, samples: usize) -> anyhow::Result<()> {
     for i in 0..jobs + 2 {
         let j = job("bench", samples);
         let before = client.stats();
-        db.store.enqueue(&j).await?;
-        let started = Instant::now();
-        let done = loop {
-            let cur = db
-                .store
-                .get_job(j.id)
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("job vanished"))?;
-            if cur.status.is_terminal() {
-                break cur;
-            }
-            anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(60),
-                "job {} never ended",
-                j.id
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        };
+        let done = common::run_to_end(&db.store, &j).await?;
         let after = client.stats();
-        anyhow::ensure!(
-            done.status == JobStatus::Succeeded,
-            "job failed: {:?}",
-            done.error
-        );
         if i < 2 {
             continue; // warm-up: the session opens, the first model is created
         }

@@ -440,16 +440,11 @@ impl Serving for TinkerTrainer {
     }
 
     async fn reload(&self, _job: &JobContext, serve: &ServedVersion) -> PhaseResult<()> {
-        let Some(sampler) = sampler_path_of(&serve.uri) else {
+        let sampler = (serve.uri.parse::<TinkerPath>().ok()).and_then(|p| p.sampler_twin());
+        let Some(path) = sampler else {
             // An initial version no Tinker checkpoint holds: the base model serves it.
             return Ok(());
         };
-        let path: TinkerPath = sampler.parse().map_err(|e| {
-            PhaseError::fatal(
-                "tinker_error",
-                format!("{sampler} is not a Tinker path: {e}"),
-            )
-        })?;
         let (session, seq) = self.reserve(Seq::Sampler).await?;
         let source = SamplerSource::ModelPath(path);
         let open = self.client.create_sampling_session(&session, seq, &source);
