@@ -31,3 +31,42 @@ fn the_readme_and_architecture_name_every_crate() {
         }
     }
 }
+
+/// Every `.rs` file under `dir`, skipping build output.
+fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        if path.is_dir() && name != "target" && name != ".git" {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// Tests run on many threads of one process; clearing the environment there while another
+/// thread reads it through libc (a DNS lookup, SQLite, a child's spawn) is undefined
+/// behaviour, and once crashed the config tests' binary with SIGSEGV. Configuration tests
+/// pass a fixed environment (`config::Environment::Fixed`) instead.
+#[test]
+fn no_test_clears_the_process_environment() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_files(root, &mut files);
+    assert!(files.len() > 50, "found only {} sources", files.len());
+    let needles = [concat!("Jail", "::"), concat!("clear", "_env(")];
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        for needle in needles {
+            assert!(
+                !text.contains(needle),
+                "{} uses {needle}: give the code a fixed environment instead",
+                file.display()
+            );
+        }
+    }
+}

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use claas_core::config::{Config, Mode, Profile, Sources, StorageBackend};
+use claas_core::config::{Config, Environment, Mode, Profile, Sources, StorageBackend};
 use claas_core::Error;
 
 const SEED_LOCAL: &str = "defaults:
@@ -63,35 +63,28 @@ feedback_drain_timeout_s: 30.0
 completion_cache_size: 100
 ";
 
-/// Loads with exactly `vars` as the environment; `files` are written into the jail first.
-#[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
+/// Loads with exactly `vars` as the environment (the process's is neither read nor changed);
+/// `files` are written into a fresh directory first.
 fn load(
     profile: Profile,
     files: &[(&str, &str)],
     sources: impl Fn(&Path) -> (Option<&'static str>, Option<PathBuf>, Vec<String>),
     vars: &[(&str, &str)],
 ) -> Result<Config, Error> {
-    let mut out = Err(Error::Config("jail did not run".into()));
-    figment::Jail::expect_with(|jail| {
-        jail.clear_env();
-        for (k, v) in vars {
-            jail.set_env(k, v);
-        }
-        for (name, text) in files {
-            jail.create_file(name, text)?;
-        }
-        let (name, file, overrides) = sources(jail.directory());
-        out = Config::load_sources(
-            profile,
-            &Sources {
-                name,
-                file: file.as_deref(),
-                overrides: &overrides,
-            },
-        );
-        Ok(())
-    });
-    out
+    let dir = claas_testutil::tempdir("claas-config");
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text).expect("write the config file");
+    }
+    let (name, file, overrides) = sources(&dir);
+    Config::load_from(
+        profile,
+        &Sources {
+            name,
+            file: file.as_deref(),
+            overrides: &overrides,
+        },
+        &Environment::fixed(vars),
+    )
 }
 
 fn file(

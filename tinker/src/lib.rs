@@ -117,7 +117,12 @@ impl Config {
     /// key from `TINKER_API_KEY`, else `CLAAS_TINKER_API_KEY`. No key is
     /// [`Error::MissingApiKey`].
     pub fn from_env() -> Result<Config> {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        Config::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// As [`Config::from_env`] with `lookup` for the environment (tests pass a fixed one).
+    pub fn from_vars(lookup: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        let var = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
         let api_key = var("TINKER_API_KEY")
             .or_else(|| var("CLAAS_TINKER_API_KEY"))
             .ok_or(Error::MissingApiKey)?;

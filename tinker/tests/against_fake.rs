@@ -416,17 +416,22 @@ async fn an_expired_session_is_a_410_the_caller_can_recognise() -> TestResult {
 
 #[test]
 fn a_missing_key_is_a_clear_error() {
-    // This binary's other tests never read the environment.
-    std::env::remove_var("TINKER_API_KEY");
-    std::env::set_var("CLAAS_TINKER_API_KEY", "");
-    let err = Config::from_env().err();
+    let env = |pairs: &'static [(&'static str, &'static str)]| {
+        move |name: &str| {
+            let found = pairs.iter().find(|(k, _)| *k == name);
+            found.map(|(_, v)| v.to_string())
+        }
+    };
+    let err = Config::from_vars(env(&[("CLAAS_TINKER_API_KEY", "")])).err();
     assert!(matches!(err, Some(Error::MissingApiKey)), "{err:?}");
     let message = err.map(|e| e.to_string()).unwrap_or_default();
     assert!(message.contains("TINKER_API_KEY") && message.contains("CLAAS_TINKER_API_KEY"));
 
-    std::env::set_var("CLAAS_TINKER_API_KEY", "tml-from-claas");
-    std::env::set_var("TINKER_BASE_URL", "http://127.0.0.1:9/");
-    let config = Config::from_env();
+    let config = Config::from_vars(env(&[
+        ("TINKER_API_KEY", " "),
+        ("CLAAS_TINKER_API_KEY", "tml-from-claas"),
+        ("TINKER_BASE_URL", "http://127.0.0.1:9/"),
+    ]));
     let got = config
         .as_ref()
         .map(|c| (c.api_key.as_str(), c.base_url.as_str()));

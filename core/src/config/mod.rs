@@ -7,7 +7,8 @@
 
 use std::path::{Path, PathBuf};
 
-use figment::providers::{Env, Format, Serialized, Yaml};
+use figment::providers::{Format, Serialized, Yaml};
+use figment::value::{Dict, Value};
 use figment::Figment;
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -314,17 +315,17 @@ impl Config {
             file,
             ..Sources::default()
         };
-        Self::load_from(profile, &sources, Env::raw())
+        Self::load_from(profile, &sources, &Environment::Process)
     }
 
     /// Loads the profile and `sources` with the process's environment, then validates.
     pub fn load_sources(profile: Profile, sources: &Sources<'_>) -> Result<Config> {
-        Self::load_from(profile, sources, Env::raw())
+        Self::load_from(profile, sources, &Environment::Process)
     }
 
-    /// As [`Config::load_sources`] with an explicit environment source (tests use a fixed
-    /// one).
-    pub fn load_from(profile: Profile, sources: &Sources<'_>, env: Env) -> Result<Config> {
+    /// As [`Config::load_sources`] with an explicit environment (tests use a fixed one, so
+    /// they never change the process's while other threads read it).
+    pub fn load_from(profile: Profile, sources: &Sources<'_>, env: &Environment) -> Result<Config> {
         let yaml = match profile {
             Profile::Local => LOCAL_PROFILE,
             Profile::Fleet => FLEET_PROFILE,
@@ -357,19 +358,15 @@ impl Config {
                 claas::translate(read_dict(Yaml::file(path), &origin)?, &origin)?,
             );
         }
-        let env_mode = match env.clone().only(&[DISTILL_EXECUTION_MODE]).iter().next() {
-            Some((_, mode)) => Some(claas::check_mode(&mode, DISTILL_EXECUTION_MODE)?),
+        let vars = env.vars();
+        let env_mode = match vars
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(DISTILL_EXECUTION_MODE))
+        {
+            Some((_, mode)) => Some(claas::check_mode(mode, DISTILL_EXECUTION_MODE)?),
             None => None,
         };
-        let env = env
-            .filter_map(|key| {
-                ENV_NAMES
-                    .iter()
-                    .find(|(name, _)| key.as_str().eq_ignore_ascii_case(name))
-                    .map(|(_, field)| (*field).into())
-            })
-            .split("__");
-        fig = fig.merge(env);
+        fig = fig.merge(Serialized::defaults(env_dict(&vars)));
         if let Some(mode) = env_mode {
             fig = fig.merge(Serialized::global("mode", mode));
         }
@@ -539,6 +536,82 @@ impl Config {
     }
 }
 
+/// Where the environment variables come from.
+#[derive(Debug, Clone)]
+pub enum Environment {
+    /// The process's own (start-up).
+    Process,
+    /// Exactly these pairs (tests: setting the process's environment while another thread
+    /// reads it is undefined behaviour in libc, and crashed a test binary once).
+    Fixed(Vec<(String, String)>),
+}
+
+impl Environment {
+    /// A fixed environment of `pairs`.
+    pub fn fixed(pairs: &[(&str, &str)]) -> Self {
+        Environment::Fixed(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    /// The variables, names trimmed; names or values that are not UTF-8 are read lossily.
+    fn vars(&self) -> Vec<(String, String)> {
+        match self {
+            Environment::Process => std::env::vars_os()
+                .map(|(k, v)| {
+                    let key = k.to_string_lossy().trim().to_string();
+                    (key, v.to_string_lossy().into_owned())
+                })
+                .collect(),
+            Environment::Fixed(pairs) => pairs
+                .iter()
+                .map(|(k, v)| (k.trim().to_string(), v.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// The variables named in [`ENV_NAMES`] (any case) as a nested table of their fields, each
+/// value parsed as figment's environment provider does (`45` a number, `false` a bool).
+fn env_dict(vars: &[(String, String)]) -> Dict {
+    let mut dict = Dict::new();
+    for (key, value) in vars {
+        let Some((_, field)) = ENV_NAMES
+            .iter()
+            .find(|(name, _)| key.eq_ignore_ascii_case(name))
+        else {
+            continue;
+        };
+        let parsed: Value = match value.parse() {
+            Ok(v) => v,
+            Err(never) => match never {},
+        };
+        if let Some(nested) = figment::util::nest(field, parsed).into_dict() {
+            for (k, v) in nested {
+                merge_into(&mut dict, k, v);
+            }
+        }
+    }
+    dict
+}
+
+/// Inserts `value` at `key`, merging tables so `server.host` and `server.port` both stay.
+fn merge_into(dict: &mut Dict, key: String, value: Value) {
+    match (dict.get_mut(&key), value) {
+        (Some(Value::Dict(_, old)), Value::Dict(_, new)) => {
+            for (k, v) in new {
+                merge_into(old, k, v);
+            }
+        }
+        (_, value) => {
+            dict.insert(key, value);
+        }
+    }
+}
+
 /// A YAML source's top-level table.
 fn read_dict(source: impl figment::Provider, origin: &str) -> Result<figment::value::Dict> {
     Figment::from(source)
@@ -567,18 +640,19 @@ mod tests {
     use super::*;
 
     /// Loads `profile` with exactly `vars` as the environment.
-    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
     fn load(profile: Profile, vars: &[(&str, &str)]) -> Result<Config> {
-        let mut out = Err(Error::Config("jail did not run".into()));
-        figment::Jail::expect_with(|jail| {
-            jail.clear_env();
-            for (k, v) in vars {
-                jail.set_env(k, v);
-            }
-            out = Config::load(profile, None);
-            Ok(())
-        });
-        out
+        Config::load_from(profile, &Sources::default(), &Environment::fixed(vars))
+    }
+
+    #[test]
+    fn a_fixed_environment_sets_sibling_fields_in_any_case() {
+        let cfg = load(
+            Profile::Fleet,
+            &[("claas_api_host", "10.0.0.7"), (" CLAAS_API_PORT", "9001")],
+        )
+        .expect("loads");
+        assert_eq!(cfg.server.host, "10.0.0.7");
+        assert_eq!(cfg.server.port, 9001);
     }
 
     #[test]
