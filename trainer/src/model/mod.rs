@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor, D};
 
@@ -33,6 +34,11 @@ struct Layer {
     /// Indexed by [`Module::index`]; each held transposed, `(in, out)` and contiguous (the
     /// checkpoint stores `(out, in)`), the layout the CPU GEMM is fastest on.
     proj: [Tensor; 7],
+    /// The same projections `(out, in)` and contiguous, for the input gradient `g · W` of
+    /// the backward: made by the first forward that tracks gradients on the CPU in f32,
+    /// where `gemm` packs a weight read through its transpose one scalar at a time
+    /// (`cargo bench -p claas-trainer --bench matmul`). Inference never makes them.
+    proj_rows: Arc<OnceLock<[Tensor; 7]>>,
     q_norm: Tensor,
     k_norm: Tensor,
     input_norm: Tensor,
@@ -46,6 +52,10 @@ pub struct Qwen3 {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Tensor,
+    /// The LM head transposed, `(hidden, vocab)` and contiguous, made by the first product
+    /// of many rows on the CPU in f32 (`x · Eᵀ` then runs on the fast layout, as the
+    /// projections do; decoding's one row does not need it).
+    lm_head_t: Arc<OnceLock<Tensor>>,
     device: Device,
     dtype: DType,
 }
@@ -126,6 +136,7 @@ impl Qwen3 {
                 .map_err(|_| checkpoint("seven projections per layer"))?;
             layers.push(Layer {
                 proj,
+                proj_rows: Arc::default(),
                 q_norm: take(
                     &format!("{p}.self_attn.q_norm.weight"),
                     &[c.head_dim],
@@ -160,9 +171,19 @@ impl Qwen3 {
             layers,
             norm,
             lm_head,
+            lm_head_t: Arc::default(),
             device: device.clone(),
             dtype,
         })
+    }
+
+    /// [`Qwen3::lm_head_t`] for a product of `rows` rows, made on first use; `None` where
+    /// the held layout serves (one row, another device or dtype).
+    fn lm_head_t(&self, rows: usize) -> candle_core::Result<Option<&Tensor>> {
+        if rows < 2 || !cpu_f32(&self.lm_head) {
+            return Ok(None);
+        }
+        once(&self.lm_head_t, || transpose_2d(&self.lm_head)).map(Some)
     }
 
     /// A copy of the weights on `device` (the `host` residency copies a host-resident
@@ -180,6 +201,7 @@ impl Qwen3 {
                     .map_err(|_| checkpoint("seven projections per layer"))?;
                 Ok(Layer {
                     proj,
+                    proj_rows: Arc::default(),
                     q_norm: mv(&l.q_norm)?,
                     k_norm: mv(&l.k_norm)?,
                     input_norm: mv(&l.input_norm)?,
@@ -199,6 +221,7 @@ impl Qwen3 {
             layers,
             norm: mv(&self.norm)?,
             lm_head,
+            lm_head_t: Arc::default(),
             device: device.clone(),
             dtype: self.dtype,
         })
@@ -211,7 +234,11 @@ impl Qwen3 {
             .layers
             .iter()
             .map(|l| {
-                l.proj.iter().map(size).sum::<usize>()
+                l.proj
+                    .iter()
+                    .chain(l.proj_rows.get().into_iter().flatten())
+                    .map(size)
+                    .sum::<usize>()
                     + size(&l.q_norm)
                     + size(&l.k_norm)
                     + size(&l.input_norm)
@@ -223,7 +250,8 @@ impl Qwen3 {
         } else {
             size(&self.lm_head)
         };
-        size(&self.embed) + layers + size(&self.norm) + head
+        let head_t = self.lm_head_t.get().map_or(0, size);
+        size(&self.embed) + layers + size(&self.norm) + head + head_t
     }
 
     pub fn device(&self) -> &Device {
@@ -303,7 +331,10 @@ impl Qwen3 {
         }
         let x = x.narrow(1, from, count)?;
         let x = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
-        let logits = frozen::linear(&x, &self.lm_head, track)?;
+        let logits = match self.lm_head_t(x.elem_count() / c.hidden_size)? {
+            Some(head_t) => frozen::linear_held(&x, head_t, Some(&self.lm_head), track)?,
+            None => frozen::linear(&x, &self.lm_head, track)?,
+        };
         Ok(logits.to_dtype(DType::F32)?)
     }
 
@@ -398,6 +429,43 @@ struct Context {
     mask: Tensor,
 }
 
+/// Whether `t` is on the CPU in f32 (where the second layouts pay).
+fn cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// The value in `cell`, made by `make` if it is empty (two racing callers may both make
+/// it; one is kept).
+fn once<T>(
+    cell: &OnceLock<T>,
+    make: impl FnOnce() -> candle_core::Result<T>,
+) -> candle_core::Result<&T> {
+    if let Some(v) = cell.get() {
+        return Ok(v);
+    }
+    let v = make()?;
+    Ok(cell.get_or_init(|| v))
+}
+
+impl Layer {
+    /// [`Layer::proj_rows`], made on first use; `None` off the CPU or in another dtype.
+    fn proj_rows(&self) -> candle_core::Result<Option<&[Tensor; 7]>> {
+        if !cpu_f32(&self.proj[0]) {
+            return Ok(None);
+        }
+        let make = || {
+            let rows: Vec<Tensor> = self
+                .proj
+                .iter()
+                .map(transpose_2d)
+                .collect::<candle_core::Result<_>>()?;
+            rows.try_into()
+                .map_err(|_| candle_core::Error::Msg("seven projections per layer".into()))
+        };
+        once(&self.proj_rows, make).map(Some)
+    }
+}
+
 /// One decoder layer with its adapter (A, B, scaling per projection), as owned handles, so
 /// the checkpointing op can re-run it during backward.
 #[derive(Clone)]
@@ -408,7 +476,11 @@ struct LayerRun {
 
 impl LayerRun {
     fn linear(&self, h: &Tensor, m: Module, track: bool) -> candle_core::Result<Tensor> {
-        let base = frozen::linear_t(h, &self.layer.proj[m.index()], track)?;
+        let rows = match track {
+            true => self.layer.proj_rows()?.map(|r| &r[m.index()]),
+            false => None,
+        };
+        let base = frozen::linear_held(h, &self.layer.proj[m.index()], rows, track)?;
         match &self.lora[m.index()] {
             Some((a, b, scale)) => {
                 // The adapter stays in f32 (its master copy); a bf16 base gets its
