@@ -45,16 +45,20 @@ async fn json_of(r: reqwest::Response, what: &str) -> CallResult<Value> {
 }
 
 impl Client {
+    /// A client for `cfg`; an OpenClaw gateway gets the bearer `OPENCLAW_GATEWAY_TOKEN`.
     pub fn new(cfg: &EvalConfig) -> Client {
+        Client::with_gateway_token(cfg, std::env::var("OPENCLAW_GATEWAY_TOKEN").ok())
+    }
+
+    /// [`Client::new`] with the gateway's token given rather than read from the environment.
+    pub fn with_gateway_token(cfg: &EvalConfig, token: Option<String>) -> Client {
         Client {
             http: reqwest::Client::new(),
             claas: cfg.claas_url.trim_end_matches('/').to_owned(),
-            openclaw: cfg.openclaw_url.as_ref().map(|u| {
-                (
-                    u.trim_end_matches('/').to_owned(),
-                    std::env::var("OPENCLAW_GATEWAY_TOKEN").ok(),
-                )
-            }),
+            openclaw: cfg
+                .openclaw_url
+                .as_ref()
+                .map(|u| (u.trim_end_matches('/').to_owned(), token)),
         }
     }
 

@@ -43,15 +43,16 @@ async fn gateway() -> (String, Seen) {
 async fn generation_goes_through_openclaw_when_configured_and_the_proxy_otherwise() {
     let (openclaw, via_gateway) = gateway().await;
     let (claas, via_proxy) = gateway().await;
-    // The only test in this binary that reads the variable.
-    std::env::set_var("OPENCLAW_GATEWAY_TOKEN", "gw-secret");
+    // The token `Client::new` reads from `OPENCLAW_GATEWAY_TOKEN`, given here (setting the
+    // process's environment while other test threads run is undefined behaviour in libc).
+    let token = || Some("gw-secret".to_owned());
 
     let cfg = EvalConfig {
         claas_url: claas.clone(),
         openclaw_url: Some(openclaw),
         ..EvalConfig::default()
     };
-    let a = Client::new(&cfg)
+    let a = Client::with_gateway_token(&cfg, token())
         .chat("eval/identity", "Who are you?", 0.0, 64, 0)
         .await
         .expect("answer");
@@ -69,7 +70,7 @@ async fn generation_goes_through_openclaw_when_configured_and_the_proxy_otherwis
         claas_url: claas,
         ..EvalConfig::default()
     };
-    Client::new(&cfg)
+    Client::with_gateway_token(&cfg, token())
         .chat("eval/identity", "Who are you?", 0.0, 64, 0)
         .await
         .expect("answer");
