@@ -252,3 +252,31 @@ fn activation_checkpointing_changes_nothing_but_memory() {
         assert_eq!(d, 0.0, "{key} differs by {d}");
     }
 }
+
+/// On the CPU in f32 the model keeps second layouts of its weights for speed: the LM head's
+/// is made by the first product of many rows (inference's scoring too), the projections'
+/// only by training (their backward), so a process that only serves pays for neither.
+#[test]
+fn the_backward_layouts_are_made_by_training_not_by_inference() {
+    let model = model();
+    let c = model.config.clone();
+    let held = model.weight_bytes();
+    let ids: Vec<u32> = (0..8).collect();
+    model.logits(&ids, 0, 8, None).expect("inference logits");
+    let after_inference = model.weight_bytes();
+    assert_eq!(after_inference - held, c.vocab_size * c.hidden_size * 4);
+
+    let (adapter, _) = after_step1(&model);
+    drop(adapter);
+    let per_layer: usize = Module::ALL
+        .iter()
+        .map(|&m| {
+            let (inp, out) = c.shape_of(m);
+            inp * out * 4
+        })
+        .sum();
+    assert_eq!(
+        model.weight_bytes() - after_inference,
+        c.num_hidden_layers * per_layer
+    );
+}
