@@ -20,6 +20,8 @@ Examples:
       --input step1/input.json --steps 1 --threads 1
   python scripts/torch_sdpo_step.py --model DIR --prompt-len 64 --response-len 64 \
       --teacher-len 96 --batch 1 --rank 32 --alpha 64 --steps 5 --threads 2
+  python scripts/torch_sdpo_step.py --model DIR --prompt-len 512 --response-len 256 \
+      --teacher-len 576 --dtype bfloat16 --device cuda --steps 5   # peak_gpu_mb in the JSON
 
 Per-step wall times go to stderr; one JSON line with the results goes to stdout.
 """
@@ -63,6 +65,7 @@ def parse_args():
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attn_implementation")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     return p.parse_args()
 
 
@@ -134,7 +137,7 @@ def response_logits(model, ids, prefix_len):
     return logits
 
 
-def train_step(model, optimizer, lora_params, samples, training, vocab_size):
+def train_step(model, optimizer, lora_params, samples, training, vocab_size, dev="cpu"):
     alpha = float(training["alpha"])
     is_clip = float(training["is_clip"])
     kl_reg_weight = float(training["kl_reg_weight"])
@@ -151,11 +154,11 @@ def train_step(model, optimizer, lora_params, samples, training, vocab_size):
         P, T, Pt = len(prompt), len(response), len(teacher_prompt)
         tokens += T
 
-        full_ids = torch.tensor([prompt + response], dtype=torch.long)
-        teacher_ids = torch.tensor([teacher_prompt + response], dtype=torch.long)
-        resp = torch.tensor([response], dtype=torch.long)
-        old_lp = torch.tensor([smp["response_logprobs"]], dtype=torch.float32)
-        mask = torch.ones(1, T, dtype=torch.float32)
+        full_ids = torch.tensor([prompt + response], dtype=torch.long, device=dev)
+        teacher_ids = torch.tensor([teacher_prompt + response], dtype=torch.long, device=dev)
+        resp = torch.tensor([response], dtype=torch.long, device=dev)
+        old_lp = torch.tensor([smp["response_logprobs"]], dtype=torch.float32, device=dev)
+        mask = torch.ones(1, T, dtype=torch.float32, device=dev)
 
         with torch.no_grad(), model.disable_adapter():
             base_lp = (
@@ -241,6 +244,10 @@ def main():
         base.enable_input_require_grads()
     else:
         model.eval()
+    dev = torch.device(args.device)
+    model.to(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
     load_s = time.perf_counter() - t0
 
     vocab_size = base.config.vocab_size
@@ -271,7 +278,8 @@ def main():
     metrics = None
     for i in range(args.steps):
         t = time.perf_counter()
-        metrics = train_step(model, optimizer, lora_params, samples, training, vocab_size)
+        metrics = train_step(model, optimizer, lora_params, samples, training, vocab_size, dev)
+        sync()
         dt = time.perf_counter() - t
         step_times.append(dt)
         print(
@@ -286,6 +294,8 @@ def main():
         "step_times_s": step_times,
         "metrics": metrics,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
+        "device": args.device,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
