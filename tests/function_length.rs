@@ -1,20 +1,13 @@
 //! Readable units (ARCHITECTURE.md): no function of the product over 80 lines unless the
 //! lines just above it state why (`// Long: <reason>`). Tests and the test kit are exempt.
 
-use std::path::{Path, PathBuf};
+mod sources;
+
+use std::path::Path;
+
+use sources::rust_files;
 
 const LIMIT: usize = 80;
-
-fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).expect("readable source dir") {
-        let path = entry.expect("entry").path();
-        if path.is_dir() {
-            sources(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
-}
 
 /// The name of the function `line` starts, if it starts one.
 fn fn_name(line: &str) -> Option<&str> {
@@ -86,7 +79,7 @@ fn no_long_function_without_a_stated_reason() {
         "trainer/src",
         "eval/src",
     ] {
-        sources(&root.join(dir), &mut files);
+        rust_files(&root.join(dir), &mut files);
     }
     let mut long = Vec::new();
     for f in &files {

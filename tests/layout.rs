@@ -1,6 +1,8 @@
 //! The README's layout table names every crate of the workspace, and ARCHITECTURE.md's
 //! crate table does too: a crate added without saying what it owns fails here.
 
+mod sources;
+
 fn workspace_members() -> Vec<String> {
     let root = env!("CARGO_MANIFEST_DIR");
     let cargo = std::fs::read_to_string(format!("{root}/Cargo.toml")).expect("Cargo.toml");
@@ -32,22 +34,6 @@ fn the_readme_and_architecture_name_every_crate() {
     }
 }
 
-/// Every `.rs` file under `dir`, skipping build output.
-fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let name = entry.file_name();
-        if path.is_dir() && name != "target" && name != ".git" {
-            rust_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
-}
-
 /// Tests run on many threads of one process; clearing the environment there while another
 /// thread reads it through libc (a DNS lookup, SQLite, a child's spawn) is undefined
 /// behaviour, and once crashed the config tests' binary with SIGSEGV. Configuration tests
@@ -56,7 +42,7 @@ fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
 fn no_test_clears_the_process_environment() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut files = Vec::new();
-    rust_files(root, &mut files);
+    sources::rust_files(root, &mut files);
     assert!(files.len() > 50, "found only {} sources", files.len());
     let needles = [concat!("Jail", "::"), concat!("clear", "_env(")];
     for file in files {
