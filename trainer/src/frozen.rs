@@ -68,18 +68,14 @@ impl CustomOp2 for FrozenLinear {
 /// `x · Wᵀ` for `x` of shape `(.., in)` and `W` of shape `(out, in)`. When `x` is part of a
 /// graph the result carries only the gradient with respect to `x`.
 pub fn linear(x: &Tensor, weight: &Tensor, track: bool) -> candle_core::Result<Tensor> {
-    linear_t(x, &weight.t()?, track)
+    linear_held(x, &weight.t()?, Some(weight), track)
 }
 
 /// [`linear`] for a weight held transposed, `Wᵀ` of shape `(in, out)`. A contiguous `Wᵀ`
 /// is the layout the CPU GEMM runs fastest on (measured with 256 rows on 2 cores: 227 vs
-/// 118 GFLOP/s for a 3072→1024 projection, 252 vs 225 for 1024→3072).
-pub fn linear_t(x: &Tensor, weight_t: &Tensor, track: bool) -> candle_core::Result<Tensor> {
-    linear_held(x, weight_t, None, track)
-}
-
-/// [`linear_t`] with `W` itself also held, `(out, in)` and contiguous, for the backward's
-/// `grad · W` (without it the backward reads `Wᵀ` through its transpose).
+/// 118 GFLOP/s for a 3072→1024 projection, 252 vs 225 for 1024→3072). `weight` is `W`
+/// itself where it is also held, `(out, in)` and contiguous, for the backward's `grad · W`;
+/// without it the backward reads `Wᵀ` through its transpose.
 pub fn linear_held(
     x: &Tensor,
     weight_t: &Tensor,

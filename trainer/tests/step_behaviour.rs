@@ -255,7 +255,7 @@ fn activation_checkpointing_changes_nothing_but_memory() {
 
 /// On the CPU in f32 the model keeps second layouts of its weights for speed: the LM head's
 /// is made by the first product of many rows (inference's scoring too), the projections'
-/// only by training (their backward), so a process that only serves pays for neither.
+/// only by training (their backward), so a process that only serves never pays for those.
 #[test]
 fn the_backward_layouts_are_made_by_training_not_by_inference() {
     let model = model();
